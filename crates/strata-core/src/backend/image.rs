@@ -1,0 +1,140 @@
+//! The image backend (the default): a sparse image file per volume, attached through a loop
+//! device. Thin-provisioned: an image takes pool space only as data is written.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::{Attachment, Backend};
+use crate::error::{Error, IoContext, Result};
+use crate::model::{GIB, MIB, SizePolicy};
+use crate::os::{FsUsage, Host};
+
+pub const IMAGE_FILE: &str = "image";
+
+pub struct ImageBackend {
+    pool: PathBuf,
+    host: Host,
+}
+
+impl ImageBackend {
+    /// `pool` must be canonical: the kernel reports loop backing files by canonical path.
+    pub fn new(pool: PathBuf, host: Host) -> Self {
+        ImageBackend { pool, host }
+    }
+
+    fn image(dir: &Path) -> PathBuf {
+        dir.join(IMAGE_FILE)
+    }
+}
+
+impl Backend for ImageBackend {
+    fn kind(&self) -> &'static str {
+        "image"
+    }
+
+    fn size_policy(&self) -> SizePolicy {
+        SizePolicy {
+            granularity: MIB,
+            minimum: 16 * MIB,
+            default: GIB,
+            // ext4's largest file with 4 KiB blocks.
+            maximum: 16 * 1024 * GIB - 4096,
+        }
+    }
+
+    fn supports_block(&self) -> bool {
+        true
+    }
+
+    fn pool_usage(&self) -> Result<FsUsage> {
+        self.host.filesystems.usage(&self.pool)
+    }
+
+    fn create(&self, dir: &Path, size: u64) -> Result<()> {
+        let path = Self::image(dir);
+        let file = File::create_new(&path).ctx(|| format!("create {}", path.display()))?;
+        file.set_len(size)
+            .and_then(|_| file.sync_all())
+            .ctx(|| format!("size {} to {size} bytes", path.display()))
+    }
+
+    fn destroy(&self, dir: &Path) -> Result<()> {
+        // A loop device may still hold the image after a crash: let it go first.
+        self.detach(dir)?;
+        let path = Self::image(dir);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+        }
+    }
+
+    fn condition(&self, dir: &Path, capacity_bytes: u64) -> Option<String> {
+        let path = Self::image(dir);
+        match fs::metadata(&path) {
+            Ok(m) if m.len() >= capacity_bytes => None,
+            Ok(m) => Some(format!(
+                "backing image {} is {} bytes, smaller than the volume's {capacity_bytes}",
+                path.display(),
+                m.len()
+            )),
+            Err(e) => Some(format!("backing image {} is unusable: {e}", path.display())),
+        }
+    }
+
+    fn has_data(&self, dir: &Path) -> Result<bool> {
+        let path = Self::image(dir);
+        let file = File::open(&path).ctx(|| format!("open {}", path.display()))?;
+        // SAFETY: lseek on an open fd has no memory effects.
+        let pos = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+        if pos >= 0 {
+            return Ok(true);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => Ok(false),
+            // A filesystem without SEEK_DATA: assume data, so nothing is formatted over.
+            _ => Ok(true),
+        }
+    }
+
+    fn attachment(&self, dir: &Path) -> Result<Option<Attachment>> {
+        Ok(self
+            .host
+            .loops
+            .find(&Self::image(dir))?
+            .map(Attachment::Device))
+    }
+
+    fn attach(&self, dir: &Path) -> Result<Attachment> {
+        if let Some(existing) = self.attachment(dir)? {
+            return Ok(existing);
+        }
+        let image = Self::image(dir);
+        if !image.exists() {
+            return Err(Error::FailedPrecondition(format!(
+                "backing image {} is missing; the volume's data is gone",
+                image.display()
+            )));
+        }
+        Ok(Attachment::Device(self.host.loops.attach(&image)?))
+    }
+
+    fn release_on_unmount(&self, attachment: &Attachment) -> Result<()> {
+        match attachment {
+            Attachment::Device(dev) => self.host.loops.set_auto_clear(dev),
+            Attachment::Directory(_) => Ok(()),
+        }
+    }
+
+    fn detach(&self, dir: &Path) -> Result<()> {
+        let image = Self::image(dir);
+        for dev in self.host.loops.list()? {
+            if dev.backing_file == image {
+                self.host.loops.detach(&dev)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,279 @@
+//! Controller operations: provisioning, listing and capacity. Pure domain logic; the gRPC
+//! layer converts requests into these types and the results back.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::model::{
+    AccessType, Capability, CapacityRange, FormatState, Topology, VOLUME_RECORD_VERSION,
+    VolumeRecord, fs_type_of,
+};
+use crate::os::MountOptions;
+use crate::validate::{self, is_volume_id, new_volume_id};
+
+/// Parameter keys the external-provisioner adds (`--extra-create-metadata`); accepted as-is.
+const K8S_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+
+#[derive(Debug, Clone, Default)]
+pub struct CreateVolume {
+    pub name: String,
+    pub capacity: CapacityRange,
+    pub capabilities: Vec<Capability>,
+    pub parameters: BTreeMap<String, String>,
+    /// Topologies the volume must be reachable from (any one of them).
+    pub requisite: Vec<Topology>,
+    /// Set when the request asks for a snapshot or volume as content source.
+    pub content_source: Option<String>,
+}
+
+/// A volume with its health, for Get and List.
+#[derive(Debug, Clone)]
+pub struct VolumeStatus {
+    pub record: VolumeRecord,
+    /// Why the volume is unhealthy; `None` when it is fine.
+    pub abnormal: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub available_bytes: u64,
+    pub maximum_volume_bytes: u64,
+    pub minimum_volume_bytes: u64,
+}
+
+impl Driver {
+    /// Whether this driver can serve `cap`; the error says why not.
+    pub fn check_capability(&self, cap: &Capability) -> Result<()> {
+        if cap.access_mode.is_multi_node() {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {:?} is not supported: volumes are local to one node",
+                cap.access_mode
+            )));
+        }
+        match &cap.access_type {
+            AccessType::Block if !self.backend.supports_block() => {
+                Err(Error::InvalidArgument(format!(
+                    "the {} backend offers filesystem volumes only, not raw block",
+                    self.backend.kind()
+                )))
+            }
+            AccessType::Block => Ok(()),
+            AccessType::Mount {
+                fs_type,
+                mount_flags,
+                ..
+            } => {
+                fs_type_of(fs_type)?;
+                MountOptions::parse(mount_flags).map(drop)
+            }
+        }
+    }
+
+    fn check_parameters(parameters: &BTreeMap<String, String>) -> Result<()> {
+        validate::bounded_map("parameters", parameters)?;
+        match parameters
+            .keys()
+            .find(|k| !k.starts_with(K8S_PARAMETER_PREFIX))
+        {
+            Some(key) => Err(Error::InvalidArgument(format!(
+                "unknown parameter {key:?}: the image backend takes no StorageClass parameters"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord> {
+        let name = validate::required_str("name", &req.name)?;
+        if req.capabilities.is_empty() {
+            return Err(Error::InvalidArgument(
+                "volume_capabilities is required".into(),
+            ));
+        }
+        for cap in &req.capabilities {
+            self.check_capability(cap)?;
+        }
+        Self::check_parameters(&req.parameters)?;
+        if let Some(source) = &req.content_source {
+            return Err(Error::InvalidArgument(format!(
+                "volume_content_source ({source}) is not supported by this driver yet: create an empty volume"
+            )));
+        }
+        if !req.requisite.is_empty() && !req.requisite.iter().any(|t| self.is_this_node(t)) {
+            return Err(Error::ResourceExhausted(format!(
+                "none of the requisite topologies is node {:?} ({}); this driver provisions only on its own node",
+                self.config.node_id, self.config.topology_key
+            )));
+        }
+        let _guard = self.guard(&format!("name {name:?}"))?;
+
+        if let Some(existing) = self.store.find_by_name(name) {
+            if !req.capacity.contains(existing.capacity_bytes) {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {name:?} exists with {} bytes, outside the requested capacity range",
+                    existing.capacity_bytes
+                )));
+            }
+            if existing.parameters != req.parameters {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {name:?} exists with other parameters"
+                )));
+            }
+            return Ok(existing);
+        }
+
+        let size = self.backend.size_policy().size_for(req.capacity)?;
+        let free = self.backend.pool_usage()?.available_bytes;
+        if size > free {
+            return Err(Error::ResourceExhausted(format!(
+                "the pool has {free} bytes free, less than the {size} bytes requested: free space or delete volumes"
+            )));
+        }
+
+        let id = new_volume_id();
+        let staging = self.store.begin_create(&id)?;
+        let destroy = |dir: &std::path::Path| self.backend.destroy(dir);
+        let created = self.backend.create(&staging, size).and_then(|()| {
+            self.crash.reach("create:after-data");
+            let record = VolumeRecord {
+                version: VOLUME_RECORD_VERSION,
+                id: id.clone(),
+                name: name.to_owned(),
+                capacity_bytes: size,
+                parameters: req.parameters,
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                format: FormatState::Unformatted,
+            };
+            self.store.commit_create(&staging, record)
+        });
+        match created {
+            Ok(record) => {
+                tracing::info!(volume_id = %id, name, size, "volume created");
+                Ok(record)
+            }
+            Err(e) => {
+                self.store.abort_create(&staging, &destroy);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn delete_volume(&self, id: &str) -> Result<()> {
+        validate::required_str("volume_id", id)?;
+        if !is_volume_id(id) {
+            // Not an id this driver could have made, so it does not exist: deleted already.
+            return Ok(());
+        }
+        let _guard = self.guard(id)?;
+        if self.store.get(id).is_none() {
+            return Ok(());
+        }
+        let dir = self.store.dir(id);
+        if let Some(att) = self.backend.attachment(&dir)? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is in use on this node ({att:?}): unpublish and unstage it first"
+            )));
+        }
+        let destroy = |dir: &std::path::Path| self.backend.destroy(dir);
+        self.store.delete(id, &destroy)?;
+        tracing::info!(volume_id = %id, "volume deleted");
+        Ok(())
+    }
+
+    /// `Ok(None)` when every capability is supported; `Ok(Some(reason))` when one is not.
+    pub fn validate_capabilities(
+        &self,
+        id: &str,
+        capabilities: &[Capability],
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<Option<String>> {
+        let record = self.volume(id)?;
+        if capabilities.is_empty() {
+            return Err(Error::InvalidArgument(
+                "volume_capabilities is required".into(),
+            ));
+        }
+        if !parameters.is_empty() && *parameters != record.parameters {
+            return Ok(Some(
+                "parameters differ from those the volume was created with".into(),
+            ));
+        }
+        Ok(capabilities
+            .iter()
+            .find_map(|cap| self.check_capability(cap).err())
+            .map(|e| e.to_string()))
+    }
+
+    fn status(&self, record: VolumeRecord) -> VolumeStatus {
+        let abnormal = self
+            .backend
+            .condition(&self.store.dir(&record.id), record.capacity_bytes);
+        VolumeStatus { record, abnormal }
+    }
+
+    pub fn get_volume(&self, id: &str) -> Result<VolumeStatus> {
+        Ok(self.status(self.volume(id)?))
+    }
+
+    /// A page of volumes after `starting_token` and the token of the next page, if any.
+    pub fn list_volumes(
+        &self,
+        max_entries: i32,
+        starting_token: &str,
+    ) -> Result<(Vec<VolumeStatus>, Option<String>)> {
+        if max_entries < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "max_entries must not be negative, got {max_entries}"
+            )));
+        }
+        let after = match starting_token {
+            "" => None,
+            t if is_volume_id(t) => Some(t),
+            t => {
+                return Err(Error::Aborted(format!(
+                    "starting_token {t:?} was not issued by this driver: restart the listing without a token"
+                )));
+            }
+        };
+        let max = if max_entries == 0 {
+            usize::MAX
+        } else {
+            max_entries as usize
+        };
+        let (page, more) = self.store.page(after, max);
+        let next = more.then(|| page.last().map(|r| r.id.clone())).flatten();
+        Ok((page.into_iter().map(|r| self.status(r)).collect(), next))
+    }
+
+    pub fn capacity(
+        &self,
+        capabilities: &[Capability],
+        parameters: &BTreeMap<String, String>,
+        topology: Option<&Topology>,
+    ) -> Result<Capacity> {
+        let policy = self.backend.size_policy();
+        let unusable = capabilities
+            .iter()
+            .any(|c| self.check_capability(c).is_err())
+            || Self::check_parameters(parameters).is_err()
+            || topology.is_some_and(|t| !self.is_this_node(t));
+        if unusable {
+            return Ok(Capacity {
+                available_bytes: 0,
+                maximum_volume_bytes: 0,
+                minimum_volume_bytes: policy.minimum,
+            });
+        }
+        let free = self.backend.pool_usage()?.available_bytes;
+        let granular = free - free % policy.granularity;
+        Ok(Capacity {
+            available_bytes: free,
+            maximum_volume_bytes: granular.min(policy.maximum),
+            minimum_volume_bytes: policy.minimum,
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! The driver: configuration, the pool's store and backend, the host, and the in-flight
+//! guards. Controller and node operations are implemented on it in their own modules.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::error::{Error, IoContext, Result};
+use crate::fault::CrashPoints;
+use crate::inflight::{Guard, InFlight};
+use crate::model::{Topology, VolumeRecord};
+use crate::os::Host;
+use crate::store::{Reconciliation, VolumeStore};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// CSI driver name, e.g. `strata.csi.dev`.
+    pub driver_name: String,
+    pub node_id: String,
+    /// Canonical path of the pool directory.
+    pub pool: PathBuf,
+    /// Reported as max_volumes_per_node; 0 means no limit.
+    pub max_volumes_per_node: i64,
+    /// Topology segment key naming this node; defaults to `<driver_name>/node`.
+    pub topology_key: String,
+}
+
+impl Config {
+    pub fn default_topology_key(driver_name: &str) -> String {
+        format!("{driver_name}/node")
+    }
+}
+
+pub struct Driver {
+    pub config: Config,
+    pub(crate) store: VolumeStore,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) host: Host,
+    inflight: Arc<InFlight>,
+    pub(crate) crash: CrashPoints,
+}
+
+impl Driver {
+    /// Opens the pool, reconciling it with what a previous run left behind.
+    pub fn open(
+        config: Config,
+        host: Host,
+        backend: Arc<dyn Backend>,
+        crash: CrashPoints,
+    ) -> Result<(Self, Reconciliation)> {
+        let destroy = |dir: &std::path::Path| backend.destroy(dir);
+        let (store, report) = VolumeStore::open(&config.pool, &destroy)?;
+        let driver = Driver {
+            config,
+            store,
+            backend,
+            host,
+            inflight: InFlight::new(),
+            crash,
+        };
+        Ok((driver, report))
+    }
+
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// The topology of every volume: this node.
+    pub fn topology(&self) -> Topology {
+        [(
+            self.config.topology_key.clone(),
+            self.config.node_id.clone(),
+        )]
+        .into()
+    }
+
+    /// Whether `t` names this node.
+    pub(crate) fn is_this_node(&self, t: &Topology) -> bool {
+        t.get(&self.config.topology_key) == Some(&self.config.node_id)
+    }
+
+    /// Checks that the pool is usable: readable, writable, with its filesystem answering.
+    pub fn probe(&self) -> Result<()> {
+        let unhealthy = |what: String| {
+            Error::FailedPrecondition(format!(
+                "pool {what}; check the pool directory and its filesystem"
+            ))
+        };
+        let probe = self.config.pool.join(".probe");
+        fs::write(&probe, b"ok")
+            .and_then(|_| fs::remove_file(&probe))
+            .map_err(|e| {
+                unhealthy(format!(
+                    "{} is not writable: {e}",
+                    self.config.pool.display()
+                ))
+            })?;
+        fs::read_dir(self.config.pool.join("volumes"))
+            .map_err(|e| unhealthy(format!("cannot be listed: {e}")))?;
+        self.backend
+            .pool_usage()
+            .map_err(|e| unhealthy(format!("usage unavailable: {e}")))?;
+        Ok(())
+    }
+
+    pub(crate) fn guard(&self, key: &str) -> Result<Guard> {
+        self.inflight.acquire(key)
+    }
+
+    /// The record of an existing volume, or NOT_FOUND.
+    pub(crate) fn volume(&self, id: &str) -> Result<VolumeRecord> {
+        crate::validate::required_str("volume_id", id)?;
+        self.store
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
+    }
+
+    pub fn volume_count(&self) -> usize {
+        self.store.len()
+    }
+
+    /// Ensures a directory exists, for mount points the driver creates.
+    pub(crate) fn ensure_dir(path: &std::path::Path) -> Result<()> {
+        fs::create_dir_all(path).ctx(|| format!("create directory {}", path.display()))
+    }
+}

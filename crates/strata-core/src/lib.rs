@@ -1,0 +1,17 @@
+//! Strata's domain core: volumes, backends, the metadata store and host access. Nothing here
+//! knows about gRPC; the `strata` crate converts between CSI messages and these types.
+
+pub mod backend;
+pub mod controller;
+pub mod driver;
+pub mod error;
+pub mod fault;
+pub mod inflight;
+pub mod model;
+pub mod node;
+pub mod os;
+pub mod store;
+pub mod validate;
+
+pub use driver::{Config, Driver};
+pub use error::{Error, Result};

@@ -1,0 +1,282 @@
+//! Domain types shared by the controller and node logic: capabilities, sizes, topology and
+//! the durable volume record.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+
+/// How a workload may use a volume. Multi-node modes are not offered: volumes are node-local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+    MultiNodeReaderOnly,
+    MultiNodeSingleWriter,
+    MultiNodeMultiWriter,
+}
+
+impl AccessMode {
+    pub fn is_multi_node(self) -> bool {
+        matches!(
+            self,
+            AccessMode::MultiNodeReaderOnly
+                | AccessMode::MultiNodeSingleWriter
+                | AccessMode::MultiNodeMultiWriter
+        )
+    }
+
+    /// Whether several target paths on this node may publish the volume at once (spec table
+    /// for a second NodePublishVolume with another target path).
+    pub fn allows_several_targets(self) -> bool {
+        self.is_multi_node() || self == AccessMode::SingleNodeMultiWriter
+    }
+
+    pub fn is_read_only(self) -> bool {
+        matches!(
+            self,
+            AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
+        )
+    }
+}
+
+/// Block device, or a filesystem mounted with optional flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessType {
+    Block,
+    Mount {
+        /// Empty means the driver's default.
+        fs_type: String,
+        mount_flags: Vec<String>,
+        volume_mount_group: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capability {
+    pub access_type: AccessType,
+    pub access_mode: AccessMode,
+}
+
+impl Capability {
+    pub fn is_block(&self) -> bool {
+        self.access_type == AccessType::Block
+    }
+}
+
+/// Filesystems the node formats and mounts.
+pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs", "ext3", "ext2"];
+pub const DEFAULT_FS: &str = "ext4";
+
+/// The filesystem type a mount capability asks for, defaulted and checked.
+pub fn fs_type_of(fs_type: &str) -> Result<&str> {
+    let fs = if fs_type.is_empty() {
+        DEFAULT_FS
+    } else {
+        fs_type
+    };
+    if SUPPORTED_FS.contains(&fs) {
+        Ok(fs)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "fs_type {fs_type:?} is not supported; use one of {}",
+            SUPPORTED_FS.join(", ")
+        )))
+    }
+}
+
+/// `required_bytes` and `limit_bytes` of a CSI capacity range; zero means unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityRange {
+    pub required: u64,
+    pub limit: u64,
+}
+
+impl CapacityRange {
+    pub fn from_signed(required: i64, limit: i64) -> Result<Self> {
+        if required < 0 || limit < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "capacity_range must not be negative (required_bytes {required}, limit_bytes {limit})"
+            )));
+        }
+        Ok(CapacityRange {
+            required: required as u64,
+            limit: limit as u64,
+        })
+    }
+
+    pub fn contains(&self, bytes: u64) -> bool {
+        bytes >= self.required && (self.limit == 0 || bytes <= self.limit)
+    }
+}
+
+/// Size rules of a backend: sizes are multiples of `granularity`, at least `minimum`.
+#[derive(Debug, Clone, Copy)]
+pub struct SizePolicy {
+    pub granularity: u64,
+    pub minimum: u64,
+    pub default: u64,
+    pub maximum: u64,
+}
+
+impl SizePolicy {
+    /// The size to provision for `range`: the required size rounded up to the granularity,
+    /// or the default when nothing is required, and never above the limit.
+    pub fn size_for(&self, range: CapacityRange) -> Result<u64> {
+        let CapacityRange { required, limit } = range;
+        if limit != 0 && limit < required {
+            return Err(Error::OutOfRange(format!(
+                "limit_bytes {limit} is below required_bytes {required}"
+            )));
+        }
+        let want = if required == 0 {
+            if limit != 0 {
+                self.round_down(limit.min(self.default))
+            } else {
+                self.default
+            }
+        } else {
+            self.round_up(required.max(self.minimum)).ok_or_else(|| {
+                Error::OutOfRange(format!("required_bytes {required} is too large"))
+            })?
+        };
+        let want = want.max(self.minimum);
+        if want > self.maximum {
+            return Err(Error::OutOfRange(format!(
+                "{want} bytes exceeds the largest volume this driver creates ({} bytes)",
+                self.maximum
+            )));
+        }
+        if limit != 0 && want > limit {
+            return Err(Error::OutOfRange(format!(
+                "cannot fit a volume within limit_bytes {limit}: sizes are multiples of {} bytes and at least {} bytes",
+                self.granularity, self.minimum
+            )));
+        }
+        Ok(want)
+    }
+
+    fn round_up(&self, n: u64) -> Option<u64> {
+        n.checked_next_multiple_of(self.granularity)
+    }
+
+    fn round_down(&self, n: u64) -> u64 {
+        n - n % self.granularity
+    }
+}
+
+/// Where a request or volume may be reached: segments such as `{driver/node: n1}`.
+pub type Topology = BTreeMap<String, String>;
+
+/// Progress of formatting the volume's filesystem, recorded so a crash in the middle of mkfs
+/// is told apart from a volume that holds data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "fs_type")]
+pub enum FormatState {
+    #[default]
+    Unformatted,
+    Formatting(String),
+    Formatted(String),
+}
+
+/// Current schema version of [`VolumeRecord`]. Records from newer versions are refused.
+pub const VOLUME_RECORD_VERSION: u32 = 1;
+
+/// The durable description of a volume, stored beside its data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub version: u32,
+    pub id: String,
+    pub name: String,
+    pub capacity_bytes: u64,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    pub created_unix: u64,
+    #[serde(default)]
+    pub format: FormatState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: SizePolicy = SizePolicy {
+        granularity: MIB,
+        minimum: 16 * MIB,
+        default: GIB,
+        maximum: 1 << 50,
+    };
+
+    fn range(required: u64, limit: u64) -> CapacityRange {
+        CapacityRange { required, limit }
+    }
+
+    #[test]
+    fn sizes_round_up_and_honour_limits() {
+        assert_eq!(POLICY.size_for(range(0, 0)).unwrap(), GIB);
+        assert_eq!(POLICY.size_for(range(100 * MIB + 1, 0)).unwrap(), 101 * MIB);
+        assert_eq!(POLICY.size_for(range(1, 0)).unwrap(), 16 * MIB);
+        assert_eq!(POLICY.size_for(range(0, 100 * MIB + 5)).unwrap(), 100 * MIB);
+        assert_eq!(
+            POLICY.size_for(range(64 * MIB, 64 * MIB)).unwrap(),
+            64 * MIB
+        );
+        assert!(matches!(
+            POLICY.size_for(range(64 * MIB + 1, 64 * MIB + 2)),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            POLICY.size_for(range(10, 5)),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            POLICY.size_for(range(0, MIB)),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            POLICY.size_for(range(u64::MAX, 0)),
+            Err(Error::OutOfRange(_))
+        ));
+    }
+
+    #[test]
+    fn negative_ranges_are_invalid() {
+        assert!(matches!(
+            CapacityRange::from_signed(-1, 0),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn fs_types_default_and_check() {
+        assert_eq!(fs_type_of("").unwrap(), "ext4");
+        assert_eq!(fs_type_of("xfs").unwrap(), "xfs");
+        assert!(fs_type_of("ntfs").is_err());
+    }
+
+    #[test]
+    fn record_roundtrips_with_format_state() {
+        let rec = VolumeRecord {
+            version: VOLUME_RECORD_VERSION,
+            id: "vol-1".into(),
+            name: "n".into(),
+            capacity_bytes: MIB,
+            parameters: BTreeMap::new(),
+            created_unix: 1,
+            format: FormatState::Formatted("xfs".into()),
+        };
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(
+            text.contains(r#""format":{"state":"formatted","fs_type":"xfs"}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<VolumeRecord>(&text).unwrap(), rec);
+    }
+}

@@ -1,0 +1,407 @@
+//! The volume metadata store: one directory per volume under `<pool>/volumes`, holding the
+//! backend's data and `volume.json`. Records are written atomically (temp file, fsync, rename,
+//! fsync of the directory) and an in-memory index is rebuilt from disk at startup.
+//!
+//! Directory names carry the state of an operation, so a crash leaves evidence:
+//! `.creating-<id>` is a volume not yet committed, `.deleting-<id>` one being removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, IoContext, Result};
+use crate::model::{VOLUME_RECORD_VERSION, VolumeRecord};
+use crate::validate::is_volume_id;
+
+pub const RECORD_FILE: &str = "volume.json";
+const CREATING: &str = ".creating-";
+const DELETING: &str = ".deleting-";
+
+/// Writes `bytes` to `dir/name` so that after a crash the file holds either the old or the
+/// new content, never a mix.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let target = dir.join(name);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .ctx(|| format!("create {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .ctx(|| format!("write {}", tmp.display()))?;
+    fs::rename(&tmp, &target).ctx(|| format!("rename {} into place", tmp.display()))?;
+    sync_dir(dir)
+}
+
+/// Makes a directory's entries (creations, renames, removals) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("sync directory {}", dir.display()))
+}
+
+fn read_record(dir: &Path) -> Result<VolumeRecord> {
+    let path = dir.join(RECORD_FILE);
+    let text = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+    let record: VolumeRecord = serde_json::from_slice(&text)
+        .map_err(|e| Error::Internal(format!("parse {}: {e}", path.display())))?;
+    if record.version > VOLUME_RECORD_VERSION {
+        return Err(Error::FailedPrecondition(format!(
+            "{} has record version {}, newer than this Strata understands ({VOLUME_RECORD_VERSION}); upgrade Strata",
+            path.display(),
+            record.version
+        )));
+    }
+    Ok(record)
+}
+
+fn encode(record: &VolumeRecord) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail.
+    let mut bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// What startup found and did about it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciliation {
+    pub volumes: usize,
+    /// Creations interrupted by a crash, rolled back.
+    pub rolled_back_creates: Vec<String>,
+    /// Deletions interrupted by a crash, completed.
+    pub completed_deletes: Vec<String>,
+    /// Directories that could not be accounted for, moved to `lost+found`.
+    pub quarantined: Vec<String>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_id: BTreeMap<String, VolumeRecord>,
+    by_name: HashMap<String, String>,
+}
+
+pub struct VolumeStore {
+    volumes: PathBuf,
+    lost_found: PathBuf,
+    index: RwLock<Index>,
+}
+
+impl VolumeStore {
+    /// Opens the pool's store and reconciles it with what is on disk. `destroy` removes a
+    /// backend's data from a volume directory (for half-done creates and deletes).
+    pub fn open(
+        pool: &Path,
+        destroy: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<(Self, Reconciliation)> {
+        let store = VolumeStore {
+            volumes: pool.join("volumes"),
+            lost_found: pool.join("lost+found"),
+            index: RwLock::new(Index::default()),
+        };
+        fs::create_dir_all(&store.volumes).ctx(|| format!("create {}", store.volumes.display()))?;
+        let report = store.reconcile(destroy)?;
+        Ok((store, report))
+    }
+
+    fn reconcile(&self, destroy: &dyn Fn(&Path) -> Result<()>) -> Result<Reconciliation> {
+        let mut report = Reconciliation::default();
+        let mut index = Index::default();
+        let entries =
+            fs::read_dir(&self.volumes).ctx(|| format!("list {}", self.volumes.display()))?;
+        for entry in entries {
+            let entry = entry.ctx(|| format!("list {}", self.volumes.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if let Some(id) = name.strip_prefix(CREATING) {
+                tracing::warn!(
+                    volume_id = id,
+                    "rolling back a creation interrupted by a crash"
+                );
+                self.remove_volume_dir(&path, destroy)?;
+                report.rolled_back_creates.push(id.to_owned());
+            } else if let Some(id) = name.strip_prefix(DELETING) {
+                tracing::info!(
+                    volume_id = id,
+                    "completing a deletion interrupted by a crash"
+                );
+                self.remove_volume_dir(&path, destroy)?;
+                report.completed_deletes.push(id.to_owned());
+            } else if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = fs::remove_file(&path);
+            } else {
+                match read_record(&path) {
+                    Ok(rec) if is_volume_id(&name) && rec.id == name => {
+                        if let Some(other) = index.by_name.get(&rec.name) {
+                            // Impossible unless the pool was edited by hand: keep the first.
+                            tracing::error!(volume_id = %rec.id, other = %other, name = %rec.name,
+                                "two volumes share a name; quarantining the second");
+                            report.quarantined.push(self.quarantine(&path, &name)?);
+                            continue;
+                        }
+                        index.by_name.insert(rec.name.clone(), rec.id.clone());
+                        index.by_id.insert(rec.id.clone(), rec);
+                    }
+                    Err(e @ Error::FailedPrecondition(_)) => return Err(e),
+                    other => {
+                        let why = match other {
+                            Err(e) => e.to_string(),
+                            Ok(_) => "record id does not match its directory".into(),
+                        };
+                        tracing::error!(entry = %name, %why,
+                            "cannot account for a pool entry; moving it to lost+found");
+                        report.quarantined.push(self.quarantine(&path, &name)?);
+                    }
+                }
+            }
+        }
+        if !report.rolled_back_creates.is_empty() || !report.completed_deletes.is_empty() {
+            sync_dir(&self.volumes)?;
+        }
+        report.volumes = index.by_id.len();
+        *self.write_index() = index;
+        Ok(report)
+    }
+
+    fn remove_volume_dir(&self, dir: &Path, destroy: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
+        destroy(dir)?;
+        match fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("remove {}", dir.display()), e)),
+        }
+    }
+
+    /// Moves an unexplained entry aside, never deleting data; returns where it went.
+    fn quarantine(&self, path: &Path, name: &str) -> Result<String> {
+        fs::create_dir_all(&self.lost_found)
+            .ctx(|| format!("create {}", self.lost_found.display()))?;
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let dest = self.lost_found.join(format!("{name}.{stamp}"));
+        fs::rename(path, &dest).ctx(|| format!("move {} to {}", path.display(), dest.display()))?;
+        sync_dir(&self.volumes)?;
+        Ok(dest.display().to_string())
+    }
+
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The directory of a committed volume.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.volumes.join(id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<VolumeRecord> {
+        self.read_index().by_id.get(id).cloned()
+    }
+
+    pub fn find_by_name(&self, name: &str) -> Option<VolumeRecord> {
+        let index = self.read_index();
+        index
+            .by_name
+            .get(name)
+            .and_then(|id| index.by_id.get(id))
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read_index().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn total_provisioned(&self) -> u64 {
+        self.read_index()
+            .by_id
+            .values()
+            .map(|r| r.capacity_bytes)
+            .sum()
+    }
+
+    /// Up to `max` records with ids after `after`, in id order, and whether more follow.
+    /// Paging by the last id seen stays correct while volumes come and go between pages.
+    pub fn page(&self, after: Option<&str>, max: usize) -> (Vec<VolumeRecord>, bool) {
+        let index = self.read_index();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut iter = index
+            .by_id
+            .range::<str, _>((lower, Bound::Unbounded))
+            .map(|(_, r)| r);
+        let page: Vec<VolumeRecord> = iter.by_ref().take(max).cloned().collect();
+        let more = iter.next().is_some();
+        (page, more)
+    }
+
+    /// Starts a creation: returns a fresh directory for the backend to fill. Until
+    /// [`commit_create`](Self::commit_create) a crash rolls it back.
+    pub fn begin_create(&self, id: &str) -> Result<PathBuf> {
+        let dir = self.volumes.join(format!("{CREATING}{id}"));
+        fs::create_dir(&dir).ctx(|| format!("create {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Makes a creation durable and visible: writes the record, renames the directory to the
+    /// volume id and syncs the parent.
+    pub fn commit_create(&self, staging: &Path, record: VolumeRecord) -> Result<VolumeRecord> {
+        write_atomic(staging, RECORD_FILE, &encode(&record))?;
+        let dir = self.dir(&record.id);
+        fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
+        sync_dir(&self.volumes)?;
+        let mut index = self.write_index();
+        index.by_name.insert(record.name.clone(), record.id.clone());
+        index.by_id.insert(record.id.clone(), record.clone());
+        Ok(record)
+    }
+
+    /// Rolls back a creation that failed before its commit.
+    pub fn abort_create(&self, staging: &Path, destroy: &dyn Fn(&Path) -> Result<()>) {
+        if let Err(e) = self.remove_volume_dir(staging, destroy) {
+            tracing::error!(dir = %staging.display(), error = %e,
+                "could not roll back a failed creation; startup will retry");
+        }
+    }
+
+    /// Rewrites a committed volume's record.
+    pub fn update(&self, record: VolumeRecord) -> Result<()> {
+        write_atomic(&self.dir(&record.id), RECORD_FILE, &encode(&record))?;
+        self.write_index().by_id.insert(record.id.clone(), record);
+        Ok(())
+    }
+
+    /// Deletes a volume: first renamed out of sight (durably), then its data destroyed. A
+    /// crash after the rename is completed at the next startup.
+    pub fn delete(&self, id: &str, destroy: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
+        let dir = self.dir(id);
+        let doomed = self.volumes.join(format!("{DELETING}{id}"));
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => sync_dir(&self.volumes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("delete {}", dir.display()), e)),
+        }
+        {
+            let mut index = self.write_index();
+            if let Some(rec) = index.by_id.remove(id) {
+                index.by_name.remove(&rec.name);
+            }
+        }
+        self.remove_volume_dir(&doomed, destroy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FormatState;
+    use crate::validate::new_volume_id;
+
+    fn no_data(_: &Path) -> Result<()> {
+        Ok(())
+    }
+
+    fn record(id: &str, name: &str) -> VolumeRecord {
+        VolumeRecord {
+            version: VOLUME_RECORD_VERSION,
+            id: id.into(),
+            name: name.into(),
+            capacity_bytes: 1 << 20,
+            parameters: Default::default(),
+            created_unix: 0,
+            format: FormatState::Unformatted,
+        }
+    }
+
+    fn create(store: &VolumeStore, name: &str) -> VolumeRecord {
+        let id = new_volume_id();
+        let dir = store.begin_create(&id).unwrap();
+        store.commit_create(&dir, record(&id, name)).unwrap()
+    }
+
+    #[test]
+    fn records_survive_reopen_and_half_done_work_is_reconciled() {
+        let pool = tempfile::tempdir().unwrap();
+        let (store, report) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        assert_eq!(report, Reconciliation::default());
+        let a = create(&store, "a");
+        let b = create(&store, "b");
+        // A creation that never committed, and a deletion cut short.
+        let half = store.begin_create(&new_volume_id()).unwrap();
+        fs::write(half.join("image"), b"x").unwrap();
+        fs::rename(
+            store.dir(&b.id),
+            pool.path()
+                .join("volumes")
+                .join(format!(".deleting-{}", b.id)),
+        )
+        .unwrap();
+        // Something nobody can explain.
+        fs::create_dir(pool.path().join("volumes/mystery")).unwrap();
+        drop(store);
+
+        let (store, report) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        assert_eq!(report.volumes, 1);
+        assert_eq!(report.rolled_back_creates.len(), 1);
+        assert_eq!(report.completed_deletes, vec![b.id.clone()]);
+        assert_eq!(report.quarantined.len(), 1);
+        assert!(!half.exists());
+        assert_eq!(store.find_by_name("a").unwrap(), a);
+        assert!(store.find_by_name("b").is_none());
+        assert_eq!(
+            fs::read_dir(pool.path().join("lost+found"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn pages_continue_after_the_last_id_even_when_it_is_gone() {
+        let pool = tempfile::tempdir().unwrap();
+        let (store, _) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        let mut ids: Vec<String> = (0..5)
+            .map(|i| create(&store, &format!("v{i}")).id)
+            .collect();
+        ids.sort();
+        let (first, more) = store.page(None, 2);
+        assert!(more);
+        assert_eq!(
+            first.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            vec![&ids[0], &ids[1]]
+        );
+        store.delete(&ids[1], &no_data).unwrap();
+        let (second, more) = store.page(Some(&ids[1]), 2);
+        assert!(more);
+        assert_eq!(second[0].id, ids[2]);
+        let (last, more) = store.page(Some(&ids[3]), 2);
+        assert!(!more);
+        assert_eq!(last.len(), 1);
+    }
+
+    #[test]
+    fn newer_record_versions_are_refused() {
+        let pool = tempfile::tempdir().unwrap();
+        let (store, _) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        let mut rec = create(&store, "a");
+        rec.version = VOLUME_RECORD_VERSION + 1;
+        store.update(rec).unwrap();
+        drop(store);
+        assert!(matches!(
+            VolumeStore::open(pool.path(), &no_data),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+}

@@ -1,0 +1,190 @@
+//! Checks on every string, path and map that arrives in a request, and the volume id format.
+//! Nothing from a request becomes a path in the pool unless it passes [`is_volume_id`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+/// The general CSI size limit of a string field.
+pub const MAX_STRING_BYTES: usize = 128;
+/// The general CSI size limit of a map field (keys and values together).
+pub const MAX_MAP_BYTES: usize = 4096;
+/// Paths may be as long as the OS allows.
+pub const MAX_PATH_BYTES: usize = 4096;
+
+const VOLUME_ID_PREFIX: &str = "vol-";
+const VOLUME_ID_HEX: usize = 24;
+
+/// A required, bounded string field: present, at most 128 bytes, no NUL.
+pub fn required_str<'a>(field: &str, value: &'a str) -> Result<&'a str> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    bounded_str(field, value)
+}
+
+/// An optional string field within the general size limit.
+pub fn bounded_str<'a>(field: &str, value: &'a str) -> Result<&'a str> {
+    if value.len() > MAX_STRING_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is {} bytes; CSI allows at most {MAX_STRING_BYTES}",
+            value.len()
+        )));
+    }
+    if value.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{field} must not contain NUL"
+        )));
+    }
+    Ok(value)
+}
+
+/// A map field within the general 4 KiB limit.
+pub fn bounded_map<K: AsRef<str>, V: AsRef<str>>(
+    field: &str,
+    map: impl IntoIterator<Item = (K, V)>,
+) -> Result<()> {
+    let total: usize = map
+        .into_iter()
+        .map(|(k, v)| k.as_ref().len() + v.as_ref().len())
+        .sum();
+    if total > MAX_MAP_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "{field} holds {total} bytes; CSI allows at most {MAX_MAP_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// A required absolute path without `..`, NUL or a trailing oddity; returned normalised.
+pub fn absolute_path(field: &str, value: &str) -> Result<PathBuf> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    if value.len() > MAX_PATH_BYTES || value.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{field} must be a path of at most {MAX_PATH_BYTES} bytes without NUL"
+        )));
+    }
+    let path = Path::new(value);
+    if !path.is_absolute() {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {value:?} must be an absolute path"
+        )));
+    }
+    let mut clean = PathBuf::from("/");
+    for part in path.components() {
+        match part {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(p) => clean.push(p),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{field} {value:?} must not contain '..'"
+                )));
+            }
+        }
+    }
+    if clean == Path::new("/") {
+        return Err(Error::InvalidArgument(format!(
+            "{field} must not be the root directory"
+        )));
+    }
+    Ok(clean)
+}
+
+/// Whether `id` has the exact shape of an id this driver generates.
+pub fn is_volume_id(id: &str) -> bool {
+    id.strip_prefix(VOLUME_ID_PREFIX).is_some_and(|hex| {
+        hex.len() == VOLUME_ID_HEX
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A fresh volume id: milliseconds since the epoch then random bits, so ids sort roughly by
+/// creation time and never collide in practice (creation still refuses an existing directory).
+pub fn new_volume_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut random = [0u8; 6];
+    fill_random(&mut random);
+    let mut id = format!("{VOLUME_ID_PREFIX}{:012x}", millis & 0xffff_ffff_ffff);
+    for b in random {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+fn fill_random(buf: &mut [u8]) {
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        // Entropy is always available after boot; fall back to the clock rather than fail.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (nanos >> ((i % 4) * 8)) as u8 ^ i as u8;
+        }
+    }
+}
+
+/// Copies a request map into an ordered map (for stable comparison and storage).
+pub fn ordered(map: &HashMap<String, String>) -> BTreeMap<String, String> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_have_the_checked_shape() {
+        let a = new_volume_id();
+        let b = new_volume_id();
+        assert!(is_volume_id(&a), "{a}");
+        assert_ne!(a, b);
+        for bad in [
+            "",
+            "vol-",
+            "../../etc",
+            "vol-../../../../etc/passwdxx",
+            "vol-0123456789abcdef0123456G",
+            "vol-0123456789ABCDEF01234567",
+        ] {
+            assert!(!is_volume_id(bad), "{bad}");
+        }
+        assert!(is_volume_id("vol-0123456789abcdef01234567"));
+    }
+
+    #[test]
+    fn paths_must_be_absolute_and_clean() {
+        assert_eq!(
+            absolute_path("p", "/var/lib//x/./y/").unwrap(),
+            PathBuf::from("/var/lib/x/y")
+        );
+        for bad in ["", "relative/x", "/a/../b", "/", "/a\0b"] {
+            assert!(
+                matches!(absolute_path("p", bad), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn strings_and_maps_are_bounded() {
+        assert!(required_str("name", "").is_err());
+        assert!(required_str("name", &"x".repeat(129)).is_err());
+        assert!(required_str("name", "a\0").is_err());
+        assert!(required_str("name", &"x".repeat(128)).is_ok());
+        let big: HashMap<String, String> = [("k".to_string(), "v".repeat(5000))].into();
+        assert!(bounded_map("parameters", &big).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! `strata bench`: load generator against any CSI endpoint. Reports throughput and latency
+//! percentiles per RPC; nothing here asserts on time.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use csi_proto as csi;
+use serde::Serialize;
+
+use crate::client::commands::CapabilityArgs;
+use crate::client::output::Format;
+use crate::client::{Csi, status_error};
+
+#[derive(Default)]
+struct Latencies(Mutex<BTreeMap<&'static str, Vec<Duration>>>);
+
+impl Latencies {
+    fn record(&self, rpc: &'static str, d: Duration) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(rpc)
+            .or_default()
+            .push(d);
+    }
+
+    fn summary(&self) -> Vec<RpcSummary> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(rpc, v)| {
+                let mut v = v.clone();
+                v.sort();
+                let pct = |p: f64| {
+                    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+                    v[i].as_secs_f64() * 1e3
+                };
+                RpcSummary {
+                    rpc,
+                    calls: v.len(),
+                    p50_ms: pct(0.5),
+                    p90_ms: pct(0.9),
+                    p99_ms: pct(0.99),
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Serialize)]
+struct RpcSummary {
+    rpc: &'static str,
+    calls: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    scenario: &'static str,
+    volumes: usize,
+    concurrency: usize,
+    seconds: f64,
+    volumes_per_second: f64,
+    rpcs: Vec<RpcSummary>,
+}
+
+impl Report {
+    fn print(&self, format: Format) {
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(self).unwrap_or_default()),
+            Format::Table => {
+                println!(
+                    "{}: {} volumes, concurrency {}, {:.2} s, {:.1} volumes/s",
+                    self.scenario,
+                    self.volumes,
+                    self.concurrency,
+                    self.seconds,
+                    self.volumes_per_second
+                );
+                println!(
+                    "{:<24} {:>7} {:>9} {:>9} {:>9}",
+                    "RPC", "CALLS", "P50 ms", "P90 ms", "P99 ms"
+                );
+                for r in &self.rpcs {
+                    println!(
+                        "{:<24} {:>7} {:>9.3} {:>9.3} {:>9.3}",
+                        r.rpc, r.calls, r.p50_ms, r.p90_ms, r.p99_ms
+                    );
+                }
+            }
+        }
+    }
+}
+
+async fn timed<T>(
+    lat: &Latencies,
+    rpc: &'static str,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    let start = Instant::now();
+    let r = fut.await.map_err(|s| status_error(rpc, s))?;
+    lat.record(rpc, start.elapsed());
+    Ok(r.into_inner())
+}
+
+pub struct LifecycleArgs {
+    pub volumes: usize,
+    pub concurrency: usize,
+    pub size: u64,
+    pub data: u64,
+    pub workdir: PathBuf,
+    pub capability: CapabilityArgs,
+}
+
+async fn one_lifecycle(
+    csi: &mut Csi,
+    lat: &Latencies,
+    args: &LifecycleArgs,
+    n: usize,
+) -> Result<(), String> {
+    let cap = args.capability.to_csi();
+    let name = format!("bench-{}-{n}", std::process::id());
+    let vol = timed(
+        lat,
+        "CreateVolume",
+        csi.controller.create_volume(csi::CreateVolumeRequest {
+            name,
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: args.size as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap.clone()],
+            ..Default::default()
+        }),
+    )
+    .await?
+    .volume
+    .unwrap_or_default();
+    let id = vol.volume_id;
+    let staging = args.workdir.join(format!("stage-{n}"));
+    let target = args.workdir.join(format!("pub-{n}"));
+    let staging_s = staging.display().to_string();
+    let target_s = target.display().to_string();
+    fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+    timed(
+        lat,
+        "NodeStageVolume",
+        csi.node.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging_s.clone(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    timed(
+        lat,
+        "NodePublishVolume",
+        csi.node.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging_s.clone(),
+            target_path: target_s.clone(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    if args.data > 0 {
+        let (path, block) = if args.capability.block {
+            (target.clone(), true)
+        } else {
+            (target.join("data"), false)
+        };
+        let data = args.data as usize;
+        let start = Instant::now();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(!block)
+                .open(path)?;
+            f.write_all(&vec![0xA5u8; data])?;
+            f.sync_all()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("write data: {e}"))?;
+        lat.record("write+fsync", start.elapsed());
+    }
+    timed(
+        lat,
+        "NodeUnpublishVolume",
+        csi.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target_s,
+            }),
+    )
+    .await?;
+    timed(
+        lat,
+        "NodeUnstageVolume",
+        csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging_s,
+        }),
+    )
+    .await?;
+    let _ = fs::remove_dir(&staging);
+    timed(
+        lat,
+        "DeleteVolume",
+        csi.controller.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id,
+            secrets: Default::default(),
+        }),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn lifecycle(csi: Csi, args: LifecycleArgs, format: Format) -> Result<(), String> {
+    fs::create_dir_all(&args.workdir)
+        .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
+    let args = Arc::new(args);
+    let lat = Arc::new(Latencies::default());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..args.concurrency.max(1) {
+        let (mut csi, args, lat, next) = (csi.clone(), args.clone(), lat.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= args.volumes {
+                    return Ok::<(), String>(());
+                }
+                one_lifecycle(&mut csi, &lat, &args, n).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Report {
+        scenario: "lifecycle",
+        volumes: args.volumes,
+        concurrency: args.concurrency,
+        seconds,
+        volumes_per_second: args.volumes as f64 / seconds,
+        rpcs: lat.summary(),
+    }
+    .print(format);
+    Ok(())
+}
+
+/// Creates `volumes` volumes, lists them all page by page, deletes them.
+pub async fn scale(
+    csi: Csi,
+    volumes: usize,
+    concurrency: usize,
+    page: i32,
+    format: Format,
+) -> Result<(), String> {
+    let lat = Arc::new(Latencies::default());
+    let cap = CapabilityArgs {
+        block: false,
+        fs_type: "ext4".into(),
+        mount_flags: vec![],
+        mode: crate::client::commands::ModeArg::SingleNodeMultiWriter,
+    }
+    .to_csi();
+    let start = Instant::now();
+    let ids = Arc::new(Mutex::new(vec![]));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for _ in 0..concurrency.max(1) {
+        let (mut csi, lat, next, ids, cap) = (
+            csi.clone(),
+            lat.clone(),
+            next.clone(),
+            ids.clone(),
+            cap.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= volumes {
+                    return Ok::<(), String>(());
+                }
+                let v = timed(
+                    &lat,
+                    "CreateVolume",
+                    csi.controller.create_volume(csi::CreateVolumeRequest {
+                        name: format!("scale-{}-{n}", std::process::id()),
+                        capacity_range: Some(csi::CapacityRange {
+                            required_bytes: 64 << 20,
+                            limit_bytes: 0,
+                        }),
+                        volume_capabilities: vec![cap.clone()],
+                        ..Default::default()
+                    }),
+                )
+                .await?;
+                ids.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(v.volume.unwrap_or_default().volume_id);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let mut csi_list = csi.clone();
+    let list_start = Instant::now();
+    let mut token = String::new();
+    let mut seen = 0;
+    loop {
+        let r = timed(
+            &lat,
+            "ListVolumes (page)",
+            csi_list.controller.list_volumes(csi::ListVolumesRequest {
+                max_entries: page,
+                starting_token: token,
+            }),
+        )
+        .await?;
+        seen += r.entries.len();
+        if r.next_token.is_empty() {
+            break;
+        }
+        token = r.next_token;
+    }
+    lat.record("ListVolumes (all pages)", list_start.elapsed());
+    eprintln!("listed {seen} volumes");
+    let ids: Vec<String> = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
+    let chunks: Vec<Vec<String>> = ids
+        .chunks(ids.len().div_ceil(concurrency.max(1)).max(1))
+        .map(|c| c.to_vec())
+        .collect();
+    let mut tasks = vec![];
+    for chunk in chunks {
+        let (mut csi, lat) = (csi.clone(), lat.clone());
+        tasks.push(tokio::spawn(async move {
+            for id in chunk {
+                timed(
+                    &lat,
+                    "DeleteVolume",
+                    csi.controller.delete_volume(csi::DeleteVolumeRequest {
+                        volume_id: id,
+                        secrets: Default::default(),
+                    }),
+                )
+                .await?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Report {
+        scenario: "scale",
+        volumes,
+        concurrency,
+        seconds,
+        volumes_per_second: volumes as f64 / seconds,
+        rpcs: lat.summary(),
+    }
+    .print(format);
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! The client subcommands: each builds one CSI request, sends it, and prints the answer.
+
+use std::collections::HashMap;
+
+use csi::volume_capability::{AccessType, BlockVolume, MountVolume, access_mode::Mode};
+use csi_proto as csi;
+
+use super::output::{Format, Rows};
+use super::{Csi, status_error};
+use crate::service::convert::csi_access_mode;
+
+/// How a volume is to be used, from the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CapabilityArgs {
+    /// Use the volume as a raw block device instead of a filesystem.
+    #[arg(long)]
+    pub block: bool,
+    /// Filesystem type for mount volumes (ext4, xfs...).
+    #[arg(long, default_value = "ext4")]
+    pub fs_type: String,
+    /// Mount flags, repeatable.
+    #[arg(long = "mount-flag")]
+    pub mount_flags: Vec<String>,
+    /// Access mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::SingleNodeMultiWriter)]
+    pub mode: ModeArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[allow(clippy::enum_variant_names)] // named after the CSI access modes
+pub enum ModeArg {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+}
+
+impl CapabilityArgs {
+    pub fn to_csi(&self) -> csi::VolumeCapability {
+        let mode = match self.mode {
+            ModeArg::SingleNodeWriter => Mode::SingleNodeWriter,
+            ModeArg::SingleNodeReaderOnly => Mode::SingleNodeReaderOnly,
+            ModeArg::SingleNodeSingleWriter => Mode::SingleNodeSingleWriter,
+            ModeArg::SingleNodeMultiWriter => Mode::SingleNodeMultiWriter,
+        };
+        csi::VolumeCapability {
+            access_type: Some(if self.block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume {
+                    fs_type: self.fs_type.clone(),
+                    mount_flags: self.mount_flags.clone(),
+                    volume_mount_group: String::new(),
+                })
+            }),
+            access_mode: csi_access_mode(mode),
+        }
+    }
+}
+
+/// Parses sizes such as `1073741824`, `64Mi`, `1G`, `512MiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64Mi or 1G"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1000,
+        "Ki" | "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" | "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" | "GiB" => 1 << 30,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ti" | "TiB" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?}; use Ki, Mi, Gi, Ti or K, M, G, T"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn condition(c: Option<&csi::VolumeCondition>) -> String {
+    match c {
+        Some(c) if c.abnormal => format!("abnormal: {}", c.message),
+        Some(_) => "ok".into(),
+        None => "-".into(),
+    }
+}
+
+fn volume_rows(volumes: &[(csi::Volume, Option<csi::VolumeCondition>)]) -> Rows {
+    let mut rows = Rows::new(&["ID", "CAPACITY", "TOPOLOGY", "CONDITION"]);
+    for (v, c) in volumes {
+        let topology = v
+            .accessible_topology
+            .iter()
+            .flat_map(|t| t.segments.iter().map(|(k, v)| format!("{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        rows.push(vec![
+            v.volume_id.clone(),
+            v.capacity_bytes.to_string(),
+            topology,
+            condition(c.as_ref()),
+        ]);
+    }
+    rows
+}
+
+pub async fn info(mut csi: Csi, format: Format) -> Result<(), String> {
+    let info = csi
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .map_err(|s| status_error("GetPluginInfo", s))?
+        .into_inner();
+    let probe = csi.identity.probe(csi::ProbeRequest {}).await;
+    let node = csi
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .map(|r| r.into_inner());
+    let mut rows = Rows::new(&["FIELD", "VALUE"]);
+    rows.push(vec!["name".into(), info.name]);
+    rows.push(vec!["version".into(), info.vendor_version]);
+    rows.push(vec![
+        "ready".into(),
+        match probe {
+            Ok(p) => p.into_inner().ready.unwrap_or(true).to_string(),
+            Err(s) => format!("false ({})", s.message()),
+        },
+    ]);
+    if let Ok(n) = node {
+        rows.push(vec!["node_id".into(), n.node_id]);
+        rows.push(vec![
+            "max_volumes_per_node".into(),
+            n.max_volumes_per_node.to_string(),
+        ]);
+    }
+    rows.print(format);
+    Ok(())
+}
+
+pub async fn volume_create(
+    mut csi: Csi,
+    name: String,
+    size: u64,
+    cap: &CapabilityArgs,
+    parameters: HashMap<String, String>,
+    format: Format,
+) -> Result<(), String> {
+    let volume = csi
+        .controller
+        .create_volume(csi::CreateVolumeRequest {
+            name,
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: size as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap.to_csi()],
+            parameters,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("CreateVolume", s))?
+        .into_inner()
+        .volume
+        .unwrap_or_default();
+    volume_rows(&[(volume, None)]).print(format);
+    Ok(())
+}
+
+pub async fn volume_delete(mut csi: Csi, volume_id: String) -> Result<(), String> {
+    csi.controller
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: volume_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .map_err(|s| status_error("DeleteVolume", s))?;
+    eprintln!("deleted {volume_id}");
+    Ok(())
+}
+
+pub async fn volume_list(mut csi: Csi, page_size: i32, format: Format) -> Result<(), String> {
+    let mut all = vec![];
+    let mut token = String::new();
+    loop {
+        let page = csi
+            .controller
+            .list_volumes(csi::ListVolumesRequest {
+                max_entries: page_size,
+                starting_token: token,
+            })
+            .await
+            .map_err(|s| status_error("ListVolumes", s))?
+            .into_inner();
+        for e in page.entries {
+            let c = e.status.and_then(|s| s.volume_condition);
+            all.push((e.volume.unwrap_or_default(), c));
+        }
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    volume_rows(&all).print(format);
+    Ok(())
+}
+
+pub async fn volume_get(mut csi: Csi, volume_id: String, format: Format) -> Result<(), String> {
+    let r = csi
+        .controller
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id })
+        .await
+        .map_err(|s| status_error("ControllerGetVolume", s))?
+        .into_inner();
+    let c = r.status.and_then(|s| s.volume_condition);
+    volume_rows(&[(r.volume.unwrap_or_default(), c)]).print(format);
+    Ok(())
+}
+
+pub async fn node_stage(
+    mut csi: Csi,
+    volume_id: String,
+    staging_path: String,
+    cap: &CapabilityArgs,
+) -> Result<(), String> {
+    csi.node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: volume_id.clone(),
+            staging_target_path: staging_path.clone(),
+            volume_capability: Some(cap.to_csi()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("NodeStageVolume", s))?;
+    eprintln!("staged {volume_id} at {staging_path}");
+    Ok(())
+}
+
+pub async fn node_unstage(
+    mut csi: Csi,
+    volume_id: String,
+    staging_path: String,
+) -> Result<(), String> {
+    csi.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: volume_id.clone(),
+            staging_target_path: staging_path,
+        })
+        .await
+        .map_err(|s| status_error("NodeUnstageVolume", s))?;
+    eprintln!("unstaged {volume_id}");
+    Ok(())
+}
+
+pub async fn node_publish(
+    mut csi: Csi,
+    volume_id: String,
+    staging_path: String,
+    target_path: String,
+    readonly: bool,
+    cap: &CapabilityArgs,
+) -> Result<(), String> {
+    csi.node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: volume_id.clone(),
+            staging_target_path: staging_path,
+            target_path: target_path.clone(),
+            volume_capability: Some(cap.to_csi()),
+            readonly,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("NodePublishVolume", s))?;
+    eprintln!("published {volume_id} at {target_path}");
+    Ok(())
+}
+
+pub async fn node_unpublish(
+    mut csi: Csi,
+    volume_id: String,
+    target_path: String,
+) -> Result<(), String> {
+    csi.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: volume_id.clone(),
+            target_path,
+        })
+        .await
+        .map_err(|s| status_error("NodeUnpublishVolume", s))?;
+    eprintln!("unpublished {volume_id}");
+    Ok(())
+}
+
+pub async fn node_stats(
+    mut csi: Csi,
+    volume_id: String,
+    path: String,
+    format: Format,
+) -> Result<(), String> {
+    let r = csi
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id,
+            volume_path: path,
+            staging_target_path: String::new(),
+        })
+        .await
+        .map_err(|s| status_error("NodeGetVolumeStats", s))?
+        .into_inner();
+    let mut rows = Rows::new(&["UNIT", "TOTAL", "USED", "AVAILABLE", "CONDITION"]);
+    let cond = condition(r.volume_condition.as_ref());
+    for u in r.usage {
+        let unit = csi::volume_usage::Unit::try_from(u.unit)
+            .map(|u| u.as_str_name().to_lowercase())
+            .unwrap_or_else(|_| u.unit.to_string());
+        rows.push(vec![
+            unit,
+            u.total.to_string(),
+            u.used.to_string(),
+            u.available.to_string(),
+            cond.clone(),
+        ]);
+    }
+    rows.print(format);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("64Mi").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("99999999999Ti").is_err());
+    }
+}

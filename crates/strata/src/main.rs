@@ -1,0 +1,408 @@
+//! `strata`: the Strata CSI driver (`serve`), a CSI client for operators, and a benchmark.
+
+mod bench;
+mod client;
+mod endpoint;
+mod server;
+mod service;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use client::commands::{self, CapabilityArgs, parse_size};
+use client::output::Format;
+use endpoint::Endpoint;
+
+#[derive(Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "Strata: a CSI driver for node-local storage, and a CSI client"
+)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, default_value = "info", env = "STRATA_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// CSI endpoint to talk to.
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///run/strata/csi.sock"
+    )]
+    endpoint: Endpoint,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CSI Identity, Controller and Node services.
+    Serve {
+        /// Where to listen: unix:///PATH (mode 0600) or tcp://127.0.0.1:PORT.
+        #[arg(long, env = "CSI_ENDPOINT")]
+        endpoint: Endpoint,
+        /// This node's id, as reported by NodeGetInfo and in volume topology.
+        #[arg(long, env = "NODE_ID")]
+        node_id: String,
+        /// Pool directory holding the volumes (created if missing).
+        #[arg(long)]
+        pool: PathBuf,
+        /// CSI driver name.
+        #[arg(long, default_value = "strata.csi.dev")]
+        driver_name: String,
+        /// Maximum volumes per node reported to the orchestrator (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_volumes: i64,
+        /// Topology key naming this node (default: <driver-name>/node).
+        #[arg(long)]
+        topology_key: Option<String>,
+    },
+    /// Show a driver's identity, readiness and node info.
+    Info(ClientArgs),
+    /// Controller operations on volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Node operations: stage, publish, stats.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Benchmarks against any CSI endpoint.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+        /// Size, e.g. 64Mi, 10Gi.
+        #[arg(long, default_value = "1Gi", value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+        /// StorageClass-style parameter KEY=VALUE, repeatable.
+        #[arg(long = "parameter", value_parser = parse_key_value)]
+        parameters: Vec<(String, String)>,
+    },
+    /// Delete a volume.
+    Delete {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+    },
+    /// List all volumes.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Entries per ListVolumes page.
+        #[arg(long, default_value_t = 500)]
+        page_size: i32,
+    },
+    /// Show one volume and its condition.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Stage a volume at a staging path (format and mount, or attach a block device).
+    Stage {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        #[arg(long)]
+        staging_path: String,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
+    /// Unstage a volume.
+    Unstage {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        #[arg(long)]
+        staging_path: String,
+    },
+    /// Publish a staged volume at a target path.
+    Publish {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        #[arg(long)]
+        staging_path: String,
+        #[arg(long)]
+        target_path: String,
+        #[arg(long)]
+        readonly: bool,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
+    /// Unpublish a volume from a target path.
+    Unpublish {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        #[arg(long)]
+        target_path: String,
+    },
+    /// Usage and condition of a staged or published volume.
+    Stats {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        #[arg(long)]
+        path: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Full lifecycle per volume: create, stage, publish, write+fsync, unpublish, unstage, delete.
+    Lifecycle {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 100)]
+        volumes: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+        size: u64,
+        /// Bytes written and fsynced per volume.
+        #[arg(long, default_value = "1Mi", value_parser = parse_size)]
+        data: u64,
+        /// Directory for staging and target paths.
+        #[arg(long, default_value = "/tmp/strata-bench")]
+        workdir: PathBuf,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
+    /// Create N volumes, list them all, delete them.
+    Scale {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 10_000)]
+        volumes: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// ListVolumes page size (0: one page).
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve {
+            endpoint,
+            node_id,
+            pool,
+            driver_name,
+            max_volumes,
+            topology_key,
+        } => {
+            server::serve(server::ServeOptions {
+                endpoint,
+                node_id,
+                pool,
+                driver_name,
+                max_volumes,
+                topology_key,
+                crash_at: std::env::var("STRATA_CRASH_AT").ok(),
+            })
+            .await
+        }
+        Command::Info(c) => commands::info(client::connect(&c.endpoint).await?, c.output).await,
+        Command::Volume(v) => match v {
+            VolumeCommand::Create {
+                client: c,
+                name,
+                size,
+                capability,
+                parameters,
+            } => {
+                let params: HashMap<String, String> = parameters.into_iter().collect();
+                commands::volume_create(
+                    client::connect(&c.endpoint).await?,
+                    name,
+                    size,
+                    &capability,
+                    params,
+                    c.output,
+                )
+                .await
+            }
+            VolumeCommand::Delete {
+                client: c,
+                volume_id,
+            } => commands::volume_delete(client::connect(&c.endpoint).await?, volume_id).await,
+            VolumeCommand::List {
+                client: c,
+                page_size,
+            } => {
+                commands::volume_list(client::connect(&c.endpoint).await?, page_size, c.output)
+                    .await
+            }
+            VolumeCommand::Get {
+                client: c,
+                volume_id,
+            } => {
+                commands::volume_get(client::connect(&c.endpoint).await?, volume_id, c.output).await
+            }
+        },
+        Command::Node(n) => match n {
+            NodeCommand::Stage {
+                client: c,
+                volume_id,
+                staging_path,
+                capability,
+            } => {
+                commands::node_stage(
+                    client::connect(&c.endpoint).await?,
+                    volume_id,
+                    staging_path,
+                    &capability,
+                )
+                .await
+            }
+            NodeCommand::Unstage {
+                client: c,
+                volume_id,
+                staging_path,
+            } => {
+                commands::node_unstage(client::connect(&c.endpoint).await?, volume_id, staging_path)
+                    .await
+            }
+            NodeCommand::Publish {
+                client: c,
+                volume_id,
+                staging_path,
+                target_path,
+                readonly,
+                capability,
+            } => {
+                commands::node_publish(
+                    client::connect(&c.endpoint).await?,
+                    volume_id,
+                    staging_path,
+                    target_path,
+                    readonly,
+                    &capability,
+                )
+                .await
+            }
+            NodeCommand::Unpublish {
+                client: c,
+                volume_id,
+                target_path,
+            } => {
+                commands::node_unpublish(
+                    client::connect(&c.endpoint).await?,
+                    volume_id,
+                    target_path,
+                )
+                .await
+            }
+            NodeCommand::Stats {
+                client: c,
+                volume_id,
+                path,
+            } => {
+                commands::node_stats(
+                    client::connect(&c.endpoint).await?,
+                    volume_id,
+                    path,
+                    c.output,
+                )
+                .await
+            }
+        },
+        Command::Bench(b) => match b {
+            BenchCommand::Lifecycle {
+                client: c,
+                volumes,
+                concurrency,
+                size,
+                data,
+                workdir,
+                capability,
+            } => {
+                let args = bench::LifecycleArgs {
+                    volumes,
+                    concurrency,
+                    size,
+                    data,
+                    workdir,
+                    capability,
+                };
+                bench::lifecycle(client::connect(&c.endpoint).await?, args, c.output).await
+            }
+            BenchCommand::Scale {
+                client: c,
+                volumes,
+                concurrency,
+                page_size,
+            } => {
+                bench::scale(
+                    client::connect(&c.endpoint).await?,
+                    volumes,
+                    concurrency,
+                    page_size,
+                    c.output,
+                )
+                .await
+            }
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // Two worker threads match the small nodes this runs on; blocking work has its own pool.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("strata: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! `strata serve`: opens the pool, binds the endpoint and serves the three CSI services until
+//! SIGTERM or SIGINT, letting in-flight requests finish.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use csi_proto::{
+    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+};
+use strata_core::backend::image::ImageBackend;
+use strata_core::fault::CrashPoints;
+use strata_core::os::Host;
+use strata_core::{Config, Driver};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::endpoint::Endpoint;
+use crate::service::{ControllerService, IdentityService, NodeService, Services};
+
+pub struct ServeOptions {
+    pub endpoint: Endpoint,
+    pub node_id: String,
+    pub pool: PathBuf,
+    pub driver_name: String,
+    pub max_volumes: i64,
+    pub topology_key: Option<String>,
+    /// Test-only crash point (environment STRATA_CRASH_AT).
+    pub crash_at: Option<String>,
+}
+
+/// Opens (creating if needed) the pool and reconciles it.
+pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
+    fs::create_dir_all(&opts.pool)
+        .map_err(|e| format!("create pool {}: {e}", opts.pool.display()))?;
+    let pool = fs::canonicalize(&opts.pool)
+        .map_err(|e| format!("resolve pool {}: {e}", opts.pool.display()))?;
+    let config = Config {
+        driver_name: opts.driver_name.clone(),
+        node_id: opts.node_id.clone(),
+        topology_key: opts
+            .topology_key
+            .clone()
+            .unwrap_or_else(|| Config::default_topology_key(&opts.driver_name)),
+        max_volumes_per_node: opts.max_volumes,
+        pool: pool.clone(),
+    };
+    let host = Host::linux();
+    let backend = Arc::new(ImageBackend::new(pool, host.clone()));
+    let started = Instant::now();
+    let (driver, report) = Driver::open(
+        config,
+        host,
+        backend,
+        CrashPoints::new(opts.crash_at.clone()),
+    )
+    .map_err(|e| format!("open pool {}: {e}", opts.pool.display()))?;
+    tracing::info!(
+        volumes = report.volumes,
+        rolled_back_creates = report.rolled_back_creates.len(),
+        completed_deletes = report.completed_deletes.len(),
+        quarantined = report.quarantined.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "pool reconciled"
+    );
+    Ok(driver)
+}
+
+/// Removes a stale socket left by a previous run; refuses to touch anything else.
+fn prepare_socket_path(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => fs::remove_file(path)
+            .map_err(|e| format!("remove stale socket {}: {e}", path.display())),
+        Ok(_) => Err(format!(
+            "{} exists and is not a socket; refusing to overwrite it",
+            path.display()
+        )),
+        Err(_) => {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(|e| format!("create {}: {e}", parent.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+}
+
+pub async fn serve(opts: ServeOptions) -> Result<(), String> {
+    let driver = Arc::new(open_driver(&opts)?);
+    let services = Services {
+        driver: driver.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let router = Server::builder()
+        .add_service(IdentityServer::new(IdentityService(services.clone())))
+        .add_service(ControllerServer::new(ControllerService(services.clone())))
+        .add_service(NodeServer::new(NodeService(services)));
+    tracing::info!(endpoint = ?opts.endpoint, node_id = %opts.node_id, driver = %opts.driver_name,
+        backend = driver.backend_kind(), "serving CSI");
+    match &opts.endpoint {
+        Endpoint::Unix(path) => {
+            prepare_socket_path(path)?;
+            let listener =
+                UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+            let result = router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+                .await;
+            let _ = fs::remove_file(path);
+            result.map_err(|e| format!("serve: {e}"))
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("bind {addr}: {e}"))?;
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+                .await
+                .map_err(|e| format!("serve: {e}"))
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Conversions between CSI messages and core types. Missing required sub-messages become
+//! INVALID_ARGUMENT here, before the core sees the request.
+
+use std::collections::HashMap;
+
+use csi::volume_capability::{AccessMode as CsiMode, access_mode::Mode};
+use csi_proto as csi;
+use strata_core::controller::VolumeStatus;
+use strata_core::model::{AccessMode, AccessType, Capability, Topology};
+use strata_core::{Error, Result};
+
+pub fn capability(cap: &csi::VolumeCapability) -> Result<Capability> {
+    use csi::volume_capability::AccessType as Csi;
+    let access_type = match &cap.access_type {
+        Some(Csi::Block(_)) => AccessType::Block,
+        Some(Csi::Mount(m)) => AccessType::Mount {
+            fs_type: m.fs_type.clone(),
+            mount_flags: m.mount_flags.clone(),
+            volume_mount_group: m.volume_mount_group.clone(),
+        },
+        None => {
+            return Err(Error::InvalidArgument(
+                "volume_capability.access_type is required (block or mount)".into(),
+            ));
+        }
+    };
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown))
+        .unwrap_or(Mode::Unknown);
+    let access_mode = match mode {
+        Mode::SingleNodeWriter => AccessMode::SingleNodeWriter,
+        Mode::SingleNodeReaderOnly => AccessMode::SingleNodeReaderOnly,
+        Mode::SingleNodeSingleWriter => AccessMode::SingleNodeSingleWriter,
+        Mode::SingleNodeMultiWriter => AccessMode::SingleNodeMultiWriter,
+        Mode::MultiNodeReaderOnly => AccessMode::MultiNodeReaderOnly,
+        Mode::MultiNodeSingleWriter => AccessMode::MultiNodeSingleWriter,
+        Mode::MultiNodeMultiWriter => AccessMode::MultiNodeMultiWriter,
+        Mode::Unknown => {
+            return Err(Error::InvalidArgument(
+                "volume_capability.access_mode is required and must be a known mode".into(),
+            ));
+        }
+    };
+    Ok(Capability {
+        access_type,
+        access_mode,
+    })
+}
+
+pub fn capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
+    caps.iter().map(capability).collect()
+}
+
+pub fn required_capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
+    capability(cap.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?)
+}
+
+pub fn topology(t: &csi::Topology) -> Topology {
+    t.segments
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+pub fn csi_topology(t: Topology) -> csi::Topology {
+    csi::Topology {
+        segments: t.into_iter().collect(),
+    }
+}
+
+pub fn volume(status_topology: Topology, record: &strata_core::model::VolumeRecord) -> csi::Volume {
+    csi::Volume {
+        capacity_bytes: record.capacity_bytes as i64,
+        volume_id: record.id.clone(),
+        volume_context: HashMap::new(),
+        content_source: None,
+        accessible_topology: vec![csi_topology(status_topology)],
+    }
+}
+
+pub fn condition(status: &VolumeStatus) -> csi::VolumeCondition {
+    volume_condition(status.abnormal.clone())
+}
+
+pub fn volume_condition(abnormal: Option<String>) -> csi::VolumeCondition {
+    match abnormal {
+        Some(message) => csi::VolumeCondition {
+            abnormal: true,
+            message,
+        },
+        None => csi::VolumeCondition {
+            abnormal: false,
+            message: "volume is healthy".into(),
+        },
+    }
+}
+
+/// A CSI access-mode message, for clients building requests.
+pub fn csi_access_mode(mode: Mode) -> Option<CsiMode> {
+    Some(CsiMode { mode: mode as i32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_parts_of_a_capability_are_invalid() {
+        let none = csi::VolumeCapability::default();
+        assert!(matches!(capability(&none), Err(Error::InvalidArgument(_))));
+        let no_mode = csi::VolumeCapability {
+            access_type: Some(csi::volume_capability::AccessType::Block(Default::default())),
+            access_mode: None,
+        };
+        assert!(matches!(
+            capability(&no_mode),
+            Err(Error::InvalidArgument(_))
+        ));
+        let bogus_mode = csi::VolumeCapability {
+            access_mode: Some(CsiMode { mode: 99 }),
+            ..no_mode.clone()
+        };
+        assert!(matches!(
+            capability(&bogus_mode),
+            Err(Error::InvalidArgument(_))
+        ));
+        let ok = csi::VolumeCapability {
+            access_mode: csi_access_mode(Mode::SingleNodeWriter),
+            ..no_mode
+        };
+        assert!(capability(&ok).unwrap().is_block());
+    }
+}
