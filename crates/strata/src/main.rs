@@ -1,11 +1,5 @@
 //! `strata`: the Strata CSI driver (`serve`), a CSI client for operators, and a benchmark.
 
-mod bench;
-mod client;
-mod endpoint;
-mod server;
-mod service;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,9 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use client::commands::{self, CapabilityArgs, parse_size};
-use client::output::Format;
-use endpoint::Endpoint;
+use strata::client::commands::{self, CapabilityArgs, parse_size};
+use strata::client::output::Format;
+use strata::endpoint::Endpoint;
+use strata::{bench, client, server};
 
 #[derive(Parser)]
 #[command(

@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use csi_proto::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
+use tonic::transport::server::Router;
 
 use crate::endpoint::Endpoint;
 use crate::service::{ControllerService, IdentityService, NodeService, Services};
@@ -89,6 +90,9 @@ fn prepare_socket_path(path: &Path) -> Result<(), String> {
     }
 }
 
+/// How long in-flight requests may run after SIGTERM before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 async fn shutdown_signal() {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -122,20 +126,48 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
             fs::set_permissions(path, fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("chmod {}: {e}", path.display()))?;
-            let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-                .await;
+            let result = serve_until_stopped(router, UnixListenerStream::new(listener)).await;
             let _ = fs::remove_file(path);
-            result.map_err(|e| format!("serve: {e}"))
+            result
         }
         Endpoint::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("bind {addr}: {e}"))?;
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-                .await
-                .map_err(|e| format!("serve: {e}"))
+            serve_until_stopped(router, TcpListenerStream::new(listener)).await
+        }
+    }
+}
+
+/// Serves until a shutdown signal, then lets in-flight requests finish, for at most
+/// [`SHUTDOWN_GRACE`] so a client that never closes its connection cannot hold the exit.
+async fn serve_until_stopped<S, IO, IE>(router: Router, incoming: S) -> Result<(), String>
+where
+    S: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(());
+    });
+    tokio::select! {
+        result = server => result.map_err(|e| format!("serve: {e}")),
+        _ = async {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!("shutdown grace period over; exiting with connections still open");
+            Ok(())
         }
     }
 }

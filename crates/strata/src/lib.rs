@@ -1,0 +1,8 @@
+//! The `strata` binary's pieces, as a library so the integration tests drive the same client
+//! and server code the binary runs.
+
+pub mod bench;
+pub mod client;
+pub mod endpoint;
+pub mod server;
+pub mod service;

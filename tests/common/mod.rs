@@ -1,0 +1,316 @@
+//! Test harness: runs the real `strata` binary on a fresh pool and socket in a temp directory,
+//! and on drop stops it and removes every mount and loop device it left under that directory,
+//! even when the test failed.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use csi::volume_capability::{AccessType, BlockVolume, MountVolume, access_mode::Mode};
+use csi_proto as csi;
+use strata::client::{Csi, connect};
+use strata::endpoint::Endpoint;
+use strata_core::os::linux::LinuxHost;
+use strata_core::os::{LoopDevices, Mounter};
+use tempfile::TempDir;
+
+pub const MIB: i64 = 1 << 20;
+
+pub struct TestEnv {
+    pub dir: TempDir,
+    child: Option<Child>,
+    pub csi: Csi,
+}
+
+/// Mounts and loop devices under `dir`, as the kernel reports them.
+pub fn kernel_state_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mounts = LinuxHost
+        .mounts()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    let loops = LinuxHost
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.backing_file.starts_with(dir))
+        .map(|l| l.path)
+        .collect();
+    (mounts, loops)
+}
+
+fn spawn(dir: &Path, crash_at: Option<&str>) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    cmd.args(["serve", "--node-id", "test-node", "--max-volumes", "100"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.join("csi.sock").display()))
+        .arg("--pool")
+        .arg(dir.join("pool"))
+        .env("STRATA_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    match crash_at {
+        Some(p) => cmd.env("STRATA_CRASH_AT", p),
+        None => cmd.env_remove("STRATA_CRASH_AT"),
+    };
+    cmd.spawn().expect("start strata")
+}
+
+async fn wait_for(socket: &Path, child: &mut Child) -> Csi {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if socket.exists() {
+            if let Ok(csi) = connect(&Endpoint::Unix(socket.to_path_buf())).await {
+                return csi;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("strata exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "strata did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl TestEnv {
+    pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    pub async fn start_with(crash_at: Option<&str>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut child = spawn(dir.path(), crash_at);
+        let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;
+        TestEnv {
+            dir,
+            child: Some(child),
+            csi,
+        }
+    }
+
+    /// Restarts the server on the same pool (after a crash or a stop).
+    pub async fn restart(&mut self, crash_at: Option<&str>) {
+        self.stop();
+        let mut child = spawn(self.dir.path(), crash_at);
+        self.csi = wait_for(&self.dir.path().join("csi.sock"), &mut child).await;
+        self.child = Some(child);
+    }
+
+    /// Waits for the server to die on its own (after reaching a crash point).
+    pub fn wait_for_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        child.wait().unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.wait();
+        }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    pub fn pool(&self) -> PathBuf {
+        self.dir.path().join("pool")
+    }
+
+    pub fn server_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Asserts that no mount or loop device is left under the test directory.
+    pub fn assert_clean(&self) {
+        let (mounts, loops) = kernel_state_under(self.dir.path());
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+        assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
+    }
+
+    /// Volume directories in the pool (committed or not).
+    pub fn pool_entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.pool().join("volumes"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.server_log());
+        }
+        // Deepest mount points first, repeated for stacked mounts.
+        for _ in 0..8 {
+            let (mut mounts, _) = kernel_state_under(self.dir.path());
+            if mounts.is_empty() {
+                break;
+            }
+            mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+            for m in mounts {
+                let _ = LinuxHost.unmount(&m);
+            }
+        }
+        for dev in LinuxHost.list().unwrap_or_default() {
+            if dev.backing_file.starts_with(self.dir.path()) {
+                let _ = LinuxHost.detach(&dev);
+            }
+        }
+    }
+}
+
+pub fn mount_cap(fs_type: &str, mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs_type.into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn block_cap(mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn ext4() -> csi::VolumeCapability {
+    mount_cap("ext4", Mode::SingleNodeWriter)
+}
+
+pub fn create_req(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+impl TestEnv {
+    pub async fn create(
+        &mut self,
+        name: &str,
+        bytes: i64,
+        cap: csi::VolumeCapability,
+    ) -> csi::Volume {
+        self.csi
+            .controller
+            .create_volume(create_req(name, bytes, cap))
+            .await
+            .expect("CreateVolume")
+            .into_inner()
+            .volume
+            .expect("volume")
+    }
+
+    pub async fn stage(
+        &mut self,
+        id: &str,
+        staging: &str,
+        cap: csi::VolumeCapability,
+    ) -> Result<(), tonic::Status> {
+        self.csi
+            .node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.into(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unstage(&mut self, id: &str, staging: &str) -> Result<(), tonic::Status> {
+        self.csi
+            .node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.into(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn publish(
+        &mut self,
+        id: &str,
+        staging: &str,
+        target: &str,
+        cap: csi::VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.csi
+            .node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.into(),
+                target_path: target.into(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unpublish(&mut self, id: &str, target: &str) -> Result<(), tonic::Status> {
+        self.csi
+            .node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.into(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.csi
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: Default::default(),
+            })
+            .await
+            .map(drop)
+    }
+}

@@ -1,0 +1,822 @@
+//! Conformance with the CSI v1.12 spec (`spec.md`): one test per rule this driver covers,
+//! named after the rule. Each runs the real server on its own pool.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use csi::volume_capability::access_mode::Mode;
+use csi_proto as csi;
+use tonic::Code;
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => {
+            assert!(!s.message().is_empty(), "every error carries a message");
+            s.code()
+        }
+    }
+}
+
+async fn create_code(env: &mut TestEnv, req: csi::CreateVolumeRequest) -> Code {
+    code(env.csi.controller.create_volume(req).await)
+}
+
+fn topology(node: &str) -> csi::Topology {
+    csi::Topology {
+        segments: [("strata.csi.dev/node".to_string(), node.to_string())].into(),
+    }
+}
+
+// ---- Identity ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_reports_name_version_capabilities_and_readiness() {
+    let mut env = TestEnv::start().await;
+    let info = env
+        .csi
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "strata.csi.dev");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps = env
+        .csi
+        .identity
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::plugin_capability::{Type, service::Type as S};
+    let services: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(services.contains(&(S::ControllerService as i32)));
+    assert!(services.contains(&(S::VolumeAccessibilityConstraints as i32)));
+    let probe = env
+        .csi
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_fails_with_failed_precondition_when_the_pool_is_unusable() {
+    let mut env = TestEnv::start().await;
+    std::fs::remove_dir_all(env.pool().join("volumes")).unwrap();
+    let err = env
+        .csi
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
+
+// ---- CreateVolume ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_missing_required_fields_is_invalid_argument() {
+    let mut env = TestEnv::start().await;
+    assert_eq!(
+        create_code(&mut env, create_req("", MIB, ext4())).await,
+        Code::InvalidArgument
+    );
+    let mut no_caps = create_req("a", MIB, ext4());
+    no_caps.volume_capabilities.clear();
+    assert_eq!(create_code(&mut env, no_caps).await, Code::InvalidArgument);
+    let mut no_mode = create_req("a", MIB, ext4());
+    no_mode.volume_capabilities[0].access_mode = None;
+    assert_eq!(create_code(&mut env, no_mode).await, Code::InvalidArgument);
+    let mut no_type = create_req("a", MIB, ext4());
+    no_type.volume_capabilities[0].access_type = None;
+    assert_eq!(create_code(&mut env, no_type).await, Code::InvalidArgument);
+    assert_eq!(
+        create_code(&mut env, create_req(&"n".repeat(129), MIB, ext4())).await,
+        Code::InvalidArgument
+    );
+    assert!(env.pool_entries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_unsupported_capability_or_parameter_is_invalid_argument() {
+    let mut env = TestEnv::start().await;
+    let multi = mount_cap("ext4", Mode::MultiNodeMultiWriter);
+    assert_eq!(
+        create_code(&mut env, create_req("a", MIB, multi)).await,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        create_code(
+            &mut env,
+            create_req("a", MIB, mount_cap("ntfs", Mode::SingleNodeWriter))
+        )
+        .await,
+        Code::InvalidArgument
+    );
+    let mut flags = create_req("a", MIB, ext4());
+    if let Some(csi::volume_capability::AccessType::Mount(m)) =
+        &mut flags.volume_capabilities[0].access_type
+    {
+        m.mount_flags = vec!["suid".into()];
+    }
+    assert_eq!(create_code(&mut env, flags).await, Code::InvalidArgument);
+    let mut params = create_req("a", MIB, ext4());
+    params.parameters = [("colour".to_string(), "blue".to_string())].into();
+    assert_eq!(create_code(&mut env, params).await, Code::InvalidArgument);
+    let mut k8s = create_req("a", MIB, ext4());
+    k8s.parameters = [(
+        "csi.storage.k8s.io/pvc/name".to_string(),
+        "data".to_string(),
+    )]
+    .into();
+    assert_eq!(create_code(&mut env, k8s).await, Code::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_from_a_source_is_invalid_argument_while_unsupported() {
+    let mut env = TestEnv::start().await;
+    let mut req = create_req("a", MIB, ext4());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: "s".into(),
+            },
+        )),
+    });
+    assert_eq!(create_code(&mut env, req).await, Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_is_idempotent_for_the_same_name_and_arguments() {
+    let mut env = TestEnv::start().await;
+    let a = env.create("same", 20 * MIB, ext4()).await;
+    let b = env.create("same", 20 * MIB, ext4()).await;
+    assert_eq!(a, b);
+    assert_eq!(env.pool_entries().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_same_name_incompatible_is_already_exists() {
+    let mut env = TestEnv::start().await;
+    env.create("same", 20 * MIB, ext4()).await;
+    assert_eq!(
+        create_code(&mut env, create_req("same", 40 * MIB, ext4())).await,
+        Code::AlreadyExists
+    );
+    let mut params = create_req("same", 20 * MIB, ext4());
+    params.parameters = [(
+        "csi.storage.k8s.io/pvc/name".to_string(),
+        "other".to_string(),
+    )]
+    .into();
+    assert_eq!(create_code(&mut env, params).await, Code::AlreadyExists);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_rounds_capacity_up_and_honours_limits() {
+    let mut env = TestEnv::start().await;
+    assert_eq!(
+        env.create("a", 20 * MIB + 1, ext4()).await.capacity_bytes,
+        21 * MIB
+    );
+    assert_eq!(env.create("b", 1, ext4()).await.capacity_bytes, 16 * MIB);
+    let mut unset = create_req("c", 0, ext4());
+    unset.capacity_range = None;
+    let c = env
+        .csi
+        .controller
+        .create_volume(unset)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(c.capacity_bytes, 1 << 30);
+    let mut limited = create_req("d", 0, ext4());
+    limited.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: 100 * MIB + 7,
+    });
+    let d = env
+        .csi
+        .controller
+        .create_volume(limited)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(d.capacity_bytes, 100 * MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_unsatisfiable_capacity_is_out_of_range() {
+    let mut env = TestEnv::start().await;
+    let mut req = create_req("a", 20 * MIB + 1, ext4());
+    req.capacity_range.as_mut().unwrap().limit_bytes = 20 * MIB + 2;
+    assert_eq!(create_code(&mut env, req).await, Code::OutOfRange);
+    let mut below = create_req("a", 0, ext4());
+    below.capacity_range.as_mut().unwrap().limit_bytes = MIB;
+    assert_eq!(create_code(&mut env, below).await, Code::OutOfRange);
+    let mut negative = create_req("a", -1, ext4());
+    negative.capacity_range.as_mut().unwrap().limit_bytes = 0;
+    assert_eq!(create_code(&mut env, negative).await, Code::InvalidArgument);
+    assert!(env.pool_entries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_larger_than_the_pool_is_resource_exhausted() {
+    let mut env = TestEnv::start().await;
+    // 15 TiB: within the largest image, beyond the free space of any test machine.
+    assert_eq!(
+        create_code(&mut env, create_req("huge", 15 << 40, ext4())).await,
+        Code::ResourceExhausted
+    );
+    assert!(env.pool_entries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_volume_carries_this_nodes_topology_and_honours_requisite() {
+    let mut env = TestEnv::start().await;
+    let v = env.create("a", 16 * MIB, ext4()).await;
+    assert_eq!(v.accessible_topology, vec![topology("test-node")]);
+    let mut elsewhere = create_req("b", 16 * MIB, ext4());
+    elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![topology("other-node")],
+        preferred: vec![],
+    });
+    assert_eq!(
+        create_code(&mut env, elsewhere).await,
+        Code::ResourceExhausted
+    );
+    let mut here = create_req("c", 16 * MIB, ext4());
+    here.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![topology("other-node"), topology("test-node")],
+        preferred: vec![topology("test-node")],
+    });
+    assert_eq!(create_code(&mut env, here).await, Code::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_of_one_name_make_one_volume() {
+    let env = TestEnv::start().await;
+    let mut tasks = vec![];
+    for _ in 0..8 {
+        let mut c = env.csi.controller.clone();
+        tasks.push(tokio::spawn(async move {
+            c.create_volume(create_req("race", 16 * MIB, ext4())).await
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                ids.insert(r.into_inner().volume.unwrap().volume_id);
+            }
+            Err(s) => assert_eq!(s.code(), Code::Aborted, "{s:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(env.pool_entries().len(), 1);
+}
+
+// ---- DeleteVolume ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_volume_requires_an_id_and_succeeds_for_unknown_ones() {
+    let mut env = TestEnv::start().await;
+    assert_eq!(code(env.delete("").await), Code::InvalidArgument);
+    assert_eq!(
+        code(env.delete("vol-0123456789abcdef01234567").await),
+        Code::Ok
+    );
+    assert_eq!(code(env.delete("../../etc").await), Code::Ok);
+}
+
+// ---- ValidateVolumeCapabilities ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_volume_capabilities_follows_the_spec() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let req = |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    let c = &mut env.csi.controller;
+    assert_eq!(
+        code(c.validate_volume_capabilities(req("", vec![ext4()])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.validate_volume_capabilities(req(&id, vec![])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.validate_volume_capabilities(req("vol-0123456789abcdef01234567", vec![ext4()]))
+                .await
+        ),
+        Code::NotFound
+    );
+    let ok = c
+        .validate_volume_capabilities(req(&id, vec![ext4(), block_cap(Mode::SingleNodeWriter)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.confirmed.unwrap().volume_capabilities.len(), 2);
+    let no = c
+        .validate_volume_capabilities(req(&id, vec![mount_cap("ext4", Mode::MultiNodeReaderOnly)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none());
+    assert!(!no.message.is_empty());
+}
+
+// ---- ListVolumes ----
+
+async fn list(
+    env: &mut TestEnv,
+    max: i32,
+    token: &str,
+) -> Result<csi::ListVolumesResponse, tonic::Status> {
+    env.csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: max,
+            starting_token: token.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_volumes_paginates_and_stays_correct_while_volumes_change() {
+    let mut env = TestEnv::start().await;
+    let mut ids = vec![];
+    for i in 0..7 {
+        ids.push(
+            env.create(&format!("v{i}"), 16 * MIB, ext4())
+                .await
+                .volume_id,
+        );
+    }
+    ids.sort();
+    let all = list(&mut env, 0, "").await.unwrap();
+    assert_eq!(all.entries.len(), 7);
+    assert!(all.next_token.is_empty());
+    assert!(
+        all.entries
+            .iter()
+            .all(|e| e.status.as_ref().unwrap().volume_condition.is_some())
+    );
+
+    let first = list(&mut env, 3, "").await.unwrap();
+    assert_eq!(first.entries.len(), 3);
+    assert!(!first.next_token.is_empty());
+    // Between pages: the last listed volume is deleted, one unlisted is deleted, one is added.
+    env.delete(&ids[2]).await.unwrap();
+    env.delete(&ids[4]).await.unwrap();
+    let added = env.create("late", 16 * MIB, ext4()).await.volume_id;
+    let mut seen: Vec<String> = first
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    let mut token = first.next_token;
+    while !token.is_empty() {
+        let page = list(&mut env, 3, &token).await.unwrap();
+        assert!(page.entries.len() <= 3);
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| e.volume.as_ref().unwrap().volume_id.clone()),
+        );
+        token = page.next_token;
+    }
+    let mut expected: Vec<String> = ids.iter().filter(|i| **i != ids[4]).cloned().collect();
+    expected.push(added);
+    expected.sort();
+    seen.sort();
+    assert_eq!(
+        seen, expected,
+        "each surviving volume exactly once, plus the new one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_volumes_bad_token_is_aborted_and_negative_max_invalid() {
+    let mut env = TestEnv::start().await;
+    assert_eq!(code(list(&mut env, 0, "not-a-token").await), Code::Aborted);
+    assert_eq!(code(list(&mut env, -1, "").await), Code::InvalidArgument);
+}
+
+// ---- ControllerGetVolume, GetCapacity, capabilities ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_get_volume_reports_volume_and_condition() {
+    let mut env = TestEnv::start().await;
+    let vol = env.create("a", 16 * MIB, ext4()).await;
+    let get = |id: &str| csi::ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    };
+    let c = &mut env.csi.controller;
+    assert_eq!(
+        code(c.controller_get_volume(get("")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.controller_get_volume(get("vol-0123456789abcdef01234567"))
+                .await
+        ),
+        Code::NotFound
+    );
+    let r = c
+        .controller_get_volume(get(&vol.volume_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.volume.unwrap(), vol);
+    assert!(!r.status.unwrap().volume_condition.unwrap().abnormal);
+    // The backing image disappears: the condition says so.
+    std::fs::remove_file(
+        env.pool()
+            .join("volumes")
+            .join(&vol.volume_id)
+            .join("image"),
+    )
+    .unwrap();
+    let r = env
+        .csi
+        .controller
+        .controller_get_volume(get(&vol.volume_id))
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = r.status.unwrap().volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("image"), "{cond:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_capacity_reports_pool_space_for_this_node_only() {
+    let mut env = TestEnv::start().await;
+    let here = env
+        .csi
+        .controller
+        .get_capacity(csi::GetCapacityRequest {
+            volume_capabilities: vec![ext4()],
+            accessible_topology: Some(topology("test-node")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 0);
+    assert!(here.maximum_volume_size.unwrap() > 0);
+    assert_eq!(here.minimum_volume_size, Some(16 * MIB));
+    let elsewhere = env
+        .csi
+        .controller
+        .get_capacity(csi::GetCapacityRequest {
+            accessible_topology: Some(topology("other-node")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(elsewhere.available_capacity, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
+    let mut env = TestEnv::start().await;
+    use csi::controller_service_capability::rpc::Type as C;
+    let caps = env
+        .csi
+        .controller
+        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let rpcs: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            None => None,
+        })
+        .collect();
+    for want in [
+        C::CreateDeleteVolume,
+        C::ListVolumes,
+        C::GetCapacity,
+        C::GetVolume,
+        C::VolumeCondition,
+    ] {
+        assert!(rpcs.contains(&(want as i32)), "{want:?}");
+    }
+    assert!(!rpcs.contains(&(C::PublishUnpublishVolume as i32)));
+    let c = &mut env.csi.controller;
+    assert_eq!(
+        code(
+            c.controller_publish_volume(csi::ControllerPublishVolumeRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.create_snapshot(csi::CreateSnapshotRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.controller_expand_volume(csi::ControllerExpandVolumeRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+
+    use csi::node_service_capability::rpc::Type as N;
+    let node = env
+        .csi
+        .node
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let rpcs: Vec<i32> = node
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            None => None,
+        })
+        .collect();
+    for want in [
+        N::StageUnstageVolume,
+        N::GetVolumeStats,
+        N::VolumeCondition,
+        N::SingleNodeMultiWriter,
+    ] {
+        assert!(rpcs.contains(&(want as i32)), "{want:?}");
+    }
+}
+
+// ---- Node ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_get_info_reports_id_limit_and_topology() {
+    let mut env = TestEnv::start().await;
+    let info = env
+        .csi
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "test-node");
+    assert_eq!(info.max_volumes_per_node, 100);
+    assert_eq!(info.accessible_topology, Some(topology("test-node")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stage_validates_fields_and_reports_unknown_volumes() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let staging = env.path("staging");
+    assert_eq!(
+        code(env.stage("", &staging, ext4()).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(env.stage(&id, "", ext4()).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(env.stage(&id, "relative/path", ext4()).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(env.stage(&id, &format!("{staging}/../x"), ext4()).await),
+        Code::InvalidArgument
+    );
+    let no_cap = env
+        .csi
+        .node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(no_cap), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            env.stage("vol-0123456789abcdef01234567", &staging, ext4())
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(env.unstage("vol-0123456789abcdef01234567", &staging).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(env.unstage(&id, &staging).await),
+        Code::Ok,
+        "unstaging what is not staged is OK"
+    );
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stage_incompatible_capability_at_the_same_path_is_already_exists() {
+    let mut env = TestEnv::start().await;
+    let cap = mount_cap("xfs", Mode::SingleNodeWriter);
+    let id = env.create("a", 320 * MIB, cap.clone()).await.volume_id;
+    let staging = env.path("staging");
+    env.stage(&id, &staging, cap).await.unwrap();
+    assert_eq!(
+        code(env.stage(&id, &staging, ext4()).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            env.stage(&id, &staging, block_cap(Mode::SingleNodeWriter))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    env.unstage(&id, &staging).await.unwrap();
+    // The volume holds xfs now: staging it as ext4 elsewhere is refused, not reformatted.
+    assert_eq!(
+        code(env.stage(&id, &staging, ext4()).await),
+        Code::FailedPrecondition
+    );
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_publish_follows_the_spec_tables() {
+    let mut env = TestEnv::start().await;
+    let single = mount_cap("ext4", Mode::SingleNodeSingleWriter);
+    let multi = mount_cap("ext4", Mode::SingleNodeMultiWriter);
+    let id = env.create("a", 16 * MIB, single.clone()).await.volume_id;
+    let (staging, t1, t2) = (env.path("staging"), env.path("t1"), env.path("t2"));
+
+    assert_eq!(
+        code(env.publish("", &staging, &t1, single.clone(), false).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(env.publish(&id, &staging, "", single.clone(), false).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            env.publish(
+                "vol-0123456789abcdef01234567",
+                &staging,
+                &t1,
+                single.clone(),
+                false
+            )
+            .await
+        ),
+        Code::NotFound
+    );
+    // Staging path required, and the volume must be staged there.
+    assert_eq!(
+        code(env.publish(&id, "", &t1, single.clone(), false).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(env.publish(&id, &staging, &t1, single.clone(), false).await),
+        Code::FailedPrecondition
+    );
+
+    env.stage(&id, &staging, single.clone()).await.unwrap();
+    env.publish(&id, &staging, &t1, single.clone(), false)
+        .await
+        .unwrap();
+    // T1=T2, P1=P2: OK. T1=T2, P1!=P2: ALREADY_EXISTS.
+    assert_eq!(
+        code(env.publish(&id, &staging, &t1, single.clone(), false).await),
+        Code::Ok
+    );
+    assert_eq!(
+        code(env.publish(&id, &staging, &t1, single.clone(), true).await),
+        Code::AlreadyExists
+    );
+    // T1!=T2 with a single-writer mode: FAILED_PRECONDITION; with SINGLE_NODE_MULTI_WRITER: OK.
+    assert_eq!(
+        code(env.publish(&id, &staging, &t2, single.clone(), false).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(env.publish(&id, &staging, &t2, multi.clone(), false).await),
+        Code::Ok
+    );
+
+    assert_eq!(code(env.unpublish("", &t1).await), Code::InvalidArgument);
+    assert_eq!(code(env.unpublish(&id, "").await), Code::InvalidArgument);
+    assert_eq!(
+        code(env.unpublish("vol-0123456789abcdef01234567", &t1).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(env.unpublish(&id, &env.path("never-published")).await),
+        Code::Ok
+    );
+    for t in [&t1, &t2] {
+        env.unpublish(&id, t).await.unwrap();
+    }
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_get_volume_stats_errors_and_abnormal_condition() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let staging = env.path("staging");
+    let stats = |id: &str, path: &str| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        staging_target_path: String::new(),
+    };
+    let n = &mut env.csi.node;
+    assert_eq!(
+        code(n.node_get_volume_stats(stats(&id, "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(n.node_get_volume_stats(stats("", &staging)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            n.node_get_volume_stats(stats("vol-0123456789abcdef01234567", &staging))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(n.node_get_volume_stats(stats(&id, &staging)).await),
+        Code::NotFound,
+        "not mounted there"
+    );
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    let ok = env
+        .csi
+        .node
+        .node_get_volume_stats(stats(&id, &staging))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ok.volume_condition.unwrap().abnormal);
+    // The backing image is deleted behind the driver's back.
+    std::fs::remove_file(env.pool().join("volumes").join(&id).join("image")).unwrap();
+    let bad = env
+        .csi
+        .node
+        .node_get_volume_stats(stats(&id, &staging))
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = bad.volume_condition.unwrap();
+    assert!(cond.abnormal, "{cond:?}");
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_never_logged() {
+    let mut env = TestEnv::start().await;
+    let secret = "s3cr3t-value-that-must-not-leak";
+    let mut req = create_req("with-secrets", 16 * MIB, ext4());
+    req.secrets = HashMap::from([("password".to_string(), secret.to_string())]);
+    env.csi.controller.create_volume(req).await.unwrap();
+    let log = env.server_log();
+    assert!(log.contains("CreateVolume"));
+    assert!(!log.contains(secret));
+}

@@ -1,0 +1,226 @@
+//! Full volume lifecycles against the real server with real mounts and loop devices.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+
+use common::*;
+use csi::volume_capability::access_mode::Mode;
+use csi_proto as csi;
+use strata_core::os::linux::LinuxHost;
+use strata_core::os::{LoopDevices, Mounter};
+
+async fn stats(env: &mut TestEnv, id: &str, path: &str) -> csi::NodeGetVolumeStatsResponse {
+    env.csi
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.into(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .expect("NodeGetVolumeStats")
+        .into_inner()
+}
+
+async fn filesystem_lifecycle(fs_type: &str, size: i64) {
+    let mut env = TestEnv::start().await;
+    let cap = mount_cap(fs_type, Mode::SingleNodeMultiWriter);
+    let vol = env.create("fs-volume", size, cap.clone()).await;
+    assert_eq!(vol.capacity_bytes, size);
+    let id = vol.volume_id;
+    let (staging, rw, ro) = (env.path("staging"), env.path("rw"), env.path("ro"));
+    fs::create_dir(&staging).unwrap();
+
+    env.stage(&id, &staging, cap.clone()).await.unwrap();
+    env.stage(&id, &staging, cap.clone())
+        .await
+        .expect("stage is idempotent");
+    env.publish(&id, &staging, &rw, cap.clone(), false)
+        .await
+        .unwrap();
+    env.publish(&id, &staging, &rw, cap.clone(), false)
+        .await
+        .expect("publish is idempotent");
+    env.publish(&id, &staging, &ro, cap.clone(), true)
+        .await
+        .unwrap();
+
+    let staged = LinuxHost
+        .mounts()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.mount_point.to_str() == Some(&staging))
+        .unwrap();
+    assert_eq!(staged.fs_type, fs_type);
+
+    // Data written through one target is visible through the other; the read-only one refuses writes.
+    let payload: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let mut f = fs::File::create(format!("{rw}/data")).unwrap();
+    f.write_all(&payload).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::read(format!("{ro}/data")).unwrap(), payload);
+    let err = fs::write(format!("{ro}/nope"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    let s = stats(&mut env, &id, &rw).await;
+    let bytes = s
+        .usage
+        .iter()
+        .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+        .unwrap();
+    assert!(
+        bytes.total > 0 && bytes.used >= 1 << 20 && bytes.available > 0,
+        "{s:?}"
+    );
+    assert!(
+        s.usage
+            .iter()
+            .any(|u| u.unit == csi::volume_usage::Unit::Inodes as i32)
+    );
+    assert!(!s.volume_condition.unwrap().abnormal);
+
+    // Staged and published volumes cannot be deleted or unstaged.
+    let err = env.delete(&id).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err = env.unstage(&id, &staging).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    for target in [&rw, &ro] {
+        env.unpublish(&id, target).await.unwrap();
+        env.unpublish(&id, target)
+            .await
+            .expect("unpublish is idempotent");
+        assert!(
+            !std::path::Path::new(target).exists(),
+            "target path removed"
+        );
+    }
+    env.unstage(&id, &staging).await.unwrap();
+    env.unstage(&id, &staging)
+        .await
+        .expect("unstage is idempotent");
+    env.assert_clean();
+
+    // Staging again finds the filesystem and the data: no reformat.
+    env.stage(&id, &staging, cap.clone()).await.unwrap();
+    assert_eq!(fs::read(format!("{staging}/data")).unwrap(), payload);
+    env.unstage(&id, &staging).await.unwrap();
+
+    env.delete(&id).await.unwrap();
+    env.delete(&id).await.expect("delete is idempotent");
+    env.assert_clean();
+    assert!(env.pool_entries().is_empty(), "{:?}", env.pool_entries());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext4_volume_lifecycle() {
+    filesystem_lifecycle("ext4", 64 * MIB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_volume_lifecycle() {
+    // mkfs.xfs refuses filesystems under 300 MiB.
+    filesystem_lifecycle("xfs", 320 * MIB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_volume_lifecycle() {
+    let mut env = TestEnv::start().await;
+    let cap = block_cap(Mode::SingleNodeMultiWriter);
+    let id = env
+        .create("block-volume", 32 * MIB, cap.clone())
+        .await
+        .volume_id;
+    let (staging, target) = (env.path("staging"), env.path("pods/dev"));
+    fs::create_dir(&staging).unwrap();
+    fs::create_dir(env.path("pods")).unwrap();
+
+    env.stage(&id, &staging, cap.clone()).await.unwrap();
+    env.stage(&id, &staging, cap.clone()).await.unwrap();
+    env.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    env.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+
+    let pattern: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+    {
+        let mut dev = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&target)
+            .unwrap();
+        assert_eq!(dev.seek(SeekFrom::End(0)).unwrap(), 32 << 20);
+        dev.seek(SeekFrom::Start(1 << 20)).unwrap();
+        dev.write_all(&pattern).unwrap();
+        dev.sync_all().unwrap();
+        let mut back = vec![0; pattern.len()];
+        dev.seek(SeekFrom::Start(1 << 20)).unwrap();
+        dev.read_exact(&mut back).unwrap();
+        assert_eq!(back, pattern);
+    }
+    let s = stats(&mut env, &id, &target).await;
+    assert_eq!(s.usage.len(), 1);
+    assert_eq!(s.usage[0].total, 32 << 20);
+
+    // A block volume holding data is never formatted by a filesystem stage.
+    let err = env
+        .stage(&id, &env.path("fs-staging"), ext4())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    env.unpublish(&id, &target).await.unwrap();
+    assert!(!std::path::Path::new(&target).exists());
+    env.unstage(&id, &staging).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+    env.delete(&id).await.unwrap();
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_stage_and_publish_restore_volumes_after_a_reboot() {
+    let mut env = TestEnv::start().await;
+    let cap = ext4();
+    let id = env
+        .create("survivor", 64 * MIB, cap.clone())
+        .await
+        .volume_id;
+    let (staging, target) = (env.path("staging"), env.path("target"));
+    env.stage(&id, &staging, cap.clone()).await.unwrap();
+    env.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    fs::write(format!("{target}/kept"), b"still here").unwrap();
+    LinuxHost.mounts().unwrap();
+    // The node reboots: the driver stops, every mount and loop device is gone.
+    env.stop();
+    for _ in 0..4 {
+        for p in [&target, &staging] {
+            LinuxHost.unmount(std::path::Path::new(p)).unwrap();
+        }
+    }
+    for dev in LinuxHost.list().unwrap() {
+        if dev.backing_file.starts_with(env.dir.path()) {
+            LinuxHost.detach(&dev).unwrap();
+        }
+    }
+    env.assert_clean();
+    env.restart(None).await;
+
+    // The orchestrator repeats its calls.
+    env.stage(&id, &staging, cap.clone()).await.unwrap();
+    env.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(fs::read(format!("{target}/kept")).unwrap(), b"still here");
+    env.unpublish(&id, &target).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.delete(&id).await.unwrap();
+    env.assert_clean();
+}
