@@ -70,10 +70,10 @@ fn spawn(dir: &Path, crash_at: Option<&str>) -> Child {
 async fn wait_for(socket: &Path, child: &mut Child) -> Csi {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if socket.exists() {
-            if let Ok(csi) = connect(&Endpoint::Unix(socket.to_path_buf())).await {
-                return csi;
-            }
+        if socket.exists()
+            && let Ok(csi) = connect(&Endpoint::Unix(socket.to_path_buf())).await
+        {
+            return csi;
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("strata exited early: {status}");
