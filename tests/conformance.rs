@@ -517,9 +517,10 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
     let rpcs: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for want in [
@@ -566,9 +567,10 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
     let rpcs: Vec<i32> = node
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for want in [
