@@ -411,3 +411,194 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::image::ImageBackend;
+    use crate::controller::CreateVolume;
+    use crate::driver::Config;
+    use crate::fault::CrashPoints;
+    use crate::model::{AccessMode, MIB};
+    use crate::os::fake::FakeHost;
+
+    struct Fixture {
+        _pool: tempfile::TempDir,
+        fake: Arc<FakeHost>,
+        driver: Driver,
+    }
+
+    fn fixture() -> Fixture {
+        let pool = tempfile::tempdir().unwrap();
+        let fake = FakeHost::new();
+        let host = fake.host();
+        let config = Config {
+            driver_name: "strata.csi.dev".into(),
+            node_id: "n1".into(),
+            pool: pool.path().to_owned(),
+            max_volumes_per_node: 0,
+            topology_key: "strata.csi.dev/node".into(),
+        };
+        let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
+        let (driver, _) = Driver::open(config, host, backend, CrashPoints::default()).unwrap();
+        Fixture {
+            _pool: pool,
+            fake,
+            driver,
+        }
+    }
+
+    fn mount(mode: AccessMode) -> Capability {
+        Capability {
+            access_type: AccessType::Mount {
+                fs_type: "ext4".into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+            access_mode: mode,
+        }
+    }
+
+    fn create(d: &Driver) -> String {
+        d.create_volume(CreateVolume {
+            name: "v".into(),
+            capabilities: vec![mount(AccessMode::SingleNodeWriter)],
+            capacity: crate::model::CapacityRange {
+                required: 16 * MIB,
+                limit: 0,
+            },
+            ..Default::default()
+        })
+        .unwrap()
+        .id
+    }
+
+    fn stage(d: &Driver, id: &str) -> Result<()> {
+        d.stage_volume(StageVolume {
+            volume_id: id.into(),
+            staging_path: "/stage".into(),
+            capability: mount(AccessMode::SingleNodeWriter),
+        })
+    }
+
+    fn publish(
+        d: &Driver,
+        id: &str,
+        target: &str,
+        read_only: bool,
+        mode: AccessMode,
+    ) -> Result<()> {
+        d.publish_volume(PublishVolume {
+            volume_id: id.into(),
+            staging_path: Some("/stage".into()),
+            target_path: PathBuf::from(target),
+            capability: mount(mode),
+            read_only,
+        })
+    }
+
+    #[test]
+    fn staging_formats_once_and_survives_a_reboot() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        stage(&f.driver, &id).unwrap();
+        assert_eq!(f.fake.lock().formats, 1);
+        assert_eq!(f.fake.lock().mounts.len(), 1);
+        assert_eq!(
+            f.driver.store.get(&id).unwrap().format,
+            FormatState::Formatted("ext4".into())
+        );
+        f.fake.reboot();
+        stage(&f.driver, &id).unwrap();
+        assert_eq!(
+            f.fake.lock().formats,
+            1,
+            "an existing filesystem is mounted, not reformatted"
+        );
+        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        assert!(f.fake.lock().mounts.is_empty());
+        assert!(f.fake.lock().loops.is_empty());
+    }
+
+    #[test]
+    fn an_mkfs_cut_short_by_a_crash_is_redone() {
+        let f = fixture();
+        let id = create(&f.driver);
+        let mut rec = f.driver.store.get(&id).unwrap();
+        rec.format = FormatState::Formatting("ext4".into());
+        f.driver.store.update(rec).unwrap();
+        // The partial mkfs left a signature behind.
+        let image = f.driver.store.dir(&id).join("image");
+        f.fake.lock().filesystems.insert(image, "ext4".into());
+        stage(&f.driver, &id).unwrap();
+        assert_eq!(f.fake.lock().formats, 1);
+    }
+
+    #[test]
+    fn publish_and_unstage_conflicts_get_the_spec_codes() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        publish(&f.driver, &id, "/t1", false, AccessMode::SingleNodeWriter).unwrap();
+        publish(&f.driver, &id, "/t1", false, AccessMode::SingleNodeWriter).unwrap();
+        assert!(matches!(
+            publish(&f.driver, &id, "/t1", true, AccessMode::SingleNodeWriter),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            publish(&f.driver, &id, "/t2", false, AccessMode::SingleNodeWriter),
+            Err(Error::FailedPrecondition(_))
+        ));
+        publish(
+            &f.driver,
+            &id,
+            "/t2",
+            true,
+            AccessMode::SingleNodeMultiWriter,
+        )
+        .unwrap();
+        assert!(matches!(
+            f.driver.unstage_volume(&id, Path::new("/stage")),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            f.driver.delete_volume(&id),
+            Err(Error::FailedPrecondition(_))
+        ));
+        f.driver.unpublish_volume(&id, Path::new("/t1")).unwrap();
+        f.driver.unpublish_volume(&id, Path::new("/t2")).unwrap();
+        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        f.driver.delete_volume(&id).unwrap();
+    }
+
+    #[test]
+    fn a_concurrent_operation_on_the_same_volume_is_aborted() {
+        let f = fixture();
+        let id = create(&f.driver);
+        let _busy = f.driver.guard(&id).unwrap();
+        assert!(matches!(stage(&f.driver, &id), Err(Error::Aborted(_))));
+        assert!(matches!(
+            f.driver.delete_volume(&id),
+            Err(Error::Aborted(_))
+        ));
+    }
+
+    #[test]
+    fn stats_report_usage_of_the_mounted_filesystem() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        let s = f.driver.volume_stats(&id, Path::new("/")).unwrap_err();
+        assert!(
+            matches!(s, Error::NotFound(_)),
+            "/ is not this volume's mount"
+        );
+        f.fake.lock().mounts[0].mount_point = std::env::temp_dir();
+        let s = f.driver.volume_stats(&id, &std::env::temp_dir()).unwrap();
+        assert!(matches!(s.usage, Some(Usage::Filesystem(_))));
+        assert_eq!(s.abnormal, None);
+    }
+}

@@ -1,1 +1,219 @@
+//! An in-memory host for unit tests: a mount table, loop devices and filesystems that behave
+//! like the kernel's for the operations the driver uses, and count what was done.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{
+    Filesystems, FsUsage, Host, LoopDevice, LoopDevices, MountEntry, MountOptions, Mounter, Probe,
+};
+use crate::error::{Error, Result};
+
+const LOOP_MAJOR: u32 = 7;
+const DEVTMPFS: (u32, u32) = (0, 5);
+
+#[derive(Default)]
+pub struct FakeState {
+    pub mounts: Vec<MountEntry>,
+    pub loops: Vec<LoopDevice>,
+    /// Filesystem signature per backing file.
+    pub filesystems: HashMap<PathBuf, String>,
+    pub formats: usize,
+    next_mount_id: u32,
+}
+
+#[derive(Default)]
+pub struct FakeHost {
+    pub state: Mutex<FakeState>,
+}
+
+impl FakeHost {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn host(self: &Arc<Self>) -> Host {
+        Host {
+            mounter: self.clone(),
+            loops: self.clone(),
+            filesystems: self.clone(),
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets every mount and loop device, as a reboot does.
+    pub fn reboot(&self) {
+        let mut s = self.lock();
+        s.mounts.clear();
+        s.loops.clear();
+    }
+
+    fn backing_of(s: &FakeState, device: &Path) -> Option<PathBuf> {
+        s.loops
+            .iter()
+            .find(|l| l.path == device)
+            .map(|l| l.backing_file.clone())
+    }
+
+    fn push_mount(s: &mut FakeState, mut entry: MountEntry) {
+        s.next_mount_id += 1;
+        entry.mount_id = s.next_mount_id;
+        s.mounts.push(entry);
+    }
+}
+
+impl Mounter for FakeHost {
+    fn mounts(&self) -> Result<Vec<MountEntry>> {
+        Ok(self.lock().mounts.clone())
+    }
+
+    fn mount_device(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs_type: &str,
+        options: &MountOptions,
+    ) -> Result<()> {
+        let mut s = self.lock();
+        let dev = s
+            .loops
+            .iter()
+            .find(|l| l.path == device)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+        if s.filesystems.get(&dev.backing_file).map(String::as_str) != Some(fs_type) {
+            return Err(Error::Internal(format!("wrong fs type {fs_type}")));
+        }
+        let entry = MountEntry {
+            mount_id: 0,
+            major: dev.major,
+            minor: dev.minor,
+            root: "/".into(),
+            mount_point: target.to_owned(),
+            options: vec![if options.read_only() { "ro" } else { "rw" }.into()],
+            fs_type: fs_type.into(),
+            source: device.display().to_string(),
+        };
+        Self::push_mount(&mut s, entry);
+        Ok(())
+    }
+
+    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+        let mut s = self.lock();
+        let options = vec![if read_only { "ro" } else { "rw" }.to_string()];
+        let entry = if let Some(m) = s.mounts.iter().rev().find(|m| m.mount_point == source) {
+            MountEntry {
+                mount_point: target.to_owned(),
+                options,
+                ..m.clone()
+            }
+        } else if Self::backing_of(&s, source).is_some() {
+            MountEntry {
+                mount_id: 0,
+                major: DEVTMPFS.0,
+                minor: DEVTMPFS.1,
+                root: Path::new("/").join(source.file_name().unwrap_or_default()),
+                mount_point: target.to_owned(),
+                options,
+                fs_type: "devtmpfs".into(),
+                source: "udev".into(),
+            }
+        } else {
+            return Err(Error::Internal(format!(
+                "bind source {} unknown",
+                source.display()
+            )));
+        };
+        Self::push_mount(&mut s, entry);
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<()> {
+        let mut s = self.lock();
+        if let Some(i) = s.mounts.iter().rposition(|m| m.mount_point == target) {
+            let gone = s.mounts.remove(i);
+            // Loop devices with autoclear go with their last mount; the fake keeps it simple
+            // and models autoclear as always set once mounted.
+            let still_used = s.mounts.iter().any(|m| m.device() == gone.device());
+            if gone.major == LOOP_MAJOR && !still_used {
+                s.loops.retain(|l| (l.major, l.minor) != gone.device());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LoopDevices for FakeHost {
+    fn list(&self) -> Result<Vec<LoopDevice>> {
+        Ok(self.lock().loops.clone())
+    }
+
+    fn attach(&self, backing_file: &Path) -> Result<LoopDevice> {
+        let mut s = self.lock();
+        let minor = (0..)
+            .find(|n| !s.loops.iter().any(|l| l.minor == *n))
+            .unwrap_or(0);
+        let dev = LoopDevice {
+            path: PathBuf::from(format!("/dev/loop{minor}")),
+            major: LOOP_MAJOR,
+            minor,
+            backing_file: backing_file.to_owned(),
+        };
+        s.loops.push(dev.clone());
+        Ok(dev)
+    }
+
+    fn set_auto_clear(&self, _: &LoopDevice) -> Result<()> {
+        Ok(())
+    }
+
+    fn detach(&self, device: &LoopDevice) -> Result<()> {
+        self.lock().loops.retain(|l| l.path != device.path);
+        Ok(())
+    }
+}
+
+impl Filesystems for FakeHost {
+    fn probe(&self, device: &Path) -> Result<Probe> {
+        let s = self.lock();
+        let backing = Self::backing_of(&s, device)
+            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+        Ok(match s.filesystems.get(&backing) {
+            Some(fs) => Probe::Filesystem(fs.clone()),
+            None => Probe::Empty,
+        })
+    }
+
+    fn format(&self, device: &Path, fs_type: &str) -> Result<()> {
+        let mut s = self.lock();
+        let backing = Self::backing_of(&s, device)
+            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+        s.filesystems.insert(backing, fs_type.into());
+        s.formats += 1;
+        Ok(())
+    }
+
+    fn usage(&self, _: &Path) -> Result<FsUsage> {
+        Ok(FsUsage {
+            total_bytes: 1 << 40,
+            available_bytes: 1 << 39,
+            used_bytes: 1 << 39,
+            total_inodes: 1000,
+            free_inodes: 900,
+            used_inodes: 100,
+        })
+    }
+
+    fn device_size(&self, device: &Path) -> Result<u64> {
+        let s = self.lock();
+        let backing = Self::backing_of(&s, device)
+            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+        std::fs::metadata(&backing)
+            .map(|m| m.len())
+            .map_err(|e| Error::io("stat", e))
+    }
+}
