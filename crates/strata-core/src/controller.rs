@@ -133,7 +133,6 @@ impl Driver {
 
         let id = new_volume_id();
         let staging = self.store.begin_create(&id)?;
-        let destroy = |dir: &std::path::Path| self.backend.destroy(dir);
         let created = self.backend.create(&staging, size).and_then(|()| {
             self.crash.reach("create:after-data");
             let record = VolumeRecord {
@@ -156,7 +155,7 @@ impl Driver {
                 Ok(record)
             }
             Err(e) => {
-                self.store.abort_create(&staging, &destroy);
+                self.store.abort_create(&staging, self.backend.as_ref());
                 Err(e)
             }
         }
@@ -178,8 +177,7 @@ impl Driver {
                 "volume {id} is in use on this node ({att:?}): unpublish and unstage it first"
             )));
         }
-        let destroy = |dir: &std::path::Path| self.backend.destroy(dir);
-        self.store.delete(id, &destroy)?;
+        self.store.delete(id, self.backend.as_ref())?;
         tracing::info!(volume_id = %id, "volume deleted");
         Ok(())
     }

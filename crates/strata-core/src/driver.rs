@@ -49,8 +49,7 @@ impl Driver {
         backend: Arc<dyn Backend>,
         crash: CrashPoints,
     ) -> Result<(Self, Reconciliation)> {
-        let destroy = |dir: &std::path::Path| backend.destroy(dir);
-        let (store, report) = VolumeStore::open(&config.pool, &destroy)?;
+        let (store, report) = VolumeStore::open(&config.pool, backend.as_ref())?;
         let driver = Driver {
             config,
             store,

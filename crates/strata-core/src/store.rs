@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::backend::Backend;
 use crate::error::{Error, IoContext, Result};
-use crate::model::{VOLUME_RECORD_VERSION, VolumeRecord};
+use crate::model::{FormatState, VOLUME_RECORD_VERSION, VolumeRecord};
 use crate::validate::is_volume_id;
 
 pub const RECORD_FILE: &str = "volume.json";
@@ -76,6 +77,8 @@ pub struct Reconciliation {
     pub rolled_back_creates: Vec<String>,
     /// Deletions interrupted by a crash, completed.
     pub completed_deletes: Vec<String>,
+    /// Committed volumes whose data the backend brought back in line with the record.
+    pub repaired: Vec<String>,
     /// Directories that could not be accounted for, moved to `lost+found`.
     pub quarantined: Vec<String>,
 }
@@ -93,23 +96,20 @@ pub struct VolumeStore {
 }
 
 impl VolumeStore {
-    /// Opens the pool's store and reconciles it with what is on disk. `destroy` removes a
-    /// backend's data from a volume directory (for half-done creates and deletes).
-    pub fn open(
-        pool: &Path,
-        destroy: &dyn Fn(&Path) -> Result<()>,
-    ) -> Result<(Self, Reconciliation)> {
+    /// Opens the pool's store and reconciles it with what is on disk: half-done creates are
+    /// rolled back, half-done deletes completed, committed volumes repaired by the backend.
+    pub fn open(pool: &Path, backend: &dyn Backend) -> Result<(Self, Reconciliation)> {
         let store = VolumeStore {
             volumes: pool.join("volumes"),
             lost_found: pool.join("lost+found"),
             index: RwLock::new(Index::default()),
         };
         fs::create_dir_all(&store.volumes).ctx(|| format!("create {}", store.volumes.display()))?;
-        let report = store.reconcile(destroy)?;
+        let report = store.reconcile(backend)?;
         Ok((store, report))
     }
 
-    fn reconcile(&self, destroy: &dyn Fn(&Path) -> Result<()>) -> Result<Reconciliation> {
+    fn reconcile(&self, backend: &dyn Backend) -> Result<Reconciliation> {
         let mut report = Reconciliation::default();
         let mut index = Index::default();
         let entries =
@@ -123,14 +123,14 @@ impl VolumeStore {
                     volume_id = id,
                     "rolling back a creation interrupted by a crash"
                 );
-                self.remove_volume_dir(&path, destroy)?;
+                self.remove_volume_dir(&path, backend)?;
                 report.rolled_back_creates.push(id.to_owned());
             } else if let Some(id) = name.strip_prefix(DELETING) {
                 tracing::info!(
                     volume_id = id,
                     "completing a deletion interrupted by a crash"
                 );
-                self.remove_volume_dir(&path, destroy)?;
+                self.remove_volume_dir(&path, backend)?;
                 report.completed_deletes.push(id.to_owned());
             } else if name.starts_with('.') && name.ends_with(".tmp") {
                 let _ = fs::remove_file(&path);
@@ -143,6 +143,11 @@ impl VolumeStore {
                                 "two volumes share a name; quarantining the second");
                             report.quarantined.push(self.quarantine(&path, &name)?);
                             continue;
+                        }
+                        let holds_data = rec.format != FormatState::Unformatted;
+                        if let Some(done) = backend.repair(&path, rec.capacity_bytes, holds_data)? {
+                            tracing::warn!(volume_id = %rec.id, %done, "repaired after a crash");
+                            report.repaired.push(rec.id.clone());
                         }
                         index.by_name.insert(rec.name.clone(), rec.id.clone());
                         index.by_id.insert(rec.id.clone(), rec);
@@ -168,8 +173,8 @@ impl VolumeStore {
         Ok(report)
     }
 
-    fn remove_volume_dir(&self, dir: &Path, destroy: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
-        destroy(dir)?;
+    fn remove_volume_dir(&self, dir: &Path, backend: &dyn Backend) -> Result<()> {
+        backend.destroy(dir)?;
         match fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -258,7 +263,13 @@ impl VolumeStore {
     /// Makes a creation durable and visible: writes the record, renames the directory to the
     /// volume id and syncs the parent.
     pub fn commit_create(&self, staging: &Path, record: VolumeRecord) -> Result<VolumeRecord> {
-        write_atomic(staging, RECORD_FILE, &encode(&record))?;
+        // The directory is not visible yet, so the record needs no temp file: the rename of
+        // the directory is what makes the creation atomic.
+        let path = staging.join(RECORD_FILE);
+        File::create_new(&path)
+            .and_then(|mut f| f.write_all(&encode(&record)).and_then(|_| f.sync_all()))
+            .ctx(|| format!("write {}", path.display()))?;
+        sync_dir(staging)?;
         let dir = self.dir(&record.id);
         fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
         sync_dir(&self.volumes)?;
@@ -269,8 +280,8 @@ impl VolumeStore {
     }
 
     /// Rolls back a creation that failed before its commit.
-    pub fn abort_create(&self, staging: &Path, destroy: &dyn Fn(&Path) -> Result<()>) {
-        if let Err(e) = self.remove_volume_dir(staging, destroy) {
+    pub fn abort_create(&self, staging: &Path, backend: &dyn Backend) {
+        if let Err(e) = self.remove_volume_dir(staging, backend) {
             tracing::error!(dir = %staging.display(), error = %e,
                 "could not roll back a failed creation; startup will retry");
         }
@@ -285,7 +296,7 @@ impl VolumeStore {
 
     /// Deletes a volume: first renamed out of sight (durably), then its data destroyed. A
     /// crash after the rename is completed at the next startup.
-    pub fn delete(&self, id: &str, destroy: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
+    pub fn delete(&self, id: &str, backend: &dyn Backend) -> Result<()> {
         let dir = self.dir(id);
         let doomed = self.volumes.join(format!("{DELETING}{id}"));
         match fs::rename(&dir, &doomed) {
@@ -299,18 +310,19 @@ impl VolumeStore {
                 index.by_name.remove(&rec.name);
             }
         }
-        self.remove_volume_dir(&doomed, destroy)
+        self.remove_volume_dir(&doomed, backend)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::FormatState;
+    use crate::backend::image::ImageBackend;
+    use crate::os::fake::FakeHost;
     use crate::validate::new_volume_id;
 
-    fn no_data(_: &Path) -> Result<()> {
-        Ok(())
+    fn backend(pool: &Path) -> ImageBackend {
+        ImageBackend::new(pool.to_owned(), FakeHost::new().host())
     }
 
     fn record(id: &str, name: &str) -> VolumeRecord {
@@ -334,7 +346,7 @@ mod tests {
     #[test]
     fn records_survive_reopen_and_half_done_work_is_reconciled() {
         let pool = tempfile::tempdir().unwrap();
-        let (store, report) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        let (store, report) = VolumeStore::open(pool.path(), &backend(pool.path())).unwrap();
         assert_eq!(report, Reconciliation::default());
         let a = create(&store, "a");
         let b = create(&store, "b");
@@ -352,7 +364,7 @@ mod tests {
         fs::create_dir(pool.path().join("volumes/mystery")).unwrap();
         drop(store);
 
-        let (store, report) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        let (store, report) = VolumeStore::open(pool.path(), &backend(pool.path())).unwrap();
         assert_eq!(report.volumes, 1);
         assert_eq!(report.rolled_back_creates.len(), 1);
         assert_eq!(report.completed_deletes, vec![b.id.clone()]);
@@ -371,7 +383,7 @@ mod tests {
     #[test]
     fn pages_continue_after_the_last_id_even_when_it_is_gone() {
         let pool = tempfile::tempdir().unwrap();
-        let (store, _) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        let (store, _) = VolumeStore::open(pool.path(), &backend(pool.path())).unwrap();
         let mut ids: Vec<String> = (0..5)
             .map(|i| create(&store, &format!("v{i}")).id)
             .collect();
@@ -382,7 +394,7 @@ mod tests {
             first.iter().map(|r| &r.id).collect::<Vec<_>>(),
             vec![&ids[0], &ids[1]]
         );
-        store.delete(&ids[1], &no_data).unwrap();
+        store.delete(&ids[1], &backend(pool.path())).unwrap();
         let (second, more) = store.page(Some(&ids[1]), 2);
         assert!(more);
         assert_eq!(second[0].id, ids[2]);
@@ -394,14 +406,55 @@ mod tests {
     #[test]
     fn newer_record_versions_are_refused() {
         let pool = tempfile::tempdir().unwrap();
-        let (store, _) = VolumeStore::open(pool.path(), &no_data).unwrap();
+        let (store, _) = VolumeStore::open(pool.path(), &backend(pool.path())).unwrap();
         let mut rec = create(&store, "a");
         rec.version = VOLUME_RECORD_VERSION + 1;
         store.update(rec).unwrap();
         drop(store);
         assert!(matches!(
-            VolumeStore::open(pool.path(), &no_data),
+            VolumeStore::open(pool.path(), &backend(pool.path())),
             Err(Error::FailedPrecondition(_))
         ));
+    }
+
+    #[test]
+    fn empty_images_lost_in_a_crash_are_recreated_and_data_is_never_invented() {
+        let pool = tempfile::tempdir().unwrap();
+        let b = backend(pool.path());
+        let (store, _) = VolumeStore::open(pool.path(), &b).unwrap();
+        let mk = |name: &str| {
+            let id = new_volume_id();
+            let dir = store.begin_create(&id).unwrap();
+            b.create(&dir, 1 << 20).unwrap();
+            store.commit_create(&dir, record(&id, name)).unwrap()
+        };
+        let (lost, short, formatted) = (mk("lost"), mk("short"), mk("formatted"));
+        let mut rec = formatted.clone();
+        rec.format = FormatState::Formatted("ext4".into());
+        store.update(rec).unwrap();
+        fs::remove_file(store.dir(&lost.id).join("image")).unwrap();
+        File::options()
+            .write(true)
+            .open(store.dir(&short.id).join("image"))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        fs::remove_file(store.dir(&formatted.id).join("image")).unwrap();
+        drop(store);
+
+        let (store, report) = VolumeStore::open(pool.path(), &b).unwrap();
+        let mut repaired = report.repaired.clone();
+        repaired.sort();
+        let mut want = vec![lost.id.clone(), short.id.clone()];
+        want.sort();
+        assert_eq!(repaired, want);
+        for v in [&lost, &short] {
+            assert_eq!(
+                fs::metadata(store.dir(&v.id).join("image")).unwrap().len(),
+                1 << 20
+            );
+        }
+        assert!(!store.dir(&formatted.id).join("image").exists());
+        assert!(b.condition(&store.dir(&formatted.id), 1 << 20).is_some());
     }
 }

@@ -29,6 +29,10 @@ pub trait Backend: Send + Sync {
     fn pool_usage(&self) -> Result<FsUsage>;
     /// Creates the data of a new volume of `size` bytes in the empty directory `dir`.
     fn create(&self, dir: &Path, size: u64) -> Result<()>;
+    /// Brings a committed volume's data in line with its record after a crash (for example
+    /// recreates an empty image whose creation was not yet durable). Never destroys data.
+    /// Returns what it did, if anything.
+    fn repair(&self, dir: &Path, capacity_bytes: u64, holds_data: bool) -> Result<Option<String>>;
     /// Removes the volume's data, detaching whatever still uses it. Idempotent.
     fn destroy(&self, dir: &Path) -> Result<()>;
     /// Why the volume is unhealthy, or `None` when it is fine.
