@@ -64,6 +64,39 @@ async fn crash_during_create_volume_then_retry() {
     env.assert_clean();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_delete_volume_then_retry() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("doomed", 16 * MIB, ext4()).await.volume_id;
+    env.restart(Some("delete:after-retire")).await;
+    let mut c = env.csi.controller.clone();
+    let did = id.clone();
+    assert_dead(&mut env, async move {
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: did,
+            secrets: Default::default(),
+        })
+        .await
+        .map(drop)
+    })
+    .await;
+    env.restart(None).await;
+    assert!(
+        env.pool_entries().is_empty(),
+        "completed at startup: {:?}",
+        env.pool_entries()
+    );
+    env.delete(&id).await.expect("retried delete succeeds");
+    let err = env
+        .csi
+        .controller
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    env.assert_clean();
+}
+
 async fn crash_during_stage(point: &str) {
     let mut env = TestEnv::start().await;
     let id = env.create("staged", 64 * MIB, ext4()).await.volume_id;

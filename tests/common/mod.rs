@@ -151,17 +151,24 @@ impl TestEnv {
         assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
     }
 
-    /// Volume directories in the pool (committed or not).
+    /// Volume directories in the pool (committed or not), once the background removal of
+    /// deleted volumes has settled (it gets 10 seconds).
     pub fn pool_entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.pool().join("volumes"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut v: Vec<String> = fs::read_dir(self.pool().join("volumes"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            if !v.iter().any(|e| e.starts_with(".deleting-")) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

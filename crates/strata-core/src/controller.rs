@@ -177,7 +177,10 @@ impl Driver {
                 "volume {id} is in use on this node ({att:?}): unpublish and unstage it first"
             )));
         }
-        self.store.delete(id, self.backend.as_ref())?;
+        if let Some(doomed) = self.store.retire(id)? {
+            self.crash.reach("delete:after-retire");
+            self.reaper.remove(doomed);
+        }
         tracing::info!(volume_id = %id, "volume deleted");
         Ok(())
     }

@@ -11,6 +11,7 @@ use crate::fault::CrashPoints;
 use crate::inflight::{Guard, InFlight};
 use crate::model::{Topology, VolumeRecord};
 use crate::os::Host;
+use crate::reaper::Reaper;
 use crate::store::{Reconciliation, VolumeStore};
 
 #[derive(Debug, Clone)]
@@ -34,7 +35,8 @@ impl Config {
 
 pub struct Driver {
     pub config: Config,
-    pub(crate) store: VolumeStore,
+    pub(crate) store: Arc<VolumeStore>,
+    pub(crate) reaper: Reaper,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) host: Host,
     inflight: Arc<InFlight>,
@@ -50,8 +52,10 @@ impl Driver {
         crash: CrashPoints,
     ) -> Result<(Self, Reconciliation)> {
         let (store, report) = VolumeStore::open(&config.pool, backend.as_ref())?;
+        let store = Arc::new(store);
         let driver = Driver {
             config,
+            reaper: Reaper::start(store.clone(), backend.clone()),
             store,
             backend,
             host,
@@ -113,6 +117,11 @@ impl Driver {
         self.store
             .get(id)
             .ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
+    }
+
+    /// Waits for background removals of deleted volumes to finish.
+    pub fn shut_down(&self) {
+        self.reaper.shut_down();
     }
 
     pub fn volume_count(&self) -> usize {

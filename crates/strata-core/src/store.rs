@@ -294,23 +294,38 @@ impl VolumeStore {
         Ok(())
     }
 
-    /// Deletes a volume: first renamed out of sight (durably), then its data destroyed. A
-    /// crash after the rename is completed at the next startup.
-    pub fn delete(&self, id: &str, backend: &dyn Backend) -> Result<()> {
+    /// Deletes a volume from the store: renames its directory out of sight, durably, and
+    /// forgets it. Returns the renamed directory, whose data the caller removes with
+    /// [`remove_retired`](Self::remove_retired) (a crash before that is completed at startup).
+    pub fn retire(&self, id: &str) -> Result<Option<PathBuf>> {
         let dir = self.dir(id);
         let doomed = self.volumes.join(format!("{DELETING}{id}"));
-        match fs::rename(&dir, &doomed) {
-            Ok(()) => sync_dir(&self.volumes)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("delete {}", dir.display()), e)),
-        }
-        {
-            let mut index = self.write_index();
-            if let Some(rec) = index.by_id.remove(id) {
-                index.by_name.remove(&rec.name);
+        let retired = match fs::rename(&dir, &doomed) {
+            Ok(()) => {
+                sync_dir(&self.volumes)?;
+                Some(doomed)
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(format!("delete {}", dir.display()), e)),
+        };
+        let mut index = self.write_index();
+        if let Some(rec) = index.by_id.remove(id) {
+            index.by_name.remove(&rec.name);
         }
-        self.remove_volume_dir(&doomed, backend)
+        Ok(retired)
+    }
+
+    /// Removes the data of a retired volume.
+    pub fn remove_retired(&self, doomed: &Path, backend: &dyn Backend) -> Result<()> {
+        self.remove_volume_dir(doomed, backend)
+    }
+
+    /// Deletes a volume and its data at once.
+    pub fn delete(&self, id: &str, backend: &dyn Backend) -> Result<()> {
+        match self.retire(id)? {
+            Some(doomed) => self.remove_retired(&doomed, backend),
+            None => Ok(()),
+        }
     }
 }
 

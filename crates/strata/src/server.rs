@@ -119,7 +119,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         .add_service(NodeServer::new(NodeService(services)));
     tracing::info!(endpoint = ?opts.endpoint, node_id = %opts.node_id, driver = %opts.driver_name,
         backend = driver.backend_kind(), "serving CSI");
-    match &opts.endpoint {
+    let result = match &opts.endpoint {
         Endpoint::Unix(path) => {
             prepare_socket_path(path)?;
             let listener =
@@ -136,7 +136,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 .map_err(|e| format!("bind {addr}: {e}"))?;
             serve_until_stopped(router, TcpListenerStream::new(listener)).await
         }
-    }
+    };
+    // Let queued removals of deleted volumes finish before exiting.
+    driver.shut_down();
+    tracing::info!("stopped");
+    result
 }
 
 /// Serves until a shutdown signal, then lets in-flight requests finish, for at most
