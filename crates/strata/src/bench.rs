@@ -259,12 +259,13 @@ pub async fn lifecycle(csi: Csi, args: LifecycleArgs, format: Format) -> Result<
     Ok(())
 }
 
-/// Creates `volumes` volumes, lists them all page by page, deletes them.
+/// Creates `volumes` volumes, lists them all page by page, and deletes them unless `keep`.
 pub async fn scale(
     csi: Csi,
     volumes: usize,
     concurrency: usize,
     page: i32,
+    keep: bool,
     format: Format,
 ) -> Result<(), String> {
     let lat = Arc::new(Latencies::default());
@@ -338,7 +339,10 @@ pub async fn scale(
     }
     lat.record("ListVolumes (all pages)", list_start.elapsed());
     eprintln!("listed {seen} volumes");
-    let ids: Vec<String> = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut ids: Vec<String> = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
+    if keep {
+        ids.clear();
+    }
     let chunks: Vec<Vec<String>> = ids
         .chunks(ids.len().div_ceil(concurrency.max(1)).max(1))
         .map(|c| c.to_vec())

@@ -187,7 +187,7 @@ enum BenchCommand {
         #[command(flatten)]
         capability: CapabilityArgs,
     },
-    /// Create N volumes, list them all, delete them.
+    /// Create N volumes, list them all, delete them (unless --keep).
     Scale {
         #[command(flatten)]
         client: ClientArgs,
@@ -198,6 +198,9 @@ enum BenchCommand {
         /// ListVolumes page size (0: one page).
         #[arg(long, default_value_t = 0)]
         page_size: i32,
+        /// Keep the volumes (to measure startup or RSS with a full pool).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -358,12 +361,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                 volumes,
                 concurrency,
                 page_size,
+                keep,
             } => {
                 bench::scale(
                     client::connect(&c.endpoint).await?,
                     volumes,
                     concurrency,
                     page_size,
+                    keep,
                     c.output,
                 )
                 .await
