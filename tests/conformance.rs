@@ -739,6 +739,16 @@ async fn node_publish_follows_the_spec_tables() {
         Code::Ok
     );
 
+    // A volume staged as a filesystem is not handed out as a raw block device as well.
+    let block = block_cap(Mode::SingleNodeMultiWriter);
+    assert_eq!(
+        code(
+            env.publish(&id, &staging, &env.path("dev"), block, false)
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+
     assert_eq!(code(env.unpublish("", &t1).await), Code::InvalidArgument);
     assert_eq!(code(env.unpublish(&id, "").await), Code::InvalidArgument);
     assert_eq!(

@@ -281,6 +281,13 @@ impl Driver {
         let block = req.capability.is_block();
 
         let source = if block {
+            if let Some(fs_mount) = mounts.iter().find(|m| !is_device_node_mount(m, &att)) {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is mounted as a filesystem at {}; it cannot also be published as a raw block device",
+                    record.id,
+                    fs_mount.mount_point.display()
+                )));
+            }
             match &att {
                 Attachment::Device(dev) => dev.path.clone(),
                 Attachment::Directory(_) => return Err(not_staged()),
