@@ -832,3 +832,48 @@ async fn secrets_are_never_logged() {
     assert!(log.contains("CreateVolume"));
     assert!(!log.contains(secret));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_calls_never_unmount_what_is_not_the_volumes() {
+    use strata_core::os::Mounter;
+    use strata_core::os::linux::LinuxHost;
+    let mut env = TestEnv::start().await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let foreign = env.path("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    let bind_source = env.path("src");
+    std::fs::create_dir(&bind_source).unwrap();
+    LinuxHost
+        .bind(
+            std::path::Path::new(&bind_source),
+            std::path::Path::new(&foreign),
+            false,
+        )
+        .unwrap();
+    let mounted = || {
+        !common::kernel_state_under(std::path::Path::new(&foreign))
+            .0
+            .is_empty()
+    };
+
+    assert_eq!(
+        code(env.unpublish(&id, &foreign).await),
+        Code::FailedPrecondition
+    );
+    assert!(mounted());
+    assert_eq!(
+        code(env.unstage(&id, &foreign).await),
+        Code::Ok,
+        "not staged there"
+    );
+    assert!(mounted());
+    // Staging onto a path that holds another mount is refused too.
+    assert_eq!(
+        code(env.stage(&id, &foreign, ext4()).await),
+        Code::AlreadyExists
+    );
+    assert!(mounted());
+    LinuxHost.unmount(std::path::Path::new(&foreign)).unwrap();
+    env.unstage(&id, &foreign).await.unwrap();
+    env.assert_clean();
+}

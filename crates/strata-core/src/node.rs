@@ -88,12 +88,20 @@ impl Driver {
             .collect())
     }
 
-    /// Unmounts everything stacked at `path`.
-    fn unmount_all(&self, path: &Path) -> Result<()> {
+    /// Unmounts this volume's mounts stacked at `path`; never touches anybody else's.
+    fn unmount_volume_at(&self, path: &Path, att: Option<&Attachment>) -> Result<()> {
         // Bounded: a mount point that keeps reappearing is reported, not looped on.
         for _ in 0..16 {
-            if self.host.mounts_at(path)?.is_empty() {
+            let Some(top) = self.host.mounts_at(path)?.pop() else {
                 return Ok(());
+            };
+            if !att.is_some_and(|a| shows(&top, a)) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds a mount that is not this volume's ({} from {}); unmount it by hand",
+                    path.display(),
+                    top.fs_type,
+                    top.source
+                )));
             }
             self.host.mounter.unmount(path)?;
         }
@@ -103,17 +111,30 @@ impl Driver {
         )))
     }
 
+    /// Checks a capability at the node: what the volume cannot do is FAILED_PRECONDITION
+    /// ("exceeds capabilities"), a malformed field INVALID_ARGUMENT.
+    fn check_node_capability(&self, cap: &Capability) -> Result<()> {
+        if cap.access_mode.is_multi_node() || (cap.is_block() && !self.backend.supports_block()) {
+            return self
+                .check_capability(cap)
+                .map_err(|e| Error::FailedPrecondition(e.to_string()));
+        }
+        self.check_capability(cap)
+    }
+
     pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
         let _guard = self.guard(&req.volume_id)?;
         let record = self.volume(&req.volume_id)?;
-        self.check_capability(&req.capability)
-            .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        self.check_node_capability(&req.capability)?;
         let dir = self.store.dir(&record.id);
         let existing: Vec<MountEntry> = self.host.mounts_at(&req.staging_path)?;
 
-        let att = self.backend.attach(&dir)?;
-        self.crash.reach("stage:after-attach");
-        if let Some(other) = existing.iter().find(|m| !shows(m, &att)) {
+        // Checked before attaching, so a refused stage leaves no loop device behind.
+        let current = self.backend.attachment(&dir)?;
+        if let Some(other) = existing
+            .iter()
+            .find(|m| !current.as_ref().is_some_and(|a| shows(m, a)))
+        {
             return Err(Error::AlreadyExists(format!(
                 "{} already holds another mount ({} from {}): choose another staging path",
                 req.staging_path.display(),
@@ -121,6 +142,11 @@ impl Driver {
                 other.source
             )));
         }
+        let att = match current {
+            Some(att) => att,
+            None => self.backend.attach(&dir)?,
+        };
+        self.crash.reach("stage:after-attach");
 
         let AccessType::Mount {
             fs_type,
@@ -237,8 +263,7 @@ impl Driver {
         let record = self.volume(volume_id)?;
         let dir = self.store.dir(&record.id);
         let Some(att) = self.backend.attachment(&dir)? else {
-            // Not attached: at most a stale mount point is left.
-            self.unmount_all(staging_path)?;
+            // Not attached, so nothing of this volume can be mounted: not staged.
             return Ok(());
         };
         let published: Vec<PathBuf> = self
@@ -253,15 +278,14 @@ impl Driver {
                 p.display()
             )));
         }
-        self.unmount_all(staging_path)?;
+        self.unmount_volume_at(staging_path, Some(&att))?;
         self.backend.detach(&dir)
     }
 
     pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
         let _guard = self.guard(&req.volume_id)?;
         let record = self.volume(&req.volume_id)?;
-        self.check_capability(&req.capability)
-            .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        self.check_node_capability(&req.capability)?;
         let Some(staging) = &req.staging_path else {
             return Err(Error::FailedPrecondition(
                 "staging_target_path is required: call NodeStageVolume first".into(),
@@ -364,8 +388,9 @@ impl Driver {
 
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &Path) -> Result<()> {
         let _guard = self.guard(volume_id)?;
-        self.volume(volume_id)?;
-        self.unmount_all(target_path)?;
+        let record = self.volume(volume_id)?;
+        let att = self.backend.attachment(&self.store.dir(&record.id))?;
+        self.unmount_volume_at(target_path, att.as_ref())?;
         remove_mount_point(target_path)
     }
 
