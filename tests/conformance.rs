@@ -146,17 +146,31 @@ async fn create_volume_unsupported_capability_or_parameter_is_invalid_argument()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_volume_from_a_source_is_invalid_argument_while_unsupported() {
+async fn create_volume_from_a_missing_source_is_not_found_and_a_malformed_one_invalid() {
     let mut env = TestEnv::start().await;
-    let mut req = create_req("a", MIB, ext4());
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource {
-                snapshot_id: "s".into(),
-            },
-        )),
-    });
-    assert_eq!(create_code(&mut env, req).await, Code::InvalidArgument);
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let with = |t: Option<Type>| {
+        let mut req = create_req("a", 16 * MIB, ext4());
+        req.volume_content_source = Some(csi::VolumeContentSource { r#type: t });
+        req
+    };
+    let snap = with(Some(Type::Snapshot(SnapshotSource {
+        snapshot_id: "snap-0123456789abcdef01234567".into(),
+    })));
+    assert_eq!(create_code(&mut env, snap).await, Code::NotFound);
+    let vol = with(Some(Type::Volume(VolumeSource {
+        volume_id: "vol-0123456789abcdef01234567".into(),
+    })));
+    assert_eq!(create_code(&mut env, vol).await, Code::NotFound);
+    assert_eq!(
+        create_code(&mut env, with(None)).await,
+        Code::InvalidArgument
+    );
+    let empty_id = with(Some(Type::Snapshot(SnapshotSource {
+        snapshot_id: String::new(),
+    })));
+    assert_eq!(create_code(&mut env, empty_id).await, Code::InvalidArgument);
+    assert!(env.pool_entries().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,6 +543,11 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
         C::GetCapacity,
         C::GetVolume,
         C::VolumeCondition,
+        C::CreateDeleteSnapshot,
+        C::ListSnapshots,
+        C::GetSnapshot,
+        C::CloneVolume,
+        C::ExpandVolume,
     ] {
         assert!(rpcs.contains(&(want as i32)), "{want:?}");
     }
@@ -543,14 +562,7 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
     );
     assert_eq!(
         code(
-            c.create_snapshot(csi::CreateSnapshotRequest::default())
-                .await
-        ),
-        Code::Unimplemented
-    );
-    assert_eq!(
-        code(
-            c.controller_expand_volume(csi::ControllerExpandVolumeRequest::default())
+            c.controller_modify_volume(csi::ControllerModifyVolumeRequest::default())
                 .await
         ),
         Code::Unimplemented
@@ -578,6 +590,7 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
         N::GetVolumeStats,
         N::VolumeCondition,
         N::SingleNodeMultiWriter,
+        N::ExpandVolume,
     ] {
         assert!(rpcs.contains(&(want as i32)), "{want:?}");
     }

@@ -7,8 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::model::{
-    AccessType, Capability, CapacityRange, FormatState, Topology, VOLUME_RECORD_VERSION,
-    VolumeRecord, fs_type_of,
+    AccessType, Capability, CapacityRange, ContentSource, FormatState, Topology,
+    VOLUME_RECORD_VERSION, VolumeRecord, fs_type_of,
 };
 use crate::os::MountOptions;
 use crate::validate::{self, is_volume_id, new_volume_id};
@@ -24,8 +24,8 @@ pub struct CreateVolume {
     pub parameters: BTreeMap<String, String>,
     /// Topologies the volume must be reachable from (any one of them).
     pub requisite: Vec<Topology>,
-    /// Set when the request asks for a snapshot or volume as content source.
-    pub content_source: Option<String>,
+    /// A snapshot or volume whose data the new volume starts with.
+    pub content_source: Option<ContentSource>,
 }
 
 /// A volume with its health, for Get and List.
@@ -95,11 +95,6 @@ impl Driver {
             self.check_capability(cap)?;
         }
         Self::check_parameters(&req.parameters)?;
-        if let Some(source) = &req.content_source {
-            return Err(Error::InvalidArgument(format!(
-                "volume_content_source ({source}) is not supported by this driver yet: create an empty volume"
-            )));
-        }
         if !req.requisite.is_empty() && !req.requisite.iter().any(|t| self.is_this_node(t)) {
             return Err(Error::ResourceExhausted(format!(
                 "none of the requisite topologies is node {:?} ({}); this driver provisions only on its own node",
@@ -120,10 +115,50 @@ impl Driver {
                     "volume {name:?} exists with other parameters"
                 )));
             }
+            if existing.content_source != req.content_source {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {name:?} exists with another content source ({:?})",
+                    existing.content_source
+                )));
+            }
             return Ok(existing);
         }
 
-        let size = self.backend.size_policy().size_for(req.capacity)?;
+        // The source, if any: its directory, size and filesystem state.
+        let (source_dir, source_size, format, _source_guard) = match &req.content_source {
+            None => (None, 0, FormatState::Unformatted, None),
+            Some(ContentSource::Snapshot(id)) => {
+                let snap = self.snapshot(id)?;
+                (
+                    Some(self.snapshots.dir(&snap.id)),
+                    snap.size_bytes,
+                    snap.format,
+                    None,
+                )
+            }
+            Some(ContentSource::Volume(id)) => {
+                let vol = self.volume(id)?;
+                // The source must not change while it is copied.
+                let guard = self.guard(&vol.id)?;
+                (
+                    Some(self.store.dir(&vol.id)),
+                    vol.capacity_bytes,
+                    vol.format,
+                    Some(guard),
+                )
+            }
+        };
+        if req.capacity.limit != 0 && req.capacity.limit < source_size {
+            return Err(Error::OutOfRange(format!(
+                "limit_bytes {} is below the source's {source_size} bytes",
+                req.capacity.limit
+            )));
+        }
+        let range = CapacityRange {
+            required: req.capacity.required.max(source_size),
+            limit: req.capacity.limit,
+        };
+        let size = self.backend.size_policy().size_for(range)?;
         let free = self.backend.pool_usage()?.available_bytes;
         if size > free {
             return Err(Error::ResourceExhausted(format!(
@@ -133,7 +168,19 @@ impl Driver {
 
         let id = new_volume_id();
         let staging = self.store.begin_create(&id)?;
-        let created = self.backend.create(&staging, size).and_then(|()| {
+        let filled = match &source_dir {
+            None => self.backend.create(&staging, size),
+            Some(src) => {
+                let frozen = match req.content_source {
+                    Some(ContentSource::Volume(_)) => self.freeze_if_mounted(src)?,
+                    _ => None,
+                };
+                let copied = self.backend.copy_from(src, &staging, size).map(drop);
+                drop(frozen);
+                copied
+            }
+        };
+        let created = filled.and_then(|()| {
             self.crash.reach("create:after-data");
             let record = VolumeRecord {
                 version: VOLUME_RECORD_VERSION,
@@ -145,7 +192,9 @@ impl Driver {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
-                format: FormatState::Unformatted,
+                resize_pending: size > source_size && matches!(format, FormatState::Formatted(_)),
+                format,
+                content_source: req.content_source,
             };
             self.store.commit_create(&staging, record)
         });
@@ -183,6 +232,37 @@ impl Driver {
         }
         tracing::info!(volume_id = %id, "volume deleted");
         Ok(())
+    }
+
+    /// Grows a volume to the requested capacity; returns the new capacity and whether the
+    /// node must grow the filesystem (NodeExpandVolume). Never shrinks.
+    pub fn expand_volume(&self, id: &str, range: CapacityRange) -> Result<(u64, bool)> {
+        let mut record = self.volume(id)?;
+        let _guard = self.guard(&record.id)?;
+        if range.limit != 0 && range.limit < record.capacity_bytes {
+            return Err(Error::OutOfRange(format!(
+                "volume {id} is {} bytes, above limit_bytes {}: volumes cannot shrink",
+                record.capacity_bytes, range.limit
+            )));
+        }
+        if range.required <= record.capacity_bytes {
+            return Ok((record.capacity_bytes, record.resize_pending));
+        }
+        let size = self.backend.size_policy().size_for(range)?;
+        let growth = size - record.capacity_bytes;
+        let free = self.backend.pool_usage()?.available_bytes;
+        if growth > free {
+            return Err(Error::ResourceExhausted(format!(
+                "the pool has {free} bytes free, less than the {growth} bytes this expansion adds"
+            )));
+        }
+        self.backend.expand(&self.store.dir(&record.id), size)?;
+        self.crash.reach("expand:after-grow");
+        record.capacity_bytes = size;
+        record.resize_pending = matches!(record.format, FormatState::Formatted(_));
+        self.store.update(record.clone())?;
+        tracing::info!(volume_id = %id, size, "volume expanded");
+        Ok((size, record.resize_pending))
     }
 
     /// `Ok(None)` when every capability is supported; `Ok(Some(reason))` when one is not.

@@ -12,7 +12,7 @@ use crate::inflight::{Guard, InFlight};
 use crate::model::{Topology, VolumeRecord};
 use crate::os::Host;
 use crate::reaper::Reaper;
-use crate::store::{Reconciliation, VolumeStore};
+use crate::store::{Reconciliation, SnapshotStore, VolumeStore};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,9 +33,17 @@ impl Config {
     }
 }
 
+/// What reconciling the pool found at startup.
+#[derive(Debug, Default, Clone)]
+pub struct Startup {
+    pub volumes: Reconciliation,
+    pub snapshots: Reconciliation,
+}
+
 pub struct Driver {
     pub config: Config,
-    pub(crate) store: Arc<VolumeStore>,
+    pub(crate) store: VolumeStore,
+    pub(crate) snapshots: SnapshotStore,
     pub(crate) reaper: Reaper,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) host: Host,
@@ -50,13 +58,18 @@ impl Driver {
         host: Host,
         backend: Arc<dyn Backend>,
         crash: CrashPoints,
-    ) -> Result<(Self, Reconciliation)> {
-        let (store, report) = VolumeStore::open(&config.pool, backend.as_ref())?;
-        let store = Arc::new(store);
+    ) -> Result<(Self, Startup)> {
+        let (store, volumes) = VolumeStore::open(&config.pool, backend.as_ref())?;
+        let (snapshots, snapshot_report) = SnapshotStore::open(&config.pool, backend.as_ref())?;
+        let report = Startup {
+            volumes,
+            snapshots: snapshot_report,
+        };
         let driver = Driver {
             config,
-            reaper: Reaper::start(store.clone(), backend.clone()),
+            reaper: Reaper::start(backend.clone()),
             store,
+            snapshots,
             backend,
             host,
             inflight: InFlight::new(),

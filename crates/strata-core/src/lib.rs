@@ -11,6 +11,7 @@ pub mod model;
 pub mod node;
 pub mod os;
 pub mod reaper;
+pub mod snapshot;
 pub mod store;
 pub mod validate;
 

@@ -201,6 +201,51 @@ pub struct VolumeRecord {
     pub created_unix: u64,
     #[serde(default)]
     pub format: FormatState,
+    /// Where the initial data came from, if not empty.
+    #[serde(default)]
+    pub content_source: Option<ContentSource>,
+    /// The device grew and its filesystem must follow (at the next stage or node expand).
+    #[serde(default)]
+    pub resize_pending: bool,
+}
+
+/// What a new volume's data is copied from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "id")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// How a snapshot's data was copied from its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMethod {
+    /// Shared extents (FICLONE): O(1) whatever the data.
+    Reflink,
+    /// A copy of the allocated ranges only: O(data).
+    SparseCopy,
+}
+
+/// Current schema version of [`SnapshotRecord`].
+pub const SNAPSHOT_RECORD_VERSION: u32 = 1;
+
+/// The durable description of a snapshot: a point-in-time copy of a volume's data, independent
+/// of the source once taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub version: u32,
+    pub id: String,
+    pub name: String,
+    pub source_volume_id: String,
+    /// Size of the source volume when the snapshot was taken.
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    pub created_nanos: u32,
+    /// The source's filesystem state, inherited by volumes restored from the snapshot.
+    #[serde(default)]
+    pub format: FormatState,
+    pub method: CopyMethod,
 }
 
 #[cfg(test)]
@@ -271,6 +316,8 @@ mod tests {
             parameters: BTreeMap::new(),
             created_unix: 1,
             format: FormatState::Formatted("xfs".into()),
+            content_source: None,
+            resize_pending: false,
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert!(

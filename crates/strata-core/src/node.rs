@@ -10,7 +10,7 @@ use crate::backend::Attachment;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::model::{AccessType, Capability, FormatState, VolumeRecord, fs_type_of};
-use crate::os::{MountEntry, MountOptions, Probe};
+use crate::os::{FrozenGuard, MountEntry, MountOptions, Probe};
 
 #[derive(Debug, Clone)]
 pub struct StageVolume {
@@ -86,6 +86,22 @@ impl Driver {
             .into_iter()
             .filter(|m| shows(m, att))
             .collect())
+    }
+
+    /// Freezes the volume's filesystem if it is mounted on this node, so a copy of its data is
+    /// consistent; the guard thaws it. `None` when nothing is mounted (nothing can change).
+    pub(crate) fn freeze_if_mounted(&self, dir: &Path) -> Result<Option<FrozenGuard<'_>>> {
+        let Some(att) = self.backend.attachment(dir)? else {
+            return Ok(None);
+        };
+        let Some(mount) = self
+            .mounts_of(&att)?
+            .into_iter()
+            .find(|m| !is_device_node_mount(m, &att))
+        else {
+            return Ok(None);
+        };
+        FrozenGuard::freeze(self.host.filesystems.as_ref(), &mount.mount_point).map(Some)
     }
 
     /// Unmounts this volume's mounts stacked at `path`; never touches anybody else's.
@@ -179,6 +195,10 @@ impl Driver {
                     if options.read_only() { "ro" } else { "rw" },
                 )));
             }
+            // A retried stage whose online grow failed last time.
+            if let Attachment::Device(dev) = &att {
+                self.grow_if_pending(&record.id, &dev.path, Some(&req.staging_path), fs_type)?;
+            }
             return Ok(());
         }
 
@@ -192,8 +212,14 @@ impl Driver {
                     .bind(src, &req.staging_path, options.read_only());
             }
         };
+        let id = record.id.clone();
         let staged = self
             .ensure_filesystem(record, &dev.path, fs_type)
+            // ext2/3/4 grow before mounting (online growth may be refused by the kernel).
+            .and_then(|()| match fs_type {
+                "xfs" => Ok(()),
+                _ => self.grow_if_pending(&id, &dev.path, None, fs_type),
+            })
             .and_then(|()| Self::ensure_dir(&req.staging_path))
             .and_then(|()| {
                 self.host
@@ -201,8 +227,12 @@ impl Driver {
                     .mount_device(&dev.path, &req.staging_path, fs_type, &options)
             });
         match staged {
-            // From now on the kernel frees the loop device when the last mount goes.
-            Ok(()) => self.backend.release_on_unmount(&att),
+            Ok(()) => {
+                // From now on the kernel frees the loop device when the last mount goes.
+                self.backend.release_on_unmount(&att)?;
+                // xfs grows only while mounted.
+                self.grow_if_pending(&id, &dev.path, Some(&req.staging_path), fs_type)
+            }
             Err(e) => {
                 if self.mounts_of(&att)?.is_empty() {
                     let _ = self.backend.detach(&dir);
@@ -210,6 +240,66 @@ impl Driver {
                 Err(e)
             }
         }
+    }
+
+    /// Grows the filesystem to its device if the volume grew since it was formatted (restored
+    /// into a larger volume, or expanded), then clears the mark.
+    fn grow_if_pending(
+        &self,
+        id: &str,
+        device: &Path,
+        mount_point: Option<&Path>,
+        fs_type: &str,
+    ) -> Result<()> {
+        let mut record = self.volume(id)?;
+        if !record.resize_pending {
+            return Ok(());
+        }
+        self.host.filesystems.grow(device, mount_point, fs_type)?;
+        record.resize_pending = false;
+        self.store.update(record)?;
+        tracing::info!(volume_id = %id, fs_type, online = mount_point.is_some(), "filesystem grown");
+        Ok(())
+    }
+
+    /// NodeExpandVolume: lets the device see the volume's new size and grows the mounted
+    /// filesystem online. Returns the volume's capacity.
+    pub fn node_expand_volume(
+        &self,
+        volume_id: &str,
+        volume_path: &Path,
+        required: u64,
+    ) -> Result<u64> {
+        let _guard = self.guard(volume_id)?;
+        let record = self.volume(volume_id)?;
+        if required > record.capacity_bytes {
+            return Err(Error::OutOfRange(format!(
+                "volume {volume_id} is {} bytes, less than the {required} requested: call ControllerExpandVolume first",
+                record.capacity_bytes
+            )));
+        }
+        let dir = self.store.dir(&record.id);
+        let Some(att) = self.backend.attachment(&dir)? else {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is not staged on this node; it grows when it is staged"
+            )));
+        };
+        self.backend.expand(&dir, record.capacity_bytes)?;
+        let Attachment::Device(dev) = &att else {
+            return Ok(record.capacity_bytes);
+        };
+        let mounts = self.mounts_of(&att)?;
+        let Some(fs_mount) = mounts
+            .iter()
+            .filter(|m| !is_device_node_mount(m, &att))
+            .min_by_key(|m| m.mount_point != volume_path)
+        else {
+            // A raw block volume: the refreshed device is all there is to grow.
+            return Ok(record.capacity_bytes);
+        };
+        let fs_type = fs_mount.fs_type.clone();
+        self.grow_if_pending(&record.id, &dev.path, Some(&fs_mount.mount_point), &fs_type)?;
+        Ok(record.capacity_bytes)
     }
 
     /// Formats the device if it holds nothing yet; never formats over data.

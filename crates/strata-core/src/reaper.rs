@@ -10,7 +10,7 @@ use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
 
 use crate::backend::Backend;
-use crate::store::VolumeStore;
+use crate::store::remove_object_dir;
 
 pub struct Reaper {
     queue: Mutex<Option<Sender<PathBuf>>>,
@@ -18,13 +18,13 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    pub fn start(store: Arc<VolumeStore>, backend: Arc<dyn Backend>) -> Self {
+    pub fn start(backend: Arc<dyn Backend>) -> Self {
         let (tx, rx) = mpsc::channel::<PathBuf>();
         let worker = std::thread::Builder::new()
             .name("strata-reaper".into())
             .spawn(move || {
                 for doomed in rx {
-                    if let Err(e) = store.remove_retired(&doomed, backend.as_ref()) {
+                    if let Err(e) = remove_object_dir(&doomed, backend.as_ref()) {
                         tracing::error!(dir = %doomed.display(), error = %e,
                             "could not remove a deleted volume's data; the next startup retries");
                     }

@@ -1,9 +1,10 @@
-//! The volume metadata store: one directory per volume under `<pool>/volumes`, holding the
-//! backend's data and `volume.json`. Records are written atomically (temp file, fsync, rename,
-//! fsync of the directory) and an in-memory index is rebuilt from disk at startup.
+//! The metadata store: one directory per object (volume or snapshot) under
+//! `<pool>/volumes` or `<pool>/snapshots`, holding the backend's data and the JSON record.
+//! Records are written atomically (temp file, fsync, rename, fsync of the directory) and an
+//! in-memory index is rebuilt from disk at startup.
 //!
 //! Directory names carry the state of an operation, so a crash leaves evidence:
-//! `.creating-<id>` is a volume not yet committed, `.deleting-<id>` one being removed.
+//! `.creating-<id>` is an object not yet committed, `.deleting-<id>` one being removed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -15,10 +16,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backend;
 use crate::error::{Error, IoContext, Result};
-use crate::model::{FormatState, VOLUME_RECORD_VERSION, VolumeRecord};
-use crate::validate::is_volume_id;
-
-pub const RECORD_FILE: &str = "volume.json";
+use crate::model::{
+    FormatState, SNAPSHOT_RECORD_VERSION, SnapshotRecord, VOLUME_RECORD_VERSION, VolumeRecord,
+};
+use crate::validate::{is_snapshot_id, is_volume_id};
 const CREATING: &str = ".creating-";
 const DELETING: &str = ".deleting-";
 
@@ -47,60 +48,146 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .ctx(|| format!("sync directory {}", dir.display()))
 }
 
-fn read_record(dir: &Path) -> Result<VolumeRecord> {
-    let path = dir.join(RECORD_FILE);
+/// What the store keeps: a versioned JSON record with an id and a unique name.
+pub trait Record: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync {
+    /// For messages: "volume", "snapshot".
+    const KIND: &'static str;
+    /// Folder of the pool holding these objects.
+    const DIR: &'static str;
+    /// File name of the record inside an object's directory.
+    const FILE: &'static str;
+    /// Newest schema version this build understands.
+    const VERSION: u32;
+    fn id(&self) -> &str;
+    fn name(&self) -> &str;
+    fn version(&self) -> u32;
+    /// Whether `id` is an id of this kind that the driver could have generated.
+    fn is_id(id: &str) -> bool;
+    /// Brings the object's data in line with the record after a crash; says what it did.
+    fn repair(&self, _dir: &Path, _backend: &dyn Backend) -> Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+impl Record for VolumeRecord {
+    const KIND: &'static str = "volume";
+    const DIR: &'static str = "volumes";
+    const FILE: &'static str = "volume.json";
+    const VERSION: u32 = VOLUME_RECORD_VERSION;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn is_id(id: &str) -> bool {
+        is_volume_id(id)
+    }
+    fn repair(&self, dir: &Path, backend: &dyn Backend) -> Result<Option<String>> {
+        let holds_data = self.format != FormatState::Unformatted;
+        backend.repair(dir, self.capacity_bytes, holds_data)
+    }
+}
+
+impl Record for SnapshotRecord {
+    const KIND: &'static str = "snapshot";
+    const DIR: &'static str = "snapshots";
+    const FILE: &'static str = "snapshot.json";
+    const VERSION: u32 = SNAPSHOT_RECORD_VERSION;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn is_id(id: &str) -> bool {
+        is_snapshot_id(id)
+    }
+}
+
+fn read_record<R: Record>(dir: &Path) -> Result<R> {
+    let path = dir.join(R::FILE);
     let text = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
-    let record: VolumeRecord = serde_json::from_slice(&text)
+    let record: R = serde_json::from_slice(&text)
         .map_err(|e| Error::Internal(format!("parse {}: {e}", path.display())))?;
-    if record.version > VOLUME_RECORD_VERSION {
+    if record.version() > R::VERSION {
         return Err(Error::FailedPrecondition(format!(
-            "{} has record version {}, newer than this Strata understands ({VOLUME_RECORD_VERSION}); upgrade Strata",
+            "{} has record version {}, newer than this Strata understands ({}); upgrade Strata",
             path.display(),
-            record.version
+            record.version(),
+            R::VERSION
         )));
     }
     Ok(record)
 }
 
-fn encode(record: &VolumeRecord) -> Vec<u8> {
+fn encode<R: Record>(record: &R) -> Vec<u8> {
     // Serialising plain data into a Vec cannot fail.
     let mut bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
     bytes.push(b'\n');
     bytes
 }
 
+/// Removes an object's directory and its data. Idempotent.
+pub fn remove_object_dir(dir: &Path, backend: &dyn Backend) -> Result<()> {
+    backend.destroy(dir)?;
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", dir.display()), e)),
+    }
+}
+
 /// What startup found and did about it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reconciliation {
-    pub volumes: usize,
+    /// Objects found committed and kept.
+    pub records: usize,
     /// Creations interrupted by a crash, rolled back.
     pub rolled_back_creates: Vec<String>,
     /// Deletions interrupted by a crash, completed.
     pub completed_deletes: Vec<String>,
-    /// Committed volumes whose data the backend brought back in line with the record.
+    /// Committed objects whose data the backend brought back in line with the record.
     pub repaired: Vec<String>,
     /// Directories that could not be accounted for, moved to `lost+found`.
     pub quarantined: Vec<String>,
 }
 
-#[derive(Default)]
-struct Index {
-    by_id: BTreeMap<String, VolumeRecord>,
+struct Index<R> {
+    by_id: BTreeMap<String, R>,
     by_name: HashMap<String, String>,
 }
 
-pub struct VolumeStore {
-    volumes: PathBuf,
-    lost_found: PathBuf,
-    index: RwLock<Index>,
+impl<R> Default for Index<R> {
+    fn default() -> Self {
+        Index {
+            by_id: BTreeMap::new(),
+            by_name: HashMap::new(),
+        }
+    }
 }
 
-impl VolumeStore {
+pub struct Store<R: Record> {
+    volumes: PathBuf,
+    lost_found: PathBuf,
+    index: RwLock<Index<R>>,
+}
+
+pub type VolumeStore = Store<VolumeRecord>;
+pub type SnapshotStore = Store<SnapshotRecord>;
+
+impl<R: Record> Store<R> {
     /// Opens the pool's store and reconciles it with what is on disk: half-done creates are
-    /// rolled back, half-done deletes completed, committed volumes repaired by the backend.
+    /// rolled back, half-done deletes completed, committed objects repaired by the backend.
     pub fn open(pool: &Path, backend: &dyn Backend) -> Result<(Self, Reconciliation)> {
-        let store = VolumeStore {
-            volumes: pool.join("volumes"),
+        let store = Store {
+            volumes: pool.join(R::DIR),
             lost_found: pool.join("lost+found"),
             index: RwLock::new(Index::default()),
         };
@@ -120,37 +207,40 @@ impl VolumeStore {
             let path = entry.path();
             if let Some(id) = name.strip_prefix(CREATING) {
                 tracing::warn!(
-                    volume_id = id,
+                    kind = R::KIND,
+                    id,
                     "rolling back a creation interrupted by a crash"
                 );
-                self.remove_volume_dir(&path, backend)?;
+                remove_object_dir(&path, backend)?;
                 report.rolled_back_creates.push(id.to_owned());
             } else if let Some(id) = name.strip_prefix(DELETING) {
                 tracing::info!(
-                    volume_id = id,
+                    kind = R::KIND,
+                    id,
                     "completing a deletion interrupted by a crash"
                 );
-                self.remove_volume_dir(&path, backend)?;
+                remove_object_dir(&path, backend)?;
                 report.completed_deletes.push(id.to_owned());
             } else if name.starts_with('.') && name.ends_with(".tmp") {
                 let _ = fs::remove_file(&path);
             } else {
-                match read_record(&path) {
-                    Ok(rec) if is_volume_id(&name) && rec.id == name => {
-                        if let Some(other) = index.by_name.get(&rec.name) {
+                match read_record::<R>(&path) {
+                    Ok(rec) if R::is_id(&name) && rec.id() == name => {
+                        if let Some(other) = index.by_name.get(rec.name()) {
                             // Impossible unless the pool was edited by hand: keep the first.
-                            tracing::error!(volume_id = %rec.id, other = %other, name = %rec.name,
-                                "two volumes share a name; quarantining the second");
+                            tracing::error!(kind = R::KIND, id = rec.id(), other = %other, name = rec.name(),
+                                "two objects share a name; quarantining the second");
                             report.quarantined.push(self.quarantine(&path, &name)?);
                             continue;
                         }
-                        let holds_data = rec.format != FormatState::Unformatted;
-                        if let Some(done) = backend.repair(&path, rec.capacity_bytes, holds_data)? {
-                            tracing::warn!(volume_id = %rec.id, %done, "repaired after a crash");
-                            report.repaired.push(rec.id.clone());
+                        if let Some(done) = rec.repair(&path, backend)? {
+                            tracing::warn!(kind = R::KIND, id = rec.id(), %done, "repaired after a crash");
+                            report.repaired.push(rec.id().to_owned());
                         }
-                        index.by_name.insert(rec.name.clone(), rec.id.clone());
-                        index.by_id.insert(rec.id.clone(), rec);
+                        index
+                            .by_name
+                            .insert(rec.name().to_owned(), rec.id().to_owned());
+                        index.by_id.insert(rec.id().to_owned(), rec);
                     }
                     Err(e @ Error::FailedPrecondition(_)) => return Err(e),
                     other => {
@@ -168,18 +258,9 @@ impl VolumeStore {
         if !report.rolled_back_creates.is_empty() || !report.completed_deletes.is_empty() {
             sync_dir(&self.volumes)?;
         }
-        report.volumes = index.by_id.len();
+        report.records = index.by_id.len();
         *self.write_index() = index;
         Ok(report)
-    }
-
-    fn remove_volume_dir(&self, dir: &Path, backend: &dyn Backend) -> Result<()> {
-        backend.destroy(dir)?;
-        match fs::remove_dir_all(dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("remove {}", dir.display()), e)),
-        }
     }
 
     /// Moves an unexplained entry aside, never deleting data; returns where it went.
@@ -196,24 +277,24 @@ impl VolumeStore {
         Ok(dest.display().to_string())
     }
 
-    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index<R>> {
         self.index.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index<R>> {
         self.index.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The directory of a committed volume.
+    /// The directory of a committed object.
     pub fn dir(&self, id: &str) -> PathBuf {
         self.volumes.join(id)
     }
 
-    pub fn get(&self, id: &str) -> Option<VolumeRecord> {
+    pub fn get(&self, id: &str) -> Option<R> {
         self.read_index().by_id.get(id).cloned()
     }
 
-    pub fn find_by_name(&self, name: &str) -> Option<VolumeRecord> {
+    pub fn find_by_name(&self, name: &str) -> Option<R> {
         let index = self.read_index();
         index
             .by_name
@@ -230,24 +311,26 @@ impl VolumeStore {
         self.len() == 0
     }
 
-    pub fn total_provisioned(&self) -> u64 {
+    /// Every record matching `keep`, in id order.
+    pub fn filter(&self, keep: impl Fn(&R) -> bool) -> Vec<R> {
         self.read_index()
             .by_id
             .values()
-            .map(|r| r.capacity_bytes)
-            .sum()
+            .filter(|r| keep(r))
+            .cloned()
+            .collect()
     }
 
     /// Up to `max` records with ids after `after`, in id order, and whether more follow.
     /// Paging by the last id seen stays correct while volumes come and go between pages.
-    pub fn page(&self, after: Option<&str>, max: usize) -> (Vec<VolumeRecord>, bool) {
+    pub fn page(&self, after: Option<&str>, max: usize) -> (Vec<R>, bool) {
         let index = self.read_index();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut iter = index
             .by_id
             .range::<str, _>((lower, Bound::Unbounded))
             .map(|(_, r)| r);
-        let page: Vec<VolumeRecord> = iter.by_ref().take(max).cloned().collect();
+        let page: Vec<R> = iter.by_ref().take(max).cloned().collect();
         let more = iter.next().is_some();
         (page, more)
     }
@@ -262,41 +345,45 @@ impl VolumeStore {
 
     /// Makes a creation durable and visible: writes the record, renames the directory to the
     /// volume id and syncs the parent.
-    pub fn commit_create(&self, staging: &Path, record: VolumeRecord) -> Result<VolumeRecord> {
+    pub fn commit_create(&self, staging: &Path, record: R) -> Result<R> {
         // The directory is not visible yet, so the record needs no temp file: the rename of
         // the directory is what makes the creation atomic.
-        let path = staging.join(RECORD_FILE);
+        let path = staging.join(R::FILE);
         File::create_new(&path)
             .and_then(|mut f| f.write_all(&encode(&record)).and_then(|_| f.sync_all()))
             .ctx(|| format!("write {}", path.display()))?;
         sync_dir(staging)?;
-        let dir = self.dir(&record.id);
+        let dir = self.dir(record.id());
         fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
         sync_dir(&self.volumes)?;
         let mut index = self.write_index();
-        index.by_name.insert(record.name.clone(), record.id.clone());
-        index.by_id.insert(record.id.clone(), record.clone());
+        index
+            .by_name
+            .insert(record.name().to_owned(), record.id().to_owned());
+        index.by_id.insert(record.id().to_owned(), record.clone());
         Ok(record)
     }
 
     /// Rolls back a creation that failed before its commit.
     pub fn abort_create(&self, staging: &Path, backend: &dyn Backend) {
-        if let Err(e) = self.remove_volume_dir(staging, backend) {
+        if let Err(e) = remove_object_dir(staging, backend) {
             tracing::error!(dir = %staging.display(), error = %e,
                 "could not roll back a failed creation; startup will retry");
         }
     }
 
-    /// Rewrites a committed volume's record.
-    pub fn update(&self, record: VolumeRecord) -> Result<()> {
-        write_atomic(&self.dir(&record.id), RECORD_FILE, &encode(&record))?;
-        self.write_index().by_id.insert(record.id.clone(), record);
+    /// Rewrites a committed object's record.
+    pub fn update(&self, record: R) -> Result<()> {
+        write_atomic(&self.dir(record.id()), R::FILE, &encode(&record))?;
+        self.write_index()
+            .by_id
+            .insert(record.id().to_owned(), record);
         Ok(())
     }
 
-    /// Deletes a volume from the store: renames its directory out of sight, durably, and
+    /// Deletes an object from the store: renames its directory out of sight, durably, and
     /// forgets it. Returns the renamed directory, whose data the caller removes with
-    /// [`remove_retired`](Self::remove_retired) (a crash before that is completed at startup).
+    /// [`remove_object_dir`] (a crash before that is completed at startup).
     pub fn retire(&self, id: &str) -> Result<Option<PathBuf>> {
         let dir = self.dir(id);
         let doomed = self.volumes.join(format!("{DELETING}{id}"));
@@ -310,20 +397,15 @@ impl VolumeStore {
         };
         let mut index = self.write_index();
         if let Some(rec) = index.by_id.remove(id) {
-            index.by_name.remove(&rec.name);
+            index.by_name.remove(rec.name());
         }
         Ok(retired)
     }
 
-    /// Removes the data of a retired volume.
-    pub fn remove_retired(&self, doomed: &Path, backend: &dyn Backend) -> Result<()> {
-        self.remove_volume_dir(doomed, backend)
-    }
-
-    /// Deletes a volume and its data at once.
+    /// Deletes an object and its data at once.
     pub fn delete(&self, id: &str, backend: &dyn Backend) -> Result<()> {
         match self.retire(id)? {
-            Some(doomed) => self.remove_retired(&doomed, backend),
+            Some(doomed) => remove_object_dir(&doomed, backend),
             None => Ok(()),
         }
     }
@@ -349,6 +431,8 @@ mod tests {
             parameters: Default::default(),
             created_unix: 0,
             format: FormatState::Unformatted,
+            content_source: None,
+            resize_pending: false,
         }
     }
 
@@ -380,7 +464,7 @@ mod tests {
         drop(store);
 
         let (store, report) = VolumeStore::open(pool.path(), &backend(pool.path())).unwrap();
-        assert_eq!(report.volumes, 1);
+        assert_eq!(report.records, 1);
         assert_eq!(report.rolled_back_creates.len(), 1);
         assert_eq!(report.completed_deletes, vec![b.id.clone()]);
         assert_eq!(report.quarantined.len(), 1);

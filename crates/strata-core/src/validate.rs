@@ -14,8 +14,9 @@ pub const MAX_MAP_BYTES: usize = 4096;
 /// Paths may be as long as the OS allows.
 pub const MAX_PATH_BYTES: usize = 4096;
 
-const VOLUME_ID_PREFIX: &str = "vol-";
-const VOLUME_ID_HEX: usize = 24;
+pub const VOLUME_ID_PREFIX: &str = "vol-";
+pub const SNAPSHOT_ID_PREFIX: &str = "snap-";
+const ID_HEX: usize = 24;
 
 /// A required, bounded string field: present, at most 128 bytes, no NUL.
 pub fn required_str<'a>(field: &str, value: &'a str) -> Result<&'a str> {
@@ -94,26 +95,43 @@ pub fn absolute_path(field: &str, value: &str) -> Result<PathBuf> {
     Ok(clean)
 }
 
-/// Whether `id` has the exact shape of an id this driver generates.
+/// Whether `id` has the exact shape of a volume id this driver generates.
 pub fn is_volume_id(id: &str) -> bool {
-    id.strip_prefix(VOLUME_ID_PREFIX).is_some_and(|hex| {
-        hex.len() == VOLUME_ID_HEX
+    is_id(VOLUME_ID_PREFIX, id)
+}
+
+/// Whether `id` has the exact shape of a snapshot id this driver generates.
+pub fn is_snapshot_id(id: &str) -> bool {
+    is_id(SNAPSHOT_ID_PREFIX, id)
+}
+
+fn is_id(prefix: &str, id: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|hex| {
+        hex.len() == ID_HEX
             && hex
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
-/// A fresh volume id: milliseconds since the epoch then random bits, so ids sort roughly by
-/// creation time and never collide in practice (creation still refuses an existing directory).
 pub fn new_volume_id() -> String {
+    new_id(VOLUME_ID_PREFIX)
+}
+
+pub fn new_snapshot_id() -> String {
+    new_id(SNAPSHOT_ID_PREFIX)
+}
+
+/// A fresh id: milliseconds since the epoch then random bits, so ids sort roughly by creation
+/// time and never collide in practice (creation still refuses an existing directory).
+fn new_id(prefix: &str) -> String {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let mut random = [0u8; 6];
     fill_random(&mut random);
-    let mut id = format!("{VOLUME_ID_PREFIX}{:012x}", millis & 0xffff_ffff_ffff);
+    let mut id = format!("{prefix}{:012x}", millis & 0xffff_ffff_ffff);
     for b in random {
         id.push_str(&format!("{b:02x}"));
     }
@@ -162,6 +180,8 @@ mod tests {
             assert!(!is_volume_id(bad), "{bad}");
         }
         assert!(is_volume_id("vol-0123456789abcdef01234567"));
+        let s = new_snapshot_id();
+        assert!(is_snapshot_id(&s) && !is_volume_id(&s), "{s}");
     }
 
     #[test]

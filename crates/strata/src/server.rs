@@ -60,11 +60,14 @@ pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
         CrashPoints::new(opts.crash_at.clone()),
     )
     .map_err(|e| format!("open pool {}: {e}", opts.pool.display()))?;
+    let (v, s) = (&report.volumes, &report.snapshots);
     tracing::info!(
-        volumes = report.volumes,
-        rolled_back_creates = report.rolled_back_creates.len(),
-        completed_deletes = report.completed_deletes.len(),
-        quarantined = report.quarantined.len(),
+        volumes = v.records,
+        snapshots = s.records,
+        rolled_back_creates = v.rolled_back_creates.len() + s.rolled_back_creates.len(),
+        completed_deletes = v.completed_deletes.len() + s.completed_deletes.len(),
+        repaired = v.repaired.len(),
+        quarantined = v.quarantined.len() + s.quarantined.len(),
         micros = started.elapsed().as_micros() as u64,
         "pool reconciled"
     );

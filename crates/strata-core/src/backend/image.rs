@@ -5,10 +5,11 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Attachment, Backend};
 use crate::error::{Error, IoContext, Result};
-use crate::model::{GIB, MIB, SizePolicy};
+use crate::model::{CopyMethod, GIB, MIB, SizePolicy};
 use crate::os::{FsUsage, Host};
 
 pub const IMAGE_FILE: &str = "image";
@@ -16,16 +17,40 @@ pub const IMAGE_FILE: &str = "image";
 pub struct ImageBackend {
     pool: PathBuf,
     host: Host,
+    /// Set once the slow-copy warning has been logged.
+    warned_sparse_copy: AtomicBool,
 }
 
 impl ImageBackend {
     /// `pool` must be canonical: the kernel reports loop backing files by canonical path.
     pub fn new(pool: PathBuf, host: Host) -> Self {
-        ImageBackend { pool, host }
+        ImageBackend {
+            pool,
+            host,
+            warned_sparse_copy: AtomicBool::new(false),
+        }
     }
 
     fn image(dir: &Path) -> PathBuf {
         dir.join(IMAGE_FILE)
+    }
+
+    /// Extends an image to `size` bytes (never shrinks it), durably.
+    fn grow_image(&self, image: &Path, size: u64) -> Result<()> {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(image)
+            .ctx(|| format!("open {}", image.display()))?;
+        let len = file
+            .metadata()
+            .ctx(|| format!("stat {}", image.display()))?
+            .len();
+        if len < size {
+            file.set_len(size)
+                .and_then(|_| file.sync_all())
+                .ctx(|| format!("grow {} to {size} bytes", image.display()))?;
+        }
+        Ok(())
     }
 }
 
@@ -76,19 +101,37 @@ impl Backend for ImageBackend {
             Err(_) => return Ok(None),
         };
         if len < capacity_bytes {
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .ctx(|| format!("open {}", path.display()))?;
-            file.set_len(capacity_bytes)
-                .and_then(|_| file.sync_all())
-                .ctx(|| format!("extend {}", path.display()))?;
+            self.grow_image(&path, capacity_bytes)?;
             return Ok(Some(format!(
                 "extended {} from {len} to {capacity_bytes} bytes",
                 path.display()
             )));
         }
         Ok(None)
+    }
+
+    fn copy_from(&self, source_dir: &Path, dir: &Path, size: u64) -> Result<CopyMethod> {
+        let image = Self::image(dir);
+        let method = self
+            .host
+            .filesystems
+            .clone_file(&Self::image(source_dir), &image)?;
+        if method == CopyMethod::SparseCopy
+            && !self.warned_sparse_copy.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(pool = %self.pool.display(),
+                "the pool's filesystem cannot share extents: snapshots and clones copy the data (O(data)); put the pool on xfs with reflink or btrfs, or use --pool-image");
+        }
+        self.grow_image(&image, size)?;
+        Ok(method)
+    }
+
+    fn expand(&self, dir: &Path, size: u64) -> Result<()> {
+        self.grow_image(&Self::image(dir), size)?;
+        if let Some(dev) = self.host.loops.find(&Self::image(dir))? {
+            self.host.loops.refresh_capacity(&dev)?;
+        }
+        Ok(())
     }
 
     fn destroy(&self, dir: &Path) -> Result<()> {

@@ -6,7 +6,7 @@ pub mod image;
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
-use crate::model::SizePolicy;
+use crate::model::{CopyMethod, SizePolicy};
 use crate::os::{FsUsage, LoopDevice};
 
 /// How the node reaches a volume's data.
@@ -33,6 +33,12 @@ pub trait Backend: Send + Sync {
     /// recreates an empty image whose creation was not yet durable). Never destroys data.
     /// Returns what it did, if anything.
     fn repair(&self, dir: &Path, capacity_bytes: u64, holds_data: bool) -> Result<Option<String>>;
+    /// Fills the empty directory `dir` with a copy of the data in `source_dir` (a volume or a
+    /// snapshot), `size` bytes large (at least the source's size). Shares extents where the
+    /// pool allows, so the copy costs O(1); otherwise copies what is allocated.
+    fn copy_from(&self, source_dir: &Path, dir: &Path, size: u64) -> Result<CopyMethod>;
+    /// Grows the volume's data to `size` bytes and lets a current attachment see the new size.
+    fn expand(&self, dir: &Path, size: u64) -> Result<()>;
     /// Removes the volume's data, detaching whatever still uses it. Idempotent.
     fn destroy(&self, dir: &Path) -> Result<()>;
     /// Why the volume is unhealthy, or `None` when it is fine.

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Filesystems, FsUsage, Host, LoopDevice, LoopDevices, MountEntry, MountOptions, Mounter, Probe,
+    CopyMethod, Filesystems, FsUsage, Host, LoopDevice, LoopDevices, MountEntry, MountOptions,
+    Mounter, Probe,
 };
 use crate::error::{Error, Result};
 
@@ -20,6 +21,9 @@ pub struct FakeState {
     /// Filesystem signature per backing file.
     pub filesystems: HashMap<PathBuf, String>,
     pub formats: usize,
+    /// Mount points frozen right now, and how many grows were done.
+    pub frozen: Vec<PathBuf>,
+    pub grows: usize,
     next_mount_id: u32,
 }
 
@@ -171,6 +175,10 @@ impl LoopDevices for FakeHost {
         Ok(())
     }
 
+    fn refresh_capacity(&self, _: &LoopDevice) -> Result<()> {
+        Ok(())
+    }
+
     fn detach(&self, device: &LoopDevice) -> Result<()> {
         self.lock().loops.retain(|l| l.path != device.path);
         Ok(())
@@ -215,5 +223,29 @@ impl Filesystems for FakeHost {
         std::fs::metadata(&backing)
             .map(|m| m.len())
             .map_err(|e| Error::io("stat", e))
+    }
+
+    fn clone_file(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
+        std::fs::copy(src, dst).map_err(|e| Error::io("copy", e))?;
+        let mut s = self.lock();
+        if let Some(fs) = s.filesystems.get(src).cloned() {
+            s.filesystems.insert(dst.to_owned(), fs);
+        }
+        Ok(CopyMethod::SparseCopy)
+    }
+
+    fn freeze(&self, mount_point: &Path) -> Result<()> {
+        self.lock().frozen.push(mount_point.to_owned());
+        Ok(())
+    }
+
+    fn thaw(&self, mount_point: &Path) -> Result<()> {
+        self.lock().frozen.retain(|p| p != mount_point);
+        Ok(())
+    }
+
+    fn grow(&self, _: &Path, _: Option<&Path>, _: &str) -> Result<()> {
+        self.lock().grows += 1;
+        Ok(())
     }
 }

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::{
-    Filesystems, FsUsage, LoopDevice, LoopDevices, MountEntry, MountOptions, Mounter, Probe,
-    mountinfo,
+    CopyMethod, Filesystems, FsUsage, LoopDevice, LoopDevices, MountEntry, MountOptions, Mounter,
+    Probe, mountinfo,
 };
 use crate::error::{Error, IoContext, Result};
 
@@ -142,6 +142,7 @@ impl Mounter for LinuxHost {
 
 // Loop device interface from <linux/loop.h>.
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
@@ -301,6 +302,14 @@ impl LoopDevices for LinuxHost {
         Ok(())
     }
 
+    fn refresh_capacity(&self, device: &LoopDevice) -> Result<()> {
+        let file = File::open(&device.path).ctx(|| format!("open {}", device.path.display()))?;
+        // SAFETY: LOOP_SET_CAPACITY takes no argument.
+        check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_SET_CAPACITY, 0) })
+            .ctx(|| format!("refresh the capacity of {}", device.path.display()))
+            .map(drop)
+    }
+
     fn detach(&self, device: &LoopDevice) -> Result<()> {
         let name = device
             .path
@@ -324,6 +333,57 @@ impl LoopDevices for LinuxHost {
             Err(e) => Err(Error::io(format!("detach {}", device.path.display()), e)),
         }
     }
+}
+
+// Filesystem freeze from <linux/fs.h>.
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+fn freeze_ioctl(mount_point: &Path, request: libc::c_ulong, what: &str) -> Result<()> {
+    let dir = File::open(mount_point).ctx(|| format!("open {}", mount_point.display()))?;
+    // SAFETY: FIFREEZE/FITHAW take an unused int argument.
+    match check(unsafe { libc::ioctl(dir.as_raw_fd(), request, 0) }) {
+        Ok(_) => Ok(()),
+        // Thawing a filesystem that is not frozen is fine.
+        Err(e) if request == FITHAW && e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        Err(e) => Err(Error::io(format!("{what} {}", mount_point.display()), e)),
+    }
+}
+
+/// Copies the allocated ranges of `src` into `dst` (holes stay holes).
+fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on valid fds.
+        let data = unsafe { libc::lseek(sfd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(e);
+        }
+        let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (mut off_in, mut off_out) = (data, data);
+        let mut left = (hole - data) as usize;
+        while left > 0 {
+            // SAFETY: offsets are valid pointers to i64 owned here.
+            let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, left, 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+            left -= n as usize;
+        }
+        pos = hole;
+    }
+    dst.set_len(len)
 }
 
 fn run(cmd: &mut Command) -> Result<std::process::Output> {
@@ -427,6 +487,101 @@ impl Filesystems for LinuxHost {
             free_inodes: st.f_ffree,
             used_inodes: st.f_files.saturating_sub(st.f_ffree),
         })
+    }
+
+    fn clone_file(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
+        let source = File::open(src).ctx(|| format!("open {}", src.display()))?;
+        let len = source
+            .metadata()
+            .ctx(|| format!("stat {}", src.display()))?
+            .len();
+        let target = File::create_new(dst).ctx(|| format!("create {}", dst.display()))?;
+        // SAFETY: FICLONE takes the source fd.
+        let cloned = unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) };
+        let method = if cloned == 0 {
+            CopyMethod::Reflink
+        } else {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // The filesystem cannot share extents: copy what is allocated.
+                Some(libc::EOPNOTSUPP)
+                | Some(libc::EXDEV)
+                | Some(libc::EINVAL)
+                | Some(libc::ENOTTY) => {
+                    sparse_copy(&source, &target, len)
+                        .ctx(|| format!("copy {} to {}", src.display(), dst.display()))?;
+                    CopyMethod::SparseCopy
+                }
+                _ => {
+                    return Err(Error::io(
+                        format!("clone {} to {}", src.display(), dst.display()),
+                        e,
+                    ));
+                }
+            }
+        };
+        target
+            .sync_all()
+            .ctx(|| format!("sync {}", dst.display()))?;
+        Ok(method)
+    }
+
+    fn freeze(&self, mount_point: &Path) -> Result<()> {
+        freeze_ioctl(mount_point, FIFREEZE, "freeze")
+    }
+
+    fn thaw(&self, mount_point: &Path) -> Result<()> {
+        freeze_ioctl(mount_point, FITHAW, "thaw")
+    }
+
+    fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()> {
+        let failed = |tool: &str, out: &std::process::Output| {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let text = format!("{} {}", stderr.trim(), stdout.trim());
+            if text.contains("Operation not permitted") || text.contains("Permission denied") {
+                Error::FailedPrecondition(format!(
+                    "{tool} {}: this kernel refuses to grow a mounted {fs_type} filesystem (EPERM); unstage and stage the volume again to grow it offline",
+                    device.display()
+                ))
+            } else {
+                Error::Internal(format!("{tool} {}: {}", device.display(), text.trim()))
+            }
+        };
+        match (fs_type, mount_point) {
+            ("ext4" | "ext3" | "ext2", mount_point) => {
+                if mount_point.is_none() {
+                    // resize2fs wants a freshly checked filesystem when it is not mounted.
+                    let out = run(Command::new("e2fsck").args(["-f", "-p"]).arg(device))?;
+                    // 0: clean, 1: errors corrected.
+                    if !matches!(out.status.code(), Some(0) | Some(1)) {
+                        return Err(Error::FailedPrecondition(format!(
+                            "e2fsck {} found errors it could not fix: {}; repair the filesystem by hand",
+                            device.display(),
+                            String::from_utf8_lossy(&out.stdout).trim()
+                        )));
+                    }
+                }
+                let out = run(Command::new("resize2fs").arg(device))?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(failed("resize2fs", &out))
+                }
+            }
+            ("xfs", Some(mp)) => {
+                let out = run(Command::new("xfs_growfs").arg(mp))?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(failed("xfs_growfs", &out))
+                }
+            }
+            ("xfs", None) => Err(Error::Internal("xfs grows only while mounted".into())),
+            (other, _) => Err(Error::FailedPrecondition(format!(
+                "cannot grow a {other} filesystem"
+            ))),
+        }
     }
 
     fn device_size(&self, device: &Path) -> Result<u64> {

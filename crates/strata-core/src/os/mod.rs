@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::model::CopyMethod;
 pub use mountinfo::MountEntry;
 
 /// Mount table and mount syscalls.
@@ -49,6 +50,8 @@ pub trait LoopDevices: Send + Sync {
     fn set_auto_clear(&self, device: &LoopDevice) -> Result<()>;
     /// Detaches the device; succeeds when it is already gone.
     fn detach(&self, device: &LoopDevice) -> Result<()>;
+    /// Makes the device pick up a new size of its backing file.
+    fn refresh_capacity(&self, device: &LoopDevice) -> Result<()>;
 
     /// The loop device backed by `backing_file`, if one is attached.
     fn find(&self, backing_file: &Path) -> Result<Option<LoopDevice>> {
@@ -88,6 +91,40 @@ pub trait Filesystems: Send + Sync {
     fn usage(&self, path: &Path) -> Result<FsUsage>;
     /// Size in bytes of a block device.
     fn device_size(&self, device: &Path) -> Result<u64>;
+    /// Creates `dst` as a copy of `src`: shared extents where the filesystem can (reflink),
+    /// else a copy of the allocated ranges only. `dst` is synced.
+    fn clone_file(&self, src: &Path, dst: &Path) -> Result<CopyMethod>;
+    /// Suspends writes to the filesystem mounted at `mount_point`, flushing it to disk.
+    fn freeze(&self, mount_point: &Path) -> Result<()>;
+    fn thaw(&self, mount_point: &Path) -> Result<()>;
+    /// Grows the filesystem on `device` to fill it: offline when `mount_point` is `None`
+    /// (ext2/3/4 only), online at `mount_point` otherwise.
+    fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()>;
+}
+
+/// Thaws a frozen filesystem when dropped, so no error path leaves it frozen.
+pub struct FrozenGuard<'a> {
+    filesystems: &'a dyn Filesystems,
+    mount_point: PathBuf,
+}
+
+impl<'a> FrozenGuard<'a> {
+    pub fn freeze(filesystems: &'a dyn Filesystems, mount_point: &Path) -> Result<Self> {
+        filesystems.freeze(mount_point)?;
+        Ok(FrozenGuard {
+            filesystems,
+            mount_point: mount_point.to_owned(),
+        })
+    }
+}
+
+impl Drop for FrozenGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.filesystems.thaw(&self.mount_point) {
+            tracing::error!(mount_point = %self.mount_point.display(), error = %e,
+                "could not thaw a frozen filesystem; run fsfreeze --unfreeze on it");
+        }
+    }
 }
 
 /// Everything on the host the driver touches, injected into the services.

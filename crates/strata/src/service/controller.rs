@@ -5,6 +5,7 @@ use csi::controller_service_capability::{Rpc, rpc::Type as RpcType};
 use csi_proto as csi;
 use strata_core::Error;
 use strata_core::controller::CreateVolume;
+use strata_core::model::CapacityRange;
 use strata_core::validate::ordered;
 use tonic::{Request, Response, Status};
 
@@ -20,6 +21,11 @@ pub const CAPABILITIES: &[RpcType] = &[
     RpcType::GetCapacity,
     RpcType::GetVolume,
     RpcType::VolumeCondition,
+    RpcType::CreateDeleteSnapshot,
+    RpcType::ListSnapshots,
+    RpcType::GetSnapshot,
+    RpcType::CloneVolume,
+    RpcType::ExpandVolume,
 ];
 
 async fn unimplemented<T: Send + 'static>(method: &'static str) -> Result<Response<T>, Status> {
@@ -44,21 +50,18 @@ impl Controller for ControllerService {
             let range = req.capacity_range.unwrap_or_default();
             let create = CreateVolume {
                 name: req.name,
-                capacity: strata_core::model::CapacityRange::from_signed(
-                    range.required_bytes,
-                    range.limit_bytes,
-                )?,
+                capacity: CapacityRange::from_signed(range.required_bytes, range.limit_bytes)?,
                 capabilities: capabilities(&req.volume_capabilities)?,
                 parameters: ordered(&req.parameters),
                 requisite: req
                     .accessibility_requirements
                     .map(|a| a.requisite.iter().map(convert::topology).collect())
                     .unwrap_or_default(),
-                content_source: req.volume_content_source.map(|s| match s.r#type {
-                    Some(csi::volume_content_source::Type::Snapshot(_)) => "snapshot".into(),
-                    Some(csi::volume_content_source::Type::Volume(_)) => "volume".into(),
-                    None => "empty source".into(),
-                }),
+                content_source: req
+                    .volume_content_source
+                    .as_ref()
+                    .map(convert::content_source)
+                    .transpose()?,
             };
             let record = driver.create_volume(create)?;
             Ok(csi::CreateVolumeResponse {
@@ -192,37 +195,99 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _: Request<csi::CreateSnapshotRequest>,
+        request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        unimplemented("CreateSnapshot").await
+        let req = request.into_inner();
+        let driver = self.0.driver.clone();
+        let source = req.source_volume_id.clone();
+        run("CreateSnapshot", &source, move || {
+            let record = driver.create_snapshot(&req.name, &req.source_volume_id)?;
+            Ok(csi::CreateSnapshotResponse {
+                snapshot: Some(convert::snapshot(&record)),
+            })
+        })
+        .await
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        unimplemented("DeleteSnapshot").await
+        let req = request.into_inner();
+        let driver = self.0.driver.clone();
+        let id = req.snapshot_id.clone();
+        run("DeleteSnapshot", &id, move || {
+            driver.delete_snapshot(&req.snapshot_id)?;
+            Ok(csi::DeleteSnapshotResponse {})
+        })
+        .await
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        unimplemented("ListSnapshots").await
+        let req = request.into_inner();
+        let driver = self.0.driver.clone();
+        run("ListSnapshots", "", move || {
+            let (page, next) = driver.list_snapshots(
+                req.max_entries,
+                &req.starting_token,
+                &req.snapshot_id,
+                &req.source_volume_id,
+            )?;
+            Ok(csi::ListSnapshotsResponse {
+                entries: page
+                    .iter()
+                    .map(|s| csi::list_snapshots_response::Entry {
+                        snapshot: Some(convert::snapshot(s)),
+                    })
+                    .collect(),
+                next_token: next.unwrap_or_default(),
+            })
+        })
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        unimplemented("GetSnapshot").await
+        let req = request.into_inner();
+        let driver = self.0.driver.clone();
+        let id = req.snapshot_id.clone();
+        run("GetSnapshot", &id, move || {
+            let record = driver.snapshot(&req.snapshot_id)?;
+            Ok(csi::GetSnapshotResponse {
+                snapshot: Some(convert::snapshot(&record)),
+            })
+        })
+        .await
     }
 
     async fn controller_expand_volume(
         &self,
-        _: Request<csi::ControllerExpandVolumeRequest>,
+        request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        unimplemented("ControllerExpandVolume").await
+        let req = request.into_inner();
+        let driver = self.0.driver.clone();
+        let id = req.volume_id.clone();
+        run("ControllerExpandVolume", &id, move || {
+            let range = req
+                .capacity_range
+                .ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
+            if let Some(cap) = &req.volume_capability {
+                driver.check_capability(&convert::capability(cap)?)?;
+            }
+            let range = CapacityRange::from_signed(range.required_bytes, range.limit_bytes)?;
+            let (capacity, node_expansion_required) =
+                driver.expand_volume(&req.volume_id, range)?;
+            Ok(csi::ControllerExpandVolumeResponse {
+                capacity_bytes: capacity as i64,
+                node_expansion_required,
+            })
+        })
+        .await
     }
 
     async fn controller_get_volume(

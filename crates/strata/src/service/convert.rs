@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use csi::volume_capability::{AccessMode as CsiMode, access_mode::Mode};
 use csi_proto as csi;
 use strata_core::controller::VolumeStatus;
-use strata_core::model::{AccessMode, AccessType, Capability, Topology};
-use strata_core::{Error, Result};
+use strata_core::model::{
+    AccessMode, AccessType, Capability, ContentSource, SnapshotRecord, Topology,
+};
+use strata_core::{Error, Result, validate};
 
 pub fn capability(cap: &csi::VolumeCapability) -> Result<Capability> {
     use csi::volume_capability::AccessType as Csi;
@@ -75,8 +77,54 @@ pub fn volume(status_topology: Topology, record: &strata_core::model::VolumeReco
         capacity_bytes: record.capacity_bytes as i64,
         volume_id: record.id.clone(),
         volume_context: HashMap::new(),
-        content_source: None,
+        content_source: record.content_source.as_ref().map(csi_content_source),
         accessible_topology: vec![csi_topology(status_topology)],
+    }
+}
+
+pub fn content_source(source: &csi::VolumeContentSource) -> Result<ContentSource> {
+    use csi::volume_content_source::Type;
+    match &source.r#type {
+        Some(Type::Snapshot(s)) => Ok(ContentSource::Snapshot(
+            validate::required_str("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?
+                .to_owned(),
+        )),
+        Some(Type::Volume(v)) => Ok(ContentSource::Volume(
+            validate::required_str("volume_content_source.volume.volume_id", &v.volume_id)?
+                .to_owned(),
+        )),
+        None => Err(Error::InvalidArgument(
+            "volume_content_source needs a snapshot or a volume".into(),
+        )),
+    }
+}
+
+fn csi_content_source(source: &ContentSource) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    csi::VolumeContentSource {
+        r#type: Some(match source {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.clone(),
+            }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource {
+                volume_id: id.clone(),
+            }),
+        }),
+    }
+}
+
+pub fn snapshot(record: &SnapshotRecord) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: record.size_bytes as i64,
+        snapshot_id: record.id.clone(),
+        source_volume_id: record.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: record.created_unix as i64,
+            nanos: record.created_nanos as i32,
+        }),
+        // Copies are complete when CreateSnapshot returns.
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
     }
 }
 

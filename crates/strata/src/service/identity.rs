@@ -45,6 +45,14 @@ impl Identity for IdentityService {
                 capabilities: vec![
                     service(ServiceType::ControllerService),
                     service(ServiceType::VolumeAccessibilityConstraints),
+                    csi::PluginCapability {
+                        r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                            csi::plugin_capability::VolumeExpansion {
+                                r#type: csi::plugin_capability::volume_expansion::Type::Online
+                                    as i32,
+                            },
+                        )),
+                    },
                 ],
             })
         })

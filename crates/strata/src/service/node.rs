@@ -3,7 +3,7 @@
 use csi::node_server::Node;
 use csi::node_service_capability::{Rpc, rpc::Type as RpcType};
 use csi_proto as csi;
-use strata_core::Error;
+use strata_core::model::CapacityRange;
 use strata_core::node::{PublishVolume, StageVolume, Usage};
 use strata_core::validate::{absolute_path, required_str};
 use tonic::{Request, Response, Status};
@@ -18,6 +18,7 @@ pub const CAPABILITIES: &[RpcType] = &[
     RpcType::GetVolumeStats,
     RpcType::VolumeCondition,
     RpcType::SingleNodeMultiWriter,
+    RpcType::ExpandVolume,
 ];
 
 #[tonic::async_trait]
@@ -135,12 +136,27 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _: Request<csi::NodeExpandVolumeRequest>,
+        request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        run("NodeExpandVolume", "", || {
-            Err::<csi::NodeExpandVolumeResponse, _>(Error::Unimplemented(
-                "NodeExpandVolume is not offered by this driver; see NodeGetCapabilities".into(),
-            ))
+        let req = request.into_inner();
+        let driver = self.0.driver.clone();
+        let id = req.volume_id.clone();
+        run("NodeExpandVolume", &id, move || {
+            required_str("volume_id", &req.volume_id)?;
+            let path = absolute_path("volume_path", &req.volume_path)?;
+            if let Some(cap) = &req.volume_capability {
+                driver.check_capability(&convert::capability(cap)?)?;
+            }
+            let required = req
+                .capacity_range
+                .map(|r| CapacityRange::from_signed(r.required_bytes, r.limit_bytes))
+                .transpose()?
+                .unwrap_or_default()
+                .required;
+            let capacity = driver.node_expand_volume(&req.volume_id, &path, required)?;
+            Ok(csi::NodeExpandVolumeResponse {
+                capacity_bytes: capacity as i64,
+            })
         })
         .await
     }
