@@ -145,3 +145,120 @@ async fn crash_during_stage_after_loop_attach_then_retry() {
 async fn crash_during_stage_after_mkfs_then_retry() {
     crash_during_stage("stage:after-format").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_while_a_snapshot_holds_the_filesystem_frozen_then_retry() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("frozen", 64 * MIB, ext4()).await.volume_id;
+    let (staging, target) = (env.path("staging"), env.path("target"));
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    env.publish(&id, &staging, &target, ext4(), false)
+        .await
+        .unwrap();
+    fs::write(format!("{target}/before"), b"before").unwrap();
+    env.restart(Some("snapshot:frozen")).await;
+    let mut c = env.csi.controller.clone();
+    let sid = id.clone();
+    assert_dead(&mut env, async move {
+        c.create_snapshot(snapshot_req(&sid)).await.map(drop)
+    })
+    .await;
+    env.restart(None).await;
+    // Startup thawed the filesystem: a write completes (on a frozen one it would block).
+    let path = format!("{target}/after");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = fs::File::create(&path).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(b"after")?;
+            f.sync_all()
+        });
+        let _ = tx.send(r.is_ok());
+    });
+    assert_eq!(
+        rx.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(true),
+        "filesystem still frozen"
+    );
+    let snap = env
+        .csi
+        .controller
+        .create_snapshot(snapshot_req(&id))
+        .await
+        .expect("retried snapshot succeeds")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use);
+    env.unpublish(&id, &target).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+}
+
+fn snapshot_req(source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: "snap".into(),
+        ..Default::default()
+    }
+}
+
+fn expand_req(id: &str) -> csi::ControllerExpandVolumeRequest {
+    csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 64 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_snapshot_and_expansion_then_retry() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("grown", 32 * MIB, ext4()).await.volume_id;
+    env.restart(Some("snapshot:after-copy")).await;
+    let mut c = env.csi.controller.clone();
+    let sid = id.clone();
+    assert_dead(&mut env, async move {
+        c.create_snapshot(snapshot_req(&sid)).await.map(drop)
+    })
+    .await;
+    env.restart(Some("expand:after-grow")).await;
+    let mut c = env.csi.controller.clone();
+    let eid = id.clone();
+    assert_dead(&mut env, async move {
+        c.controller_expand_volume(expand_req(&eid)).await.map(drop)
+    })
+    .await;
+    env.restart(None).await;
+    let snapshots_dir = env.pool().join("snapshots");
+    assert_eq!(
+        fs::read_dir(&snapshots_dir).unwrap().count(),
+        0,
+        "half-made snapshot rolled back"
+    );
+    let r = env
+        .csi
+        .controller
+        .controller_expand_volume(expand_req(&id))
+        .await
+        .expect("retried expansion succeeds")
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 64 * MIB);
+    let image = env.pool().join("volumes").join(&id).join("image");
+    assert_eq!(fs::metadata(image).unwrap().len(), 64 << 20);
+    let snap = env
+        .csi
+        .controller
+        .create_snapshot(snapshot_req(&id))
+        .await
+        .expect("retried snapshot succeeds")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.size_bytes, 64 * MIB);
+    assert_eq!(fs::read_dir(&snapshots_dir).unwrap().count(), 1);
+    env.assert_clean();
+}

@@ -75,6 +75,7 @@ impl Driver {
             inflight: InFlight::new(),
             crash,
         };
+        driver.thaw_all()?;
         Ok((driver, report))
     }
 

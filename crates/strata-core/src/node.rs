@@ -88,6 +88,27 @@ impl Driver {
             .collect())
     }
 
+    /// Thaws every mounted volume filesystem: a crash while a snapshot had one frozen must not
+    /// leave it frozen. Thawing a filesystem that is not frozen does nothing.
+    pub fn thaw_all(&self) -> Result<usize> {
+        let loops = self.host.loops.list()?;
+        let mut thawed = 0;
+        for m in self.host.mounter.mounts()? {
+            let ours = loops.iter().any(|l| {
+                (l.major, l.minor) == m.device() && l.backing_file.starts_with(&self.config.pool)
+            });
+            if ours && m.root == Path::new("/") {
+                match self.host.filesystems.thaw(&m.mount_point) {
+                    Ok(()) => thawed += 1,
+                    Err(e) => {
+                        tracing::warn!(mount_point = %m.mount_point.display(), error = %e, "could not thaw")
+                    }
+                }
+            }
+        }
+        Ok(thawed)
+    }
+
     /// Freezes the volume's filesystem if it is mounted on this node, so a copy of its data is
     /// consistent; the guard thaws it. `None` when nothing is mounted (nothing can change).
     pub(crate) fn freeze_if_mounted(&self, dir: &Path) -> Result<Option<FrozenGuard<'_>>> {

@@ -33,6 +33,9 @@ impl Driver {
         let taken = self
             .freeze_if_mounted(&source_dir)
             .and_then(|frozen| {
+                if frozen.is_some() {
+                    self.crash.reach("snapshot:frozen");
+                }
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default();
