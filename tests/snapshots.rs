@@ -130,9 +130,7 @@ fn volume_source(id: &str) -> csi::volume_content_source::Type {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filesystem_snapshot_restores_old_data_into_a_larger_volume_after_the_source_is_gone() {
-    let mut env = TestEnv::start().await;
+async fn filesystem_snapshot_restore_and_clone(mut env: TestEnv, method: &str) {
     let cap = ext4();
     let src = env.create("source", 64 * MIB, cap.clone()).await.volume_id;
     let mnt = env.mount(&src, "src", cap.clone()).await;
@@ -144,6 +142,17 @@ async fn filesystem_snapshot_restores_old_data_into_a_larger_volume_after_the_so
     assert!(snap.ready_to_use);
     assert_eq!(snap.source_volume_id, src);
     assert_eq!(snap.size_bytes, 64 * MIB);
+    let record = fs::read_to_string(
+        env.pool()
+            .join("snapshots")
+            .join(&snap.snapshot_id)
+            .join("snapshot.json"),
+    )
+    .unwrap();
+    assert!(
+        record.contains(&format!("\"method\": \"{method}\"")),
+        "{record}"
+    );
     fs::write(format!("{mnt}/data"), payload(2, 3 << 20)).unwrap();
     fs::write(
         format!("{mnt}/after"),
@@ -216,6 +225,17 @@ async fn filesystem_snapshot_restores_old_data_into_a_larger_volume_after_the_so
         .unwrap();
     env.assert_clean();
     assert!(env.pool_entries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_and_clone_by_sparse_copy_on_an_ext4_pool() {
+    filesystem_snapshot_restore_and_clone(TestEnv::start().await, "sparse_copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_and_clone_by_reflink_on_a_pool_image() {
+    let env = TestEnv::start_with_args(&["--pool-image", "1Gi"], None).await;
+    filesystem_snapshot_restore_and_clone(env, "reflink").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,8 @@ pub struct TestEnv {
     pub dir: TempDir,
     child: Option<Child>,
     pub csi: Csi,
+    /// Extra `strata serve` arguments, kept for restarts.
+    args: Vec<String>,
 }
 
 /// Mounts and loop devices under `dir`, as the kernel reports them.
@@ -44,7 +46,7 @@ pub fn kernel_state_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     (mounts, loops)
 }
 
-fn spawn(dir: &Path, crash_at: Option<&str>) -> Child {
+fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -56,6 +58,7 @@ fn spawn(dir: &Path, crash_at: Option<&str>) -> Child {
         .arg(format!("unix://{}", dir.join("csi.sock").display()))
         .arg("--pool")
         .arg(dir.join("pool"))
+        .args(args)
         .env("STRATA_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -89,23 +92,30 @@ impl TestEnv {
     }
 
     pub async fn start_with(crash_at: Option<&str>) -> Self {
+        Self::start_with_args(&[], crash_at).await
+    }
+
+    /// Starts the server with extra `serve` arguments (kept for restarts).
+    pub async fn start_with_args(args: &[&str], crash_at: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("strata-test-")
             .tempdir_in("/tmp")
             .unwrap();
-        let mut child = spawn(dir.path(), crash_at);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut child = spawn(dir.path(), &args, crash_at);
         let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;
         TestEnv {
             dir,
             child: Some(child),
             csi,
+            args,
         }
     }
 
     /// Restarts the server on the same pool (after a crash or a stop).
     pub async fn restart(&mut self, crash_at: Option<&str>) {
         self.stop();
-        let mut child = spawn(self.dir.path(), crash_at);
+        let mut child = spawn(self.dir.path(), &self.args, crash_at);
         self.csi = wait_for(&self.dir.path().join("csi.sock"), &mut child).await;
         self.child = Some(child);
     }
@@ -136,8 +146,14 @@ impl TestEnv {
         self.dir.path().join(name).display().to_string()
     }
 
+    /// Where the pool's volumes and snapshots live (inside the pool image when there is one).
     pub fn pool(&self) -> PathBuf {
-        self.dir.path().join("pool")
+        let dir = self.dir.path().join("pool");
+        if self.args.iter().any(|a| a == "--pool-image") {
+            dir.join("data")
+        } else {
+            dir
+        }
     }
 
     pub fn server_log(&self) -> String {
@@ -146,7 +162,17 @@ impl TestEnv {
 
     /// Asserts that no mount or loop device is left under the test directory.
     pub fn assert_clean(&self) {
-        let (mounts, loops) = kernel_state_under(self.dir.path());
+        // The pool image's own mount and loop device stay while the server runs.
+        let pool_dir = self.dir.path().join("pool");
+        let (mut mounts, mut loops) = kernel_state_under(self.dir.path());
+        mounts.retain(|m| *m != pool_dir.join("data"));
+        loops.retain(|l| {
+            LinuxHost
+                .list()
+                .unwrap()
+                .iter()
+                .all(|d| d.path != *l || d.backing_file != pool_dir.join("pool.img"))
+        });
         assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
         assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
     }

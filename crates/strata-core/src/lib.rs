@@ -10,6 +10,7 @@ pub mod inflight;
 pub mod model;
 pub mod node;
 pub mod os;
+pub mod pool_image;
 pub mod reaper;
 pub mod snapshot;
 pub mod store;

@@ -62,6 +62,10 @@ enum Command {
         /// Topology key naming this node (default: <driver-name>/node).
         #[arg(long)]
         topology_key: Option<String>,
+        /// Create (once) and mount an xfs filesystem with reflink on a sparse image of this
+        /// size inside the pool directory, so snapshots are instant on any host filesystem.
+        #[arg(long, value_parser = parse_size)]
+        pool_image: Option<u64>,
     },
     /// Show a driver's identity, readiness and node info.
     Info(ClientArgs),
@@ -219,6 +223,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             driver_name,
             max_volumes,
             topology_key,
+            pool_image,
         } => {
             server::serve(server::ServeOptions {
                 endpoint,
@@ -227,6 +232,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 driver_name,
                 max_volumes,
                 topology_key,
+                pool_image,
                 crash_at: std::env::var("STRATA_CRASH_AT").ok(),
             })
             .await

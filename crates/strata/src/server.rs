@@ -12,7 +12,9 @@ use csi_proto::{
 };
 use strata_core::backend::image::ImageBackend;
 use strata_core::fault::CrashPoints;
+use strata_core::model::CopyMethod;
 use strata_core::os::Host;
+use strata_core::pool_image::mount_pool_image;
 use strata_core::{Config, Driver};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
@@ -30,6 +32,8 @@ pub struct ServeOptions {
     pub driver_name: String,
     pub max_volumes: i64,
     pub topology_key: Option<String>,
+    /// Size of an xfs pool image to create and mount inside the pool directory.
+    pub pool_image: Option<u64>,
     /// Test-only crash point (environment STRATA_CRASH_AT).
     pub crash_at: Option<String>,
 }
@@ -38,8 +42,14 @@ pub struct ServeOptions {
 pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
     fs::create_dir_all(&opts.pool)
         .map_err(|e| format!("create pool {}: {e}", opts.pool.display()))?;
-    let pool = fs::canonicalize(&opts.pool)
+    let dir = fs::canonicalize(&opts.pool)
         .map_err(|e| format!("resolve pool {}: {e}", opts.pool.display()))?;
+    let host = Host::linux();
+    let pool = match opts.pool_image {
+        Some(size) => mount_pool_image(&host, &dir, size)
+            .map_err(|e| format!("pool image in {}: {e}", dir.display()))?,
+        None => dir,
+    };
     let config = Config {
         driver_name: opts.driver_name.clone(),
         node_id: opts.node_id.clone(),
@@ -50,8 +60,14 @@ pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
         max_volumes_per_node: opts.max_volumes,
         pool: pool.clone(),
     };
-    let host = Host::linux();
-    let backend = Arc::new(ImageBackend::new(pool, host.clone()));
+    let backend = Arc::new(ImageBackend::new(pool.clone(), host.clone()));
+    match backend.detect_copy_method() {
+        Ok(CopyMethod::Reflink) => tracing::info!(pool = %pool.display(),
+            "the pool shares extents: snapshots and clones are instant"),
+        Ok(CopyMethod::SparseCopy) => tracing::warn!(pool = %pool.display(),
+            "the pool cannot share extents: snapshots and clones copy the data (O(data)); use --pool-image or a pool on xfs/btrfs for instant ones"),
+        Err(e) => return Err(format!("pool {} is not writable: {e}", pool.display())),
+    }
     let started = Instant::now();
     let (driver, report) = Driver::open(
         config,

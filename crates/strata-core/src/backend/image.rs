@@ -35,6 +35,22 @@ impl ImageBackend {
         dir.join(IMAGE_FILE)
     }
 
+    /// Whether the pool shares extents, tried on two scratch files: decides whether snapshots
+    /// cost O(1) or O(data).
+    pub fn detect_copy_method(&self) -> Result<CopyMethod> {
+        let (a, b) = (
+            self.pool.join(".reflink-probe-a"),
+            self.pool.join(".reflink-probe-b"),
+        );
+        let _ = fs::remove_file(&a);
+        let _ = fs::remove_file(&b);
+        fs::write(&a, [0u8; 4096]).ctx(|| format!("write {}", a.display()))?;
+        let method = self.host.filesystems.clone_file(&a, &b);
+        let _ = fs::remove_file(&a);
+        let _ = fs::remove_file(&b);
+        method
+    }
+
     /// Extends an image to `size` bytes (never shrinks it), durably.
     fn grow_image(&self, image: &Path, size: u64) -> Result<()> {
         let file = fs::OpenOptions::new()

@@ -210,7 +210,10 @@ impl LinuxHost {
         info.file_name[..n].copy_from_slice(&name[..n]);
         let config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
-            block_size: 0,
+            // Always 512-byte sectors: left to the kernel, a reflinked image on xfs gets the
+            // filesystem's block size for direct I/O, and a 1 KiB-block ext4 then fails to
+            // mount. Direct I/O stays on wherever the alignment allows.
+            block_size: 512,
             info,
             reserved: [0; 8],
         };
