@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use strata::client::commands::{self, CapabilityArgs, parse_size};
+use strata::client::commands::{self, CapabilityArgs, SourceArgs, parse_size};
 use strata::client::output::Format;
 use strata::endpoint::Endpoint;
 use strata::{bench, client, server};
@@ -72,6 +72,9 @@ enum Command {
     /// Controller operations on volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshot operations.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Node operations: stage, publish, stats.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -92,6 +95,8 @@ enum VolumeCommand {
         size: u64,
         #[command(flatten)]
         capability: CapabilityArgs,
+        #[command(flatten)]
+        source: SourceArgs,
         /// StorageClass-style parameter KEY=VALUE, repeatable.
         #[arg(long = "parameter", value_parser = parse_key_value)]
         parameters: Vec<(String, String)>,
@@ -115,6 +120,45 @@ enum VolumeCommand {
         #[command(flatten)]
         client: ClientArgs,
         volume_id: String,
+    },
+    /// Grow a volume (ControllerExpandVolume).
+    Expand {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        /// New size, e.g. 2Gi.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a volume.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+        source_volume_id: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        #[command(flatten)]
+        client: ClientArgs,
+        snapshot_id: String,
+    },
+    /// List snapshots, optionally of one volume.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        source_volume_id: Option<String>,
+    },
+    /// Show one snapshot.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        snapshot_id: String,
     },
 }
 
@@ -160,6 +204,15 @@ enum NodeCommand {
         #[arg(long)]
         target_path: String,
     },
+    /// Grow the filesystem of a staged volume after a volume expand.
+    Expand {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        /// Where the volume is staged or published.
+        #[arg(long)]
+        path: String,
+    },
     /// Usage and condition of a staged or published volume.
     Stats {
         #[command(flatten)]
@@ -190,6 +243,17 @@ enum BenchCommand {
         workdir: PathBuf,
         #[command(flatten)]
         capability: CapabilityArgs,
+    },
+    /// Snapshot and restore volumes holding each data size; verifies the restored data.
+    Snapshot {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Data sizes, comma separated.
+        #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64Mi,512Mi,2Gi")]
+        sizes: Vec<u64>,
+        /// Directory for staging paths.
+        #[arg(long, default_value = "/tmp/strata-bench")]
+        workdir: PathBuf,
     },
     /// Create N volumes, list them all, delete them (unless --keep).
     Scale {
@@ -244,18 +308,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                 name,
                 size,
                 capability,
+                source,
                 parameters,
             } => {
                 let params: HashMap<String, String> = parameters.into_iter().collect();
-                commands::volume_create(
-                    client::connect(&c.endpoint).await?,
-                    name,
-                    size,
-                    &capability,
-                    params,
-                    c.output,
-                )
-                .await
+                let csi = client::connect(&c.endpoint).await?;
+                commands::volume_create(csi, name, size, &capability, &source, params, c.output)
+                    .await
             }
             VolumeCommand::Delete {
                 client: c,
@@ -273,6 +332,56 @@ async fn run(cli: Cli) -> Result<(), String> {
                 volume_id,
             } => {
                 commands::volume_get(client::connect(&c.endpoint).await?, volume_id, c.output).await
+            }
+            VolumeCommand::Expand {
+                client: c,
+                volume_id,
+                size,
+            } => {
+                commands::volume_expand(
+                    client::connect(&c.endpoint).await?,
+                    volume_id,
+                    size,
+                    c.output,
+                )
+                .await
+            }
+        },
+        Command::Snapshot(s) => match s {
+            SnapshotCommand::Create {
+                client: c,
+                name,
+                source_volume_id,
+            } => {
+                commands::snapshot_create(
+                    client::connect(&c.endpoint).await?,
+                    name,
+                    source_volume_id,
+                    c.output,
+                )
+                .await
+            }
+            SnapshotCommand::Delete {
+                client: c,
+                snapshot_id,
+            } => commands::snapshot_delete(client::connect(&c.endpoint).await?, snapshot_id).await,
+            SnapshotCommand::List {
+                client: c,
+                source_volume_id,
+            } => {
+                commands::snapshot_list(
+                    client::connect(&c.endpoint).await?,
+                    source_volume_id,
+                    c.output,
+                )
+                .await
+            }
+            SnapshotCommand::Get {
+                client: c,
+                snapshot_id,
+            } => {
+                commands::snapshot_get(client::connect(&c.endpoint).await?, snapshot_id, c.output)
+                    .await
             }
         },
         Command::Node(n) => match n {
@@ -328,6 +437,19 @@ async fn run(cli: Cli) -> Result<(), String> {
                 )
                 .await
             }
+            NodeCommand::Expand {
+                client: c,
+                volume_id,
+                path,
+            } => {
+                commands::node_expand(
+                    client::connect(&c.endpoint).await?,
+                    volume_id,
+                    path,
+                    c.output,
+                )
+                .await
+            }
             NodeCommand::Stats {
                 client: c,
                 volume_id,
@@ -361,6 +483,19 @@ async fn run(cli: Cli) -> Result<(), String> {
                     capability,
                 };
                 bench::lifecycle(client::connect(&c.endpoint).await?, args, c.output).await
+            }
+            BenchCommand::Snapshot {
+                client: c,
+                sizes,
+                workdir,
+            } => {
+                bench::snapshot(
+                    client::connect(&c.endpoint).await?,
+                    sizes,
+                    workdir,
+                    c.output,
+                )
+                .await
             }
             BenchCommand::Scale {
                 client: c,

@@ -147,11 +147,41 @@ pub async fn info(mut csi: Csi, format: Format) -> Result<(), String> {
     Ok(())
 }
 
+/// Where a new volume's data comes from, from the command line.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SourceArgs {
+    /// Restore this snapshot into the new volume.
+    #[arg(long, conflicts_with = "from_volume")]
+    pub from_snapshot: Option<String>,
+    /// Clone this volume into the new volume.
+    #[arg(long)]
+    pub from_volume: Option<String>,
+}
+
+impl SourceArgs {
+    fn to_csi(&self) -> Option<csi::VolumeContentSource> {
+        use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+        let source = match (&self.from_snapshot, &self.from_volume) {
+            (Some(id), _) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.clone(),
+            }),
+            (None, Some(id)) => Type::Volume(VolumeSource {
+                volume_id: id.clone(),
+            }),
+            (None, None) => return None,
+        };
+        Some(csi::VolumeContentSource {
+            r#type: Some(source),
+        })
+    }
+}
+
 pub async fn volume_create(
     mut csi: Csi,
     name: String,
     size: u64,
     cap: &CapabilityArgs,
+    source: &SourceArgs,
     parameters: HashMap<String, String>,
     format: Format,
 ) -> Result<(), String> {
@@ -165,6 +195,7 @@ pub async fn volume_create(
             }),
             volume_capabilities: vec![cap.to_csi()],
             parameters,
+            volume_content_source: source.to_csi(),
             ..Default::default()
         })
         .await
@@ -331,6 +362,153 @@ pub async fn node_stats(
         ]);
     }
     rows.print(format);
+    Ok(())
+}
+
+pub async fn volume_expand(
+    mut csi: Csi,
+    volume_id: String,
+    size: u64,
+    format: Format,
+) -> Result<(), String> {
+    let r = csi
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: size as i64,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("ControllerExpandVolume", s))?
+        .into_inner();
+    let mut rows = Rows::new(&["ID", "CAPACITY", "NODE_EXPANSION_REQUIRED"]);
+    rows.push(vec![
+        volume_id,
+        r.capacity_bytes.to_string(),
+        r.node_expansion_required.to_string(),
+    ]);
+    rows.print(format);
+    Ok(())
+}
+
+pub async fn node_expand(
+    mut csi: Csi,
+    volume_id: String,
+    path: String,
+    format: Format,
+) -> Result<(), String> {
+    let r = csi
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: volume_id.clone(),
+            volume_path: path,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("NodeExpandVolume", s))?
+        .into_inner();
+    let mut rows = Rows::new(&["ID", "CAPACITY"]);
+    rows.push(vec![volume_id, r.capacity_bytes.to_string()]);
+    rows.print(format);
+    Ok(())
+}
+
+fn snapshot_rows(snapshots: &[csi::Snapshot]) -> Rows {
+    let mut rows = Rows::new(&["ID", "SOURCE", "SIZE", "CREATED", "READY"]);
+    for s in snapshots {
+        rows.push(vec![
+            s.snapshot_id.clone(),
+            s.source_volume_id.clone(),
+            s.size_bytes.to_string(),
+            s.creation_time
+                .as_ref()
+                .map(|t| t.seconds.to_string())
+                .unwrap_or_default(),
+            s.ready_to_use.to_string(),
+        ]);
+    }
+    rows
+}
+
+pub async fn snapshot_create(
+    mut csi: Csi,
+    name: String,
+    source: String,
+    format: Format,
+) -> Result<(), String> {
+    let s = csi
+        .controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: source,
+            name,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("CreateSnapshot", s))?
+        .into_inner()
+        .snapshot
+        .unwrap_or_default();
+    snapshot_rows(&[s]).print(format);
+    Ok(())
+}
+
+pub async fn snapshot_delete(mut csi: Csi, snapshot_id: String) -> Result<(), String> {
+    csi.controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .map_err(|s| status_error("DeleteSnapshot", s))?;
+    eprintln!("deleted {snapshot_id}");
+    Ok(())
+}
+
+pub async fn snapshot_list(
+    mut csi: Csi,
+    source: Option<String>,
+    format: Format,
+) -> Result<(), String> {
+    let mut all = vec![];
+    let mut token = String::new();
+    loop {
+        let page = csi
+            .controller
+            .list_snapshots(csi::ListSnapshotsRequest {
+                max_entries: 500,
+                starting_token: token,
+                source_volume_id: source.clone().unwrap_or_default(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| status_error("ListSnapshots", s))?
+            .into_inner();
+        all.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    snapshot_rows(&all).print(format);
+    Ok(())
+}
+
+pub async fn snapshot_get(mut csi: Csi, snapshot_id: String, format: Format) -> Result<(), String> {
+    let s = csi
+        .controller
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id,
+            secrets: HashMap::new(),
+        })
+        .await
+        .map_err(|s| status_error("GetSnapshot", s))?
+        .into_inner()
+        .snapshot
+        .unwrap_or_default();
+    snapshot_rows(&[s]).print(format);
     Ok(())
 }
 

@@ -1,0 +1,113 @@
+//! The `strata` client commands against a running server: tables, JSON, and the full
+//! create / snapshot / restore / expand / delete flow an operator would type.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn strata(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .env("CSI_ENDPOINT", format!("unix://{}", env.path("csi.sock")))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_id(env: &TestEnv, args: &[&str]) -> String {
+    let (ok, out, err) = strata(env, args);
+    assert!(ok, "{args:?}: {err}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    rows[0]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_drive_a_volume_through_its_life_with_the_client() {
+    let env = TestEnv::start().await;
+    let (ok, out, _) = strata(&env, &["info"]);
+    assert!(
+        ok && out.contains("strata.csi.dev") && out.contains("test-node"),
+        "{out}"
+    );
+
+    let id = json_id(
+        &env,
+        &["volume", "create", "demo", "--size", "64Mi", "-o", "json"],
+    );
+    let (ok, out, _) = strata(&env, &["volume", "list"]);
+    assert!(
+        ok && out.starts_with("ID") && out.contains(&id) && out.contains("67108864"),
+        "{out}"
+    );
+
+    let (staging, target) = (env.path("stage"), env.path("mnt"));
+    let (ok, _, err) = strata(&env, &["node", "stage", &id, "--staging-path", &staging]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = strata(
+        &env,
+        &[
+            "node",
+            "publish",
+            &id,
+            "--staging-path",
+            &staging,
+            "--target-path",
+            &target,
+        ],
+    );
+    assert!(ok, "{err}");
+    std::fs::write(format!("{target}/hello"), b"hello").unwrap();
+    let (ok, out, _) = strata(
+        &env,
+        &["node", "stats", &id, "--path", &target, "-o", "json"],
+    );
+    assert!(ok && out.contains("\"unit\": \"bytes\""), "{out}");
+
+    let snap = json_id(&env, &["snapshot", "create", "snap", &id, "-o", "json"]);
+    let (ok, out, _) = strata(&env, &["snapshot", "list", "--source-volume-id", &id]);
+    assert!(ok && out.contains(&snap), "{out}");
+    let restored = json_id(
+        &env,
+        &[
+            "volume",
+            "create",
+            "restored",
+            "--size",
+            "128Mi",
+            "--from-snapshot",
+            &snap,
+            "-o",
+            "json",
+        ],
+    );
+    let (ok, out, _) = strata(&env, &["volume", "expand", &restored, "--size", "256Mi"]);
+    assert!(ok && out.contains("268435456"), "{out}");
+
+    // Errors are one line with the gRPC code and the driver's advice; the exit code is 1.
+    let (ok, _, err) = strata(&env, &["volume", "delete", &id]);
+    assert!(
+        !ok && err.contains("FailedPrecondition") && err.contains("unpublish"),
+        "{err}"
+    );
+
+    for args in [
+        vec!["node", "unpublish", &id, "--target-path", &target],
+        vec!["node", "unstage", &id, "--staging-path", &staging],
+        vec!["volume", "delete", &id],
+        vec!["volume", "delete", &restored],
+        vec!["snapshot", "delete", &snap],
+    ] {
+        let (ok, _, err) = strata(&env, &args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    let (ok, out, _) = strata(&env, &["volume", "list", "-o", "json"]);
+    assert!(ok && out.trim() == "[]", "{out}");
+    env.assert_clean();
+}
