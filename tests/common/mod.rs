@@ -19,6 +19,25 @@ use tempfile::TempDir;
 
 pub const MIB: i64 = 1 << 20;
 
+/// The pools the backend tests run on, each made by the test itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Image backend on the host's filesystem (ext4 here: snapshots by sparse copy).
+    ImageOnHost,
+    /// Image backend on an xfs pool image (snapshots by reflink).
+    ImageOnXfs,
+    /// Dir backend on a loop-mounted ext4 filesystem.
+    DirOnExt4,
+    /// btrfs backend on a loop-mounted btrfs filesystem.
+    BtrfsOnBtrfs,
+}
+
+impl PoolKind {
+    pub fn supports_block(self) -> bool {
+        matches!(self, PoolKind::ImageOnHost | PoolKind::ImageOnXfs)
+    }
+}
+
 pub struct TestEnv {
     pub dir: TempDir,
     child: Option<Child>,
@@ -95,6 +114,49 @@ impl TestEnv {
         Self::start_with_args(&[], crash_at).await
     }
 
+    /// Starts the server on a pool of the given kind (see [`PoolKind`]).
+    pub async fn start_pool(kind: PoolKind) -> Self {
+        match kind {
+            PoolKind::ImageOnHost => Self::start().await,
+            PoolKind::ImageOnXfs => Self::start_with_args(&["--pool-image", "1Gi"], None).await,
+            PoolKind::DirOnExt4 => Self::start_on_fs("ext4", &["--backend", "dir"]).await,
+            PoolKind::BtrfsOnBtrfs => Self::start_on_fs("btrfs", &["--backend", "btrfs"]).await,
+        }
+    }
+
+    /// Makes a filesystem of `fs_type` on a sparse image in the test directory, mounts it as
+    /// the pool, and starts the server there.
+    async fn start_on_fs(fs_type: &str, args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let image = dir.path().join("pool-fs.img");
+        fs::File::create(&image).unwrap().set_len(2 << 30).unwrap();
+        let out = Command::new(format!("mkfs.{fs_type}"))
+            .arg(if fs_type == "btrfs" { "-q" } else { "-qF" })
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mkfs.{fs_type}: {out:?}");
+        let pool = dir.path().join("pool");
+        fs::create_dir(&pool).unwrap();
+        let dev = LinuxHost.attach(&image).unwrap();
+        LinuxHost
+            .mount_device(&dev.path, &pool, fs_type, &Default::default())
+            .unwrap();
+        LinuxHost.set_auto_clear(&dev).unwrap();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut child = spawn(dir.path(), &args, None);
+        let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;
+        TestEnv {
+            dir,
+            child: Some(child),
+            csi,
+            args,
+        }
+    }
+
     /// Starts the server with extra `serve` arguments (kept for restarts).
     pub async fn start_with_args(args: &[&str], crash_at: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
@@ -162,16 +224,20 @@ impl TestEnv {
 
     /// Asserts that no mount or loop device is left under the test directory.
     pub fn assert_clean(&self) {
-        // The pool image's own mount and loop device stay while the server runs.
+        // The pool's own filesystem (a pool image, or one a test made) stays while it runs.
         let pool_dir = self.dir.path().join("pool");
+        let pool_images = [
+            pool_dir.join("pool.img"),
+            self.dir.path().join("pool-fs.img"),
+        ];
         let (mut mounts, mut loops) = kernel_state_under(self.dir.path());
-        mounts.retain(|m| *m != pool_dir.join("data"));
+        mounts.retain(|m| *m != pool_dir.join("data") && *m != pool_dir);
         loops.retain(|l| {
             LinuxHost
                 .list()
                 .unwrap()
                 .iter()
-                .all(|d| d.path != *l || d.backing_file != pool_dir.join("pool.img"))
+                .all(|d| d.path != *l || !pool_images.contains(&d.backing_file))
         });
         assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
         assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
@@ -204,20 +270,21 @@ impl Drop for TestEnv {
         if std::thread::panicking() {
             eprintln!("--- server log ---\n{}", self.server_log());
         }
-        // Deepest mount points first, repeated for stacked mounts.
+        // Deepest mount points first; loop devices of volume images block the pool's own
+        // unmount, so detach between passes and repeat.
         for _ in 0..8 {
-            let (mut mounts, _) = kernel_state_under(self.dir.path());
-            if mounts.is_empty() {
+            let (mut mounts, loops) = kernel_state_under(self.dir.path());
+            if mounts.is_empty() && loops.is_empty() {
                 break;
             }
             mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
             for m in mounts {
                 let _ = LinuxHost.unmount(&m);
             }
-        }
-        for dev in LinuxHost.list().unwrap_or_default() {
-            if dev.backing_file.starts_with(self.dir.path()) {
-                let _ = LinuxHost.detach(&dev);
+            for dev in LinuxHost.list().unwrap_or_default() {
+                if dev.backing_file.starts_with(self.dir.path()) {
+                    let _ = LinuxHost.detach(&dev);
+                }
             }
         }
     }

@@ -65,7 +65,9 @@ impl Driver {
                 mount_flags,
                 ..
             } => {
-                fs_type_of(fs_type)?;
+                if !self.backend.serves_directories() {
+                    fs_type_of(fs_type)?;
+                }
                 MountOptions::parse(mount_flags).map(drop)
             }
         }
@@ -175,7 +177,7 @@ impl Driver {
                     Some(ContentSource::Volume(_)) => self.freeze_if_mounted(src)?,
                     _ => None,
                 };
-                let copied = self.backend.copy_from(src, &staging, size).map(drop);
+                let copied = self.backend.copy_from(src, &staging, size, false).map(drop);
                 drop(frozen);
                 copied
             }

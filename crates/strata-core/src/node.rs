@@ -52,7 +52,7 @@ fn shows(entry: &MountEntry, att: &Attachment) -> bool {
                     .file_name()
                     .is_some_and(|n| entry.root == Path::new("/").join(n))
         }
-        Attachment::Directory(dir) => entry.root == *dir,
+        Attachment::Directory(d) => entry.device() == d.device && entry.root == d.root,
     }
 }
 
@@ -112,7 +112,9 @@ impl Driver {
     /// Freezes the volume's filesystem if it is mounted on this node, so a copy of its data is
     /// consistent; the guard thaws it. `None` when nothing is mounted (nothing can change).
     pub(crate) fn freeze_if_mounted(&self, dir: &Path) -> Result<Option<FrozenGuard<'_>>> {
-        let Some(att) = self.backend.attachment(dir)? else {
+        // Only a volume's own filesystem is frozen; a directory volume shares the pool's
+        // filesystem, which is never frozen (its backends copy atomically or file by file).
+        let Some(att @ Attachment::Device(_)) = self.backend.attachment(dir)? else {
             return Ok(None);
         };
         let Some(mount) = self
@@ -202,11 +204,17 @@ impl Driver {
             }
             return Ok(());
         };
-        let fs_type = fs_type_of(fs_type)?;
+        let fs_type = if self.backend.serves_directories() {
+            fs_type.as_str()
+        } else {
+            fs_type_of(fs_type)?
+        };
         let options = MountOptions::parse(mount_flags)?;
 
         if let Some(m) = existing.first() {
-            if m.fs_type != fs_type || m.read_only() != options.read_only() {
+            // A bind-mounted directory has the pool's filesystem type, whatever was asked.
+            let fs_differs = matches!(att, Attachment::Device(_)) && m.fs_type != fs_type;
+            if fs_differs || m.read_only() != options.read_only() {
                 return Err(Error::AlreadyExists(format!(
                     "volume {} is staged at {} as {} ({}), incompatible with {fs_type} ({})",
                     record.id,
@@ -230,7 +238,7 @@ impl Driver {
                 return self
                     .host
                     .mounter
-                    .bind(src, &req.staging_path, options.read_only());
+                    .bind(&src.path, &req.staging_path, options.read_only());
             }
         };
         let id = record.id.clone();
@@ -539,6 +547,12 @@ impl Driver {
             };
             return Ok(VolumeStats {
                 usage: Some(Usage::Block { total_bytes }),
+                abnormal: abnormal_backend,
+            });
+        }
+        if let Some(u) = self.backend.usage(&dir, record.capacity_bytes)? {
+            return Ok(VolumeStats {
+                usage: Some(Usage::Filesystem(u)),
                 abnormal: abnormal_backend,
             });
         }

@@ -41,7 +41,7 @@ impl Driver {
                     .unwrap_or_default();
                 let method =
                     self.backend
-                        .copy_from(&source_dir, &staging, source.capacity_bytes)?;
+                        .copy_from(&source_dir, &staging, source.capacity_bytes, true)?;
                 drop(frozen);
                 Ok((method, now))
             })

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 use strata::client::commands::{self, CapabilityArgs, SourceArgs, parse_size};
 use strata::client::output::Format;
 use strata::endpoint::Endpoint;
+use strata::server::BackendKind;
 use strata::{bench, client, server};
 
 #[derive(Parser)]
@@ -66,6 +67,9 @@ enum Command {
         /// size inside the pool directory, so snapshots are instant on any host filesystem.
         #[arg(long, value_parser = parse_size)]
         pool_image: Option<u64>,
+        /// Storage backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Image)]
+        backend: BackendKind,
     },
     /// Show a driver's identity, readiness and node info.
     Info(ClientArgs),
@@ -288,6 +292,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             max_volumes,
             topology_key,
             pool_image,
+            backend,
         } => {
             server::serve(server::ServeOptions {
                 endpoint,
@@ -297,6 +302,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 max_volumes,
                 topology_key,
                 pool_image,
+                backend,
                 crash_at: std::env::var("STRATA_CRASH_AT").ok(),
             })
             .await

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use csi_proto::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
+use strata_core::backend::Backend;
+use strata_core::backend::btrfs::BtrfsBackend;
+use strata_core::backend::dir::DirBackend;
 use strata_core::backend::image::ImageBackend;
 use strata_core::fault::CrashPoints;
 use strata_core::model::CopyMethod;
@@ -25,6 +28,17 @@ use tonic::transport::server::Router;
 use crate::endpoint::Endpoint;
 use crate::service::{ControllerService, IdentityService, NodeService, Services};
 
+/// The storage backends `--backend` chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Sparse image files attached through loop devices (filesystem or block volumes).
+    Image,
+    /// btrfs subvolumes with qgroup limits (filesystem volumes; the pool must be on btrfs).
+    Btrfs,
+    /// Plain directories; sizes are not enforced (filesystem volumes).
+    Dir,
+}
+
 pub struct ServeOptions {
     pub endpoint: Endpoint,
     pub node_id: String,
@@ -34,6 +48,7 @@ pub struct ServeOptions {
     pub topology_key: Option<String>,
     /// Size of an xfs pool image to create and mount inside the pool directory.
     pub pool_image: Option<u64>,
+    pub backend: BackendKind,
     /// Test-only crash point (environment STRATA_CRASH_AT).
     pub crash_at: Option<String>,
 }
@@ -60,14 +75,26 @@ pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
         max_volumes_per_node: opts.max_volumes,
         pool: pool.clone(),
     };
-    let backend = Arc::new(ImageBackend::new(pool.clone(), host.clone()));
-    match backend.detect_copy_method() {
-        Ok(CopyMethod::Reflink) => tracing::info!(pool = %pool.display(),
-            "the pool shares extents: snapshots and clones are instant"),
-        Ok(CopyMethod::SparseCopy) => tracing::warn!(pool = %pool.display(),
-            "the pool cannot share extents: snapshots and clones copy the data (O(data)); use --pool-image or a pool on xfs/btrfs for instant ones"),
-        Err(e) => return Err(format!("pool {} is not writable: {e}", pool.display())),
+    if opts.pool_image.is_some() && opts.backend == BackendKind::Btrfs {
+        return Err("--pool-image makes an xfs pool; the btrfs backend needs a btrfs pool".into());
     }
+    let backend: Arc<dyn Backend> = match opts.backend {
+        BackendKind::Image => {
+            let image = ImageBackend::new(pool.clone(), host.clone());
+            match image.detect_copy_method() {
+                Ok(CopyMethod::Reflink) => tracing::info!(pool = %pool.display(),
+                    "the pool shares extents: snapshots and clones are instant"),
+                Ok(CopyMethod::SparseCopy) => tracing::warn!(pool = %pool.display(),
+                    "the pool cannot share extents: snapshots and clones copy the data (O(data)); use --pool-image or a pool on xfs/btrfs for instant ones"),
+                Err(e) => return Err(format!("pool {} is not writable: {e}", pool.display())),
+            }
+            Arc::new(image)
+        }
+        BackendKind::Dir => Arc::new(DirBackend::new(pool.clone(), host.clone())),
+        BackendKind::Btrfs => {
+            Arc::new(BtrfsBackend::new(pool.clone(), host.clone()).map_err(|e| e.to_string())?)
+        }
+    };
     let started = Instant::now();
     let (driver, report) = Driver::open(
         config,

@@ -126,7 +126,13 @@ impl Backend for ImageBackend {
         Ok(None)
     }
 
-    fn copy_from(&self, source_dir: &Path, dir: &Path, size: u64) -> Result<CopyMethod> {
+    fn copy_from(
+        &self,
+        source_dir: &Path,
+        dir: &Path,
+        size: u64,
+        _snapshot: bool,
+    ) -> Result<CopyMethod> {
         let image = Self::image(dir);
         let method = self
             .host

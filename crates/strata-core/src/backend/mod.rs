@@ -1,7 +1,10 @@
 //! Storage backends: where a volume's data lives and how the node reaches it. The controller
 //! and node logic are written once against [`Backend`]; each storage kind implements it.
 
+pub mod btrfs;
+pub mod dir;
 pub mod image;
+mod tree;
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +17,17 @@ use crate::os::{FsUsage, LoopDevice};
 pub enum Attachment {
     /// A block device (a loop device over the volume's image).
     Device(LoopDevice),
-    /// A directory that holds the volume's files.
-    Directory(PathBuf),
+    /// A directory that holds the volume's files, bind-mounted where it is used.
+    Directory(DataDir),
+}
+
+/// A volume's data directory and where the kernel's mount table finds it: the device of its
+/// filesystem and its path inside that filesystem (the `root` field of mountinfo).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDir {
+    pub path: PathBuf,
+    pub device: (u32, u32),
+    pub root: PathBuf,
 }
 
 /// One storage kind. Every method takes the volume's directory in the pool; the backend owns
@@ -25,6 +37,11 @@ pub trait Backend: Send + Sync {
     fn size_policy(&self) -> SizePolicy;
     /// Whether volumes can be handed out as raw block devices.
     fn supports_block(&self) -> bool;
+    /// Whether volumes are directories of the pool's filesystem (so a requested fs_type has
+    /// no meaning) rather than devices the node formats.
+    fn serves_directories(&self) -> bool {
+        false
+    }
     /// Space of the pool the volumes are carved from.
     fn pool_usage(&self) -> Result<FsUsage>;
     /// Creates the data of a new volume of `size` bytes in the empty directory `dir`.
@@ -33,10 +50,22 @@ pub trait Backend: Send + Sync {
     /// recreates an empty image whose creation was not yet durable). Never destroys data.
     /// Returns what it did, if anything.
     fn repair(&self, dir: &Path, capacity_bytes: u64, holds_data: bool) -> Result<Option<String>>;
+    /// Usage of a volume mounted at `mount_point`, where statvfs of the mount does not tell
+    /// it (directory backends). `None`: use statvfs.
+    fn usage(&self, _dir: &Path, _capacity_bytes: u64) -> Result<Option<FsUsage>> {
+        Ok(None)
+    }
     /// Fills the empty directory `dir` with a copy of the data in `source_dir` (a volume or a
     /// snapshot), `size` bytes large (at least the source's size). Shares extents where the
     /// pool allows, so the copy costs O(1); otherwise copies what is allocated.
-    fn copy_from(&self, source_dir: &Path, dir: &Path, size: u64) -> Result<CopyMethod>;
+    /// `snapshot` says the copy is a snapshot (kept read-only where the backend can).
+    fn copy_from(
+        &self,
+        source_dir: &Path,
+        dir: &Path,
+        size: u64,
+        snapshot: bool,
+    ) -> Result<CopyMethod>;
     /// Grows the volume's data to `size` bytes and lets a current attachment see the new size.
     fn expand(&self, dir: &Path, size: u64) -> Result<()>;
     /// Removes the volume's data, detaching whatever still uses it. Idempotent.

@@ -146,6 +146,24 @@ impl Host {
         }
     }
 
+    /// The device and in-filesystem path of `path` as the mount table names them, from the
+    /// mount with the longest mount point containing it.
+    pub fn locate(&self, path: &Path) -> Result<((u32, u32), PathBuf)> {
+        let mounts = self.mounter.mounts()?;
+        let m = mounts
+            .iter()
+            .filter(|m| path.starts_with(&m.mount_point))
+            .max_by_key(|m| m.mount_point.as_os_str().len())
+            .ok_or_else(|| Error::Internal(format!("no mount contains {}", path.display())))?;
+        let rel = path.strip_prefix(&m.mount_point).unwrap_or(Path::new(""));
+        let root = if rel.as_os_str().is_empty() {
+            m.root.clone()
+        } else {
+            m.root.join(rel)
+        };
+        Ok((m.device(), root))
+    }
+
     /// Mounts whose mount point is exactly `path`, most recent last.
     pub fn mounts_at(&self, path: &Path) -> Result<Vec<MountEntry>> {
         Ok(self
