@@ -266,3 +266,186 @@ async fn btrfs_enforces_the_volume_size() {
     env.delete(&id).await.unwrap();
     env.assert_clean();
 }
+
+/// Spec rules whose answers do not depend on the backend, checked on each one.
+async fn spec_rules(kind: PoolKind) {
+    let mut env = TestEnv::start_pool(kind).await;
+    let single = mount_cap("ext4", Mode::SingleNodeSingleWriter);
+    let a = env.create("a", 32 * MIB, single.clone()).await;
+    assert_eq!(
+        env.create("a", 32 * MIB, single.clone()).await,
+        a,
+        "{kind:?}: idempotent create"
+    );
+    let other_size = env
+        .csi
+        .controller
+        .create_volume(create_req("a", 64 * MIB, single.clone()))
+        .await;
+    assert_eq!(code(other_size), Code::AlreadyExists);
+    env.create("b", 32 * MIB, single.clone()).await;
+    env.create("c", 32 * MIB, single.clone()).await;
+    let page = env
+        .csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: 2,
+            starting_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.entries.len(), 2);
+    let rest = env
+        .csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: 2,
+            starting_token: page.next_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.entries.len(), 1);
+    assert!(rest.next_token.is_empty());
+
+    let id = a.volume_id;
+    let (staging, t1, t2) = (env.path("stage"), env.path("t1"), env.path("t2"));
+    let unknown = "vol-0123456789abcdef01234567";
+    assert_eq!(
+        code(env.stage(unknown, &staging, single.clone()).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(env.publish(&id, &staging, &t1, single.clone(), false).await),
+        Code::FailedPrecondition
+    );
+    env.stage(&id, &staging, single.clone()).await.unwrap();
+    env.publish(&id, &staging, &t1, single.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(env.publish(&id, &staging, &t1, single.clone(), true).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(env.publish(&id, &staging, &t2, single.clone(), false).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(env.unstage(&id, &staging).await),
+        Code::FailedPrecondition,
+        "still published"
+    );
+    assert_eq!(
+        code(env.delete(&id).await),
+        Code::FailedPrecondition,
+        "in use"
+    );
+
+    let snap = |name: &str, source: &str| csi::CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let s = env
+        .csi
+        .controller
+        .create_snapshot(snap("s", &id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(
+        code(env.csi.controller.create_snapshot(snap("s", unknown)).await),
+        Code::AlreadyExists
+    );
+    let shrink = env
+        .csi
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: MIB,
+                limit_bytes: MIB,
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(shrink), Code::OutOfRange);
+
+    env.unpublish(&id, &t1).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.csi
+        .controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: s.snapshot_id,
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+    let all = env
+        .csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for e in all.entries {
+        env.delete(&e.volume.unwrap().volume_id).await.unwrap();
+    }
+    env.assert_clean();
+    assert!(env.pool_entries().is_empty(), "{kind:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_rules_hold_on_every_backend() {
+    for kind in [
+        PoolKind::ImageOnHost,
+        PoolKind::ImageOnXfs,
+        PoolKind::DirOnExt4,
+        PoolKind::BtrfsOnBtrfs,
+    ] {
+        spec_rules(kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_crash_during_snapshot_leaves_no_stray_subvolume() {
+    let mut env = TestEnv::start_pool(PoolKind::BtrfsOnBtrfs).await;
+    let id = env.create("v", 32 * MIB, ext4()).await.volume_id;
+    env.restart(Some("snapshot:after-copy")).await;
+    let req = csi::CreateSnapshotRequest {
+        source_volume_id: id.clone(),
+        name: "s".into(),
+        ..Default::default()
+    };
+    let err = env
+        .csi
+        .controller
+        .create_snapshot(req.clone())
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    env.wait_for_exit();
+    env.restart(None).await;
+    let subvolumes = std::process::Command::new("btrfs")
+        .args(["subvolume", "list", "-o"])
+        .arg(env.pool())
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&subvolumes.stdout).into_owned();
+    assert_eq!(
+        listing.lines().count(),
+        1,
+        "only the volume's subvolume remains: {listing}"
+    );
+    assert!(listing.contains(&format!("volumes/{id}/data")), "{listing}");
+    env.csi
+        .controller
+        .create_snapshot(req)
+        .await
+        .expect("retried snapshot succeeds");
+    env.assert_clean();
+}
