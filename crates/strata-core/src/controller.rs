@@ -308,25 +308,7 @@ impl Driver {
         max_entries: i32,
         starting_token: &str,
     ) -> Result<(Vec<VolumeStatus>, Option<String>)> {
-        if max_entries < 0 {
-            return Err(Error::InvalidArgument(format!(
-                "max_entries must not be negative, got {max_entries}"
-            )));
-        }
-        let after = match starting_token {
-            "" => None,
-            t if is_volume_id(t) => Some(t),
-            t => {
-                return Err(Error::Aborted(format!(
-                    "starting_token {t:?} was not issued by this driver: restart the listing without a token"
-                )));
-            }
-        };
-        let max = if max_entries == 0 {
-            usize::MAX
-        } else {
-            max_entries as usize
-        };
+        let (after, max) = validate::paging(max_entries, starting_token, is_volume_id)?;
         let (page, more) = self.store.page(after, max);
         let next = more.then(|| page.last().map(|r| r.id.clone())).flatten();
         Ok((page.into_iter().map(|r| self.status(r)).collect(), next))

@@ -102,25 +102,7 @@ impl Driver {
         snapshot_id: &str,
         source_volume_id: &str,
     ) -> Result<(Vec<SnapshotRecord>, Option<String>)> {
-        if max_entries < 0 {
-            return Err(Error::InvalidArgument(format!(
-                "max_entries must not be negative, got {max_entries}"
-            )));
-        }
-        let after = match starting_token {
-            "" => None,
-            t if is_snapshot_id(t) => Some(t),
-            t => {
-                return Err(Error::Aborted(format!(
-                    "starting_token {t:?} was not issued by this driver: restart the listing without a token"
-                )));
-            }
-        };
-        let max = if max_entries == 0 {
-            usize::MAX
-        } else {
-            max_entries as usize
-        };
+        let (after, max) = validate::paging(max_entries, starting_token, is_snapshot_id)?;
         if !snapshot_id.is_empty() {
             // Filtering on an id that does not exist is an empty list, not an error.
             let found = self

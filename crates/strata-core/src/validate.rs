@@ -154,6 +154,36 @@ fn fill_random(buf: &mut [u8]) {
     }
 }
 
+/// Checks a List request's paging fields: returns the id to continue after (a token is the
+/// last id of the previous page, so pages stay correct while objects come and go) and the
+/// page size. A token this driver could not have issued is ABORTED, as the spec requires.
+pub fn paging(
+    max_entries: i32,
+    starting_token: &str,
+    is_id: fn(&str) -> bool,
+) -> Result<(Option<&str>, usize)> {
+    if max_entries < 0 {
+        return Err(Error::InvalidArgument(format!(
+            "max_entries must not be negative, got {max_entries}"
+        )));
+    }
+    let after = match starting_token {
+        "" => None,
+        t if is_id(t) => Some(t),
+        t => {
+            return Err(Error::Aborted(format!(
+                "starting_token {t:?} was not issued by this driver: restart the listing without a token"
+            )));
+        }
+    };
+    let max = if max_entries == 0 {
+        usize::MAX
+    } else {
+        max_entries as usize
+    };
+    Ok((after, max))
+}
+
 /// Copies a request map into an ordered map (for stable comparison and storage).
 pub fn ordered(map: &HashMap<String, String>) -> BTreeMap<String, String> {
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()

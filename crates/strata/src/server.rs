@@ -11,8 +11,8 @@ use csi_proto::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
 use strata_core::backend::Backend;
-use strata_core::backend::btrfs::BtrfsBackend;
-use strata_core::backend::dir::DirBackend;
+use strata_core::backend::btrfs::btrfs_backend;
+use strata_core::backend::dir::dir_backend;
 use strata_core::backend::image::ImageBackend;
 use strata_core::fault::CrashPoints;
 use strata_core::model::CopyMethod;
@@ -90,9 +90,9 @@ pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
             }
             Arc::new(image)
         }
-        BackendKind::Dir => Arc::new(DirBackend::new(pool.clone(), host.clone())),
+        BackendKind::Dir => Arc::new(dir_backend(pool.clone(), host.clone())),
         BackendKind::Btrfs => {
-            Arc::new(BtrfsBackend::new(pool.clone(), host.clone()).map_err(|e| e.to_string())?)
+            Arc::new(btrfs_backend(pool.clone(), host.clone()).map_err(|e| e.to_string())?)
         }
     };
     let started = Instant::now();

@@ -5,116 +5,54 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::tree::{self, data_dir};
-use super::{Attachment, Backend};
+use super::directory::{self, DirectoryBackend, DirectoryKind};
 use crate::error::{IoContext, Result};
-use crate::model::{CopyMethod, GIB, MIB, SizePolicy};
-use crate::os::{FsUsage, Host};
+use crate::model::{CopyMethod, MIB};
+use crate::os::Host;
 
-pub struct DirBackend {
-    pool: PathBuf,
-    host: Host,
+pub struct PlainDirectories;
+
+pub type DirBackend = DirectoryBackend<PlainDirectories>;
+
+pub fn dir_backend(pool: PathBuf, host: Host) -> DirBackend {
+    tracing::warn!(pool = %pool.display(),
+        "dir backend: volume sizes are advertised but not enforced; a volume can fill the pool");
+    DirectoryBackend::new(pool, host, PlainDirectories)
 }
 
-impl DirBackend {
-    pub fn new(pool: PathBuf, host: Host) -> Self {
-        tracing::warn!(pool = %pool.display(),
-            "dir backend: volume sizes are advertised but not enforced; a volume can fill the pool");
-        DirBackend { pool, host }
-    }
-}
-
-impl Backend for DirBackend {
+impl DirectoryKind for PlainDirectories {
     fn kind(&self) -> &'static str {
         "dir"
     }
 
-    fn size_policy(&self) -> SizePolicy {
-        SizePolicy {
-            granularity: MIB,
-            minimum: MIB,
-            default: GIB,
-            maximum: u64::MAX / 2,
-        }
+    fn minimum_size(&self) -> u64 {
+        MIB
     }
 
-    fn supports_block(&self) -> bool {
-        false
+    fn create(&self, data: &Path, _size: u64) -> Result<()> {
+        fs::create_dir(data).ctx(|| format!("create {}", data.display()))
     }
 
-    fn serves_directories(&self) -> bool {
-        true
+    fn destroy(&self, data: &Path) -> Result<()> {
+        directory::remove(data)
     }
 
-    fn pool_usage(&self) -> Result<FsUsage> {
-        self.host.filesystems.usage(&self.pool)
-    }
-
-    fn create(&self, dir: &Path, _size: u64) -> Result<()> {
-        let path = data_dir(dir);
-        fs::create_dir(&path).ctx(|| format!("create {}", path.display()))
-    }
-
-    fn repair(&self, _dir: &Path, _capacity: u64, _holds_data: bool) -> Result<Option<String>> {
-        Ok(None)
-    }
-
-    fn usage(&self, dir: &Path, capacity_bytes: u64) -> Result<Option<FsUsage>> {
-        let pool = self.host.filesystems.usage(&self.pool)?;
-        let used = tree::allocated_bytes(&data_dir(dir))?;
-        Ok(Some(FsUsage {
-            total_bytes: capacity_bytes,
-            used_bytes: used,
-            available_bytes: capacity_bytes
-                .saturating_sub(used)
-                .min(pool.available_bytes),
-            ..pool
-        }))
-    }
-
-    fn copy_from(
+    fn copy(
         &self,
-        source_dir: &Path,
-        dir: &Path,
+        host: &Host,
+        source: &Path,
+        data: &Path,
         _size: u64,
         _snapshot: bool,
     ) -> Result<CopyMethod> {
-        tree::copy_tree(
-            self.host.filesystems.as_ref(),
-            &data_dir(source_dir),
-            &data_dir(dir),
-        )
+        directory::copy_tree(host.filesystems.as_ref(), source, data)
     }
 
-    fn expand(&self, _dir: &Path, _size: u64) -> Result<()> {
+    fn resize(&self, _data: &Path, _size: u64) -> Result<()> {
         Ok(())
     }
 
-    fn destroy(&self, dir: &Path) -> Result<()> {
-        tree::remove(&data_dir(dir))
-    }
-
-    fn condition(&self, dir: &Path, _capacity_bytes: u64) -> Option<String> {
-        tree::condition(dir)
-    }
-
-    fn has_data(&self, _dir: &Path) -> Result<bool> {
-        Ok(true)
-    }
-
-    fn attachment(&self, dir: &Path) -> Result<Option<Attachment>> {
-        tree::attachment(&self.host, dir)
-    }
-
-    fn attach(&self, dir: &Path) -> Result<Attachment> {
-        Ok(Attachment::Directory(tree::locate(&self.host, dir)?))
-    }
-
-    fn release_on_unmount(&self, _attachment: &Attachment) -> Result<()> {
-        Ok(())
-    }
-
-    fn detach(&self, _dir: &Path) -> Result<()> {
-        Ok(())
+    fn used(&self, data: &Path) -> Result<(u64, Option<u64>)> {
+        Ok((directory::allocated_bytes(data)?, None))
     }
 }

@@ -3,8 +3,8 @@
 
 pub mod btrfs;
 pub mod dir;
+pub mod directory;
 pub mod image;
-mod tree;
 
 use std::path::{Path, PathBuf};
 

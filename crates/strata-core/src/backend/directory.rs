@@ -1,32 +1,166 @@
-//! What the directory backends (dir, btrfs) share: the data directory inside a volume's
-//! folder, its attachment as the mount table sees it, and a tree copy that shares extents
-//! file by file where the filesystem can.
+//! Directory backends (dir, btrfs): a volume is a directory of the pool's filesystem,
+//! bind-mounted where it is used. [`DirectoryBackend`] implements [`Backend`] once; a
+//! [`DirectoryKind`] says how the directory is made, copied, limited and measured.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use super::{Attachment, DataDir};
+use super::{Attachment, Backend, DataDir};
 use crate::error::{Error, IoContext, Result};
-use crate::model::CopyMethod;
-use crate::os::{Filesystems, Host};
+use crate::model::{CopyMethod, GIB, MIB, SizePolicy};
+use crate::os::{Filesystems, FsUsage, Host};
+
+/// What differs between directory backends. Every path is the volume's data directory.
+pub trait DirectoryKind: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn minimum_size(&self) -> u64;
+    fn create(&self, data: &Path, size: u64) -> Result<()>;
+    fn destroy(&self, data: &Path) -> Result<()>;
+    /// Copies `source` into the new `data`; `snapshot` keeps it read-only where possible.
+    fn copy(
+        &self,
+        host: &Host,
+        source: &Path,
+        data: &Path,
+        size: u64,
+        snapshot: bool,
+    ) -> Result<CopyMethod>;
+    /// Applies a new size; a no-op where sizes are not enforced.
+    fn resize(&self, data: &Path, size: u64) -> Result<()>;
+    /// Bytes used and the enforced limit, if any.
+    fn used(&self, data: &Path) -> Result<(u64, Option<u64>)>;
+}
+
+pub struct DirectoryBackend<K> {
+    pool: PathBuf,
+    host: Host,
+    kind: K,
+}
+
+impl<K: DirectoryKind> DirectoryBackend<K> {
+    pub fn new(pool: PathBuf, host: Host, kind: K) -> Self {
+        DirectoryBackend { pool, host, kind }
+    }
+}
+
+impl<K: DirectoryKind> Backend for DirectoryBackend<K> {
+    fn kind(&self) -> &'static str {
+        self.kind.kind()
+    }
+
+    fn size_policy(&self) -> SizePolicy {
+        SizePolicy {
+            granularity: MIB,
+            minimum: self.kind.minimum_size(),
+            default: GIB,
+            maximum: u64::MAX / 2,
+        }
+    }
+
+    fn supports_block(&self) -> bool {
+        false
+    }
+
+    fn serves_directories(&self) -> bool {
+        true
+    }
+
+    fn pool_usage(&self) -> Result<FsUsage> {
+        self.host.filesystems.usage(&self.pool)
+    }
+
+    fn create(&self, dir: &Path, size: u64) -> Result<()> {
+        self.kind.create(&data_dir(dir), size)
+    }
+
+    /// A lost data directory cannot be told apart from one that held data: not repaired,
+    /// reported by the volume condition instead.
+    fn repair(&self, _dir: &Path, _capacity: u64, _holds_data: bool) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn usage(&self, dir: &Path, capacity_bytes: u64) -> Result<Option<FsUsage>> {
+        let pool = self.host.filesystems.usage(&self.pool)?;
+        let (used, limit) = self.kind.used(&data_dir(dir))?;
+        let total = limit.unwrap_or(capacity_bytes);
+        Ok(Some(FsUsage {
+            total_bytes: total,
+            used_bytes: used,
+            available_bytes: total.saturating_sub(used).min(pool.available_bytes),
+            ..pool
+        }))
+    }
+
+    fn copy_from(
+        &self,
+        source_dir: &Path,
+        dir: &Path,
+        size: u64,
+        snapshot: bool,
+    ) -> Result<CopyMethod> {
+        self.kind.copy(
+            &self.host,
+            &data_dir(source_dir),
+            &data_dir(dir),
+            size,
+            snapshot,
+        )
+    }
+
+    fn expand(&self, dir: &Path, size: u64) -> Result<()> {
+        self.kind.resize(&data_dir(dir), size)
+    }
+
+    fn destroy(&self, dir: &Path) -> Result<()> {
+        let data = data_dir(dir);
+        if !data.exists() {
+            return Ok(());
+        }
+        self.kind.destroy(&data)
+    }
+
+    fn condition(&self, dir: &Path, _capacity_bytes: u64) -> Option<String> {
+        condition(dir)
+    }
+
+    fn has_data(&self, _dir: &Path) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn attachment(&self, dir: &Path) -> Result<Option<Attachment>> {
+        attachment(&self.host, dir)
+    }
+
+    fn attach(&self, dir: &Path) -> Result<Attachment> {
+        Ok(Attachment::Directory(locate(&self.host, dir)?))
+    }
+
+    fn release_on_unmount(&self, _attachment: &Attachment) -> Result<()> {
+        Ok(())
+    }
+
+    fn detach(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}
 
 /// The folder inside a volume's directory that holds its files.
 pub const DATA_DIR: &str = "data";
 
-pub fn data_dir(dir: &Path) -> PathBuf {
+fn data_dir(dir: &Path) -> PathBuf {
     dir.join(DATA_DIR)
 }
 
 /// The data directory as a bind source, located in the mount table.
-pub fn locate(host: &Host, dir: &Path) -> Result<DataDir> {
+fn locate(host: &Host, dir: &Path) -> Result<DataDir> {
     let path = data_dir(dir);
     let (device, root) = host.locate(&path)?;
     Ok(DataDir { path, device, root })
 }
 
 /// The attachment if any mount of the data directory exists (it is staged or published).
-pub fn attachment(host: &Host, dir: &Path) -> Result<Option<Attachment>> {
+fn attachment(host: &Host, dir: &Path) -> Result<Option<Attachment>> {
     if !data_dir(dir).exists() {
         return Ok(None);
     }
@@ -39,7 +173,7 @@ pub fn attachment(host: &Host, dir: &Path) -> Result<Option<Attachment>> {
     Ok(mounted.then_some(Attachment::Directory(d)))
 }
 
-pub fn condition(dir: &Path) -> Option<String> {
+fn condition(dir: &Path) -> Option<String> {
     let path = data_dir(dir);
     match fs::symlink_metadata(&path) {
         Ok(m) if m.is_dir() => None,
