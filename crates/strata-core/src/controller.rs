@@ -16,6 +16,14 @@ use crate::validate::{self, is_volume_id, new_volume_id};
 /// Parameter keys the external-provisioner adds (`--extra-create-metadata`); accepted as-is.
 const K8S_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// The StorageClass parameters Strata understands (documented in docs/configuration.md).
+pub const STORAGE_CLASS_PARAMETERS: &[&str] = &[
+    "csi.storage.k8s.io/fstype",
+    "csi.storage.k8s.io/pvc/name",
+    "csi.storage.k8s.io/pvc/namespace",
+    "csi.storage.k8s.io/pv/name",
+];
+
 #[derive(Debug, Clone, Default)]
 pub struct CreateVolume {
     pub name: String,

@@ -138,6 +138,15 @@ impl Driver {
         self.reaper.shut_down();
     }
 
+    pub fn snapshot_count(&self) -> usize {
+        self.snapshots.len()
+    }
+
+    /// Space of the pool.
+    pub fn pool_usage(&self) -> Result<crate::os::FsUsage> {
+        self.backend.pool_usage()
+    }
+
     pub fn volume_count(&self) -> usize {
         self.store.len()
     }

@@ -4,5 +4,7 @@
 pub mod bench;
 pub mod client;
 pub mod endpoint;
+pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod service;

@@ -23,8 +23,17 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, default_value = "info", env = "STRATA_LOG")]
     log_level: String,
+    /// Log format: text for people, json for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -70,6 +79,12 @@ enum Command {
         /// Storage backend.
         #[arg(long, value_enum, default_value_t = BackendKind::Image)]
         backend: BackendKind,
+        /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9808.
+        #[arg(long)]
+        metrics_address: Option<std::net::SocketAddr>,
+        /// Serve a liveness check at http://ADDRESS/healthz (may equal --metrics-address).
+        #[arg(long)]
+        health_address: Option<std::net::SocketAddr>,
     },
     /// Show a driver's identity, readiness and node info.
     Info(ClientArgs),
@@ -293,6 +308,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             topology_key,
             pool_image,
             backend,
+            metrics_address,
+            health_address,
         } => {
             server::serve(server::ServeOptions {
                 endpoint,
@@ -303,6 +320,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 topology_key,
                 pool_image,
                 backend,
+                metrics_address,
+                health_address,
                 crash_at: std::env::var("STRATA_CRASH_AT").ok(),
             })
             .await
@@ -526,13 +545,16 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     // Two worker threads match the small nodes this runs on; blocking work has its own pool.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

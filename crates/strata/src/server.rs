@@ -2,6 +2,7 @@
 //! SIGTERM or SIGINT, letting in-flight requests finish.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use strata_core::backend::Backend;
 use strata_core::backend::btrfs::btrfs_backend;
 use strata_core::backend::dir::dir_backend;
 use strata_core::backend::image::ImageBackend;
+use strata_core::driver::Startup;
 use strata_core::fault::CrashPoints;
 use strata_core::model::CopyMethod;
 use strata_core::os::Host;
@@ -24,8 +26,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 use tonic::transport::server::Router;
+use tower::layer::util::{Identity, Stack};
 
 use crate::endpoint::Endpoint;
+use crate::http;
+use crate::metrics::{Metrics, MetricsLayer};
 use crate::service::{ControllerService, IdentityService, NodeService, Services};
 
 /// The storage backends `--backend` chooses from.
@@ -49,12 +54,16 @@ pub struct ServeOptions {
     /// Size of an xfs pool image to create and mount inside the pool directory.
     pub pool_image: Option<u64>,
     pub backend: BackendKind,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_address: Option<SocketAddr>,
+    /// Where to serve the liveness check (`/healthz`), if anywhere.
+    pub health_address: Option<SocketAddr>,
     /// Test-only crash point (environment STRATA_CRASH_AT).
     pub crash_at: Option<String>,
 }
 
 /// Opens (creating if needed) the pool and reconciles it.
-pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
+pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
     fs::create_dir_all(&opts.pool)
         .map_err(|e| format!("create pool {}: {e}", opts.pool.display()))?;
     let dir = fs::canonicalize(&opts.pool)
@@ -114,7 +123,38 @@ pub fn open_driver(opts: &ServeOptions) -> Result<Driver, String> {
         micros = started.elapsed().as_micros() as u64,
         "pool reconciled"
     );
-    Ok(driver)
+    Ok((driver, report))
+}
+
+/// Starts the metrics and health endpoints (one listener when they share an address).
+async fn serve_http(
+    opts: &ServeOptions,
+    driver: &Arc<Driver>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), String> {
+    let mut addresses: Vec<(SocketAddr, bool, bool)> = vec![];
+    if let Some(a) = opts.metrics_address {
+        addresses.push((a, true, false));
+    }
+    if let Some(a) = opts.health_address {
+        match addresses.iter_mut().find(|(addr, _, _)| *addr == a) {
+            Some(entry) => entry.2 = true,
+            None => addresses.push((a, false, true)),
+        }
+    }
+    for (addr, serves_metrics, health) in addresses {
+        let listener = http::bind(addr).await?;
+        tracing::info!(%addr, metrics = serves_metrics, health, "serving HTTP");
+        tokio::spawn(http::serve(
+            listener,
+            http::Endpoints {
+                driver: driver.clone(),
+                metrics: serves_metrics.then(|| metrics.clone()),
+                health,
+            },
+        ));
+    }
+    Ok(())
 }
 
 /// Removes a stale socket left by a previous run; refuses to touch anything else.
@@ -154,12 +194,17 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<(), String> {
-    let driver = Arc::new(open_driver(&opts)?);
+    let (driver, startup) = open_driver(&opts)?;
+    let driver = Arc::new(driver);
+    let metrics = Metrics::new(&opts.driver_name);
+    metrics.record_startup(&startup);
+    serve_http(&opts, &driver, &metrics).await?;
     let services = Services {
         driver: driver.clone(),
         version: env!("CARGO_PKG_VERSION"),
     };
     let router = Server::builder()
+        .layer(MetricsLayer(metrics))
         .add_service(IdentityServer::new(IdentityService(services.clone())))
         .add_service(ControllerServer::new(ControllerService(services.clone())))
         .add_service(NodeServer::new(NodeService(services)));
@@ -191,7 +236,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
 
 /// Serves until a shutdown signal, then lets in-flight requests finish, for at most
 /// [`SHUTDOWN_GRACE`] so a client that never closes its connection cannot hold the exit.
-async fn serve_until_stopped<S, IO, IE>(router: Router, incoming: S) -> Result<(), String>
+async fn serve_until_stopped<S, IO, IE>(
+    router: Router<Stack<MetricsLayer, Identity>>,
+    incoming: S,
+) -> Result<(), String>
 where
     S: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
     IO: tokio::io::AsyncRead
