@@ -94,10 +94,7 @@ async fn metrics_count_and_time_every_method_and_code_and_health_follows_the_poo
             ),
             Some(1.0)
         );
-        assert!(
-            text.contains(&format!(r#"le="0.0001""#)),
-            "buckets start at 0.1 ms"
-        );
+        assert!(text.contains(r#"le="0.0001""#), "buckets start at 0.1 ms");
     }
     let get = r#"method_name="/csi.v1.Controller/ControllerGetVolume""#;
     assert_eq!(
