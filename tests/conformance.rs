@@ -811,6 +811,17 @@ async fn node_get_volume_stats_errors_and_abnormal_condition() {
         "not mounted there"
     );
     env.stage(&id, &staging, ext4()).await.unwrap();
+    // Staged, but the mount at a path the CO asks about is gone: an abnormal condition.
+    let elsewhere = env.path("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let gone = env
+        .csi
+        .node
+        .node_get_volume_stats(stats(&id, &elsewhere))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gone.volume_condition.unwrap().abnormal);
     let ok = env
         .csi
         .node

@@ -528,18 +528,27 @@ impl Driver {
                 "volume {volume_id} is not staged or published on this node"
             )));
         };
-        let entry = self
+        let Some(entry) = self
             .host
             .mounts_at(volume_path)?
             .into_iter()
             .rev()
             .find(|m| shows(m, &att))
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "volume {volume_id} is not mounted at {}",
+        else {
+            // In use on this node, but its mount at this path is gone.
+            return Ok(VolumeStats {
+                usage: None,
+                abnormal: Some(format!(
+                    "volume {volume_id} is not mounted at {} any more: the mount is gone; unpublish and publish it again",
                     volume_path.display()
-                ))
-            })?;
+                )),
+            });
+        };
+        let abnormal_backend = abnormal_backend.or_else(|| {
+            entry.failed_read_only().then(|| {
+                "the filesystem went read-only after errors: unstage the volume and check it with fsck".to_owned()
+            })
+        });
         if is_device_node_mount(&entry, &att) {
             let total_bytes = match &att {
                 Attachment::Device(dev) => self.host.filesystems.device_size(&dev.path)?,
@@ -748,14 +757,18 @@ mod tests {
         let f = fixture();
         let id = create(&f.driver);
         stage(&f.driver, &id).unwrap();
-        let s = f.driver.volume_stats(&id, Path::new("/")).unwrap_err();
+        let gone = f.driver.volume_stats(&id, Path::new("/")).unwrap();
         assert!(
-            matches!(s, Error::NotFound(_)),
-            "/ is not this volume's mount"
+            gone.abnormal.unwrap().contains("gone"),
+            "staged, but not mounted at /"
         );
         f.fake.lock().mounts[0].mount_point = std::env::temp_dir();
         let s = f.driver.volume_stats(&id, &std::env::temp_dir()).unwrap();
         assert!(matches!(s.usage, Some(Usage::Filesystem(_))));
         assert_eq!(s.abnormal, None);
+        // The filesystem remounted itself read-only after errors.
+        f.fake.lock().mounts[0].super_options = vec!["ro".into()];
+        let s = f.driver.volume_stats(&id, &std::env::temp_dir()).unwrap();
+        assert!(s.abnormal.unwrap().contains("read-only after errors"));
     }
 }

@@ -101,6 +101,7 @@ impl Mounter for FakeHost {
             options: vec![if options.read_only() { "ro" } else { "rw" }.into()],
             fs_type: fs_type.into(),
             source: device.display().to_string(),
+            super_options: vec!["rw".into()],
         };
         Self::push_mount(&mut s, entry);
         Ok(())
@@ -125,6 +126,7 @@ impl Mounter for FakeHost {
                 options,
                 fs_type: "devtmpfs".into(),
                 source: "udev".into(),
+                super_options: vec!["rw".into()],
             }
         } else {
             return Err(Error::Internal(format!(

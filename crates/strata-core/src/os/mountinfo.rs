@@ -16,11 +16,19 @@ pub struct MountEntry {
     pub options: Vec<String>,
     pub fs_type: String,
     pub source: String,
+    /// Options of the filesystem itself (shared by every mount of it).
+    pub super_options: Vec<String>,
 }
 
 impl MountEntry {
     pub fn read_only(&self) -> bool {
         self.options.iter().any(|o| o == "ro")
+    }
+
+    /// Mounted read-write but the filesystem itself went read-only: ext4 and xfs do this
+    /// after errors (errors=remount-ro, shutdown).
+    pub fn failed_read_only(&self) -> bool {
+        !self.read_only() && self.super_options.iter().any(|o| o == "ro")
     }
 
     pub fn device(&self) -> (u32, u32) {
@@ -49,6 +57,12 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     }
     let fs_type = fields.next()?.to_owned();
     let source = unescape(fields.next().unwrap_or(""));
+    let super_options = fields
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     Some(MountEntry {
         mount_id,
         major: major.parse().ok()?,
@@ -58,6 +72,7 @@ fn parse_line(line: &str) -> Option<MountEntry> {
         options,
         fs_type,
         source,
+        super_options,
     })
 }
 
@@ -105,5 +120,8 @@ garbage
         assert!(m[1].read_only());
         assert_eq!(m[1].source, "/dev/loop3");
         assert_eq!(m[2].root, PathBuf::from("/loop3"));
+        assert!(!m[0].failed_read_only());
+        let failed = parse("1 2 7:1 / /s rw,relatime - ext4 /dev/loop1 ro,errors=remount-ro\n");
+        assert!(failed[0].failed_read_only());
     }
 }
