@@ -901,3 +901,37 @@ async fn node_calls_never_unmount_what_is_not_the_volumes() {
     env.unstage(&id, &foreign).await.unwrap();
     env.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_paths_outside_the_allowed_directories_are_invalid() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    // Outside /tmp and /var/lib/kubelet, inside the pool, and through a symlink to /etc.
+    let link = env.path("escape");
+    std::os::unix::fs::symlink("/etc", &link).unwrap();
+    let pool_path = env.pool().join("volumes").display().to_string();
+    for bad in [
+        "/etc/strata-test".to_string(),
+        "/root/x".to_string(),
+        format!("{link}/strata-test"),
+        pool_path,
+    ] {
+        assert_eq!(
+            code(env.stage(&id, &bad, ext4()).await),
+            Code::InvalidArgument,
+            "{bad}"
+        );
+        assert_eq!(
+            code(env.publish(&id, &env.path("s"), &bad, ext4(), false).await),
+            Code::InvalidArgument,
+            "{bad}"
+        );
+        assert_eq!(
+            code(env.unpublish(&id, &bad).await),
+            Code::InvalidArgument,
+            "{bad}"
+        );
+    }
+    assert!(!std::path::Path::new("/etc/strata-test").exists());
+    env.assert_clean();
+}

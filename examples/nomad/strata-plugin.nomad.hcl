@@ -17,6 +17,8 @@ job "strata-plugin" {
           "--pool=/var/lib/strata/pool",
           "--pool-image=100Gi",
           "--health-address=127.0.0.1:9809",
+          # Nomad stages and publishes under the plugin's mount_dir.
+          "--allowed-path-prefix=/csi",
         ]
         mount {
           type     = "bind"

@@ -2,7 +2,7 @@
 //! guards. Controller and node operations are implemented on it in their own modules.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::Backend;
@@ -25,6 +25,8 @@ pub struct Config {
     pub max_volumes_per_node: i64,
     /// Topology segment key naming this node; defaults to `<driver_name>/node`.
     pub topology_key: String,
+    /// Staging and target paths must lie under one of these (canonical) directories.
+    pub allowed_path_prefixes: Vec<PathBuf>,
 }
 
 impl Config {
@@ -151,8 +153,83 @@ impl Driver {
         self.store.len()
     }
 
+    /// Checks a staging or target path from a request: absolute and clean (checked by the
+    /// caller), under an allowed prefix once symlinks are resolved, and not inside the pool.
+    /// Returns the resolved path, which the operation then uses.
+    pub(crate) fn node_path(&self, field: &str, path: &Path) -> Result<PathBuf> {
+        let resolved = resolve_existing_prefix(path);
+        let allowed = self
+            .config
+            .allowed_path_prefixes
+            .iter()
+            .any(|p| resolved.starts_with(p) && resolved != *p);
+        if !allowed {
+            let prefixes: Vec<String> = self
+                .config
+                .allowed_path_prefixes
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(Error::InvalidArgument(format!(
+                "{field} {} is outside the allowed directories ({}); start strata with --allowed-path-prefix to allow another",
+                resolved.display(),
+                prefixes.join(", ")
+            )));
+        }
+        if resolved.starts_with(&self.config.pool) {
+            return Err(Error::InvalidArgument(format!(
+                "{field} {} is inside the pool; use a path outside {}",
+                resolved.display(),
+                self.config.pool.display()
+            )));
+        }
+        Ok(resolved)
+    }
+
     /// Ensures a directory exists, for mount points the driver creates.
     pub(crate) fn ensure_dir(path: &std::path::Path) -> Result<()> {
         fs::create_dir_all(path).ctx(|| format!("create directory {}", path.display()))
+    }
+}
+
+/// `path` with its deepest existing ancestor resolved (symlinks followed), so a symlink
+/// cannot lead a mount outside the allowed directories.
+pub fn resolve_existing_prefix(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = vec![];
+    while fs::symlink_metadata(&existing).is_err() {
+        match existing.file_name() {
+            Some(name) => rest.push(name.to_owned()),
+            None => break,
+        }
+        if !existing.pop() {
+            break;
+        }
+    }
+    let mut resolved = fs::canonicalize(&existing).unwrap_or(existing);
+    for name in rest.into_iter().rev() {
+        resolved.push(name);
+    }
+    resolved
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_are_resolved_before_the_prefix_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(tmp.path()).unwrap();
+        fs::create_dir(base.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", base.join("escape")).unwrap();
+        assert_eq!(
+            resolve_existing_prefix(&base.join("real/new/deeper")),
+            base.join("real/new/deeper")
+        );
+        assert_eq!(
+            resolve_existing_prefix(&base.join("escape/passwd-target")),
+            PathBuf::from("/etc/passwd-target")
+        );
     }
 }

@@ -161,7 +161,8 @@ impl Driver {
         self.check_capability(cap)
     }
 
-    pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
+    pub fn stage_volume(&self, mut req: StageVolume) -> Result<()> {
+        req.staging_path = self.node_path("staging_target_path", &req.staging_path)?;
         let _guard = self.guard(&req.volume_id)?;
         let record = self.volume(&req.volume_id)?;
         self.check_node_capability(&req.capability)?;
@@ -299,6 +300,7 @@ impl Driver {
         volume_path: &Path,
         required: u64,
     ) -> Result<u64> {
+        let volume_path = &self.node_path("volume_path", volume_path)?;
         let _guard = self.guard(volume_id)?;
         let record = self.volume(volume_id)?;
         if required > record.capacity_bytes {
@@ -321,7 +323,7 @@ impl Driver {
         let Some(fs_mount) = mounts
             .iter()
             .filter(|m| !is_device_node_mount(m, &att))
-            .min_by_key(|m| m.mount_point != volume_path)
+            .min_by_key(|m| m.mount_point != *volume_path)
         else {
             // A raw block volume: the refreshed device is all there is to grow.
             return Ok(record.capacity_bytes);
@@ -378,6 +380,7 @@ impl Driver {
     }
 
     pub fn unstage_volume(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let staging_path = &self.node_path("staging_target_path", staging_path)?;
         let _guard = self.guard(volume_id)?;
         let record = self.volume(volume_id)?;
         let dir = self.store.dir(&record.id);
@@ -401,7 +404,11 @@ impl Driver {
         self.backend.detach(&dir)
     }
 
-    pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
+    pub fn publish_volume(&self, mut req: PublishVolume) -> Result<()> {
+        req.target_path = self.node_path("target_path", &req.target_path)?;
+        if let Some(staging) = &req.staging_path {
+            req.staging_path = Some(self.node_path("staging_target_path", staging)?);
+        }
         let _guard = self.guard(&req.volume_id)?;
         let record = self.volume(&req.volume_id)?;
         self.check_node_capability(&req.capability)?;
@@ -506,6 +513,7 @@ impl Driver {
     }
 
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &Path) -> Result<()> {
+        let target_path = &self.node_path("target_path", target_path)?;
         let _guard = self.guard(volume_id)?;
         let record = self.volume(volume_id)?;
         let att = self.backend.attachment(&self.store.dir(&record.id))?;
@@ -514,6 +522,7 @@ impl Driver {
     }
 
     pub fn volume_stats(&self, volume_id: &str, volume_path: &Path) -> Result<VolumeStats> {
+        let volume_path = &self.node_path("volume_path", volume_path)?;
         let record = self.volume(volume_id)?;
         let dir = self.store.dir(&record.id);
         fs::symlink_metadata(volume_path).map_err(|e| {
@@ -606,6 +615,7 @@ mod tests {
             pool: pool.path().to_owned(),
             max_volumes_per_node: 0,
             topology_key: "strata.csi.dev/node".into(),
+            allowed_path_prefixes: vec!["/".into()],
         };
         let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
         let (driver, _) = Driver::open(config, host, backend, CrashPoints::default()).unwrap();

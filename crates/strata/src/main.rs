@@ -79,6 +79,10 @@ enum Command {
         /// Storage backend.
         #[arg(long, value_enum, default_value_t = BackendKind::Image)]
         backend: BackendKind,
+        /// Directory staging and target paths must lie under; repeatable. Default: the
+        /// kubelet directory (/var/lib/kubelet) and the system temp directory.
+        #[arg(long = "allowed-path-prefix")]
+        allowed_path_prefixes: Vec<PathBuf>,
         /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9808.
         #[arg(long)]
         metrics_address: Option<std::net::SocketAddr>,
@@ -310,7 +314,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             backend,
             metrics_address,
             health_address,
+            mut allowed_path_prefixes,
         } => {
+            if allowed_path_prefixes.is_empty() {
+                allowed_path_prefixes = vec!["/var/lib/kubelet".into(), std::env::temp_dir()];
+            }
             server::serve(server::ServeOptions {
                 endpoint,
                 node_id,
@@ -322,6 +330,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 backend,
                 metrics_address,
                 health_address,
+                allowed_path_prefixes,
                 crash_at: std::env::var("STRATA_CRASH_AT").ok(),
             })
             .await

@@ -54,6 +54,8 @@ pub struct ServeOptions {
     /// Size of an xfs pool image to create and mount inside the pool directory.
     pub pool_image: Option<u64>,
     pub backend: BackendKind,
+    /// Directories staging and target paths must lie under.
+    pub allowed_path_prefixes: Vec<PathBuf>,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_address: Option<SocketAddr>,
     /// Where to serve the liveness check (`/healthz`), if anywhere.
@@ -82,6 +84,11 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
             .clone()
             .unwrap_or_else(|| Config::default_topology_key(&opts.driver_name)),
         max_volumes_per_node: opts.max_volumes,
+        allowed_path_prefixes: opts
+            .allowed_path_prefixes
+            .iter()
+            .map(|p| fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+            .collect(),
         pool: pool.clone(),
     };
     if opts.pool_image.is_some() && opts.backend == BackendKind::Btrfs {
