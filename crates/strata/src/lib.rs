@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod decode_errors;
 pub mod endpoint;
 pub mod http;
 pub mod metrics;

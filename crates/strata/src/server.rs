@@ -28,6 +28,7 @@ use tonic::transport::Server;
 use tonic::transport::server::Router;
 use tower::layer::util::{Identity, Stack};
 
+use crate::decode_errors::DecodeErrorLayer;
 use crate::endpoint::Endpoint;
 use crate::http;
 use crate::metrics::{Metrics, MetricsLayer};
@@ -210,8 +211,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         driver: driver.clone(),
         version: env!("CARGO_PKG_VERSION"),
     };
+    // Outermost: metrics record the status the caller finally sees.
     let router = Server::builder()
         .layer(MetricsLayer(metrics))
+        .layer(DecodeErrorLayer)
         .add_service(IdentityServer::new(IdentityService(services.clone())))
         .add_service(ControllerServer::new(ControllerService(services.clone())))
         .add_service(NodeServer::new(NodeService(services)));
@@ -244,7 +247,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
 /// Serves until a shutdown signal, then lets in-flight requests finish, for at most
 /// [`SHUTDOWN_GRACE`] so a client that never closes its connection cannot hold the exit.
 async fn serve_until_stopped<S, IO, IE>(
-    router: Router<Stack<MetricsLayer, Identity>>,
+    router: Router<Stack<DecodeErrorLayer, Stack<MetricsLayer, Identity>>>,
     incoming: S,
 ) -> Result<(), String>
 where

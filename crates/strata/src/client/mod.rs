@@ -15,6 +15,8 @@ use crate::endpoint::Endpoint;
 /// Clients of the three services over one connection.
 #[derive(Clone)]
 pub struct Csi {
+    /// The connection itself, for raw calls.
+    pub channel: Channel,
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
@@ -40,6 +42,7 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Csi, String> {
             .map_err(|e| format!("connect to {addr}: {e}"))?,
     };
     Ok(Csi {
+        channel: channel.clone(),
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
         node: NodeClient::new(channel),
