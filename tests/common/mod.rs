@@ -83,6 +83,8 @@ fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     match crash_at {
+        // `delay:POINT=MS` arms a delay point instead of a crash point.
+        Some(p) if p.starts_with("delay:") => cmd.env("STRATA_DELAY_AT", &p["delay:".len()..]),
         Some(p) => cmd.env("STRATA_CRASH_AT", p),
         None => cmd.env_remove("STRATA_CRASH_AT"),
     };
@@ -127,12 +129,17 @@ impl TestEnv {
     /// Makes a filesystem of `fs_type` on a sparse image in the test directory, mounts it as
     /// the pool, and starts the server there.
     async fn start_on_fs(fs_type: &str, args: &[&str]) -> Self {
+        Self::start_on_fs_sized(fs_type, 2 << 30, args).await
+    }
+
+    /// Like [`start_pool`](Self::start_pool) on a fresh `fs_type` filesystem of `bytes`.
+    pub async fn start_on_fs_sized(fs_type: &str, bytes: u64, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("strata-test-")
             .tempdir_in("/tmp")
             .unwrap();
         let image = dir.path().join("pool-fs.img");
-        fs::File::create(&image).unwrap().set_len(2 << 30).unwrap();
+        fs::File::create(&image).unwrap().set_len(bytes).unwrap();
         let out = Command::new(format!("mkfs.{fs_type}"))
             .arg(if fs_type == "btrfs" { "-q" } else { "-qF" })
             .arg(&image)

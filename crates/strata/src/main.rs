@@ -332,6 +332,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 health_address,
                 allowed_path_prefixes,
                 crash_at: std::env::var("STRATA_CRASH_AT").ok(),
+                delay_at: std::env::var("STRATA_DELAY_AT").ok(),
             })
             .await
         }

@@ -63,6 +63,8 @@ pub struct ServeOptions {
     pub health_address: Option<SocketAddr>,
     /// Test-only crash point (environment STRATA_CRASH_AT).
     pub crash_at: Option<String>,
+    /// Test-only delay point, `point=ms` (environment STRATA_DELAY_AT).
+    pub delay_at: Option<String>,
 }
 
 /// Opens (creating if needed) the pool and reconciles it.
@@ -117,7 +119,7 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
         config,
         host,
         backend,
-        CrashPoints::new(opts.crash_at.clone()),
+        CrashPoints::new(opts.crash_at.clone()).with_delay(opts.delay_at.clone()),
     )
     .map_err(|e| format!("open pool {}: {e}", opts.pool.display()))?;
     let (v, s) = (&report.volumes, &report.snapshots);
