@@ -316,6 +316,7 @@ impl Driver {
             )));
         };
         self.backend.expand(&dir, record.capacity_bytes)?;
+        self.crash.reach("node-expand:before-grow");
         let Attachment::Device(dev) = &att else {
             return Ok(record.capacity_bytes);
         };
@@ -401,6 +402,7 @@ impl Driver {
             )));
         }
         self.unmount_volume_at(staging_path, Some(&att))?;
+        self.crash.reach("unstage:after-unmount");
         self.backend.detach(&dir)
     }
 
@@ -509,6 +511,7 @@ impl Driver {
         } else {
             Self::ensure_dir(&req.target_path)?;
         }
+        self.crash.reach("publish:before-bind");
         self.host.mounter.bind(&source, &req.target_path, read_only)
     }
 
@@ -518,6 +521,7 @@ impl Driver {
         let record = self.volume(volume_id)?;
         let att = self.backend.attachment(&self.store.dir(&record.id))?;
         self.unmount_volume_at(target_path, att.as_ref())?;
+        self.crash.reach("unpublish:after-unmount");
         remove_mount_point(target_path)
     }
 

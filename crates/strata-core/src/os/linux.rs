@@ -450,7 +450,8 @@ impl Filesystems for LinuxHost {
                 "-E",
                 "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
             ]),
-            "xfs" => cmd.args(["-q", "-K"]),
+            // -f: the caller has already established that nothing but an interrupted mkfs is there.
+            "xfs" => cmd.args(["-q", "-K", "-f"]),
             other => {
                 return Err(Error::InvalidArgument(format!("cannot format {other}")));
             }
