@@ -771,10 +771,10 @@ mod tests {
         let f = fixture();
         let id = create(&f.driver);
         stage(&f.driver, &id).unwrap();
-        let gone = f.driver.volume_stats(&id, Path::new("/")).unwrap();
+        let gone = f.driver.volume_stats(&id, Path::new("/proc")).unwrap();
         assert!(
             gone.abnormal.unwrap().contains("gone"),
-            "staged, but not mounted at /"
+            "staged, but not mounted at /proc"
         );
         f.fake.lock().mounts[0].mount_point = std::env::temp_dir();
         let s = f.driver.volume_stats(&id, &std::env::temp_dir()).unwrap();
