@@ -313,3 +313,30 @@ async fn overlapping_clients_get_spec_answers_and_leave_a_consistent_pool() {
     env.assert_clean();
     assert!(env.pool_entries().is_empty(), "{:?}", env.pool_entries());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_quarantines_what_it_cannot_account_for_and_frees_its_loop_device() {
+    let mut env = TestEnv::start().await;
+    let block = block_cap(csi::volume_capability::access_mode::Mode::SingleNodeWriter);
+    let id = env
+        .create("orphan", 16 * MIB, block.clone())
+        .await
+        .volume_id;
+    env.stage(&id, &env.path("stage"), block).await.unwrap();
+    assert_eq!(kernel_state_under(env.dir.path()).1.len(), 1, "attached");
+    env.stop();
+    // Somebody removes the record by hand: the volume can no longer be accounted for.
+    fs::remove_file(env.pool().join("volumes").join(&id).join("volume.json")).unwrap();
+    env.restart(None).await;
+    assert!(env.pool_entries().is_empty());
+    let lost: Vec<_> = fs::read_dir(env.pool().join("lost+found"))
+        .unwrap()
+        .collect();
+    assert_eq!(lost.len(), 1, "moved aside, not deleted");
+    assert!(
+        kernel_state_under(env.dir.path()).1.is_empty(),
+        "its loop device was detached"
+    );
+    assert!(env.server_log().contains("lost+found"));
+    env.assert_clean();
+}

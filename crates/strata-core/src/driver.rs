@@ -40,6 +40,8 @@ impl Config {
 pub struct Startup {
     pub volumes: Reconciliation,
     pub snapshots: Reconciliation,
+    /// Loop devices left on pool files that no volume owns, detached at startup.
+    pub detached_orphan_loops: Vec<String>,
 }
 
 pub struct Driver {
@@ -63,9 +65,10 @@ impl Driver {
     ) -> Result<(Self, Startup)> {
         let (store, volumes) = VolumeStore::open(&config.pool, backend.as_ref())?;
         let (snapshots, snapshot_report) = SnapshotStore::open(&config.pool, backend.as_ref())?;
-        let report = Startup {
+        let mut report = Startup {
             volumes,
             snapshots: snapshot_report,
+            detached_orphan_loops: vec![],
         };
         let driver = Driver {
             config,
@@ -78,6 +81,7 @@ impl Driver {
             crash,
         };
         driver.thaw_all()?;
+        report.detached_orphan_loops = driver.detach_orphan_loops()?;
         Ok((driver, report))
     }
 
@@ -97,6 +101,38 @@ impl Driver {
     /// Whether `t` names this node.
     pub(crate) fn is_this_node(&self, t: &Topology) -> bool {
         t.get(&self.config.topology_key) == Some(&self.config.node_id)
+    }
+
+    /// Detaches loop devices whose backing file is in the pool but belongs to no volume (an
+    /// image deleted or moved to lost+found while attached). A device that is still mounted
+    /// somewhere is left alone and reported: unmounting it could lose a process's writes.
+    fn detach_orphan_loops(&self) -> Result<Vec<String>> {
+        let mounts = self.host.mounter.mounts()?;
+        let mut detached = vec![];
+        for dev in self.host.loops.list()? {
+            let Ok(rel) = dev.backing_file.strip_prefix(&self.config.pool) else {
+                continue;
+            };
+            let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy());
+            let owned = match (parts.next().as_deref(), parts.next()) {
+                (Some("volumes"), Some(id)) => self.store.get(&id).is_some(),
+                // The pool image itself, when the pool lives in one.
+                _ => rel.components().count() == 1,
+            };
+            if owned {
+                continue;
+            }
+            if mounts.iter().any(|m| m.device() == (dev.major, dev.minor)) {
+                tracing::warn!(device = %dev.path.display(), backing = %dev.backing_file.display(),
+                    "a mounted loop device serves a file no volume owns; leaving it");
+                continue;
+            }
+            tracing::warn!(device = %dev.path.display(), backing = %dev.backing_file.display(),
+                "detaching a loop device that serves a file no volume owns");
+            self.host.loops.detach(&dev)?;
+            detached.push(dev.path.display().to_string());
+        }
+        Ok(detached)
     }
 
     /// Checks that the pool is usable: readable, writable, with its filesystem answering.

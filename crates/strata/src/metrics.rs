@@ -150,6 +150,12 @@ impl Metrics {
 
     /// Records the startup reconciliation's findings.
     pub fn record_startup(&self, startup: &Startup) {
+        self.reconciliation
+            .get_or_create(&FindingLabels {
+                kind: "loop_device".into(),
+                finding: "detached_orphan".into(),
+            })
+            .set(startup.detached_orphan_loops.len() as i64);
         for (kind, r) in [
             ("volume", &startup.volumes),
             ("snapshot", &startup.snapshots),

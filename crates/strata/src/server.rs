@@ -130,6 +130,7 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
         completed_deletes = v.completed_deletes.len() + s.completed_deletes.len(),
         repaired = v.repaired.len(),
         quarantined = v.quarantined.len() + s.quarantined.len(),
+        detached_orphan_loops = report.detached_orphan_loops.len(),
         micros = started.elapsed().as_micros() as u64,
         "pool reconciled"
     );
