@@ -219,28 +219,47 @@ pub async fn volume_delete(mut csi: Csi, volume_id: String) -> Result<(), String
     Ok(())
 }
 
-pub async fn volume_list(mut csi: Csi, page_size: i32, format: Format) -> Result<(), String> {
+/// Follows `next_token` from the first page to the last.
+async fn all_pages<T, Fut>(mut page: impl FnMut(String) -> Fut) -> Result<Vec<T>, String>
+where
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), String>>,
+{
     let mut all = vec![];
     let mut token = String::new();
     loop {
-        let page = csi
-            .controller
-            .list_volumes(csi::ListVolumesRequest {
-                max_entries: page_size,
-                starting_token: token,
-            })
-            .await
-            .map_err(|s| status_error("ListVolumes", s))?
-            .into_inner();
-        for e in page.entries {
-            let c = e.status.and_then(|s| s.volume_condition);
-            all.push((e.volume.unwrap_or_default(), c));
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
         }
-        if page.next_token.is_empty() {
-            break;
-        }
-        token = page.next_token;
+        token = next;
     }
+}
+
+pub async fn volume_list(csi: Csi, page_size: i32, format: Format) -> Result<(), String> {
+    let all = all_pages(|starting_token| {
+        let mut controller = csi.controller.clone();
+        async move {
+            let page = controller
+                .list_volumes(csi::ListVolumesRequest {
+                    max_entries: page_size,
+                    starting_token,
+                })
+                .await
+                .map_err(|s| status_error("ListVolumes", s))?
+                .into_inner();
+            let items = page
+                .entries
+                .into_iter()
+                .map(|e| {
+                    let c = e.status.and_then(|s| s.volume_condition);
+                    (e.volume.unwrap_or_default(), c)
+                })
+                .collect();
+            Ok((items, page.next_token))
+        }
+    })
+    .await?;
     volume_rows(&all).print(format);
     Ok(())
 }
@@ -467,31 +486,30 @@ pub async fn snapshot_delete(mut csi: Csi, snapshot_id: String) -> Result<(), St
     Ok(())
 }
 
-pub async fn snapshot_list(
-    mut csi: Csi,
-    source: Option<String>,
-    format: Format,
-) -> Result<(), String> {
-    let mut all = vec![];
-    let mut token = String::new();
-    loop {
-        let page = csi
-            .controller
-            .list_snapshots(csi::ListSnapshotsRequest {
-                max_entries: 500,
-                starting_token: token,
-                source_volume_id: source.clone().unwrap_or_default(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| status_error("ListSnapshots", s))?
-            .into_inner();
-        all.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
-        if page.next_token.is_empty() {
-            break;
+pub async fn snapshot_list(csi: Csi, source: Option<String>, format: Format) -> Result<(), String> {
+    let all = all_pages(|starting_token| {
+        let mut controller = csi.controller.clone();
+        let source_volume_id = source.clone().unwrap_or_default();
+        async move {
+            let page = controller
+                .list_snapshots(csi::ListSnapshotsRequest {
+                    max_entries: 500,
+                    starting_token,
+                    source_volume_id,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| status_error("ListSnapshots", s))?
+                .into_inner();
+            let items = page
+                .entries
+                .into_iter()
+                .filter_map(|e| e.snapshot)
+                .collect();
+            Ok((items, page.next_token))
         }
-        token = page.next_token;
-    }
+    })
+    .await?;
     snapshot_rows(&all).print(format);
     Ok(())
 }
