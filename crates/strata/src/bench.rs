@@ -67,6 +67,9 @@ struct Report {
     seconds: f64,
     volumes_per_second: f64,
     rpcs: Vec<RpcSummary>,
+    /// The driver's resident memory at points of the run, when its pid was given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rss_kib: Vec<(&'static str, u64)>,
 }
 
 impl Report {
@@ -91,6 +94,9 @@ impl Report {
                         "{:<24} {:>7} {:>9.3} {:>9.3} {:>9.3}",
                         r.rpc, r.calls, r.p50_ms, r.p90_ms, r.p99_ms
                     );
+                }
+                for (when, kib) in &self.rss_kib {
+                    println!("driver RSS {when}: {:.1} MiB", *kib as f64 / 1024.0);
                 }
             }
         }
@@ -117,21 +123,77 @@ pub struct LifecycleArgs {
     pub capability: CapabilityArgs,
 }
 
-async fn one_lifecycle(
+/// What the driver under test offers, so one benchmark serves any CSI driver.
+#[derive(Clone, Debug)]
+struct Offer {
+    controller_publish: bool,
+    stage: bool,
+    snapshots: bool,
+    node_id: String,
+}
+
+async fn offer(csi: &mut Csi) -> Result<Offer, String> {
+    use csi::controller_service_capability::{Type as C, rpc::Type as CR};
+    use csi::node_service_capability::{Type as N, rpc::Type as NR};
+    let controller = csi
+        .controller
+        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await
+        .map_err(|s| status_error("ControllerGetCapabilities", s))?
+        .into_inner();
+    let has = |t: CR| {
+        controller
+            .capabilities
+            .iter()
+            .any(|c| matches!(&c.r#type, Some(C::Rpc(r)) if r.r#type == t as i32))
+    };
+    let node = csi
+        .node
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .map_err(|s| status_error("NodeGetCapabilities", s))?
+        .into_inner();
+    let stage = node
+        .capabilities
+        .iter()
+        .any(|c| matches!(&c.r#type, Some(N::Rpc(r)) if r.r#type == NR::StageUnstageVolume as i32));
+    let info = csi
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .map_err(|s| status_error("NodeGetInfo", s))?
+        .into_inner();
+    Ok(Offer {
+        controller_publish: has(CR::PublishUnpublishVolume),
+        stage,
+        snapshots: has(CR::CreateDeleteSnapshot),
+        node_id: info.node_id,
+    })
+}
+
+/// A volume made usable on this node, and how to undo it.
+struct Mounted {
+    id: String,
+    staging: Option<String>,
+    target: String,
+}
+
+async fn bring_up(
     csi: &mut Csi,
     lat: &Latencies,
-    args: &LifecycleArgs,
-    n: usize,
-) -> Result<(), String> {
-    let cap = args.capability.to_csi();
-    let name = format!("bench-{}-{n}", std::process::id());
+    offer: &Offer,
+    cap: &csi::VolumeCapability,
+    name: String,
+    size: u64,
+    dir: &std::path::Path,
+) -> Result<Mounted, String> {
     let vol = timed(
         lat,
         "CreateVolume",
         csi.controller.create_volume(csi::CreateVolumeRequest {
             name,
             capacity_range: Some(csi::CapacityRange {
-                required_bytes: args.size as i64,
+                required_bytes: size as i64,
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![cap.clone()],
@@ -142,80 +204,107 @@ async fn one_lifecycle(
     .volume
     .unwrap_or_default();
     let id = vol.volume_id;
-    let staging = args.workdir.join(format!("stage-{n}"));
-    let target = args.workdir.join(format!("pub-{n}"));
-    let staging_s = staging.display().to_string();
-    let target_s = target.display().to_string();
-    fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
-    timed(
-        lat,
-        "NodeStageVolume",
-        csi.node.node_stage_volume(csi::NodeStageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging_s.clone(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        }),
-    )
-    .await?;
+    let mut publish_context = Default::default();
+    if offer.controller_publish {
+        publish_context = timed(
+            lat,
+            "ControllerPublishVolume",
+            csi.controller
+                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                    volume_id: id.clone(),
+                    node_id: offer.node_id.clone(),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                }),
+        )
+        .await?
+        .publish_context;
+    }
+    let staging = offer
+        .stage
+        .then(|| dir.join(format!("stage-{id}")).display().to_string());
+    if let Some(staging) = &staging {
+        fs::create_dir_all(staging).map_err(|e| e.to_string())?;
+        timed(
+            lat,
+            "NodeStageVolume",
+            csi.node.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(cap.clone()),
+                publish_context: publish_context.clone(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    }
+    let target = dir.join(format!("pub-{id}")).display().to_string();
     timed(
         lat,
         "NodePublishVolume",
         csi.node.node_publish_volume(csi::NodePublishVolumeRequest {
             volume_id: id.clone(),
-            staging_target_path: staging_s.clone(),
-            target_path: target_s.clone(),
-            volume_capability: Some(cap),
+            staging_target_path: staging.clone().unwrap_or_default(),
+            target_path: target.clone(),
+            volume_capability: Some(cap.clone()),
+            publish_context,
             ..Default::default()
         }),
     )
     .await?;
-    if args.data > 0 {
-        let (path, block) = if args.capability.block {
-            (target.clone(), true)
-        } else {
-            (target.join("data"), false)
-        };
-        let data = args.data as usize;
-        let start = Instant::now();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(!block)
-                .open(path)?;
-            f.write_all(&vec![0xA5u8; data])?;
-            f.sync_all()
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("write data: {e}"))?;
-        lat.record("write+fsync", start.elapsed());
-    }
+    Ok(Mounted {
+        id,
+        staging,
+        target,
+    })
+}
+
+async fn tear_down(
+    csi: &mut Csi,
+    lat: &Latencies,
+    offer: &Offer,
+    m: Mounted,
+) -> Result<(), String> {
     timed(
         lat,
         "NodeUnpublishVolume",
         csi.node
             .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: target_s,
+                volume_id: m.id.clone(),
+                target_path: m.target,
             }),
     )
     .await?;
-    timed(
-        lat,
-        "NodeUnstageVolume",
-        csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging_s,
-        }),
-    )
-    .await?;
-    let _ = fs::remove_dir(&staging);
+    if let Some(staging) = m.staging {
+        timed(
+            lat,
+            "NodeUnstageVolume",
+            csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: m.id.clone(),
+                staging_target_path: staging.clone(),
+            }),
+        )
+        .await?;
+        let _ = fs::remove_dir(&staging);
+    }
+    if offer.controller_publish {
+        timed(
+            lat,
+            "ControllerUnpublishVolume",
+            csi.controller
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: m.id.clone(),
+                    node_id: offer.node_id.clone(),
+                    secrets: Default::default(),
+                }),
+        )
+        .await?;
+    }
     timed(
         lat,
         "DeleteVolume",
         csi.controller.delete_volume(csi::DeleteVolumeRequest {
-            volume_id: id,
+            volume_id: m.id,
             secrets: Default::default(),
         }),
     )
@@ -223,29 +312,85 @@ async fn one_lifecycle(
     Ok(())
 }
 
-pub async fn lifecycle(csi: Csi, args: LifecycleArgs, format: Format) -> Result<(), String> {
+/// Writes `bytes` into the published volume (a file in it, or the device) and fsyncs.
+async fn write_data(lat: &Latencies, target: &str, block: bool, bytes: u64) -> Result<(), String> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let path = if block {
+        PathBuf::from(target)
+    } else {
+        PathBuf::from(target).join("data")
+    };
+    let start = Instant::now();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(!block)
+            .open(path)?;
+        f.write_all(&vec![0xA5u8; bytes as usize])?;
+        f.sync_all()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("write data: {e}"))?;
+    lat.record("write+fsync", start.elapsed());
+    Ok(())
+}
+
+fn progress(total: u64, what: &str, format: Format) -> indicatif::ProgressBar {
+    if format == Format::Json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+pub async fn lifecycle(mut csi: Csi, args: LifecycleArgs, format: Format) -> Result<(), String> {
     fs::create_dir_all(&args.workdir)
         .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
+    let offer = Arc::new(offer(&mut csi).await?);
     let args = Arc::new(args);
     let lat = Arc::new(Latencies::default());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let bar = progress(args.volumes as u64, "lifecycle", format);
     let start = Instant::now();
     let mut tasks = vec![];
     for _ in 0..args.concurrency.max(1) {
-        let (mut csi, args, lat, next) = (csi.clone(), args.clone(), lat.clone(), next.clone());
+        let (mut csi, args, lat, next, offer, bar) = (
+            csi.clone(),
+            args.clone(),
+            lat.clone(),
+            next.clone(),
+            offer.clone(),
+            bar.clone(),
+        );
         tasks.push(tokio::spawn(async move {
+            let cap = args.capability.to_csi();
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if n >= args.volumes {
                     return Ok::<(), String>(());
                 }
-                one_lifecycle(&mut csi, &lat, &args, n).await?;
+                let name = format!("bench-{}-{n}", std::process::id());
+                let m =
+                    bring_up(&mut csi, &lat, &offer, &cap, name, args.size, &args.workdir).await?;
+                write_data(&lat, &m.target, args.capability.block, args.data).await?;
+                tear_down(&mut csi, &lat, &offer, m).await?;
+                bar.inc(1);
             }
         }));
     }
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
     }
+    bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     Report {
         scenario: "lifecycle",
@@ -254,9 +399,146 @@ pub async fn lifecycle(csi: Csi, args: LifecycleArgs, format: Format) -> Result<
         seconds,
         volumes_per_second: args.volumes as f64 / seconds,
         rpcs: lat.summary(),
+        rss_kib: vec![],
     }
     .print(format);
     Ok(())
+}
+
+/// A mixed workload for `seconds`: each client creates, uses, snapshots and deletes its own
+/// volumes at random; reports throughput and tail latency per RPC.
+pub async fn churn(
+    mut csi: Csi,
+    args: LifecycleArgs,
+    seconds: u64,
+    format: Format,
+) -> Result<(), String> {
+    fs::create_dir_all(&args.workdir)
+        .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
+    let offer = Arc::new(offer(&mut csi).await?);
+    let args = Arc::new(args);
+    let lat = Arc::new(Latencies::default());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let bar = progress(seconds, "churn (s)", format);
+    let ops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = vec![];
+    for client in 0..args.concurrency.max(1) {
+        let (mut csi, args, lat, offer, ops) = (
+            csi.clone(),
+            args.clone(),
+            lat.clone(),
+            offer.clone(),
+            ops.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let cap = args.capability.to_csi();
+            let mut mine: Vec<Mounted> = vec![];
+            let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ client as u64;
+            let mut n = 0;
+            while Instant::now() < deadline {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                match rng % 4 {
+                    // Grow the working set up to 4 volumes per client.
+                    0 | 1 if mine.len() < 4 => {
+                        n += 1;
+                        let name = format!("churn-{}-{client}-{n}", std::process::id());
+                        mine.push(
+                            bring_up(&mut csi, &lat, &offer, &cap, name, args.size, &args.workdir)
+                                .await?,
+                        );
+                    }
+                    2 if !mine.is_empty() => {
+                        let m = &mine[(rng as usize >> 3) % mine.len()];
+                        write_data(&lat, &m.target, args.capability.block, args.data).await?;
+                        if offer.snapshots {
+                            let snap = timed(
+                                &lat,
+                                "CreateSnapshot",
+                                csi.controller.create_snapshot(csi::CreateSnapshotRequest {
+                                    source_volume_id: m.id.clone(),
+                                    name: format!("churn-{}-{client}-{n}-snap", std::process::id()),
+                                    ..Default::default()
+                                }),
+                            )
+                            .await?;
+                            n += 1;
+                            if let Some(s) = snap.snapshot {
+                                timed(
+                                    &lat,
+                                    "DeleteSnapshot",
+                                    csi.controller.delete_snapshot(csi::DeleteSnapshotRequest {
+                                        snapshot_id: s.snapshot_id,
+                                        secrets: Default::default(),
+                                    }),
+                                )
+                                .await?;
+                            }
+                        }
+                    }
+                    3 => {
+                        timed(
+                            &lat,
+                            "ListVolumes",
+                            csi.controller.list_volumes(csi::ListVolumesRequest {
+                                max_entries: 100,
+                                starting_token: String::new(),
+                            }),
+                        )
+                        .await?;
+                    }
+                    _ if !mine.is_empty() => {
+                        let m = mine.swap_remove((rng as usize >> 5) % mine.len());
+                        tear_down(&mut csi, &lat, &offer, m).await?;
+                    }
+                    _ => continue,
+                }
+                ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            for m in mine {
+                tear_down(&mut csi, &lat, &offer, m).await?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                bar.inc(1);
+            }
+        })
+    };
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    ticker.abort();
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    let done = ops.load(std::sync::atomic::Ordering::Relaxed);
+    Report {
+        scenario: "churn",
+        volumes: done,
+        concurrency: args.concurrency,
+        seconds: elapsed,
+        volumes_per_second: done as f64 / elapsed,
+        rpcs: lat.summary(),
+        rss_kib: vec![],
+    }
+    .print(format);
+    Ok(())
+}
+
+/// Resident memory of process `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Creates `volumes` volumes, lists them all page by page, and deletes them unless `keep`.
@@ -266,8 +548,16 @@ pub async fn scale(
     concurrency: usize,
     page: i32,
     keep: bool,
+    pid: Option<u32>,
     format: Format,
 ) -> Result<(), String> {
+    let mut rss = vec![];
+    let mut sample = |when: &'static str| {
+        if let Some(kib) = pid.and_then(rss_kib) {
+            rss.push((when, kib));
+        }
+    };
+    sample("before");
     let lat = Arc::new(Latencies::default());
     let cap = CapabilityArgs {
         block: false,
@@ -317,6 +607,7 @@ pub async fn scale(
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
     }
+    sample("after creates");
     let mut csi_list = csi.clone();
     let list_start = Instant::now();
     let mut token = String::new();
@@ -338,6 +629,7 @@ pub async fn scale(
         token = r.next_token;
     }
     lat.record("ListVolumes (all pages)", list_start.elapsed());
+    sample("after listing");
     eprintln!("listed {seen} volumes");
     let mut ids: Vec<String> = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
     if keep {
@@ -369,6 +661,7 @@ pub async fn scale(
         t.await.map_err(|e| e.to_string())??;
     }
     let seconds = start.elapsed().as_secs_f64();
+    sample("at the end");
     Report {
         scenario: "scale",
         volumes,
@@ -376,6 +669,7 @@ pub async fn scale(
         seconds,
         volumes_per_second: volumes as f64 / seconds,
         rpcs: lat.summary(),
+        rss_kib: rss,
     }
     .print(format);
     Ok(())

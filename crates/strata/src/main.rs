@@ -267,6 +267,24 @@ enum BenchCommand {
         #[command(flatten)]
         capability: CapabilityArgs,
     },
+    /// A mixed workload (create, publish, write, snapshot, list, delete) for a fixed time.
+    Churn {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+        size: u64,
+        /// Bytes written and fsynced per write.
+        #[arg(long, default_value = "1Mi", value_parser = parse_size)]
+        data: u64,
+        #[arg(long, default_value = "/tmp/strata-bench")]
+        workdir: PathBuf,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
     /// Snapshot and restore volumes holding each data size; verifies the restored data.
     Snapshot {
         #[command(flatten)]
@@ -292,6 +310,9 @@ enum BenchCommand {
         /// Keep the volumes (to measure startup or RSS with a full pool).
         #[arg(long)]
         keep: bool,
+        /// The driver's process id, to report its resident memory.
+        #[arg(long)]
+        pid: Option<u32>,
     },
 }
 
@@ -519,6 +540,25 @@ async fn run(cli: Cli) -> Result<(), String> {
                 };
                 bench::lifecycle(client::connect(&c.endpoint).await?, args, c.output).await
             }
+            BenchCommand::Churn {
+                client: c,
+                seconds,
+                concurrency,
+                size,
+                data,
+                workdir,
+                capability,
+            } => {
+                let args = bench::LifecycleArgs {
+                    volumes: 0,
+                    concurrency,
+                    size,
+                    data,
+                    workdir,
+                    capability,
+                };
+                bench::churn(client::connect(&c.endpoint).await?, args, seconds, c.output).await
+            }
             BenchCommand::Snapshot {
                 client: c,
                 sizes,
@@ -538,6 +578,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 concurrency,
                 page_size,
                 keep,
+                pid,
             } => {
                 bench::scale(
                     client::connect(&c.endpoint).await?,
@@ -545,6 +586,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     concurrency,
                     page_size,
                     keep,
+                    pid,
                     c.output,
                 )
                 .await
