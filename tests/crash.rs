@@ -115,6 +115,11 @@ async fn crash_during_stage(point: &str) {
         .map(drop)
     })
     .await;
+    // The device was attached auto-clearing and held by the dead process: the kernel freed it.
+    assert!(
+        kernel_state_under(env.dir.path()).1.is_empty(),
+        "{point}: loop device left"
+    );
 
     env.restart(None).await;
     env.stage(&id, &staging, ext4())

@@ -148,11 +148,12 @@ impl TestEnv {
         assert!(out.status.success(), "mkfs.{fs_type}: {out:?}");
         let pool = dir.path().join("pool");
         fs::create_dir(&pool).unwrap();
-        let dev = LinuxHost.attach(&image).unwrap();
+        let attached = LinuxHost.attach(&image, true).unwrap();
         LinuxHost
-            .mount_device(&dev.path, &pool, fs_type, &Default::default())
+            .mount_device(&attached.device.path, &pool, fs_type, &Default::default())
             .unwrap();
-        LinuxHost.set_auto_clear(&dev).unwrap();
+        // Auto-clearing: the device goes with the pool's unmount.
+        drop(attached.hold);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let mut child = spawn(dir.path(), &args, None);
         let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;

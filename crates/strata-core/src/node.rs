@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::backend::Attachment;
+use crate::backend::{Attached, Attachment};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::model::{AccessType, Capability, FormatState, VolumeRecord, fs_type_of};
@@ -182,10 +182,16 @@ impl Driver {
                 other.source
             )));
         }
-        let att = match current {
-            Some(att) => att,
-            None => self.backend.attach(&dir)?,
+        let for_mount = !req.capability.is_block();
+        let attached = match current {
+            Some(att) => Attached {
+                attachment: att,
+                hold: None,
+                auto_clear: false,
+            },
+            None => self.backend.attach(&dir, for_mount)?,
         };
+        let att = attached.attachment.clone();
         self.crash.reach("stage:after-attach");
 
         let AccessType::Mount {
@@ -259,11 +265,15 @@ impl Driver {
         match staged {
             Ok(()) => {
                 // From now on the kernel frees the loop device when the last mount goes.
-                self.backend.release_on_unmount(&att)?;
+                if !attached.auto_clear {
+                    self.backend.release_on_unmount(&att)?;
+                }
+                drop(attached.hold);
                 // xfs grows only while mounted.
                 self.grow_if_pending(&id, &dev.path, Some(&req.staging_path), fs_type)
             }
             Err(e) => {
+                drop(attached.hold);
                 if self.mounts_of(&att)?.is_empty() {
                     let _ = self.backend.detach(&dir);
                 }

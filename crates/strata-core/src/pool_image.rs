@@ -41,9 +41,13 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
             .and_then(|f| f.set_len(size).and_then(|_| f.sync_all()))
             .ctx(|| format!("grow {}", image.display()))?;
     }
-    let device = match host.loops.find(&image)? {
-        Some(dev) => dev,
-        None => host.loops.attach(&image)?,
+    // A fresh attachment auto-clears: held until mounted, freed when unmounted.
+    let (device, hold) = match host.loops.find(&image)? {
+        Some(dev) => (dev, None),
+        None => {
+            let attached = host.loops.attach(&image, true)?;
+            (attached.device, attached.hold)
+        }
     };
     if grow {
         host.loops.refresh_capacity(&device)?;
@@ -67,8 +71,10 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
         fs::create_dir_all(&mount_point).ctx(|| format!("create {}", mount_point.display()))?;
         host.mounter
             .mount_device(&device.path, &mount_point, "xfs", &MountOptions::default())?;
-        // The kernel frees the loop device when the pool is unmounted.
-        host.loops.set_auto_clear(&device)?;
+        if hold.is_none() {
+            // Found attached from an earlier run: free it when the pool is unmounted.
+            host.loops.set_auto_clear(&device)?;
+        }
     }
     if grow {
         host.filesystems

@@ -6,7 +6,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use super::{Attachment, Backend, DataDir};
+use super::{Attached, Attachment, Backend, DataDir};
 use crate::error::{Error, IoContext, Result};
 use crate::model::{CopyMethod, GIB, MIB, SizePolicy};
 use crate::os::{Filesystems, FsUsage, Host};
@@ -132,8 +132,12 @@ impl<K: DirectoryKind> Backend for DirectoryBackend<K> {
         attachment(&self.host, dir)
     }
 
-    fn attach(&self, dir: &Path) -> Result<Attachment> {
-        Ok(Attachment::Directory(locate(&self.host, dir)?))
+    fn attach(&self, dir: &Path, _for_mount: bool) -> Result<Attached> {
+        Ok(Attached {
+            attachment: Attachment::Directory(locate(&self.host, dir)?),
+            hold: None,
+            auto_clear: true,
+        })
     }
 
     fn release_on_unmount(&self, _attachment: &Attachment) -> Result<()> {

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Attachment, Backend};
+use super::{Attached, Attachment, Backend};
 use crate::error::{Error, IoContext, Result};
 use crate::model::{CopyMethod, GIB, MIB, SizePolicy};
 use crate::os::{FsUsage, Host};
@@ -203,9 +203,13 @@ impl Backend for ImageBackend {
             .map(Attachment::Device))
     }
 
-    fn attach(&self, dir: &Path) -> Result<Attachment> {
+    fn attach(&self, dir: &Path, for_mount: bool) -> Result<Attached> {
         if let Some(existing) = self.attachment(dir)? {
-            return Ok(existing);
+            return Ok(Attached {
+                attachment: existing,
+                hold: None,
+                auto_clear: false,
+            });
         }
         let image = Self::image(dir);
         if !image.exists() {
@@ -214,7 +218,12 @@ impl Backend for ImageBackend {
                 image.display()
             )));
         }
-        Ok(Attachment::Device(self.host.loops.attach(&image)?))
+        let attached = self.host.loops.attach(&image, for_mount)?;
+        Ok(Attached {
+            attachment: Attachment::Device(attached.device),
+            auto_clear: for_mount,
+            hold: attached.hold,
+        })
     }
 
     fn release_on_unmount(&self, attachment: &Attachment) -> Result<()> {

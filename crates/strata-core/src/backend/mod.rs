@@ -21,6 +21,14 @@ pub enum Attachment {
     Directory(DataDir),
 }
 
+/// A new attachment. `hold` keeps an auto-clearing one alive until the mount takes over.
+pub struct Attached {
+    pub attachment: Attachment,
+    pub hold: Option<std::fs::File>,
+    /// Whether it goes away by itself once unmounted.
+    pub auto_clear: bool,
+}
+
 /// A volume's data directory and where the kernel's mount table finds it: the device of its
 /// filesystem and its path inside that filesystem (the `root` field of mountinfo).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,9 +84,11 @@ pub trait Backend: Send + Sync {
     fn has_data(&self, dir: &Path) -> Result<bool>;
     /// The current attachment as the kernel reports it.
     fn attachment(&self, dir: &Path) -> Result<Option<Attachment>>;
-    /// Attaches the volume, or returns the existing attachment. Idempotent.
-    fn attach(&self, dir: &Path) -> Result<Attachment>;
-    /// Lets the kernel release the attachment once the last mount of it goes.
+    /// Attaches the volume. `for_mount`: the attachment is about to be mounted, so it may go
+    /// away by itself once unmounted (and if the process dies before the mount).
+    fn attach(&self, dir: &Path, for_mount: bool) -> Result<Attached>;
+    /// Lets the kernel release an attachment that predates this process once the last
+    /// mount of it goes.
     fn release_on_unmount(&self, attachment: &Attachment) -> Result<()>;
     /// Detaches the volume. Idempotent.
     fn detach(&self, dir: &Path) -> Result<()>;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    CopyMethod, Filesystems, FsUsage, Host, LoopDevice, LoopDevices, MountEntry, MountOptions,
-    Mounter, Probe,
+    AttachedLoop, CopyMethod, Filesystems, FsUsage, Host, LoopDevice, LoopDevices, MountEntry,
+    MountOptions, Mounter, Probe,
 };
 use crate::error::{Error, Result};
 
@@ -158,7 +158,7 @@ impl LoopDevices for FakeHost {
         Ok(self.lock().loops.clone())
     }
 
-    fn attach(&self, backing_file: &Path) -> Result<LoopDevice> {
+    fn attach(&self, backing_file: &Path, _auto_clear: bool) -> Result<AttachedLoop> {
         let mut s = self.lock();
         let minor = (0..)
             .find(|n| !s.loops.iter().any(|l| l.minor == *n))
@@ -170,7 +170,10 @@ impl LoopDevices for FakeHost {
             backing_file: backing_file.to_owned(),
         };
         s.loops.push(dev.clone());
-        Ok(dev)
+        Ok(AttachedLoop {
+            device: dev,
+            hold: None,
+        })
     }
 
     fn set_auto_clear(&self, _: &LoopDevice) -> Result<()> {

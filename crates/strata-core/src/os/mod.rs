@@ -39,13 +39,22 @@ pub struct LoopDevice {
     pub backing_file: PathBuf,
 }
 
+/// A freshly attached loop device and, with auto-clear, the open handle that keeps it.
+#[derive(Debug)]
+pub struct AttachedLoop {
+    pub device: LoopDevice,
+    pub hold: Option<std::fs::File>,
+}
+
 /// Loop device control.
 pub trait LoopDevices: Send + Sync {
     /// Every attached loop device with its backing file, from `/sys/block`.
     fn list(&self) -> Result<Vec<LoopDevice>>;
     /// Attaches `backing_file` to a free loop device, with direct I/O when the backing
-    /// filesystem allows it.
-    fn attach(&self, backing_file: &Path) -> Result<LoopDevice>;
+    /// filesystem allows it. With `auto_clear` the kernel detaches the device once its last
+    /// user closes it: the returned hold keeps it until a mount takes over, and a crash
+    /// before that leaves nothing behind.
+    fn attach(&self, backing_file: &Path, auto_clear: bool) -> Result<AttachedLoop>;
     /// Lets the kernel detach the device once its last user (a mount) goes away.
     fn set_auto_clear(&self, device: &LoopDevice) -> Result<()>;
     /// Detaches the device; succeeds when it is already gone.
