@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::error::{Error, IoContext, Result};
-use crate::fault::CrashPoints;
+use crate::fault::FaultPoints;
 use crate::inflight::{Guard, InFlight};
 use crate::model::{Topology, VolumeRecord};
 use crate::os::Host;
@@ -52,7 +52,7 @@ pub struct Driver {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) host: Host,
     inflight: Arc<InFlight>,
-    pub(crate) crash: CrashPoints,
+    pub(crate) crash: FaultPoints,
 }
 
 impl Driver {
@@ -61,7 +61,7 @@ impl Driver {
         config: Config,
         host: Host,
         backend: Arc<dyn Backend>,
-        crash: CrashPoints,
+        crash: FaultPoints,
     ) -> Result<(Self, Startup)> {
         let (store, volumes) = VolumeStore::open(&config.pool, backend.as_ref())?;
         let (snapshots, snapshot_report) = SnapshotStore::open(&config.pool, backend.as_ref())?;

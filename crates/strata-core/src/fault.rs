@@ -6,14 +6,14 @@
 use std::time::Duration;
 
 #[derive(Debug, Clone, Default)]
-pub struct CrashPoints {
+pub struct FaultPoints {
     armed: Option<String>,
     delay: Option<(String, Duration)>,
 }
 
-impl CrashPoints {
+impl FaultPoints {
     pub fn new(armed: Option<String>) -> Self {
-        CrashPoints {
+        FaultPoints {
             armed: armed.filter(|s| !s.is_empty()),
             delay: None,
         }

@@ -609,7 +609,7 @@ mod tests {
     use crate::backend::image::ImageBackend;
     use crate::controller::CreateVolume;
     use crate::driver::Config;
-    use crate::fault::CrashPoints;
+    use crate::fault::FaultPoints;
     use crate::model::{AccessMode, MIB};
     use crate::os::fake::FakeHost;
 
@@ -632,7 +632,7 @@ mod tests {
             allowed_path_prefixes: vec!["/".into()],
         };
         let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
-        let (driver, _) = Driver::open(config, host, backend, CrashPoints::default()).unwrap();
+        let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
         Fixture {
             _pool: pool,
             fake,

@@ -16,7 +16,7 @@ use strata_core::backend::btrfs::btrfs_backend;
 use strata_core::backend::dir::dir_backend;
 use strata_core::backend::image::ImageBackend;
 use strata_core::driver::Startup;
-use strata_core::fault::CrashPoints;
+use strata_core::fault::FaultPoints;
 use strata_core::model::CopyMethod;
 use strata_core::os::Host;
 use strata_core::pool_image::mount_pool_image;
@@ -119,7 +119,7 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
         config,
         host,
         backend,
-        CrashPoints::new(opts.crash_at.clone()).with_delay(opts.delay_at.clone()),
+        FaultPoints::new(opts.crash_at.clone()).with_delay(opts.delay_at.clone()),
     )
     .map_err(|e| format!("open pool {}: {e}", opts.pool.display()))?;
     let (v, s) = (&report.volumes, &report.snapshots);
