@@ -438,7 +438,9 @@ impl Driver {
             ))
         };
         let att = self.backend.attachment(&dir)?.ok_or_else(not_staged)?;
-        let mounts = self.mounts_of(&att)?;
+        // One read of the mount table serves both questions below.
+        let table = self.host.mounter.mounts()?;
+        let mounts: Vec<MountEntry> = table.iter().filter(|m| shows(m, &att)).cloned().collect();
         let read_only = req.read_only || req.capability.access_mode.is_read_only();
         let block = req.capability.is_block();
 
@@ -462,7 +464,10 @@ impl Driver {
             staging.clone()
         };
 
-        let at_target: Vec<MountEntry> = self.host.mounts_at(&req.target_path)?;
+        let at_target: Vec<MountEntry> = table
+            .into_iter()
+            .filter(|m| m.mount_point == req.target_path)
+            .collect();
         if let Some(m) = at_target.last() {
             let same_kind = block == is_device_node_mount(m, &att);
             if shows(m, &att) && same_kind && m.read_only() == read_only {
