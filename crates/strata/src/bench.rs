@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use csi_proto as csi;
 use serde::Serialize;
 
-use crate::client::commands::CapabilityArgs;
+use crate::client::commands::{CapabilityArgs, ModeArg};
 use crate::client::output::Format;
 use crate::client::{Csi, status_error};
 
@@ -559,13 +559,7 @@ pub async fn scale(
     };
     sample("before");
     let lat = Arc::new(Latencies::default());
-    let cap = CapabilityArgs {
-        block: false,
-        fs_type: "ext4".into(),
-        mount_flags: vec![],
-        mode: crate::client::commands::ModeArg::SingleNodeMultiWriter,
-    }
-    .to_csi();
+    let cap = CapabilityArgs::ext4(ModeArg::SingleNodeMultiWriter).to_csi();
     let start = Instant::now();
     let ids = Arc::new(Mutex::new(vec![]));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -733,13 +727,7 @@ pub async fn snapshot(
     format: Format,
 ) -> Result<(), String> {
     fs::create_dir_all(&workdir).map_err(|e| format!("create {}: {e}", workdir.display()))?;
-    let cap = CapabilityArgs {
-        block: false,
-        fs_type: "ext4".into(),
-        mount_flags: vec![],
-        mode: crate::client::commands::ModeArg::SingleNodeWriter,
-    }
-    .to_csi();
+    let cap = CapabilityArgs::ext4(ModeArg::SingleNodeWriter).to_csi();
     let pid = std::process::id();
     let mut rows = vec![];
     for (i, data) in sizes.iter().copied().enumerate() {

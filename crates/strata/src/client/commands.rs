@@ -36,6 +36,16 @@ pub enum ModeArg {
 }
 
 impl CapabilityArgs {
+    /// A plain ext4 mount capability with the given access mode.
+    pub fn ext4(mode: ModeArg) -> Self {
+        CapabilityArgs {
+            block: false,
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+            mode,
+        }
+    }
+
     pub fn to_csi(&self) -> csi::VolumeCapability {
         let mode = match self.mode {
             ModeArg::SingleNodeWriter => Mode::SingleNodeWriter,
