@@ -859,8 +859,8 @@ async fn secrets_are_never_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_calls_never_unmount_what_is_not_the_volumes() {
-    use strata_core::os::Mounter;
     use strata_core::os::linux::LinuxHost;
+    use strata_core::os::{Mounter, NodePath};
     let mut env = TestEnv::start().await;
     let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
     let foreign = env.path("foreign");
@@ -869,9 +869,9 @@ async fn node_calls_never_unmount_what_is_not_the_volumes() {
     std::fs::create_dir(&bind_source).unwrap();
     LinuxHost
         .bind(
-            std::path::Path::new(&bind_source),
-            std::path::Path::new(&foreign),
-            false,
+            &NodePath::trusted(std::path::Path::new(&bind_source)),
+            &NodePath::trusted(std::path::Path::new(&foreign)),
+            &Default::default(),
         )
         .unwrap();
     let mounted = || {
@@ -897,7 +897,9 @@ async fn node_calls_never_unmount_what_is_not_the_volumes() {
         Code::AlreadyExists
     );
     assert!(mounted());
-    LinuxHost.unmount(std::path::Path::new(&foreign)).unwrap();
+    LinuxHost
+        .unmount(&mut NodePath::trusted(std::path::Path::new(&foreign)))
+        .unwrap();
     env.unstage(&id, &foreign).await.unwrap();
     env.assert_clean();
 }

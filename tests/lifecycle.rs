@@ -202,7 +202,11 @@ async fn repeated_stage_and_publish_restore_volumes_after_a_reboot() {
     env.stop();
     for _ in 0..4 {
         for p in [&target, &staging] {
-            LinuxHost.unmount(std::path::Path::new(p)).unwrap();
+            LinuxHost
+                .unmount(&mut strata_core::os::NodePath::trusted(
+                    std::path::Path::new(p),
+                ))
+                .unwrap();
         }
     }
     for dev in LinuxHost.list().unwrap() {

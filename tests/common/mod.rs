@@ -14,7 +14,7 @@ use csi_proto as csi;
 use strata::client::{Csi, connect};
 use strata::endpoint::Endpoint;
 use strata_core::os::linux::LinuxHost;
-use strata_core::os::{LoopDevices, Mounter};
+use strata_core::os::{AttachOptions, LoopDevices, Mounter, NodePath};
 use tempfile::TempDir;
 
 pub const MIB: i64 = 1 << 20;
@@ -148,12 +148,25 @@ impl TestEnv {
         assert!(out.status.success(), "mkfs.{fs_type}: {out:?}");
         let pool = dir.path().join("pool");
         fs::create_dir(&pool).unwrap();
-        let attached = LinuxHost.attach(&image, true).unwrap();
+        let attached = LinuxHost
+            .attach(
+                &image,
+                AttachOptions {
+                    auto_clear: true,
+                    read_only: false,
+                },
+            )
+            .unwrap();
         LinuxHost
-            .mount_device(&attached.device.path, &pool, fs_type, &Default::default())
+            .mount_device(
+                &attached.device.path,
+                &NodePath::trusted(&pool),
+                fs_type,
+                &Default::default(),
+            )
             .unwrap();
         // Auto-clearing: the device goes with the pool's unmount.
-        drop(attached.hold);
+        drop(attached);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let mut child = spawn(dir.path(), &args, None);
         let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;
@@ -287,7 +300,7 @@ impl Drop for TestEnv {
             }
             mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
             for m in mounts {
-                let _ = LinuxHost.unmount(&m);
+                let _ = LinuxHost.unmount(&mut NodePath::trusted(&m));
             }
             for dev in LinuxHost.list().unwrap_or_default() {
                 if dev.backing_file.starts_with(self.dir.path()) {

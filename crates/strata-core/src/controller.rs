@@ -88,7 +88,8 @@ impl Driver {
             .find(|k| !k.starts_with(K8S_PARAMETER_PREFIX))
         {
             Some(key) => Err(Error::InvalidArgument(format!(
-                "unknown parameter {key:?}: the image backend takes no StorageClass parameters"
+                "unknown parameter {}: the image backend takes no StorageClass parameters",
+                validate::echo(key)
             ))),
             None => Ok(()),
         }

@@ -1,18 +1,20 @@
 //! The driver: configuration, the pool's store and backend, the host, and the in-flight
 //! guards. Controller and node operations are implemented on it in their own modules.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
 use crate::inflight::{Guard, InFlight};
 use crate::model::{Topology, VolumeRecord};
-use crate::os::Host;
+use crate::os::{Create, FileId, Host, NodePath};
 use crate::reaper::Reaper;
 use crate::store::{Reconciliation, SnapshotStore, VolumeStore};
+use crate::validate::bounded_display;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,8 +27,12 @@ pub struct Config {
     pub max_volumes_per_node: i64,
     /// Topology segment key naming this node; defaults to `<driver_name>/node`.
     pub topology_key: String,
-    /// Staging and target paths must lie under one of these (canonical) directories.
+    /// Staging and target paths must lie under one of these directories (each as given and
+    /// as resolved at startup); no symlink is followed below them.
     pub allowed_path_prefixes: Vec<PathBuf>,
+    /// Directories no node path may lie in: the `--pool` directory (which holds the pool
+    /// image and its mount) and the pool itself.
+    pub forbidden_paths: Vec<PathBuf>,
 }
 
 impl Config {
@@ -103,25 +109,52 @@ impl Driver {
         t.get(&self.config.topology_key) == Some(&self.config.node_id)
     }
 
-    /// Detaches loop devices whose backing file is in the pool but belongs to no volume (an
-    /// image deleted or moved to lost+found while attached). A device that is still mounted
+    /// The loop devices (major, minor) serving this pool's volumes, matched by the
+    /// identity (device and inode) of each volume's image: one listing of the devices, one
+    /// stat per volume.
+    pub(crate) fn volume_devices(&self) -> Result<HashSet<(u32, u32)>> {
+        let loops = self.host.loops.list()?;
+        if loops.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let by_file: HashMap<FileId, (u32, u32)> = loops
+            .iter()
+            .map(|l| (l.backing, (l.major, l.minor)))
+            .collect();
+        let mut ours = HashSet::new();
+        for record in self.store.filter(|_| true) {
+            if let Some(id) = self.backend.identity(&self.store.dir(&record.id))?
+                && let Some(dev) = by_file.get(&id)
+            {
+                ours.insert(*dev);
+            }
+        }
+        Ok(ours)
+    }
+
+    /// Detaches loop devices left on images that startup moved to `lost+found` (a volume it
+    /// could not account for), matched by device and inode. A device that is still mounted
     /// somewhere is left alone and reported: unmounting it could lose a process's writes.
+    /// Devices on any other file are never touched: they may be anybody's.
     fn detach_orphan_loops(&self) -> Result<Vec<String>> {
+        let loops = self.host.loops.list()?;
+        if loops.is_empty() {
+            return Ok(vec![]);
+        }
+        let quarantined: HashSet<FileId> = match fs::read_dir(self.config.pool.join("lost+found")) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .flat_map(|e| [e.path().join(crate::backend::image::IMAGE_FILE), e.path()])
+                .filter_map(|p| FileId::of(&p).ok())
+                .collect(),
+            Err(_) => return Ok(vec![]),
+        };
         let mounts = self.host.mounter.mounts()?;
         let mut detached = vec![];
-        for dev in self.host.loops.list()? {
-            let Ok(rel) = dev.backing_file.strip_prefix(&self.config.pool) else {
-                continue;
-            };
-            let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy());
-            let owned = match (parts.next().as_deref(), parts.next()) {
-                (Some("volumes"), Some(id)) => self.store.get(&id).is_some(),
-                // The pool image itself, when the pool lives in one.
-                _ => rel.components().count() == 1,
-            };
-            if owned {
-                continue;
-            }
+        for dev in loops
+            .into_iter()
+            .filter(|d| quarantined.contains(&d.backing))
+        {
             if mounts.iter().any(|m| m.device() == (dev.major, dev.minor)) {
                 tracing::warn!(device = %dev.path.display(), backing = %dev.backing_file.display(),
                     "a mounted loop device serves a file no volume owns; leaving it");
@@ -189,17 +222,17 @@ impl Driver {
         self.store.len()
     }
 
-    /// Checks a staging or target path from a request: absolute and clean (checked by the
-    /// caller), under an allowed prefix once symlinks are resolved, and not inside the pool.
-    /// Returns the resolved path, which the operation then uses.
-    pub(crate) fn node_path(&self, field: &str, path: &Path) -> Result<PathBuf> {
-        let resolved = resolve_existing_prefix(path);
-        let allowed = self
+    /// Checks a staging or target path from a request (absolute and clean, checked by the
+    /// caller): below an allowed directory and not in the pool. The path is later opened
+    /// from that directory without following symlinks ([`NodePath`]).
+    pub(crate) fn node_path(&self, field: &str, path: &Path) -> Result<CheckedPath> {
+        let prefix = self
             .config
             .allowed_path_prefixes
             .iter()
-            .any(|p| resolved.starts_with(p) && resolved != *p);
-        if !allowed {
+            .filter(|p| path.starts_with(p) && path != p.as_path())
+            .max_by_key(|p| p.as_os_str().len());
+        let Some(prefix) = prefix else {
             let prefixes: Vec<String> = self
                 .config
                 .allowed_path_prefixes
@@ -208,64 +241,46 @@ impl Driver {
                 .collect();
             return Err(Error::InvalidArgument(format!(
                 "{field} {} is outside the allowed directories ({}); start strata with --allowed-path-prefix to allow another",
-                resolved.display(),
+                bounded_display(path),
                 prefixes.join(", ")
             )));
-        }
-        if resolved.starts_with(&self.config.pool) {
+        };
+        if let Some(pool) = self
+            .config
+            .forbidden_paths
+            .iter()
+            .chain([&self.config.pool])
+            .find(|p| path.starts_with(p) || p.starts_with(path))
+        {
             return Err(Error::InvalidArgument(format!(
-                "{field} {} is inside the pool; use a path outside {}",
-                resolved.display(),
-                self.config.pool.display()
+                "{field} {} is inside or above the pool; use a path outside {}",
+                bounded_display(path),
+                pool.display()
             )));
         }
-        Ok(resolved)
+        Ok(CheckedPath {
+            prefix: prefix.clone(),
+            path: path.to_owned(),
+        })
     }
 
-    /// Ensures a directory exists, for mount points the driver creates.
-    pub(crate) fn ensure_dir(path: &std::path::Path) -> Result<()> {
-        fs::create_dir_all(path).ctx(|| format!("create directory {}", path.display()))
+    /// Opens a checked node path without following symlinks.
+    pub(crate) fn open_node(&self, path: &CheckedPath, create: Create) -> Result<Option<NodePath>> {
+        self.host
+            .mounter
+            .open_path(&path.prefix, &path.path, create)
+    }
+
+    /// Claims a node path for the operation, so two volumes are never mounted at one path.
+    pub(crate) fn path_guard(&self, path: &CheckedPath) -> Result<Guard> {
+        self.inflight
+            .acquire(format!("path {}", path.path.display()))
     }
 }
 
-/// `path` with its deepest existing ancestor resolved (symlinks followed), so a symlink
-/// cannot lead a mount outside the allowed directories.
-pub fn resolve_existing_prefix(path: &Path) -> PathBuf {
-    let mut existing = path.to_path_buf();
-    let mut rest = vec![];
-    while fs::symlink_metadata(&existing).is_err() {
-        match existing.file_name() {
-            Some(name) => rest.push(name.to_owned()),
-            None => break,
-        }
-        if !existing.pop() {
-            break;
-        }
-    }
-    let mut resolved = fs::canonicalize(&existing).unwrap_or(existing);
-    for name in rest.into_iter().rev() {
-        resolved.push(name);
-    }
-    resolved
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn symlinks_are_resolved_before_the_prefix_check() {
-        let tmp = tempfile::tempdir().unwrap();
-        let base = fs::canonicalize(tmp.path()).unwrap();
-        fs::create_dir(base.join("real")).unwrap();
-        std::os::unix::fs::symlink("/etc", base.join("escape")).unwrap();
-        assert_eq!(
-            resolve_existing_prefix(&base.join("real/new/deeper")),
-            base.join("real/new/deeper")
-        );
-        assert_eq!(
-            resolve_existing_prefix(&base.join("escape/passwd-target")),
-            PathBuf::from("/etc/passwd-target")
-        );
-    }
+/// A node path that passed [`Driver::node_path`], with the allowed directory it lies in.
+#[derive(Debug, Clone)]
+pub struct CheckedPath {
+    pub prefix: PathBuf,
+    pub path: PathBuf,
 }

@@ -30,7 +30,8 @@ impl InFlight {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if !keys.insert(key.clone()) {
             return Err(Error::Aborted(format!(
-                "an operation on {key} is already in progress; retry when it has finished"
+                "an operation on {} is already in progress; retry when it has finished",
+                crate::validate::bounded(&key, 2 * crate::validate::MAX_ECHO_BYTES)
             )));
         }
         Ok(Guard {

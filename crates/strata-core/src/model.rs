@@ -86,7 +86,8 @@ pub fn fs_type_of(fs_type: &str) -> Result<&str> {
         Ok(fs)
     } else {
         Err(Error::InvalidArgument(format!(
-            "fs_type {fs_type:?} is not supported; use one of {}",
+            "fs_type {} is not supported; use one of {}",
+            crate::validate::echo(fs_type),
             SUPPORTED_FS.join(", ")
         )))
     }

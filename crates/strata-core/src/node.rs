@@ -1,16 +1,19 @@
 //! Node operations: stage, publish, and their reverses, and volume stats. What is staged or
 //! published is read from the kernel (mount table, loop devices) on every call, so a retried
 //! call after a crash or a reboot sees the truth and finishes the job.
+//!
+//! Node paths are opened without following symlinks and acted on through their handles
+//! ([`NodePath`]); devices are held open from the check to the mount ([`Attached`]); each
+//! operation claims its volume and its path, so two volumes never meet at one path.
 
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::backend::{Attached, Attachment};
-use crate::driver::Driver;
+use crate::backend::Attachment;
+use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
 use crate::model::{AccessType, Capability, FormatState, VolumeRecord, fs_type_of};
-use crate::os::{FrozenGuard, MountEntry, MountOptions, Probe};
+use crate::os::{Create, FrozenGuard, LoopDevice, MountEntry, MountOptions, NodePath, Probe};
+use crate::validate::bounded_display;
 
 #[derive(Debug, Clone)]
 pub struct StageVolume {
@@ -45,15 +48,17 @@ pub struct VolumeStats {
 /// or its device node bound onto a file (a bind from devtmpfs whose root is `/loopN`).
 fn shows(entry: &MountEntry, att: &Attachment) -> bool {
     match att {
-        Attachment::Device(dev) => {
-            entry.device() == (dev.major, dev.minor)
-                || dev
-                    .path
-                    .file_name()
-                    .is_some_and(|n| entry.root == Path::new("/").join(n))
-        }
+        Attachment::Device(dev) => shows_device(entry, dev),
         Attachment::Directory(d) => entry.device() == d.device && entry.root == d.root,
     }
+}
+
+fn shows_device(entry: &MountEntry, dev: &LoopDevice) -> bool {
+    entry.device() == (dev.major, dev.minor)
+        || dev
+            .path
+            .file_name()
+            .is_some_and(|n| entry.root == Path::new("/").join(n))
 }
 
 fn is_device_node_mount(entry: &MountEntry, att: &Attachment) -> bool {
@@ -63,16 +68,26 @@ fn is_device_node_mount(entry: &MountEntry, att: &Attachment) -> bool {
     }
 }
 
-fn remove_mount_point(path: &Path) -> Result<()> {
-    let removed = match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match removed {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+/// Whether `entry`, known to show one of the volume's devices, is a bind of a device node
+/// (a raw block publish) rather than its filesystem.
+fn is_node_bind(entry: &MountEntry, att: &Attachment) -> bool {
+    match att {
+        Attachment::Device(dev) => entry.device() != (dev.major, dev.minor),
+        Attachment::Directory(_) => false,
+    }
+}
+
+/// What of a volume can be mounted on this node: its attachment and any read-only devices
+/// handed out for read-only block publishes.
+struct Owners {
+    attachment: Option<Attachment>,
+    read_only: Vec<LoopDevice>,
+}
+
+impl Owners {
+    fn show(&self, entry: &MountEntry) -> bool {
+        self.attachment.as_ref().is_some_and(|a| shows(entry, a))
+            || self.read_only.iter().any(|d| shows_device(entry, d))
     }
 }
 
@@ -88,16 +103,25 @@ impl Driver {
             .collect())
     }
 
+    fn owners(&self, dir: &Path) -> Result<Owners> {
+        Ok(Owners {
+            attachment: self.backend.attachment(dir)?,
+            read_only: self
+                .backend
+                .devices(dir)?
+                .into_iter()
+                .filter(|d| d.read_only)
+                .collect(),
+        })
+    }
+
     /// Thaws every mounted volume filesystem: a crash while a snapshot had one frozen must not
     /// leave it frozen. Thawing a filesystem that is not frozen does nothing.
     pub fn thaw_all(&self) -> Result<usize> {
-        let loops = self.host.loops.list()?;
+        let ours = self.volume_devices()?;
         let mut thawed = 0;
         for m in self.host.mounter.mounts()? {
-            let ours = loops.iter().any(|l| {
-                (l.major, l.minor) == m.device() && l.backing_file.starts_with(&self.config.pool)
-            });
-            if ours && m.root == Path::new("/") {
+            if ours.contains(&m.device()) && m.root == Path::new("/") {
                 match self.host.filesystems.thaw(&m.mount_point) {
                     Ok(()) => thawed += 1,
                     Err(e) => {
@@ -127,26 +151,32 @@ impl Driver {
         FrozenGuard::freeze(self.host.filesystems.as_ref(), &mount.mount_point).map(Some)
     }
 
-    /// Unmounts this volume's mounts stacked at `path`; never touches anybody else's.
-    fn unmount_volume_at(&self, path: &Path, att: Option<&Attachment>) -> Result<()> {
+    /// Unmounts this volume's mounts stacked at `node`; never touches anybody else's. Returns
+    /// the path reopened after the unmounts (`None` if it is gone).
+    fn unmount_ours(&self, node: NodePath, owners: &Owners) -> Result<Option<NodePath>> {
+        let mut node = Some(node);
         // Bounded: a mount point that keeps reappearing is reported, not looped on.
         for _ in 0..16 {
-            let Some(top) = self.host.mounts_at(path)?.pop() else {
-                return Ok(());
+            let Some(current) = node.as_mut() else {
+                return Ok(None);
             };
-            if !att.is_some_and(|a| shows(&top, a)) {
+            let Some(top) = self.host.mounter.mount_at(current)? else {
+                return Ok(node);
+            };
+            if !owners.show(&top) {
                 return Err(Error::FailedPrecondition(format!(
                     "{} holds a mount that is not this volume's ({} from {}); unmount it by hand",
-                    path.display(),
+                    bounded_display(&current.path),
                     top.fs_type,
-                    top.source
+                    bounded_display(Path::new(&top.source))
                 )));
             }
-            self.host.mounter.unmount(path)?;
+            self.host.mounter.unmount(current)?;
+            node = self.host.mounter.reopen(current)?;
         }
         Err(Error::Internal(format!(
             "{} is still mounted after 16 unmounts",
-            path.display()
+            bounded_display(&node.map(|n| n.path).unwrap_or_default())
         )))
     }
 
@@ -161,37 +191,42 @@ impl Driver {
         self.check_capability(cap)
     }
 
-    pub fn stage_volume(&self, mut req: StageVolume) -> Result<()> {
-        req.staging_path = self.node_path("staging_target_path", &req.staging_path)?;
+    /// The topmost mount at a checked path, with the opened path; `None` when the path does
+    /// not exist.
+    fn mount_at(&self, path: &CheckedPath) -> Result<Option<(NodePath, Option<MountEntry>)>> {
+        let Some(node) = self.open_node(path, Create::Nothing)? else {
+            return Ok(None);
+        };
+        let mount = self.host.mounter.mount_at(&node)?;
+        Ok(Some((node, mount)))
+    }
+
+    pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
+        let staging = self.node_path("staging_target_path", &req.staging_path)?;
         let _guard = self.guard(&req.volume_id)?;
+        let _path = self.path_guard(&staging)?;
         let record = self.volume(&req.volume_id)?;
         self.check_node_capability(&req.capability)?;
         let dir = self.store.dir(&record.id);
-        let existing: Vec<MountEntry> = self.host.mounts_at(&req.staging_path)?;
+        let existing = self.mount_at(&staging)?.and_then(|(_, m)| m);
 
         // Checked before attaching, so a refused stage leaves no loop device behind.
         let current = self.backend.attachment(&dir)?;
         if let Some(other) = existing
-            .iter()
-            .find(|m| !current.as_ref().is_some_and(|a| shows(m, a)))
+            .as_ref()
+            .filter(|m| !current.as_ref().is_some_and(|a| shows(m, a)))
         {
             return Err(Error::AlreadyExists(format!(
                 "{} already holds another mount ({} from {}): choose another staging path",
-                req.staging_path.display(),
+                bounded_display(&staging.path),
                 other.fs_type,
-                other.source
+                bounded_display(Path::new(&other.source))
             )));
         }
         let for_mount = !req.capability.is_block();
-        let attached = match current {
-            Some(att) => Attached {
-                attachment: att,
-                hold: None,
-                auto_clear: false,
-            },
-            None => self.backend.attach(&dir, for_mount)?,
-        };
-        let att = attached.attachment.clone();
+        // Held from here until the mount holds the device: nobody can detach it and hand it
+        // to another volume while it is probed, formatted and mounted.
+        let attached = self.backend.attach(&dir, for_mount)?;
         self.crash.reach("stage:after-attach");
 
         let AccessType::Mount {
@@ -201,11 +236,11 @@ impl Driver {
         } = &req.capability.access_type
         else {
             // Raw block: staged means attached; publish binds the device node.
-            if let Some(m) = existing.first() {
+            if let Some(m) = &existing {
                 return Err(Error::AlreadyExists(format!(
                     "volume {} is staged at {} as a {} filesystem, not as a block device",
                     record.id,
-                    req.staging_path.display(),
+                    bounded_display(&staging.path),
                     m.fs_type
                 )));
             }
@@ -217,15 +252,16 @@ impl Driver {
             fs_type_of(fs_type)?
         };
         let options = MountOptions::parse(mount_flags)?;
+        let att = attached.attachment.clone();
 
-        if let Some(m) = existing.first() {
+        if let Some(m) = existing {
             // A bind-mounted directory has the pool's filesystem type, whatever was asked.
             let fs_differs = matches!(att, Attachment::Device(_)) && m.fs_type != fs_type;
             if fs_differs || m.read_only() != options.read_only() {
                 return Err(Error::AlreadyExists(format!(
                     "volume {} is staged at {} as {} ({}), incompatible with {fs_type} ({})",
                     record.id,
-                    req.staging_path.display(),
+                    bounded_display(&staging.path),
                     m.fs_type,
                     if m.read_only() { "ro" } else { "rw" },
                     if options.read_only() { "ro" } else { "rw" },
@@ -233,19 +269,20 @@ impl Driver {
             }
             // A retried stage whose online grow failed last time.
             if let Attachment::Device(dev) = &att {
-                self.grow_if_pending(&record.id, &dev.path, Some(&req.staging_path), fs_type)?;
+                self.grow_if_pending(&record.id, &dev.path, Some(&m.mount_point), fs_type)?;
             }
             return Ok(());
         }
 
         let dev = match &att {
-            Attachment::Device(dev) => dev,
+            Attachment::Device(dev) => dev.clone(),
             Attachment::Directory(src) => {
-                Self::ensure_dir(&req.staging_path)?;
-                return self
-                    .host
-                    .mounter
-                    .bind(&src.path, &req.staging_path, options.read_only());
+                let target = self.create_node(&staging, Create::Directory)?;
+                return self.host.mounter.bind(
+                    &NodePath::trusted(&src.path),
+                    &target,
+                    &options.per_mount(),
+                );
             }
         };
         let id = record.id.clone();
@@ -256,30 +293,60 @@ impl Driver {
                 "xfs" => Ok(()),
                 _ => self.grow_if_pending(&id, &dev.path, None, fs_type),
             })
-            .and_then(|()| Self::ensure_dir(&req.staging_path))
-            .and_then(|()| {
+            .and_then(|()| self.create_node(&staging, Create::Directory))
+            .and_then(|target| {
                 self.host
                     .mounter
-                    .mount_device(&dev.path, &req.staging_path, fs_type, &options)
+                    .mount_device(&dev.path, &target, fs_type, &options)?;
+                Ok(target)
             });
         match staged {
-            Ok(()) => {
+            Ok(target) => {
                 // From now on the kernel frees the loop device when the last mount goes.
-                if !attached.auto_clear {
-                    self.backend.release_on_unmount(&att)?;
-                }
-                drop(attached.hold);
-                // xfs grows only while mounted.
-                self.grow_if_pending(&id, &dev.path, Some(&req.staging_path), fs_type)
+                self.backend.release_on_unmount(&attached)?;
+                drop(attached);
+                // xfs grows only while mounted; xfs_growfs finds the filesystem by its mount
+                // point as the mount table names it.
+                let mount_point = match self.host.mounter.reopen(&target)? {
+                    Some(node) => self.host.mounter.mount_at(&node)?.map(|m| m.mount_point),
+                    None => None,
+                };
+                self.grow_if_pending(&id, &dev.path, mount_point.as_deref(), fs_type)
             }
             Err(e) => {
-                drop(attached.hold);
+                drop(attached);
                 if self.mounts_of(&att)?.is_empty() {
                     let _ = self.backend.detach(&dir);
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Opens (creating) a checked node path of the given kind.
+    fn create_node(&self, path: &CheckedPath, create: Create) -> Result<NodePath> {
+        let node = self
+            .open_node(path, create)?
+            .ok_or_else(|| Error::Internal(format!("{} vanished", path.path.display())))?;
+        let want_dir = create == Create::Directory;
+        if node.is_dir != want_dir {
+            return Err(Error::InvalidArgument(format!(
+                "{} is {}; a {} volume needs {}",
+                bounded_display(&path.path),
+                if node.is_dir {
+                    "a directory"
+                } else {
+                    "not a directory"
+                },
+                if want_dir { "filesystem" } else { "raw block" },
+                if want_dir {
+                    "a directory"
+                } else {
+                    "a file to bind the device onto"
+                }
+            )));
+        }
+        Ok(node)
     }
 
     /// Grows the filesystem to its device if the volume grew since it was formatted (restored
@@ -310,7 +377,7 @@ impl Driver {
         volume_path: &Path,
         required: u64,
     ) -> Result<u64> {
-        let volume_path = &self.node_path("volume_path", volume_path)?;
+        let volume_path = self.node_path("volume_path", volume_path)?;
         let _guard = self.guard(volume_id)?;
         let record = self.volume(volume_id)?;
         if required > record.capacity_bytes {
@@ -330,17 +397,27 @@ impl Driver {
         let Attachment::Device(dev) = &att else {
             return Ok(record.capacity_bytes);
         };
-        let mounts = self.mounts_of(&att)?;
-        let Some(fs_mount) = mounts
-            .iter()
-            .filter(|m| !is_device_node_mount(m, &att))
-            .min_by_key(|m| m.mount_point != *volume_path)
+        // The filesystem as mounted at volume_path, else wherever this node mounted it.
+        let here = self
+            .mount_at(&volume_path)?
+            .filter(|(_, m)| {
+                m.as_ref()
+                    .is_some_and(|m| shows(m, &att) && !is_device_node_mount(m, &att))
+            })
+            .and_then(|(_, m)| m.map(|m| (m.mount_point, Some(m.fs_type))));
+        let elsewhere = || -> Result<Option<(PathBuf, Option<String>)>> {
+            Ok(self
+                .mounts_of(&att)?
+                .into_iter()
+                .find(|m| !is_device_node_mount(m, &att))
+                .map(|m| (m.mount_point, Some(m.fs_type))))
+        };
+        let Some((mount_point, Some(fs_type))) = here.map_or_else(elsewhere, |h| Ok(Some(h)))?
         else {
             // A raw block volume: the refreshed device is all there is to grow.
             return Ok(record.capacity_bytes);
         };
-        let fs_type = fs_mount.fs_type.clone();
-        self.grow_if_pending(&record.id, &dev.path, Some(&fs_mount.mount_point), &fs_type)?;
+        self.grow_if_pending(&record.id, &dev.path, Some(&mount_point), &fs_type)?;
         Ok(record.capacity_bytes)
     }
 
@@ -391,92 +468,93 @@ impl Driver {
     }
 
     pub fn unstage_volume(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
-        let staging_path = &self.node_path("staging_target_path", staging_path)?;
+        let staging = self.node_path("staging_target_path", staging_path)?;
         let _guard = self.guard(volume_id)?;
+        let _path = self.path_guard(&staging)?;
         let record = self.volume(volume_id)?;
         let dir = self.store.dir(&record.id);
-        let Some(att) = self.backend.attachment(&dir)? else {
+        let owners = self.owners(&dir)?;
+        let Some(att) = &owners.attachment else {
             // Not attached, so nothing of this volume can be mounted: not staged.
             return Ok(());
         };
-        let published: Vec<PathBuf> = self
-            .mounts_of(&att)?
+        let here = self
+            .mount_at(&staging)?
+            .and_then(|(node, m)| m.filter(|m| shows(m, att)).map(|m| (node, m)));
+        let others: Vec<MountEntry> = self
+            .host
+            .mounter
+            .mounts()?
             .into_iter()
-            .map(|m| m.mount_point)
-            .filter(|p| p != staging_path)
+            .filter(|m| {
+                owners.show(m) && here.as_ref().is_none_or(|(_, h)| h.mount_id != m.mount_id)
+            })
             .collect();
-        if let Some(p) = published.first() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} is still published at {}: unpublish it first",
-                p.display()
-            )));
+        let Some((node, _)) = here else {
+            // Not staged at this path. Staged at another one: nothing to do here (the spec's
+            // rule). A block volume (staged = attached) with no publish left is detached.
+            if others.iter().any(|m| !is_device_node_mount(m, att)) {
+                return Ok(());
+            }
+            if let Some(m) = others.first() {
+                return Err(still_published(volume_id, m));
+            }
+            return self.backend.detach(&dir);
+        };
+        if let Some(m) = others.first() {
+            return Err(still_published(volume_id, m));
         }
-        self.unmount_volume_at(staging_path, Some(&att))?;
+        self.unmount_ours(node, &owners)?;
         self.crash.reach("unstage:after-unmount");
         self.backend.detach(&dir)
     }
 
-    pub fn publish_volume(&self, mut req: PublishVolume) -> Result<()> {
-        req.target_path = self.node_path("target_path", &req.target_path)?;
-        if let Some(staging) = &req.staging_path {
-            req.staging_path = Some(self.node_path("staging_target_path", staging)?);
-        }
+    pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
+        let target = self.node_path("target_path", &req.target_path)?;
+        let staging = req
+            .staging_path
+            .as_deref()
+            .map(|p| self.node_path("staging_target_path", p))
+            .transpose()?;
         let _guard = self.guard(&req.volume_id)?;
+        let _path = self.path_guard(&target)?;
         let record = self.volume(&req.volume_id)?;
         self.check_node_capability(&req.capability)?;
-        let Some(staging) = &req.staging_path else {
+        let Some(staging) = &staging else {
             return Err(Error::FailedPrecondition(
                 "staging_target_path is required: call NodeStageVolume first".into(),
             ));
+        };
+        let requested = match &req.capability.access_type {
+            AccessType::Mount { mount_flags, .. } => MountOptions::parse(mount_flags)?,
+            AccessType::Block => MountOptions::default(),
         };
         let dir = self.store.dir(&record.id);
         let not_staged = || {
             Error::FailedPrecondition(format!(
                 "volume {} is not staged at {}: call NodeStageVolume first",
                 record.id,
-                staging.display()
+                bounded_display(&staging.path)
             ))
         };
-        let att = self.backend.attachment(&dir)?.ok_or_else(not_staged)?;
-        // One read of the mount table serves both questions below.
-        let table = self.host.mounter.mounts()?;
-        let mounts: Vec<MountEntry> = table.iter().filter(|m| shows(m, &att)).cloned().collect();
+        // Opened first: a target that passes through a symlink is refused before anything.
+        let at_target = self.mount_at(&target)?.and_then(|(_, m)| m);
+        let owners = self.owners(&dir)?;
+        let att = owners.attachment.clone().ok_or_else(not_staged)?;
+        let mounts = self.mounts_of(&att)?;
         let read_only = req.read_only || req.capability.access_mode.is_read_only();
         let block = req.capability.is_block();
 
-        let source = if block {
-            if let Some(fs_mount) = mounts.iter().find(|m| !is_device_node_mount(m, &att)) {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {} is mounted as a filesystem at {}; it cannot also be published as a raw block device",
-                    record.id,
-                    fs_mount.mount_point.display()
-                )));
-            }
-            match &att {
-                Attachment::Device(dev) => dev.path.clone(),
-                Attachment::Directory(_) => return Err(not_staged()),
-            }
-        } else {
-            mounts
-                .iter()
-                .find(|m| m.mount_point == *staging && !is_device_node_mount(m, &att))
-                .ok_or_else(not_staged)?;
-            staging.clone()
-        };
-
-        let at_target: Vec<MountEntry> = table
-            .into_iter()
-            .filter(|m| m.mount_point == req.target_path)
-            .collect();
-        if let Some(m) = at_target.last() {
-            let same_kind = block == is_device_node_mount(m, &att);
-            if shows(m, &att) && same_kind && m.read_only() == read_only {
+        // What the target shows now: a retried publish of the same kind is done already.
+        if let Some(m) = at_target {
+            let same_kind = block == is_node_bind(&m, &att);
+            if owners.show(&m) && same_kind && m.read_only() == read_only {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
                 "{} already holds {}: unpublish it or choose another target path",
-                req.target_path.display(),
-                if shows(m, &att) {
+                bounded_display(&target.path),
+                if owners.show(&m) {
                     format!(
                         "this volume published {}",
                         if m.read_only() {
@@ -486,13 +564,41 @@ impl Driver {
                         }
                     )
                 } else {
-                    format!("another mount ({} from {})", m.fs_type, m.source)
+                    format!("another mount ({})", m.fs_type)
                 }
             )));
         }
+
+        let staged_mount = if block {
+            None
+        } else {
+            let (node, mount) = self.mount_at(staging)?.ok_or_else(not_staged)?;
+            let mount = mount
+                .filter(|m| shows(m, &att) && !is_device_node_mount(m, &att))
+                .ok_or_else(not_staged)?;
+            Some((node, mount))
+        };
+        if let Some(fs_mount) = mounts.iter().find(|m| !is_device_node_mount(m, &att))
+            && block
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is mounted as a filesystem at {}; it cannot also be published as a raw block device",
+                record.id,
+                bounded_display(&fs_mount.mount_point)
+            )));
+        }
+        let staged_id = staged_mount.as_ref().map(|(_, m)| m.mount_id);
         let elsewhere = mounts
             .iter()
-            .find(|m| m.mount_point != *staging && m.mount_point != req.target_path);
+            .chain(
+                self.host
+                    .mounter
+                    .mounts()?
+                    .iter()
+                    .filter(|m| owners.read_only.iter().any(|d| shows_device(m, d))),
+            )
+            .find(|m| Some(m.mount_id) != staged_id)
+            .cloned();
         if let (Some(m), false) = (
             elsewhere,
             req.capability.access_mode.allows_several_targets(),
@@ -500,75 +606,110 @@ impl Driver {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is already published at {} and access mode {:?} allows one target: use SINGLE_NODE_MULTI_WRITER to share it",
                 record.id,
-                m.mount_point.display(),
+                bounded_display(&m.mount_point),
                 req.capability.access_mode
             )));
         }
 
-        if block {
-            if let Some(parent) = req.target_path.parent() {
-                Self::ensure_dir(parent)?;
-            }
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&req.target_path)
-            {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("create {}", req.target_path.display()),
-                        e,
-                    ));
-                }
-            }
-        } else {
-            Self::ensure_dir(&req.target_path)?;
+        let mut flags = requested.per_mount();
+        if read_only {
+            flags.flags |= libc::MS_RDONLY;
         }
+        if block {
+            // A device node on a nodev mount cannot be opened.
+            flags.flags &= !libc::MS_NODEV;
+            // The kernel does not stop writes through a device node on a read-only mount:
+            // a read-only publish gets a device that refuses writes.
+            let device = if read_only {
+                self.backend.read_only_device(&dir)?
+            } else {
+                let Attachment::Device(dev) = &att else {
+                    return Err(not_staged());
+                };
+                self.host.loops.hold(dev)?.ok_or_else(not_staged)?
+            };
+            let target_node = self.create_node(&target, Create::File)?;
+            self.crash.reach("publish:before-bind");
+            let bound = self.host.mounter.bind(
+                &NodePath::trusted(&device.device.path),
+                &target_node,
+                &flags,
+            );
+            if bound.is_err() && device.device.read_only {
+                self.release_read_only_devices(&dir)?;
+            }
+            return bound;
+        }
+        let (staged_node, staged) = staged_mount.ok_or_else(not_staged)?;
+        // The stage's own flags (noexec...) stay on every publish of it.
+        let flags = flags.with(&MountOptions::from_names(&staged.options));
+        let target_node = self.create_node(&target, Create::Directory)?;
         self.crash.reach("publish:before-bind");
-        self.host.mounter.bind(&source, &req.target_path, read_only)
+        self.host.mounter.bind(&staged_node, &target_node, &flags)
+    }
+
+    /// Detaches read-only devices of the volume that no mount shows any more.
+    fn release_read_only_devices(&self, dir: &Path) -> Result<()> {
+        let owners = self.owners(dir)?;
+        if owners.read_only.is_empty() {
+            return Ok(());
+        }
+        let mounts = self.host.mounter.mounts()?;
+        for dev in owners.read_only {
+            if !mounts.iter().any(|m| shows_device(m, &dev)) {
+                self.host.loops.detach(&dev)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &Path) -> Result<()> {
-        let target_path = &self.node_path("target_path", target_path)?;
+        let target = self.node_path("target_path", target_path)?;
         let _guard = self.guard(volume_id)?;
+        let _path = self.path_guard(&target)?;
         let record = self.volume(volume_id)?;
-        let att = self.backend.attachment(&self.store.dir(&record.id))?;
-        self.unmount_volume_at(target_path, att.as_ref())?;
+        let dir = self.store.dir(&record.id);
+        let owners = self.owners(&dir)?;
+        let Some(node) = self.open_node(&target, Create::Nothing)? else {
+            return Ok(());
+        };
+        let node = self.unmount_ours(node, &owners)?;
         self.crash.reach("unpublish:after-unmount");
-        remove_mount_point(target_path)
+        self.release_read_only_devices(&dir)?;
+        // Only what a publish creates is removed: an empty directory or an empty file.
+        if let Some(node) = node
+            && !self.host.mounter.remove_if_created(&node)?
+        {
+            tracing::warn!(volume_id, target_path = %bounded_display(&node.path),
+                "left the target path in place: it is not an empty directory or an empty file that a publish creates");
+        }
+        Ok(())
     }
 
     pub fn volume_stats(&self, volume_id: &str, volume_path: &Path) -> Result<VolumeStats> {
-        let volume_path = &self.node_path("volume_path", volume_path)?;
+        let volume_path = self.node_path("volume_path", volume_path)?;
         let record = self.volume(volume_id)?;
         let dir = self.store.dir(&record.id);
-        fs::symlink_metadata(volume_path).map_err(|e| {
-            Error::NotFound(format!(
-                "volume_path {} is not there ({e})",
-                volume_path.display()
-            ))
-        })?;
+        let Some((node, top)) = self.mount_at(&volume_path)? else {
+            return Err(Error::NotFound(format!(
+                "volume_path {} is not there",
+                bounded_display(&volume_path.path)
+            )));
+        };
         let abnormal_backend = self.backend.condition(&dir, record.capacity_bytes);
-        let Some(att) = self.backend.attachment(&dir)? else {
+        let owners = self.owners(&dir)?;
+        let Some(att) = &owners.attachment else {
             return Err(Error::NotFound(format!(
                 "volume {volume_id} is not staged or published on this node"
             )));
         };
-        let Some(entry) = self
-            .host
-            .mounts_at(volume_path)?
-            .into_iter()
-            .rev()
-            .find(|m| shows(m, &att))
-        else {
+        let Some(entry) = top.filter(|m| owners.show(m)) else {
             // In use on this node, but its mount at this path is gone.
             return Ok(VolumeStats {
                 usage: None,
                 abnormal: Some(format!(
                     "volume {volume_id} is not mounted at {} any more: the mount is gone; unpublish and publish it again",
-                    volume_path.display()
+                    bounded_display(&volume_path.path)
                 )),
             });
         };
@@ -577,8 +718,8 @@ impl Driver {
                 "the filesystem went read-only after errors: unstage the volume and check it with fsck".to_owned()
             })
         });
-        if is_device_node_mount(&entry, &att) {
-            let total_bytes = match &att {
+        if is_node_bind(&entry, att) {
+            let total_bytes = match att {
                 Attachment::Device(dev) => self.host.filesystems.device_size(&dev.path)?,
                 Attachment::Directory(_) => record.capacity_bytes,
             };
@@ -593,7 +734,8 @@ impl Driver {
                 abnormal: abnormal_backend,
             });
         }
-        match self.host.filesystems.usage(volume_path) {
+        let mounted = self.host.mounter.reopen(&node)?.unwrap_or(node);
+        match self.host.filesystems.usage(&mounted.kernel_path()) {
             Ok(u) => Ok(VolumeStats {
                 usage: Some(Usage::Filesystem(u)),
                 abnormal: abnormal_backend,
@@ -604,6 +746,13 @@ impl Driver {
             }),
         }
     }
+}
+
+fn still_published(volume_id: &str, m: &MountEntry) -> Error {
+    Error::FailedPrecondition(format!(
+        "volume {volume_id} is still published at {}: unpublish it first",
+        bounded_display(&m.mount_point)
+    ))
 }
 
 #[cfg(test)]
@@ -635,6 +784,7 @@ mod tests {
             max_volumes_per_node: 0,
             topology_key: "strata.csi.dev/node".into(),
             allowed_path_prefixes: vec!["/".into()],
+            forbidden_paths: vec![],
         };
         let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
         let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
@@ -791,13 +941,14 @@ mod tests {
             gone.abnormal.unwrap().contains("gone"),
             "staged, but not mounted at /proc"
         );
-        f.fake.lock().mounts[0].mount_point = std::env::temp_dir();
-        let s = f.driver.volume_stats(&id, &std::env::temp_dir()).unwrap();
+        let here = Path::new("/var/lib/kubelet/stage");
+        f.fake.lock().mounts[0].mount_point = here.to_owned();
+        let s = f.driver.volume_stats(&id, here).unwrap();
         assert!(matches!(s.usage, Some(Usage::Filesystem(_))));
         assert_eq!(s.abnormal, None);
         // The filesystem remounted itself read-only after errors.
         f.fake.lock().mounts[0].super_options = vec!["ro".into()];
-        let s = f.driver.volume_stats(&id, &std::env::temp_dir()).unwrap();
+        let s = f.driver.volume_stats(&id, here).unwrap();
         assert!(s.abnormal.unwrap().contains("read-only after errors"));
     }
 }

@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::os::{Host, MountOptions, Probe};
+use crate::os::{AttachOptions, FileId, Host, MountOptions, NodePath, Probe};
 
 pub const POOL_IMAGE_FILE: &str = "pool.img";
 pub const POOL_MOUNT_DIR: &str = "data";
@@ -41,44 +41,71 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
             .and_then(|f| f.set_len(size).and_then(|_| f.sync_all()))
             .ctx(|| format!("grow {}", image.display()))?;
     }
-    // A fresh attachment auto-clears: held until mounted, freed when unmounted.
-    let (device, hold) = match host.loops.find(&image)? {
-        Some(dev) => (dev, None),
-        None => {
-            let attached = host.loops.attach(&image, true)?;
-            (attached.device, attached.hold)
-        }
+    // Attached once per boot: a device already serving this image (found by device and
+    // inode, so also one attached from another mount namespace, as by a previous container)
+    // is reused, so one filesystem instance ever writes the image. A fresh attachment
+    // auto-clears: held until mounted, freed when unmounted.
+    let id = FileId::of(&image).ctx(|| format!("stat {}", image.display()))?;
+    let device = match host.loops.find_held(id)? {
+        Some(held) => held,
+        None => host.loops.attach(
+            &image,
+            AttachOptions {
+                auto_clear: true,
+                read_only: false,
+            },
+        )?,
     };
+    let dev = &device.device;
     if grow {
         host.loops.refresh_capacity(&device)?;
     }
     // Probed rather than trusted to `fresh`: a crash may have come between create and mkfs.
-    match host.filesystems.probe(&device.path)? {
-        Probe::Empty => host.filesystems.format(&device.path, "xfs")?,
-        Probe::Filesystem(fs) if fs == "xfs" => {}
-        other => {
-            return Err(Error::FailedPrecondition(format!(
-                "{} holds {other:?}, not the pool's xfs filesystem; move it away",
-                image.display()
-            )));
+    // A device whose filesystem is mounted somewhere is not probed: it is the pool.
+    let mounts = host.mounter.mounts()?;
+    let in_use = mounts.iter().any(|m| m.device() == (dev.major, dev.minor));
+    if !in_use {
+        match host.filesystems.probe(&dev.path)? {
+            Probe::Empty => host.filesystems.format(&dev.path, "xfs")?,
+            Probe::Filesystem(fs) if fs == "xfs" => {}
+            other => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds {other:?}, not the pool's xfs filesystem; move it away",
+                    image.display()
+                )));
+            }
         }
     }
-    let mounted = host
-        .mounts_at(&mount_point)?
+    let here: Vec<_> = mounts
         .iter()
-        .any(|m| m.device() == (device.major, device.minor));
-    if !mounted {
-        fs::create_dir_all(&mount_point).ctx(|| format!("create {}", mount_point.display()))?;
-        host.mounter
-            .mount_device(&device.path, &mount_point, "xfs", &MountOptions::default())?;
-        if hold.is_none() {
-            // Found attached from an earlier run: free it when the pool is unmounted.
-            host.loops.set_auto_clear(&device)?;
-        }
+        .filter(|m| m.mount_point == mount_point)
+        .collect();
+    if let Some(other) = here.last().filter(|m| m.device() != (dev.major, dev.minor)) {
+        return Err(Error::FailedPrecondition(format!(
+            "{} holds another mount ({} from {}); unmount it, then start again",
+            mount_point.display(),
+            other.fs_type,
+            other.source
+        )));
     }
+    if here.is_empty() {
+        fs::create_dir_all(&mount_point).ctx(|| format!("create {}", mount_point.display()))?;
+        // Mounted elsewhere already (another namespace's view): the kernel hands out the
+        // same superblock for the same device, never a second instance.
+        host.mounter.mount_device(
+            &dev.path,
+            &NodePath::trusted(&mount_point),
+            "xfs",
+            &MountOptions::default(),
+        )?;
+        // Found attached from an earlier run: free it when the pool is unmounted.
+        host.loops.set_auto_clear(&device)?;
+    }
+    let dev_path = dev.path.clone();
+    drop(device);
     if grow {
         host.filesystems
-            .grow(&device.path, Some(&mount_point), "xfs")?;
+            .grow(&dev_path, Some(&mount_point), "xfs")?;
     }
     tracing::info!(image = %image.display(), mount_point = %mount_point.display(), size, fresh,
         "pool image mounted");

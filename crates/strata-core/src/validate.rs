@@ -72,7 +72,8 @@ pub fn absolute_path(field: &str, value: &str) -> Result<PathBuf> {
     let path = Path::new(value);
     if !path.is_absolute() {
         return Err(Error::InvalidArgument(format!(
-            "{field} {value:?} must be an absolute path"
+            "{field} {} must be an absolute path",
+            echo(value)
         )));
     }
     let mut clean = PathBuf::from("/");
@@ -82,7 +83,8 @@ pub fn absolute_path(field: &str, value: &str) -> Result<PathBuf> {
             Component::Normal(p) => clean.push(p),
             Component::ParentDir | Component::Prefix(_) => {
                 return Err(Error::InvalidArgument(format!(
-                    "{field} {value:?} must not contain '..'"
+                    "{field} {} must not contain '..'",
+                    echo(value)
                 )));
             }
         }
@@ -154,6 +156,31 @@ fn fill_random(buf: &mut [u8]) {
     }
 }
 
+/// The most of a caller-supplied value a message echoes.
+pub const MAX_ECHO_BYTES: usize = 128;
+
+/// `value` cut to at most `max` bytes (at a character boundary), marked with "…" when cut.
+pub fn bounded(value: &str, max: usize) -> String {
+    if value.len() <= max {
+        return value.to_owned();
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &value[..end])
+}
+
+/// A caller-supplied value as a message may echo it: bounded and quoted.
+pub fn echo(value: &str) -> String {
+    format!("{:?}", bounded(value, MAX_ECHO_BYTES))
+}
+
+/// A caller-supplied path as a message may echo it.
+pub fn bounded_display(path: &Path) -> String {
+    bounded(&path.to_string_lossy(), MAX_ECHO_BYTES)
+}
+
 /// Checks a List request's paging fields: returns the id to continue after (a token is the
 /// last id of the previous page, so pages stay correct while objects come and go) and the
 /// page size. A token this driver could not have issued is ABORTED, as the spec requires.
@@ -172,7 +199,8 @@ pub fn paging(
         t if is_id(t) => Some(t),
         t => {
             return Err(Error::Aborted(format!(
-                "starting_token {t:?} was not issued by this driver: restart the listing without a token"
+                "starting_token {} was not issued by this driver: restart the listing without a token",
+                echo(t)
             )));
         }
     };

@@ -3,7 +3,8 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use strata_core::backend::image::ImageBackend;
 use strata_core::driver::Startup;
 use strata_core::fault::FaultPoints;
 use strata_core::model::CopyMethod;
-use strata_core::os::Host;
+use strata_core::os::{FileId, Host};
 use strata_core::pool_image::mount_pool_image;
 use strata_core::{Config, Driver};
 use tokio::net::{TcpListener, UnixListener};
@@ -67,17 +68,44 @@ pub struct ServeOptions {
     pub delay_at: Option<String>,
 }
 
-/// Opens (creating if needed) the pool and reconciles it.
-pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
+/// The pool directory, locked (`flock`) for the life of the process: one server per pool.
+pub struct PoolLock {
+    _dir: fs::File,
+}
+
+/// Takes the pool's lock, or fails at once when another server holds it.
+pub fn lock_pool(dir: &Path) -> Result<PoolLock, String> {
+    let file = fs::File::open(dir).map_err(|e| format!("open pool {}: {e}", dir.display()))?;
+    // SAFETY: flock on a descriptor we own; LOCK_NB makes it fail instead of waiting.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!(
+                "pool {} is in use by another strata server; stop it first (one server per pool)",
+                dir.display()
+            )
+        } else {
+            format!("lock pool {}: {e}", dir.display())
+        });
+    }
+    Ok(PoolLock { _dir: file })
+}
+
+/// Opens (creating if needed) the pool, locks it and reconciles it.
+pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), String> {
     fs::create_dir_all(&opts.pool)
         .map_err(|e| format!("create pool {}: {e}", opts.pool.display()))?;
     let dir = fs::canonicalize(&opts.pool)
         .map_err(|e| format!("resolve pool {}: {e}", opts.pool.display()))?;
+    if opts.pool_image.is_some() && opts.backend == BackendKind::Btrfs {
+        return Err("--pool-image makes an xfs pool; the btrfs backend needs a btrfs pool".into());
+    }
+    let lock = lock_pool(&dir)?;
     let host = Host::linux();
     let pool = match opts.pool_image {
         Some(size) => mount_pool_image(&host, &dir, size)
             .map_err(|e| format!("pool image in {}: {e}", dir.display()))?,
-        None => dir,
+        None => dir.clone(),
     };
     let config = Config {
         driver_name: opts.driver_name.clone(),
@@ -87,16 +115,27 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
             .clone()
             .unwrap_or_else(|| Config::default_topology_key(&opts.driver_name)),
         max_volumes_per_node: opts.max_volumes,
+        // Each prefix as given and as resolved now: a request may name either.
         allowed_path_prefixes: opts
             .allowed_path_prefixes
             .iter()
-            .map(|p| fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-            .collect(),
+            .flat_map(|p| [p.clone(), fs::canonicalize(p).unwrap_or_else(|_| p.clone())])
+            .fold(vec![], |mut all, p| {
+                if !all.contains(&p) {
+                    all.push(p);
+                }
+                all
+            }),
+        forbidden_paths: [opts.pool.clone(), dir.clone()]
+            .into_iter()
+            .fold(vec![], |mut all, p| {
+                if !all.contains(&p) {
+                    all.push(p);
+                }
+                all
+            }),
         pool: pool.clone(),
     };
-    if opts.pool_image.is_some() && opts.backend == BackendKind::Btrfs {
-        return Err("--pool-image makes an xfs pool; the btrfs backend needs a btrfs pool".into());
-    }
     let backend: Arc<dyn Backend> = match opts.backend {
         BackendKind::Image => {
             let image = ImageBackend::new(pool.clone(), host.clone());
@@ -134,7 +173,7 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup), String> {
         micros = started.elapsed().as_micros() as u64,
         "pool reconciled"
     );
-    Ok((driver, report))
+    Ok((driver, report, lock))
 }
 
 /// Starts the metrics and health endpoints (one listener when they share an address).
@@ -168,23 +207,75 @@ async fn serve_http(
     Ok(())
 }
 
-/// Removes a stale socket left by a previous run; refuses to touch anything else.
-fn prepare_socket_path(path: &Path) -> Result<(), String> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => fs::remove_file(path)
-            .map_err(|e| format!("remove stale socket {}: {e}", path.display())),
-        Ok(_) => Err(format!(
-            "{} exists and is not a socket; refusing to overwrite it",
-            path.display()
-        )),
-        Err(_) => {
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(|e| format!("create {}: {e}", parent.display()))?;
-            }
-            Ok(())
+/// The unix socket this process bound, identified by device and inode: removed at exit only
+/// if it is still this one (a newer server may have replaced it).
+struct OwnedSocket {
+    path: PathBuf,
+    id: FileId,
+}
+
+impl Drop for OwnedSocket {
+    fn drop(&mut self) {
+        if FileId::of(&self.path).ok() == Some(self.id) {
+            let _ = fs::remove_file(&self.path);
         }
     }
+}
+
+/// Binds the CSI socket: refuses a path where a live server answers, replaces a stale
+/// socket, and never lets the socket exist with a mode wider than 0600 (bound in a private
+/// directory, then renamed into place).
+fn bind_socket(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnedSocket), String> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(format!(
+                    "another server answers on {}; stop it first or choose another --endpoint",
+                    path.display()
+                ));
+            }
+            // Stale: replaced by the rename below.
+        }
+        Ok(_) => {
+            return Err(format!(
+                "{} exists and is not a socket; refusing to overwrite it",
+                path.display()
+            ));
+        }
+        Err(_) => {}
+    }
+    let parent = path
+        .parent()
+        .ok_or_else(|| format!("{} has no parent directory", path.display()))?;
+    fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+    let private = parent.join(format!(".strata-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&private);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| format!("create {}: {e}", private.display()))?;
+    let bound = (|| {
+        let tmp = private.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&tmp)
+            .map_err(|e| format!("bind {}: {e}", path.display()))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        fs::rename(&tmp, path)
+            .map_err(|e| format!("move the socket to {}: {e}", path.display()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("socket {}: {e}", path.display()))?;
+        let id = FileId::of(path).map_err(|e| format!("stat {}: {e}", path.display()))?;
+        Ok((
+            listener,
+            OwnedSocket {
+                path: path.to_owned(),
+                id,
+            },
+        ))
+    })();
+    let _ = fs::remove_dir_all(&private);
+    bound
 }
 
 /// How long in-flight requests may run after SIGTERM before the process exits anyway.
@@ -205,7 +296,7 @@ async fn shutdown_signal() {
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<(), String> {
-    let (driver, startup) = open_driver(&opts)?;
+    let (driver, startup, _pool_lock) = open_driver(&opts)?;
     let driver = Arc::new(driver);
     let metrics = Metrics::new(&opts.driver_name);
     metrics.record_startup(&startup);
@@ -225,13 +316,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         backend = driver.backend_kind(), "serving CSI");
     let result = match &opts.endpoint {
         Endpoint::Unix(path) => {
-            prepare_socket_path(path)?;
-            let listener =
-                UnixListener::bind(path).map_err(|e| format!("bind {}: {e}", path.display()))?;
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+            let (listener, socket) = bind_socket(path)?;
+            let listener = UnixListener::from_std(listener)
+                .map_err(|e| format!("listen on {}: {e}", path.display()))?;
             let result = serve_until_stopped(router, UnixListenerStream::new(listener)).await;
-            let _ = fs::remove_file(path);
+            drop(socket);
             result
         }
         Endpoint::Tcp(addr) => {

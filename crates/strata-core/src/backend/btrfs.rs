@@ -38,17 +38,7 @@ pub fn btrfs_backend(pool: PathBuf, host: Host) -> Result<BtrfsBackend> {
 }
 
 fn btrfs(args: &[&str], paths: &[&Path]) -> Result<String> {
-    let out = Command::new("btrfs")
-        .args(args)
-        .args(paths)
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Unavailable("btrfs is not installed: install btrfs-progs".into())
-            } else {
-                Error::io("run btrfs", e)
-            }
-        })?;
+    let out = crate::os::linux::run(Command::new("btrfs").args(args).args(paths))?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }

@@ -135,12 +135,11 @@ impl<K: DirectoryKind> Backend for DirectoryBackend<K> {
     fn attach(&self, dir: &Path, _for_mount: bool) -> Result<Attached> {
         Ok(Attached {
             attachment: Attachment::Directory(locate(&self.host, dir)?),
-            hold: None,
-            auto_clear: true,
+            held: None,
         })
     }
 
-    fn release_on_unmount(&self, _attachment: &Attachment) -> Result<()> {
+    fn release_on_unmount(&self, _attached: &Attached) -> Result<()> {
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::{Attached, Attachment, Backend};
 use crate::error::{Error, IoContext, Result};
 use crate::model::{CopyMethod, GIB, MIB, SizePolicy};
-use crate::os::{FsUsage, Host};
+use crate::os::{AttachOptions, FileId, FsUsage, HeldLoop, Host, LoopDevice};
 
 pub const IMAGE_FILE: &str = "image";
 
@@ -150,15 +150,19 @@ impl Backend for ImageBackend {
 
     fn expand(&self, dir: &Path, size: u64) -> Result<()> {
         self.grow_image(&Self::image(dir), size)?;
-        if let Some(dev) = self.host.loops.find(&Self::image(dir))? {
-            self.host.loops.refresh_capacity(&dev)?;
+        for dev in self.devices(dir)? {
+            if let Some(held) = self.host.loops.hold(&dev)? {
+                self.host.loops.refresh_capacity(&held)?;
+            }
         }
         Ok(())
     }
 
     fn destroy(&self, dir: &Path) -> Result<()> {
         // A loop device may still hold the image after a crash: let it go first.
-        self.detach(dir)?;
+        for dev in self.devices(dir)? {
+            self.host.loops.detach(&dev)?;
+        }
         let path = Self::image(dir);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -197,49 +201,106 @@ impl Backend for ImageBackend {
 
     fn attachment(&self, dir: &Path) -> Result<Option<Attachment>> {
         Ok(self
-            .host
-            .loops
-            .find(&Self::image(dir))?
+            .devices(dir)?
+            .into_iter()
+            .find(|d| !d.read_only)
             .map(Attachment::Device))
     }
 
     fn attach(&self, dir: &Path, for_mount: bool) -> Result<Attached> {
-        if let Some(existing) = self.attachment(dir)? {
-            return Ok(Attached {
-                attachment: existing,
-                hold: None,
-                auto_clear: false,
-            });
-        }
         let image = Self::image(dir);
-        if !image.exists() {
+        let Some(id) = self.identity(dir)? else {
             return Err(Error::FailedPrecondition(format!(
                 "backing image {} is missing; the volume's data is gone",
                 image.display()
             )));
+        };
+        let held = match self.host.loops.find_held(id)? {
+            Some(held) => held,
+            None => self.host.loops.attach(
+                &image,
+                AttachOptions {
+                    auto_clear: for_mount,
+                    read_only: false,
+                },
+            )?,
+        };
+        // The image may have been replaced between the stat and the open: only a device
+        // serving the file identified above is this volume's.
+        if held.device.backing != id {
+            return Err(Error::Aborted(format!(
+                "backing image {} changed while it was attached; retry",
+                image.display()
+            )));
         }
-        let attached = self.host.loops.attach(&image, for_mount)?;
         Ok(Attached {
-            attachment: Attachment::Device(attached.device),
-            auto_clear: for_mount,
-            hold: attached.hold,
+            attachment: Attachment::Device(held.device.clone()),
+            held: Some(held),
         })
     }
 
-    fn release_on_unmount(&self, attachment: &Attachment) -> Result<()> {
-        match attachment {
-            Attachment::Device(dev) => self.host.loops.set_auto_clear(dev),
-            Attachment::Directory(_) => Ok(()),
+    fn release_on_unmount(&self, attached: &Attached) -> Result<()> {
+        match &attached.held {
+            Some(held) if !held.device.auto_clear => self.host.loops.set_auto_clear(held),
+            _ => Ok(()),
         }
     }
 
     fn detach(&self, dir: &Path) -> Result<()> {
-        let image = Self::image(dir);
-        for dev in self.host.loops.list()? {
-            if dev.backing_file == image {
-                self.host.loops.detach(&dev)?;
-            }
+        if let Some(Attachment::Device(dev)) = self.attachment(dir)? {
+            self.host.loops.detach(&dev)?;
         }
         Ok(())
+    }
+
+    fn identity(&self, dir: &Path) -> Result<Option<FileId>> {
+        FileId::find(&Self::image(dir))
+    }
+
+    fn devices(&self, dir: &Path) -> Result<Vec<LoopDevice>> {
+        let loops = self.host.loops.list()?;
+        if let Some(id) = self.identity(dir)? {
+            return Ok(loops.into_iter().filter(|d| d.backing == id).collect());
+        }
+        // The image was deleted behind the driver's back while attached: its inode has no
+        // name left to stat. The kernel still names it, with " (deleted)", in the namespace
+        // that attached it: good enough to report the volume's condition and to detach it.
+        let mut gone = Self::image(dir).into_os_string();
+        gone.push(" (deleted)");
+        Ok(loops
+            .into_iter()
+            .filter(|d| d.backing_file.as_os_str() == gone)
+            .collect())
+    }
+
+    fn read_only_device(&self, dir: &Path) -> Result<HeldLoop> {
+        let image = Self::image(dir);
+        let id = self.identity(dir)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "backing image {} is missing; the volume's data is gone",
+                image.display()
+            ))
+        })?;
+        for dev in self.devices(dir)?.into_iter().filter(|d| d.read_only) {
+            if let Some(held) = self.host.loops.hold(&dev)? {
+                return Ok(held);
+            }
+        }
+        // Not auto-clearing: a bind mount of a device node does not hold the device open.
+        let held = self.host.loops.attach(
+            &image,
+            AttachOptions {
+                auto_clear: false,
+                read_only: true,
+            },
+        )?;
+        if held.device.backing != id {
+            let _ = self.host.loops.detach(&held.device);
+            return Err(Error::Aborted(format!(
+                "backing image {} changed while it was attached; retry",
+                image.display()
+            )));
+        }
+        Ok(held)
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::model::{CopyMethod, SizePolicy};
-use crate::os::{FsUsage, LoopDevice};
+use crate::os::{FileId, FsUsage, HeldLoop, LoopDevice};
 
 /// How the node reaches a volume's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,12 +21,12 @@ pub enum Attachment {
     Directory(DataDir),
 }
 
-/// A new attachment. `hold` keeps an auto-clearing one alive until the mount takes over.
+/// An attachment in use by the current operation. A device is held open and verified to
+/// serve this volume's image, so it stays this volume's until `held` is dropped (after the
+/// mount has taken over, or the operation failed).
 pub struct Attached {
     pub attachment: Attachment,
-    pub hold: Option<std::fs::File>,
-    /// Whether it goes away by itself once unmounted.
-    pub auto_clear: bool,
+    pub held: Option<HeldLoop>,
 }
 
 /// A volume's data directory and where the kernel's mount table finds it: the device of its
@@ -84,12 +84,29 @@ pub trait Backend: Send + Sync {
     fn has_data(&self, dir: &Path) -> Result<bool>;
     /// The current attachment as the kernel reports it.
     fn attachment(&self, dir: &Path) -> Result<Option<Attachment>>;
-    /// Attaches the volume. `for_mount`: the attachment is about to be mounted, so it may go
-    /// away by itself once unmounted (and if the process dies before the mount).
+    /// Attaches the volume, or takes the current attachment, held and verified. `for_mount`:
+    /// the attachment is about to be mounted, so it may go away by itself once unmounted
+    /// (and if the process dies before the mount).
     fn attach(&self, dir: &Path, for_mount: bool) -> Result<Attached>;
-    /// Lets the kernel release an attachment that predates this process once the last
-    /// mount of it goes.
-    fn release_on_unmount(&self, attachment: &Attachment) -> Result<()>;
-    /// Detaches the volume. Idempotent.
+    /// Lets the kernel release a held attachment that was not made auto-clearing once the
+    /// last mount of it goes.
+    fn release_on_unmount(&self, attached: &Attached) -> Result<()>;
+    /// Detaches the volume's read-write attachment. Idempotent.
     fn detach(&self, dir: &Path) -> Result<()>;
+    /// The identity of the file the volume's device serves (`None` for directory volumes).
+    fn identity(&self, _dir: &Path) -> Result<Option<FileId>> {
+        Ok(None)
+    }
+    /// Every device serving the volume, read-write and read-only.
+    fn devices(&self, _dir: &Path) -> Result<Vec<LoopDevice>> {
+        Ok(vec![])
+    }
+    /// A read-only device of the volume for a read-only raw block publish, held: an existing
+    /// one, or a new one attached read-only.
+    fn read_only_device(&self, _dir: &Path) -> Result<HeldLoop> {
+        Err(crate::error::Error::FailedPrecondition(format!(
+            "the {} backend serves no raw block volumes",
+            self.kind()
+        )))
+    }
 }

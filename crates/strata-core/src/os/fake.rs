@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    AttachedLoop, CopyMethod, Filesystems, FsUsage, Host, LoopDevice, LoopDevices, MountEntry,
-    MountOptions, Mounter, Probe,
+    AttachOptions, CopyMethod, Create, FileId, Filesystems, FsUsage, HeldLoop, Host, LoopDevice,
+    LoopDevices, MountEntry, MountOptions, Mounter, NodePath, Probe,
 };
 use crate::error::{Error, Result};
 
@@ -24,6 +24,8 @@ pub struct FakeState {
     /// Mount points frozen right now, and how many grows were done.
     pub frozen: Vec<PathBuf>,
     pub grows: usize,
+    /// Paths the driver created (mount points).
+    pub paths: std::collections::HashSet<PathBuf>,
     next_mount_id: u32,
 }
 
@@ -75,13 +77,51 @@ impl Mounter for FakeHost {
         Ok(self.lock().mounts.clone())
     }
 
+    fn open_path(&self, _prefix: &Path, path: &Path, create: Create) -> Result<Option<NodePath>> {
+        let s = self.lock();
+        let known = s.paths.contains(path)
+            || s.mounts.iter().any(|m| m.mount_point == path)
+            || path.exists();
+        drop(s);
+        if create == Create::Nothing && !known {
+            return Ok(None);
+        }
+        if create != Create::Nothing {
+            self.lock().paths.insert(path.to_owned());
+        }
+        Ok(Some(NodePath::trusted(path)))
+    }
+
+    fn mount_at(&self, path: &NodePath) -> Result<Option<MountEntry>> {
+        Ok(self
+            .lock()
+            .mounts
+            .iter()
+            .rfind(|m| m.mount_point == path.path)
+            .cloned())
+    }
+
+    fn reopen(&self, path: &NodePath) -> Result<Option<NodePath>> {
+        Ok(Some(NodePath::trusted(&path.path)))
+    }
+
+    fn remove_if_created(&self, path: &NodePath) -> Result<bool> {
+        let mut s = self.lock();
+        if s.mounts.iter().any(|m| m.mount_point == path.path) {
+            return Ok(false);
+        }
+        s.paths.remove(&path.path);
+        Ok(true)
+    }
+
     fn mount_device(
         &self,
         device: &Path,
-        target: &Path,
+        target: &NodePath,
         fs_type: &str,
         options: &MountOptions,
     ) -> Result<()> {
+        let target = &target.path;
         let mut s = self.lock();
         let dev = s
             .loops
@@ -98,7 +138,7 @@ impl Mounter for FakeHost {
             minor: dev.minor,
             root: "/".into(),
             mount_point: target.to_owned(),
-            options: vec![if options.read_only() { "ro" } else { "rw" }.into()],
+            options: options.names(),
             fs_type: fs_type.into(),
             source: device.display().to_string(),
             super_options: vec!["rw".into()],
@@ -107,10 +147,11 @@ impl Mounter for FakeHost {
         Ok(())
     }
 
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+    fn bind(&self, source: &NodePath, target: &NodePath, options: &MountOptions) -> Result<()> {
+        let (source, target) = (&source.path, &target.path);
         let mut s = self.lock();
-        let options = vec![if read_only { "ro" } else { "rw" }.to_string()];
-        let entry = if let Some(m) = s.mounts.iter().rev().find(|m| m.mount_point == source) {
+        let options = options.names();
+        let entry = if let Some(m) = s.mounts.iter().rev().find(|m| m.mount_point == *source) {
             MountEntry {
                 mount_point: target.to_owned(),
                 options,
@@ -138,9 +179,10 @@ impl Mounter for FakeHost {
         Ok(())
     }
 
-    fn unmount(&self, target: &Path) -> Result<()> {
+    fn unmount(&self, target: &mut NodePath) -> Result<()> {
+        let target = &target.path;
         let mut s = self.lock();
-        if let Some(i) = s.mounts.iter().rposition(|m| m.mount_point == target) {
+        if let Some(i) = s.mounts.iter().rposition(|m| m.mount_point == *target) {
             let gone = s.mounts.remove(i);
             // Loop devices with autoclear go with their last mount; the fake keeps it simple
             // and models autoclear as always set once mounted.
@@ -158,7 +200,9 @@ impl LoopDevices for FakeHost {
         Ok(self.lock().loops.clone())
     }
 
-    fn attach(&self, backing_file: &Path, _auto_clear: bool) -> Result<AttachedLoop> {
+    fn attach(&self, backing_file: &Path, options: AttachOptions) -> Result<HeldLoop> {
+        let backing = FileId::of(backing_file)
+            .map_err(|e| Error::io(format!("open {}", backing_file.display()), e))?;
         let mut s = self.lock();
         let minor = (0..)
             .find(|n| !s.loops.iter().any(|l| l.minor == *n))
@@ -167,25 +211,42 @@ impl LoopDevices for FakeHost {
             path: PathBuf::from(format!("/dev/loop{minor}")),
             major: LOOP_MAJOR,
             minor,
+            backing,
             backing_file: backing_file.to_owned(),
+            read_only: options.read_only,
+            auto_clear: options.auto_clear,
         };
         s.loops.push(dev.clone());
-        Ok(AttachedLoop {
+        Ok(HeldLoop {
             device: dev,
-            hold: None,
+            handle: None,
         })
     }
 
-    fn set_auto_clear(&self, _: &LoopDevice) -> Result<()> {
+    fn hold(&self, device: &LoopDevice) -> Result<Option<HeldLoop>> {
+        Ok(self
+            .lock()
+            .loops
+            .iter()
+            .find(|l| l.path == device.path && l.backing == device.backing)
+            .map(|l| HeldLoop {
+                device: l.clone(),
+                handle: None,
+            }))
+    }
+
+    fn set_auto_clear(&self, _: &HeldLoop) -> Result<()> {
         Ok(())
     }
 
-    fn refresh_capacity(&self, _: &LoopDevice) -> Result<()> {
+    fn refresh_capacity(&self, _: &HeldLoop) -> Result<()> {
         Ok(())
     }
 
     fn detach(&self, device: &LoopDevice) -> Result<()> {
-        self.lock().loops.retain(|l| l.path != device.path);
+        self.lock()
+            .loops
+            .retain(|l| l.path != device.path || l.backing != device.backing);
         Ok(())
     }
 }

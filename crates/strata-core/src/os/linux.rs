@@ -8,10 +8,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use super::{
-    AttachedLoop, CopyMethod, Filesystems, FsUsage, LoopDevice, LoopDevices, MountEntry,
-    MountOptions, Mounter, Probe, mountinfo,
+    AttachOptions, CopyMethod, Create, FileId, Filesystems, FsUsage, HeldLoop, LoopDevice,
+    LoopDevices, MountEntry, MountOptions, Mounter, NodePath, Probe, mountinfo, nodepath,
 };
 use crate::error::{Error, IoContext, Result};
 
@@ -63,6 +64,84 @@ fn sys_mount(
     .map(drop)
 }
 
+// The new mount API (<linux/mount.h>), used for binds so their flags are set before the
+// mount is attached, onto exactly the opened target.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
+const MOUNT_ATTR_NOATIME: u64 = 0x10;
+const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
+const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Per-mount attributes for a bind from mount flags (superblock options do not apply).
+fn mount_attr(options: &MountOptions) -> MountAttr {
+    let f = options.flags;
+    let mut attr = MountAttr {
+        attr_set: 0,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    for (flag, bit) in [
+        (libc::MS_RDONLY, MOUNT_ATTR_RDONLY),
+        (libc::MS_NOSUID, MOUNT_ATTR_NOSUID),
+        (libc::MS_NODEV, MOUNT_ATTR_NODEV),
+        (libc::MS_NOEXEC, MOUNT_ATTR_NOEXEC),
+        (libc::MS_NODIRATIME, MOUNT_ATTR_NODIRATIME),
+    ] {
+        if f & flag != 0 {
+            attr.attr_set |= bit;
+        }
+    }
+    let atime = if f & libc::MS_NOATIME != 0 {
+        Some(MOUNT_ATTR_NOATIME)
+    } else if f & libc::MS_STRICTATIME != 0 {
+        Some(MOUNT_ATTR_STRICTATIME)
+    } else if f & libc::MS_RELATIME != 0 {
+        Some(0)
+    } else {
+        None
+    };
+    if let Some(a) = atime {
+        attr.attr_clr |= MOUNT_ATTR_ATIME_MASK;
+        attr.attr_set |= a;
+    }
+    attr
+}
+
+fn owned_fd(ret: libc::c_long) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+}
+
+fn mount_error(what: String, e: io::Error) -> Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::EUCLEAN) => {
+            "; the filesystem may be damaged or of another type: check it with fsck"
+        }
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) => "; the mount point must be a directory",
+        _ => "",
+    };
+    Error::Internal(format!("{what}: {e}{hint}"))
+}
+
 impl Mounter for LinuxHost {
     fn mounts(&self) -> Result<Vec<MountEntry>> {
         let text =
@@ -70,10 +149,26 @@ impl Mounter for LinuxHost {
         Ok(mountinfo::parse(&text))
     }
 
+    fn open_path(&self, prefix: &Path, path: &Path, create: Create) -> Result<Option<NodePath>> {
+        nodepath::open(prefix, path, create)
+    }
+
+    fn mount_at(&self, path: &NodePath) -> Result<Option<MountEntry>> {
+        match nodepath::mount_of(path)? {
+            Some((_, false)) => Ok(None),
+            Some((id, true)) => Ok(self.mounts()?.into_iter().find(|m| m.mount_id == id)),
+            // A trusted path: the most recent mount there.
+            None => Ok(self
+                .mounts()?
+                .into_iter()
+                .rfind(|m| m.mount_point == path.path)),
+        }
+    }
+
     fn mount_device(
         &self,
         device: &Path,
-        target: &Path,
+        target: &NodePath,
         fs_type: &str,
         options: &MountOptions,
     ) -> Result<()> {
@@ -85,60 +180,136 @@ impl Mounter for LinuxHost {
         let data = data.join(",");
         sys_mount(
             Some(device),
-            target,
+            &target.kernel_path(),
             Some(fs_type),
             options.flags,
             (!data.is_empty()).then_some(data.as_str()),
         )
         .map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(libc::EINVAL) | Some(libc::EUCLEAN) => {
-                    "; the filesystem may be damaged or of another type: check it with fsck"
-                }
-                Some(libc::ENOENT) | Some(libc::ENOTDIR) => "; the mount point must be a directory",
-                _ => "",
-            };
-            Error::Internal(format!(
-                "mount {} ({fs_type}) at {}: {e}{hint}",
-                device.display(),
-                target.display()
-            ))
+            mount_error(
+                format!(
+                    "mount {} ({fs_type}) at {}",
+                    device.display(),
+                    target.path.display()
+                ),
+                e,
+            )
         })
     }
 
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
-        sys_mount(Some(source), target, None, libc::MS_BIND, None)
-            .ctx(|| format!("bind mount {} at {}", source.display(), target.display()))?;
-        if read_only {
-            let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-            if let Err(e) = sys_mount(None, target, None, flags, None) {
-                // Never leave a writable mount where a read-only one was asked for.
-                let _ = self.unmount(target);
-                return Err(Error::io(
-                    format!("remount {} read-only", target.display()),
-                    e,
-                ));
+    fn bind(&self, source: &NodePath, target: &NodePath, options: &MountOptions) -> Result<()> {
+        let what = || {
+            format!(
+                "bind mount {} at {}",
+                source.path.display(),
+                target.path.display()
+            )
+        };
+        // Trusted paths (a device node, the pool) are opened here.
+        let (opened_source, opened_target);
+        let source = match source.handle() {
+            Some(_) => source,
+            None => {
+                opened_source = nodepath::open_trusted(&source.path)?;
+                &opened_source
             }
+        };
+        let target = match target.handle() {
+            Some(_) => target,
+            None => {
+                opened_target = nodepath::open_trusted(&target.path)?;
+                &opened_target
+            }
+        };
+        let (Some(src), Some(dst)) = (source.handle(), target.handle()) else {
+            return Err(Error::Internal(format!("{}: not opened", what())));
+        };
+        let empty = c"";
+        // SAFETY: open_tree, mount_setattr and move_mount take descriptors we own, the empty
+        // path (the descriptor itself), and a struct mount_attr of the size passed.
+        let tree = owned_fd(unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                src,
+                empty.as_ptr(),
+                OPEN_TREE_CLONE
+                    | libc::O_CLOEXEC as libc::c_uint
+                    | libc::AT_EMPTY_PATH as libc::c_uint,
+            )
+        })
+        .map_err(|e| mount_error(what(), e))?;
+        let attr = mount_attr(options);
+        if attr.attr_set != 0 || attr.attr_clr != 0 {
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    tree.as_raw_fd(),
+                    empty.as_ptr(),
+                    libc::AT_EMPTY_PATH as libc::c_uint,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                ) as libc::c_int
+            })
+            .map_err(|e| mount_error(format!("{}: set mount flags", what()), e))?;
         }
-        Ok(())
+        // The detached tree is attached onto exactly the target that was checked; if this
+        // fails, closing `tree` discards it.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                dst,
+                empty.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            ) as libc::c_int
+        })
+        .map_err(|e| mount_error(what(), e))
+        .map(drop)
     }
 
-    fn unmount(&self, target: &Path) -> Result<()> {
-        let c = cstr(target)?;
-        // SAFETY: c is a valid NUL-terminated path.
-        match check(unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW) }) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                Err(Error::FailedPrecondition(format!(
-                    "{} is busy: stop the processes using it, then retry",
-                    target.display()
-                )))
+    fn unmount(&self, target: &mut NodePath) -> Result<()> {
+        // Through the pinned parent directory: no symlink on the way is followed, and the
+        // last component is not followed either.
+        let path = target.release_for_unmount()?;
+        let flags = libc::UMOUNT_NOFOLLOW;
+        let c = cstr(&path)?;
+        // A tool forked by a concurrent request holds copies of this process's descriptors
+        // until it execs, which can make the mount look busy for a moment: retry briefly.
+        let mut delay = Duration::from_millis(5);
+        loop {
+            // SAFETY: c is a valid NUL-terminated path.
+            match check(unsafe { libc::umount2(c.as_ptr(), flags) }) {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) => {
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && delay < UNMOUNT_PATIENCE => {
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{} is busy: stop the processes using it, then retry",
+                        target.path.display()
+                    )));
+                }
+                Err(e) => return Err(Error::io(format!("unmount {}", target.path.display()), e)),
             }
-            Err(e) => Err(Error::io(format!("unmount {}", target.display()), e)),
         }
     }
+
+    fn remove_if_created(&self, path: &NodePath) -> Result<bool> {
+        nodepath::remove_if_created(path)
+    }
+
+    fn reopen(&self, path: &NodePath) -> Result<Option<NodePath>> {
+        nodepath::reopen(path)
+    }
 }
+
+/// How long an unmount retries a mount that looks busy.
+const UNMOUNT_PATIENCE: Duration = Duration::from_millis(400);
 
 // Loop device interface from <linux/loop.h>.
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
@@ -147,6 +318,7 @@ const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -184,20 +356,69 @@ fn zeroed_info() -> LoopInfo64 {
 /// How often attach retries when another process grabs the free device first.
 const ATTACH_ATTEMPTS: usize = 16;
 
+/// The device's status, read on an open handle; `None` when no file is bound to it.
+fn loop_status(device: &File) -> io::Result<Option<LoopInfo64>> {
+    let mut info = zeroed_info();
+    // SAFETY: LOOP_GET_STATUS64 writes a struct loop_info64, which `info` is laid out as.
+    match check(unsafe { libc::ioctl(device.as_raw_fd(), LOOP_GET_STATUS64, &mut info) }) {
+        Ok(_) => Ok(Some(info)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The kernel encodes `lo_device` as `new_encode_dev` does.
+fn decode_dev(dev: u64) -> (u32, u32) {
+    let major = ((dev & 0xfff00) >> 8) as u32;
+    let minor = ((dev & 0xff) | ((dev >> 12) & 0xfff00)) as u32;
+    (major, minor)
+}
+
+fn open_loop(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
 impl LinuxHost {
-    fn read_loop(name: &str) -> Option<LoopDevice> {
-        let base = Path::new("/sys/block").join(name);
-        let backing = fs::read_to_string(base.join("loop/backing_file")).ok()?;
-        let backing = backing.trim_end_matches('\n');
-        let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
-        let dev = fs::read_to_string(base.join("dev")).ok()?;
-        let (major, minor) = dev.trim().split_once(':')?;
-        Some(LoopDevice {
+    /// The loop device `name`, opened, as its handle reports it; `None` when no file is
+    /// bound to it (or it does not exist).
+    fn read_loop(name: &str) -> io::Result<Option<(LoopDevice, File)>> {
+        let path = PathBuf::from("/dev").join(name);
+        let file = match open_loop(&path) {
+            Ok(f) => f,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENXIO)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self::describe(name, &file)?.map(|d| (d, file)))
+    }
+
+    /// What the open loop device `file` (named `name`) serves.
+    fn describe(name: &str, file: &File) -> io::Result<Option<LoopDevice>> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(info) = loop_status(file)? else {
+            return Ok(None);
+        };
+        let rdev = file.metadata()?.rdev();
+        // Informational only: relative to the namespace of whoever attached it.
+        let backing_file = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .map(|s| PathBuf::from(s.trim_end_matches('\n')))
+            .unwrap_or_default();
+        Ok(Some(LoopDevice {
             path: PathBuf::from("/dev").join(name),
-            major: major.parse().ok()?,
-            minor: minor.parse().ok()?,
-            backing_file: PathBuf::from(backing),
-        })
+            major: libc::major(rdev),
+            minor: libc::minor(rdev),
+            backing: FileId {
+                dev: decode_dev(info.device),
+                ino: info.inode,
+            },
+            backing_file,
+            read_only: info.flags & LO_FLAGS_READ_ONLY != 0,
+            auto_clear: info.flags & LO_FLAGS_AUTOCLEAR != 0,
+        }))
     }
 
     fn configure(
@@ -205,16 +426,19 @@ impl LinuxHost {
         backing: &File,
         path: &Path,
         direct_io: bool,
-        auto_clear: bool,
+        options: AttachOptions,
     ) -> io::Result<()> {
         let mut info = zeroed_info();
         if direct_io {
             info.flags |= LO_FLAGS_DIRECT_IO;
         }
-        if auto_clear {
+        if options.auto_clear {
             // Set here rather than with LOOP_SET_STATUS64 after the mount, which freezes the
             // device's queue and costs 10-20 ms.
             info.flags |= LO_FLAGS_AUTOCLEAR;
+        }
+        if options.read_only {
+            info.flags |= LO_FLAGS_READ_ONLY;
         }
         let name = path.as_os_str().as_bytes();
         let n = name.len().min(LO_NAME_SIZE - 1);
@@ -239,22 +463,27 @@ impl LoopDevices for LinuxHost {
             Ok(d) => d,
             Err(e) => return Err(Error::io("list /sys/block", e)),
         };
-        Ok(dir
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with("loop")
-                    .then(|| Self::read_loop(&name))
-                    .flatten()
-            })
-            .collect())
+        let mut devices = vec![];
+        for entry in dir.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Only bound devices have a backing file; the others are not opened at all.
+            if !name.starts_with("loop") || !entry.path().join("loop/backing_file").exists() {
+                continue;
+            }
+            if let Some((device, _)) =
+                Self::read_loop(&name).ctx(|| format!("read the status of /dev/{name}"))?
+            {
+                devices.push(device);
+            }
+        }
+        Ok(devices)
     }
 
-    fn attach(&self, backing_file: &Path, auto_clear: bool) -> Result<AttachedLoop> {
+    fn attach(&self, backing_file: &Path, options: AttachOptions) -> Result<HeldLoop> {
         let backing = OpenOptions::new()
             .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .write(!options.read_only)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(backing_file)
             .ctx(|| format!("open {}", backing_file.display()))?;
         let control = File::open("/dev/loop-control").map_err(|e| {
@@ -270,24 +499,28 @@ impl LoopDevices for LinuxHost {
             let device_path = PathBuf::from("/dev").join(&name);
             let device = OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(!options.read_only)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&device_path)
                 .ctx(|| format!("open {}", device_path.display()))?;
-            let mut result = Self::configure(&device, &backing, backing_file, true, auto_clear);
+            let mut result = Self::configure(&device, &backing, backing_file, true, options);
             if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
                 // The pool's filesystem refuses direct I/O (tmpfs, odd alignment): buffered.
-                result = Self::configure(&device, &backing, backing_file, false, auto_clear);
+                result = Self::configure(&device, &backing, backing_file, false, options);
             }
             match result {
                 Ok(()) => {
-                    let device_info = Self::read_loop(&name).ok_or_else(|| {
-                        Error::Internal(format!("{name} vanished right after it was attached"))
-                    })?;
-                    return Ok(AttachedLoop {
-                        device: device_info,
-                        hold: auto_clear.then_some(device),
-                    });
+                    // Read back on the handle we configured through: it is ours.
+                    let described = Self::describe(&name, &device)
+                        .ctx(|| format!("read status of {}", device_path.display()))?;
+                    return described
+                        .map(|d| HeldLoop {
+                            device: d,
+                            handle: Some(device),
+                        })
+                        .ok_or_else(|| {
+                            Error::Internal(format!("{name} vanished right after it was attached"))
+                        });
                 }
                 // Somebody else took this device between GET_FREE and CONFIGURE.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
@@ -308,41 +541,59 @@ impl LoopDevices for LinuxHost {
         ))
     }
 
-    fn set_auto_clear(&self, device: &LoopDevice) -> Result<()> {
-        let file = File::open(&device.path).ctx(|| format!("open {}", device.path.display()))?;
-        let mut info = zeroed_info();
-        // SAFETY: the ioctls read and write a struct loop_info64.
-        check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_GET_STATUS64, &mut info) })
-            .ctx(|| format!("read status of {}", device.path.display()))?;
-        info.flags |= LO_FLAGS_AUTOCLEAR;
-        check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_SET_STATUS64, &info) })
-            .ctx(|| format!("set autoclear on {}", device.path.display()))?;
-        Ok(())
-    }
-
-    fn refresh_capacity(&self, device: &LoopDevice) -> Result<()> {
-        let file = File::open(&device.path).ctx(|| format!("open {}", device.path.display()))?;
-        // SAFETY: LOOP_SET_CAPACITY takes no argument.
-        check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_SET_CAPACITY, 0) })
-            .ctx(|| format!("refresh the capacity of {}", device.path.display()))
-            .map(drop)
-    }
-
-    fn detach(&self, device: &LoopDevice) -> Result<()> {
+    fn hold(&self, device: &LoopDevice) -> Result<Option<HeldLoop>> {
         let name = device
             .path
             .file_name()
             .unwrap_or_default()
             .to_string_lossy();
-        // Never detach a device that meanwhile serves another file.
-        match Self::read_loop(&name) {
-            Some(now) if now.backing_file == device.backing_file => {}
-            _ => return Ok(()),
-        }
-        let file = match File::open(&device.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(format!("open {}", device.path.display()), e)),
+        let Some((now, file)) =
+            Self::read_loop(&name).ctx(|| format!("open {}", device.path.display()))?
+        else {
+            return Ok(None);
+        };
+        let same = now.backing == device.backing
+            && now.read_only == device.read_only
+            && (now.major, now.minor) == (device.major, device.minor);
+        Ok(same.then_some(HeldLoop {
+            device: now,
+            handle: Some(file),
+        }))
+    }
+
+    fn set_auto_clear(&self, device: &HeldLoop) -> Result<()> {
+        let Some(file) = &device.handle else {
+            return Ok(());
+        };
+        let path = &device.device.path;
+        let mut info = loop_status(file)
+            .ctx(|| format!("read status of {}", path.display()))?
+            .ok_or_else(|| Error::Internal(format!("{} was detached", path.display())))?;
+        info.flags |= LO_FLAGS_AUTOCLEAR;
+        // SAFETY: LOOP_SET_STATUS64 reads a struct loop_info64.
+        check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_SET_STATUS64, &info) })
+            .ctx(|| format!("set autoclear on {}", path.display()))?;
+        Ok(())
+    }
+
+    fn refresh_capacity(&self, device: &HeldLoop) -> Result<()> {
+        let Some(file) = &device.handle else {
+            return Ok(());
+        };
+        // SAFETY: LOOP_SET_CAPACITY takes no argument.
+        check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_SET_CAPACITY, 0) })
+            .ctx(|| format!("refresh the capacity of {}", device.device.path.display()))
+            .map(drop)
+    }
+
+    fn detach(&self, device: &LoopDevice) -> Result<()> {
+        // Verified and cleared through one handle: a device reused for another file in the
+        // meantime is never touched.
+        let Some(held) = self.hold(device)? else {
+            return Ok(());
+        };
+        let Some(file) = &held.handle else {
+            return Ok(());
         };
         // SAFETY: LOOP_CLR_FD takes no argument.
         match check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_CLR_FD, 0) }) {
@@ -404,12 +655,39 @@ fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
     dst.set_len(len)
 }
 
-fn run(cmd: &mut Command) -> Result<std::process::Output> {
+/// Runs a tool to completion. The tool dies with the server (`PR_SET_PDEATHSIG`), so a
+/// killed server never leaves an mkfs or a resize2fs behind holding a device.
+pub fn run(cmd: &mut Command) -> Result<std::process::Output> {
+    use std::os::unix::process::CommandExt;
     let program = cmd.get_program().to_string_lossy().into_owned();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The server died before the signal was armed: do not start at all.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        })
+    };
+    cmd.stdin(std::process::Stdio::null());
     cmd.output().map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::Unavailable(format!(
-                "{program} is not installed: install e2fsprogs, xfsprogs and util-linux"
+                "{program} is not installed: install e2fsprogs, xfsprogs, btrfs-progs and util-linux"
             ))
         } else {
             Error::io(format!("run {program}"), e)

@@ -4,6 +4,7 @@
 pub mod fake;
 pub mod linux;
 pub mod mountinfo;
+pub mod nodepath;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,63 +12,147 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::model::CopyMethod;
 pub use mountinfo::MountEntry;
+pub use nodepath::{Create, NodePath};
 
-/// Mount table and mount syscalls.
+/// Mount table and mount syscalls. Node paths are opened first ([`Mounter::open_path`]) and
+/// every operation then acts on what was opened, never on the path string again.
 pub trait Mounter: Send + Sync {
     /// The current mount table, read from the kernel on every call.
     fn mounts(&self) -> Result<Vec<MountEntry>>;
-    /// Mounts the filesystem on `device` at `target`.
+    /// Opens `path`, below the trusted directory `prefix`, without following symlinks (see
+    /// [`nodepath`]); `None` when it does not exist and `create` is `Nothing`.
+    fn open_path(&self, prefix: &Path, path: &Path, create: Create) -> Result<Option<NodePath>>;
+    /// The topmost mount at the opened path, if it is a mount point.
+    fn mount_at(&self, path: &NodePath) -> Result<Option<MountEntry>>;
+    /// Mounts the filesystem on `device` onto the opened directory `target`.
     fn mount_device(
         &self,
         device: &Path,
-        target: &Path,
+        target: &NodePath,
         fs_type: &str,
         options: &MountOptions,
     ) -> Result<()>;
-    /// Bind-mounts `source` (a directory or a device node) onto `target`.
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<()>;
-    /// Unmounts `target`; succeeds when nothing is mounted there.
-    fn unmount(&self, target: &Path) -> Result<()>;
+    /// Bind-mounts `source` (a mounted directory or a device node) onto `target`, with the
+    /// per-mount flags of `options` (ro, nosuid, nodev, noexec, atime) set before the mount
+    /// appears, so it is never visible without them.
+    fn bind(&self, source: &NodePath, target: &NodePath, options: &MountOptions) -> Result<()>;
+    /// Opens `path` again by its name in its parent: after a mount or an unmount there, this
+    /// reaches what is on top now. `None` when it is gone.
+    fn reopen(&self, path: &NodePath) -> Result<Option<NodePath>>;
+    /// Unmounts the topmost mount at the opened `target`, whose handle is released first
+    /// (a handle on a mount keeps it busy); `reopen` it to look again.
+    fn unmount(&self, target: &mut NodePath) -> Result<()>;
+    /// Removes what a stage or publish creates: an empty directory or empty regular file,
+    /// nothing else. Returns whether it is gone.
+    fn remove_if_created(&self, path: &NodePath) -> Result<bool>;
 }
 
-/// A loop device as the kernel reports it.
+/// A file's identity: the device of its filesystem and its inode number. Unlike a path it
+/// means the same thing in every mount namespace, so it is how loop devices are matched to
+/// the images they serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: (u32, u32),
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path` (not following a final symlink).
+    pub fn of(path: &Path) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(FileId {
+            dev: (libc::major(m.dev()), libc::minor(m.dev())),
+            ino: m.ino(),
+        })
+    }
+
+    /// The identity of `path`, or `None` when there is no file there.
+    pub fn find(path: &Path) -> Result<Option<FileId>> {
+        match FileId::of(path) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+        }
+    }
+}
+
+/// A loop device as the kernel reports it (`LOOP_GET_STATUS64`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopDevice {
     pub path: PathBuf,
     pub major: u32,
     pub minor: u32,
+    /// The backing file's identity: what the device is matched by.
+    pub backing: FileId,
+    /// The backing file's path as the kernel wrote it: relative to the mount namespace of
+    /// the process that attached it, so for logs only, never for matching.
     pub backing_file: PathBuf,
+    /// Attached with `LO_FLAGS_READ_ONLY`: writes through the device fail.
+    pub read_only: bool,
+    /// Attached with `LO_FLAGS_AUTOCLEAR`: detached by the kernel at its last close.
+    pub auto_clear: bool,
 }
 
-/// A freshly attached loop device and, with auto-clear, the open handle that keeps it.
+/// A loop device held open. While the handle lives, the kernel cannot detach the device or
+/// give it to another file (a `LOOP_CLR_FD` by anyone is deferred to the last close), so what
+/// was verified about it stays true until the handle is dropped.
 #[derive(Debug)]
-pub struct AttachedLoop {
+pub struct HeldLoop {
     pub device: LoopDevice,
-    pub hold: Option<std::fs::File>,
+    /// `None` only in the fake host.
+    pub handle: Option<std::fs::File>,
+}
+
+/// How a new loop device is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttachOptions {
+    /// Detached by the kernel at the last close: a crash before the mount leaves nothing.
+    pub auto_clear: bool,
+    /// Writes through the device fail (EROFS/EPERM).
+    pub read_only: bool,
 }
 
 /// Loop device control.
 pub trait LoopDevices: Send + Sync {
-    /// Every attached loop device with its backing file, from `/sys/block`.
+    /// Every attached loop device with its backing file's identity.
     fn list(&self) -> Result<Vec<LoopDevice>>;
     /// Attaches `backing_file` to a free loop device, with direct I/O when the backing
-    /// filesystem allows it. With `auto_clear` the kernel detaches the device once its last
-    /// user closes it: the returned hold keeps it until a mount takes over, and a crash
-    /// before that leaves nothing behind.
-    fn attach(&self, backing_file: &Path, auto_clear: bool) -> Result<AttachedLoop>;
-    /// Lets the kernel detach the device once its last user (a mount) goes away.
-    fn set_auto_clear(&self, device: &LoopDevice) -> Result<()>;
-    /// Detaches the device; succeeds when it is already gone.
+    /// filesystem allows it, and returns it held.
+    fn attach(&self, backing_file: &Path, options: AttachOptions) -> Result<HeldLoop>;
+    /// Opens `device` and checks, on the open handle, that it still serves the same file with
+    /// the same flags. `None` when it no longer does (detached, or reused for another file).
+    fn hold(&self, device: &LoopDevice) -> Result<Option<HeldLoop>>;
+    /// Lets the kernel detach the held device once its last user (a mount) goes away.
+    fn set_auto_clear(&self, device: &HeldLoop) -> Result<()>;
+    /// Detaches the device if it still serves the file it served when listed; succeeds when
+    /// it is already gone. Never detaches a device that was reused for another file.
     fn detach(&self, device: &LoopDevice) -> Result<()>;
-    /// Makes the device pick up a new size of its backing file.
-    fn refresh_capacity(&self, device: &LoopDevice) -> Result<()>;
+    /// Makes the held device pick up a new size of its backing file.
+    fn refresh_capacity(&self, device: &HeldLoop) -> Result<()>;
 
-    /// The loop device backed by `backing_file`, if one is attached.
-    fn find(&self, backing_file: &Path) -> Result<Option<LoopDevice>> {
+    /// The read-write loop device serving the file `backing`, if one is attached.
+    fn find(&self, backing: FileId) -> Result<Option<LoopDevice>> {
         Ok(self
             .list()?
             .into_iter()
-            .find(|d| d.backing_file == backing_file))
+            .find(|d| d.backing == backing && !d.read_only))
+    }
+
+    /// The read-write loop device serving `backing`, held; `None` if there is none. Retries
+    /// when the device found goes away before it could be held.
+    fn find_held(&self, backing: FileId) -> Result<Option<HeldLoop>> {
+        for _ in 0..8 {
+            let Some(dev) = self.find(backing)? else {
+                return Ok(None);
+            };
+            if let Some(held) = self.hold(&dev)? {
+                return Ok(Some(held));
+            }
+        }
+        Err(Error::Aborted(
+            "the loop device of this volume keeps changing; retry".into(),
+        ))
     }
 }
 
@@ -240,8 +325,26 @@ const DATA_OPTIONS: &[&str] = &[
     "dax",
 ];
 
+/// Values a data option may take where some values are unsafe for the host: `errors=panic`
+/// would let a damaged or crafted filesystem crash the node.
+const DATA_VALUES: &[(&str, &[&str])] = &[
+    ("errors", &["continue", "remount-ro"]),
+    ("data", &["journal", "ordered", "writeback"]),
+];
+
+/// The spec's limit on the total size of `mount_flags`.
+pub const MAX_MOUNT_FLAGS_BYTES: usize = 4096;
+
 impl MountOptions {
+    /// Parses and checks `mount_flags`. Messages name a refused flag by its key only: flag
+    /// values may be secrets (the spec says so), so they are never echoed or logged.
     pub fn parse(mount_flags: &[String]) -> Result<Self> {
+        let total: usize = mount_flags.iter().map(String::len).sum();
+        if total > MAX_MOUNT_FLAGS_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "mount_flags hold {total} bytes; CSI allows at most {MAX_MOUNT_FLAGS_BYTES}"
+            )));
+        }
         let mut opts = MountOptions::default();
         for entry in mount_flags {
             // Kubernetes passes one flag per entry, but accept "a,b" too.
@@ -250,23 +353,43 @@ impl MountOptions {
                     opts.flags |= bits;
                     continue;
                 }
-                let key = flag.split_once('=').map_or(flag, |(k, _)| k);
-                let value_ok = flag
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"=_-.:".contains(&b));
+                let (key, value) = match flag.split_once('=') {
+                    Some((k, v)) => (k, Some(v)),
+                    None => (flag, None),
+                };
+                let value_ok = value.is_none_or(|v| {
+                    v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+                        && DATA_VALUES
+                            .iter()
+                            .find(|(k, _)| *k == key)
+                            .is_none_or(|(_, allowed)| allowed.contains(&v))
+                });
                 if DATA_OPTIONS.contains(&key) && value_ok {
                     opts.data.push(flag.to_owned());
+                    continue;
+                }
+                let shown = crate::validate::bounded(key, 32);
+                return Err(Error::InvalidArgument(if DATA_OPTIONS.contains(&key) {
+                    format!(
+                        "mount flag {shown:?} has a value that is not allowed (the value is not shown: mount flags may be secret); {}",
+                        DATA_VALUES
+                            .iter()
+                            .map(|(k, v)| format!("{k} takes {}", v.join(" or ")))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )
                 } else {
-                    return Err(Error::InvalidArgument(format!(
-                        "mount flag {flag:?} is not allowed; allowed flags: {}, and {}",
+                    format!(
+                        "mount flag {shown:?} is not allowed; allowed flags: {}, and {}",
                         FLAG_TABLE
                             .iter()
                             .map(|(n, _)| *n)
                             .collect::<Vec<_>>()
                             .join(", "),
                         DATA_OPTIONS.join(", ")
-                    )));
-                }
+                    )
+                }));
             }
         }
         Ok(opts)
@@ -274,6 +397,45 @@ impl MountOptions {
 
     pub fn read_only(&self) -> bool {
         self.flags & libc::MS_RDONLY != 0
+    }
+
+    /// The per-mount flags among `names` (as mountinfo lists them: `ro`, `nosuid`...).
+    pub fn from_names(names: &[String]) -> Self {
+        let flags = names
+            .iter()
+            .filter_map(|n| FLAG_TABLE.iter().find(|(name, _)| name == n))
+            .fold(0, |acc, (_, bits)| acc | bits);
+        MountOptions {
+            flags,
+            data: vec![],
+        }
+    }
+
+    /// The per-mount flags as mountinfo lists them.
+    pub fn names(&self) -> Vec<String> {
+        let mut names = vec![if self.read_only() { "ro" } else { "rw" }.to_owned()];
+        names.extend(
+            FLAG_TABLE
+                .iter()
+                .filter(|(n, bits)| *bits != 0 && *n != "ro" && self.flags & bits == *bits)
+                .map(|(n, _)| (*n).to_owned()),
+        );
+        names
+    }
+
+    /// Only the per-mount flags (what a bind mount can carry), without filesystem options.
+    pub fn per_mount(&self) -> Self {
+        MountOptions {
+            flags: self.flags,
+            data: vec![],
+        }
+    }
+
+    /// These flags with `other`'s added.
+    pub fn with(mut self, other: &MountOptions) -> Self {
+        self.flags |= other.flags;
+        self.data.extend(other.data.iter().cloned());
+        self
     }
 }
 
@@ -308,5 +470,15 @@ mod tests {
             );
         }
         assert!(MountOptions::parse(&flags(&["ro"])).unwrap().read_only());
+        for bad in ["errors=panic", "data=evil"] {
+            let e = MountOptions::parse(&flags(&[bad])).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{bad}");
+        }
+        let secret = MountOptions::parse(&flags(&["password=hunter2"])).unwrap_err();
+        assert!(!secret.message().contains("hunter2"), "{secret}");
+        let huge = MountOptions::parse(&flags(&[&"noatime,".repeat(600)])).unwrap_err();
+        assert!(huge.message().contains("at most 4096"), "{huge}");
+        let o = MountOptions::parse(&flags(&["nosuid", "nodev", "noexec"])).unwrap();
+        assert_eq!(MountOptions::from_names(&o.names()), o);
     }
 }
