@@ -139,12 +139,17 @@ impl Driver {
         let (source_dir, source_size, format, _source_guard) = match &req.content_source {
             None => (None, 0, FormatState::Unformatted, None),
             Some(ContentSource::Snapshot(id)) => {
+                // Pinned for the copy: a concurrent DeleteSnapshot waits (ABORTED, retried)
+                // instead of pulling the data away mid-copy; looked up after the pin, so a
+                // snapshot deleted just before is NOT_FOUND.
+                self.snapshot(id)?;
+                let guard = self.guard(id)?;
                 let snap = self.snapshot(id)?;
                 (
                     Some(self.snapshots.dir(&snap.id)),
                     snap.size_bytes,
                     snap.format,
-                    None,
+                    Some(guard),
                 )
             }
             Some(ContentSource::Volume(id)) => {

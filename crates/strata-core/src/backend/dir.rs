@@ -45,7 +45,7 @@ impl DirectoryKind for PlainDirectories {
         _size: u64,
         _snapshot: bool,
     ) -> Result<CopyMethod> {
-        directory::copy_tree(host.filesystems.as_ref(), source, data)
+        host.filesystems.copy_tree(source, data)
     }
 
     fn resize(&self, _data: &Path, _size: u64) -> Result<()> {

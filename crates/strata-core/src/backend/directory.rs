@@ -3,13 +3,13 @@
 //! [`DirectoryKind`] says how the directory is made, copied, limited and measured.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{Attached, Attachment, Backend, DataDir};
 use crate::error::{Error, IoContext, Result};
 use crate::model::{CopyMethod, GIB, MIB, SizePolicy};
-use crate::os::{Filesystems, FsUsage, Host};
+use crate::os::{FsUsage, Host};
 
 /// What differs between directory backends. Every path is the volume's data directory.
 pub trait DirectoryKind: Send + Sync {
@@ -188,56 +188,6 @@ fn condition(dir: &Path) -> Option<String> {
     }
 }
 
-/// Copies the tree at `src` to the new directory `dst` (which must not exist), keeping
-/// modes, owners and symlinks. Regular files share extents where the filesystem allows.
-/// Returns `Reflink` only if every file was shared.
-pub fn copy_tree(fs_ops: &dyn Filesystems, src: &Path, dst: &Path) -> Result<CopyMethod> {
-    let mut method = CopyMethod::Reflink;
-    copy_entry(fs_ops, src, dst, &mut method)?;
-    Ok(method)
-}
-
-fn copy_entry(
-    fs_ops: &dyn Filesystems,
-    src: &Path,
-    dst: &Path,
-    method: &mut CopyMethod,
-) -> Result<()> {
-    let meta = fs::symlink_metadata(src).ctx(|| format!("stat {}", src.display()))?;
-    let kind = meta.file_type();
-    if kind.is_dir() {
-        fs::create_dir(dst).ctx(|| format!("create {}", dst.display()))?;
-        for entry in fs::read_dir(src).ctx(|| format!("list {}", src.display()))? {
-            let entry = entry.ctx(|| format!("list {}", src.display()))?;
-            copy_entry(fs_ops, &entry.path(), &dst.join(entry.file_name()), method)?;
-        }
-    } else if kind.is_file() {
-        if fs_ops.clone_file(src, dst)? == CopyMethod::SparseCopy {
-            *method = CopyMethod::SparseCopy;
-        }
-    } else if kind.is_symlink() {
-        let target = fs::read_link(src).ctx(|| format!("read link {}", src.display()))?;
-        symlink(&target, dst).ctx(|| format!("create link {}", dst.display()))?;
-        return chown(dst, &meta, true);
-    } else {
-        // Sockets, fifos and device nodes are not data; they are recreated by their users.
-        tracing::warn!(path = %src.display(), "skipping a special file in a copy");
-        return Ok(());
-    }
-    fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
-        .ctx(|| format!("chmod {}", dst.display()))?;
-    chown(dst, &meta, false)
-}
-
-fn chown(path: &Path, meta: &fs::Metadata, link: bool) -> Result<()> {
-    let r = if link {
-        std::os::unix::fs::lchown(path, Some(meta.uid()), Some(meta.gid()))
-    } else {
-        std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid()))
-    };
-    r.ctx(|| format!("chown {}", path.display()))
-}
-
 /// Bytes allocated under `path` (like `du`).
 pub fn allocated_bytes(path: &Path) -> Result<u64> {
     let meta = fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
@@ -263,7 +213,9 @@ pub fn remove(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::os::Filesystems;
     use crate::os::linux::LinuxHost;
+    use std::os::unix::fs::{PermissionsExt, symlink};
 
     #[test]
     fn trees_are_copied_with_links_and_modes() {
@@ -274,7 +226,7 @@ mod tests {
         fs::set_permissions(src.join("a/b/file"), fs::Permissions::from_mode(0o640)).unwrap();
         symlink("b/file", src.join("a/link")).unwrap();
         let dst = tmp.path().join("dst");
-        copy_tree(&LinuxHost, &src, &dst).unwrap();
+        LinuxHost.copy_tree(&src, &dst).unwrap();
         assert_eq!(fs::read(dst.join("a/b/file")).unwrap(), b"payload");
         assert_eq!(fs::read(dst.join("a/link")).unwrap(), b"payload");
         let mode = fs::metadata(dst.join("a/b/file")).unwrap().mode() & 0o777;

@@ -300,6 +300,10 @@ impl Filesystems for FakeHost {
         Ok(CopyMethod::SparseCopy)
     }
 
+    fn copy_tree(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
+        super::tree::copy_tree(src, dst)
+    }
+
     fn freeze(&self, mount_point: &Path) -> Result<()> {
         self.lock().frozen.push(mount_point.to_owned());
         Ok(())

@@ -619,6 +619,24 @@ fn freeze_ioctl(mount_point: &Path, request: libc::c_ulong, what: &str) -> Resul
     }
 }
 
+/// Makes `target` (empty) a copy of `source`: shared extents where the filesystem can
+/// (FICLONE), else a copy of the allocated ranges only.
+pub(crate) fn clone_or_copy(source: &File, target: &File, len: u64) -> io::Result<CopyMethod> {
+    // SAFETY: FICLONE takes the source fd.
+    if unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) } == 0 {
+        return Ok(CopyMethod::Reflink);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // The filesystem cannot share extents: copy what is allocated.
+        Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) => {
+            sparse_copy(source, target, len)?;
+            Ok(CopyMethod::SparseCopy)
+        }
+        _ => Err(e),
+    }
+}
+
 /// Copies the allocated ranges of `src` into `dst` (holes stay holes).
 fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
@@ -793,34 +811,16 @@ impl Filesystems for LinuxHost {
             .ctx(|| format!("stat {}", src.display()))?
             .len();
         let target = File::create_new(dst).ctx(|| format!("create {}", dst.display()))?;
-        // SAFETY: FICLONE takes the source fd.
-        let cloned = unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) };
-        let method = if cloned == 0 {
-            CopyMethod::Reflink
-        } else {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                // The filesystem cannot share extents: copy what is allocated.
-                Some(libc::EOPNOTSUPP)
-                | Some(libc::EXDEV)
-                | Some(libc::EINVAL)
-                | Some(libc::ENOTTY) => {
-                    sparse_copy(&source, &target, len)
-                        .ctx(|| format!("copy {} to {}", src.display(), dst.display()))?;
-                    CopyMethod::SparseCopy
-                }
-                _ => {
-                    return Err(Error::io(
-                        format!("clone {} to {}", src.display(), dst.display()),
-                        e,
-                    ));
-                }
-            }
-        };
+        let method = clone_or_copy(&source, &target, len)
+            .ctx(|| format!("clone {} to {}", src.display(), dst.display()))?;
         target
             .sync_all()
             .ctx(|| format!("sync {}", dst.display()))?;
         Ok(method)
+    }
+
+    fn copy_tree(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
+        super::tree::copy_tree(src, dst)
     }
 
     fn freeze(&self, mount_point: &Path) -> Result<()> {

@@ -5,6 +5,7 @@ pub mod fake;
 pub mod linux;
 pub mod mountinfo;
 pub mod nodepath;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -188,6 +189,10 @@ pub trait Filesystems: Send + Sync {
     /// Creates `dst` as a copy of `src`: shared extents where the filesystem can (reflink),
     /// else a copy of the allocated ranges only. `dst` is synced.
     fn clone_file(&self, src: &Path, dst: &Path) -> Result<CopyMethod>;
+    /// Creates the directory `dst` as a copy of the tree at `src` (modes, owners, symlinks as
+    /// symlinks), sharing extents where the filesystem can. Nothing outside `src` is ever
+    /// read, whatever runs in the tree meanwhile. `Reflink` only if every file was shared.
+    fn copy_tree(&self, src: &Path, dst: &Path) -> Result<CopyMethod>;
     /// Suspends writes to the filesystem mounted at `mount_point`, flushing it to disk.
     fn freeze(&self, mount_point: &Path) -> Result<()>;
     fn thaw(&self, mount_point: &Path) -> Result<()>;

@@ -1,0 +1,597 @@
+//! Node state across restarts, races and second servers: the server restarted in a new mount
+//! namespace (a new container) with the old one's mounts still live, a second server on the
+//! same pool or socket, tools orphaned by a killed server, two volumes racing for one path,
+//! and loop devices reused behind the driver's back.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use csi::volume_capability::access_mode::Mode;
+use csi_proto as csi;
+use strata::client::{Csi, connect};
+use strata::endpoint::Endpoint;
+use strata_core::os::linux::LinuxHost;
+use strata_core::os::{AttachOptions, FileId, LoopDevices, Mounter, NodePath};
+use tonic::Code;
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    r.map_or_else(|s| s.code(), |_| Code::Ok)
+}
+
+/// A "host" for servers in their own mount namespaces: `host/` is a shared mount (as the
+/// DaemonSet's Bidirectional hostPath volumes are) holding the pool and a kubelet-like
+/// directory, seen at the same path by every namespace; each server sees the pool at a path
+/// of its own (as a container sees `/pool`), so the kernel's backing-file paths differ
+/// between generations.
+struct Host {
+    dir: tempfile::TempDir,
+    server: Option<Child>,
+    pool_image: bool,
+    generation: usize,
+}
+
+impl Host {
+    fn new(pool_image: bool) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-ns-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let host = dir.path().join("host");
+        fs::create_dir_all(host.join("pool")).unwrap();
+        fs::create_dir_all(host.join("kubelet")).unwrap();
+        run("mount", &["--bind", &s(&host), &s(&host)]);
+        run("mount", &["--make-shared", &s(&host)]);
+        Host {
+            dir,
+            server: None,
+            pool_image,
+            generation: 0,
+        }
+    }
+
+    fn host(&self) -> PathBuf {
+        self.dir.path().join("host")
+    }
+
+    fn kubelet(&self, name: &str) -> String {
+        s(&self.host().join("kubelet").join(name))
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.host().join("csi.sock")
+    }
+
+    /// Starts a server in a new mount namespace, seeing the pool at `view-N/pool`.
+    async fn start(&mut self) -> Csi {
+        self.generation += 1;
+        let view = self.dir.path().join(format!("view-{}", self.generation));
+        fs::create_dir_all(&view).unwrap();
+        let mut serve = format!(
+            "mount --make-private / && mount --bind {host}/pool {view} && exec {bin} serve --node-id ns-node --endpoint unix://{sock} --pool {view} --allowed-path-prefix {host}/kubelet",
+            host = s(&self.host()),
+            view = s(&view),
+            bin = env!("CARGO_BIN_EXE_strata"),
+            sock = s(&self.socket()),
+        );
+        if self.pool_image {
+            serve.push_str(" --pool-image 1Gi");
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let mut child = Command::new("unshare")
+            .args(["-m", "--propagation", "unchanged", "sh", "-c", &serve])
+            .env("STRATA_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(csi) = connect(&Endpoint::Unix(self.socket())).await
+                && csi.clone().identity_probe().await
+            {
+                self.server = Some(child);
+                return csi;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("server exited: {st}\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: the namespace dies with the process; propagated mounts stay on the host.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Where the pool's volumes are, as this (the host's) namespace sees them.
+    fn pool(&self) -> PathBuf {
+        if self.pool_image {
+            self.host().join("pool/data")
+        } else {
+            self.host().join("pool")
+        }
+    }
+
+    /// Loop devices serving a file, by identity.
+    fn devices_of(&self, file: &Path) -> usize {
+        let id = FileId::of(file).unwrap();
+        LinuxHost
+            .list()
+            .unwrap()
+            .iter()
+            .filter(|d| d.backing == id)
+            .count()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log());
+        }
+        unmount_all_under(self.dir.path());
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+    out
+}
+
+/// Unmounts everything under `dir` (deepest first) and detaches loop devices serving files
+/// under it, by identity.
+fn unmount_all_under(dir: &Path) {
+    for _ in 0..8 {
+        let mut ids = vec![];
+        collect_ids(dir, &mut ids);
+        let (mut mounts, _) = kernel_state_under(dir);
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in &mounts {
+            let _ = LinuxHost.unmount(&mut NodePath::trusted(m));
+        }
+        let loops: Vec<_> = LinuxHost
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| ids.contains(&d.backing) || d.backing_file.starts_with(dir))
+            .collect();
+        for d in &loops {
+            let _ = LinuxHost.detach(d);
+        }
+        if mounts.is_empty() && loops.is_empty() {
+            return;
+        }
+    }
+}
+
+fn collect_ids(dir: &Path, ids: &mut Vec<FileId>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => collect_ids(&p, ids),
+            Ok(m) if m.is_file() => ids.extend(FileId::of(&p).ok()),
+            _ => {}
+        }
+    }
+}
+
+trait Probe {
+    async fn identity_probe(self) -> bool;
+}
+
+impl Probe for Csi {
+    async fn identity_probe(mut self) -> bool {
+        self.identity.probe(csi::ProbeRequest {}).await.is_ok()
+    }
+}
+
+async fn create(csi: &mut Csi, name: &str, cap: csi::VolumeCapability) -> String {
+    csi.controller
+        .create_volume(create_req(name, 64 * MIB, cap))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+}
+
+async fn stage(csi: &mut Csi, id: &str, path: &str, cap: csi::VolumeCapability) -> Code {
+    code(
+        csi.node
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: path.into(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await,
+    )
+}
+
+async fn publish(csi: &mut Csi, id: &str, staging: &str, target: &str, cap: csi::VolumeCapability) {
+    csi.node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.into(),
+            target_path: target.into(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn unpublish(csi: &mut Csi, id: &str, target: &str) {
+    csi.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.into(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn unstage(csi: &mut Csi, id: &str, staging: &str) {
+    csi.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.into(),
+        })
+        .await
+        .unwrap();
+}
+
+fn write_block(path: &str, offset: u64, data: &[u8]) {
+    let mut f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_block(path: &str, offset: u64, len: usize) -> Vec<u8> {
+    let mut f = fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+async fn restart_in_a_new_namespace(pool_image: bool) {
+    let mut host = Host::new(pool_image);
+    let mut csi = host.start().await;
+    let fs_cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let blk_cap = block_cap(Mode::SingleNodeWriter);
+    let fs_id = create(&mut csi, "fs", fs_cap.clone()).await;
+    let blk_id = create(&mut csi, "blk", blk_cap.clone()).await;
+    let (fs_stage, fs_pub) = (host.kubelet("stage-fs"), host.kubelet("pub-fs"));
+    let (blk_stage, blk_pub) = (host.kubelet("stage-blk"), host.kubelet("pub-blk"));
+    assert_eq!(stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await, Code::Ok);
+    publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone()).await;
+    assert_eq!(stage(&mut csi, &blk_id, &blk_stage, blk_cap.clone()).await, Code::Ok);
+    publish(&mut csi, &blk_id, &blk_stage, &blk_pub, blk_cap.clone()).await;
+    fs::write(format!("{fs_pub}/before"), b"written before the restart").unwrap();
+    write_block(&blk_pub, 4096, b"block before");
+
+    // A new container: the old namespace is gone, its mounts live on through propagation.
+    host.kill();
+    let mut csi = host.start().await;
+    if pool_image {
+        assert_eq!(
+            host.devices_of(&host.host().join("pool/pool.img")),
+            1,
+            "the pool image is attached once"
+        );
+    }
+    let image = |id: &str| host.pool().join("volumes").join(id).join("image");
+    assert_eq!(host.devices_of(&image(&fs_id)), 1);
+    assert_eq!(host.devices_of(&image(&blk_id)), 1);
+    // Retried calls of the kubelet are no-ops; I/O goes on.
+    assert_eq!(stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await, Code::Ok);
+    publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone()).await;
+    fs::write(format!("{fs_pub}/after"), b"written after the restart").unwrap();
+    assert_eq!(
+        fs::read(format!("{fs_pub}/before")).unwrap(),
+        b"written before the restart"
+    );
+    write_block(&blk_pub, 8192, b"block after");
+    assert_eq!(read_block(&blk_pub, 4096, 12), b"block before");
+    // Snapshot of the live volume, through the new server.
+    csi.controller
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: "after-restart".into(),
+            source_volume_id: fs_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    unpublish(&mut csi, &fs_id, &fs_pub).await;
+    unstage(&mut csi, &fs_id, &fs_stage).await;
+    unpublish(&mut csi, &blk_id, &blk_pub).await;
+    unstage(&mut csi, &blk_id, &blk_stage).await;
+    assert_eq!(host.devices_of(&image(&fs_id)), 0, "detached at unstage");
+    assert_eq!(host.devices_of(&image(&blk_id)), 0, "detached at unstage");
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(image(&fs_id))
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "e2fsck: {fsck:?}");
+    for id in [&fs_id, &blk_id] {
+        csi.controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    host.kill();
+    if pool_image {
+        let data = host.host().join("pool/data");
+        for _ in 0..4 {
+            let _ = LinuxHost.unmount(&mut NodePath::trusted(&data));
+        }
+        unmount_all_under(host.dir.path());
+        let repair = Command::new("xfs_repair")
+            .arg("-n")
+            .arg(host.host().join("pool/pool.img"))
+            .output()
+            .unwrap();
+        assert!(repair.status.success(), "xfs_repair -n: {repair:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_a_new_mount_namespace_is_a_non_event() {
+    restart_in_a_new_namespace(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_a_new_mount_namespace_is_a_non_event_on_a_pool_image() {
+    restart_in_a_new_namespace(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_per_pool_and_one_owner_per_socket() {
+    let mut env = TestEnv::start().await;
+    let bin = env!("CARGO_BIN_EXE_strata");
+    // A second server on the same pool (another socket) is refused at once.
+    let other_sock = env.path("other.sock");
+    let out = Command::new(bin)
+        .args(["serve", "--node-id", "n", "--endpoint"])
+        .arg(format!("unix://{other_sock}"))
+        .arg("--pool")
+        .arg(env.dir.path().join("pool"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another strata server"),
+        "{out:?}"
+    );
+    assert!(!Path::new(&other_sock).exists());
+    // A second server on the live socket (another pool) is refused; the first still answers.
+    let sock = env.path("csi.sock");
+    let out = Command::new(bin)
+        .args(["serve", "--node-id", "n", "--endpoint"])
+        .arg(format!("unix://{sock}"))
+        .arg("--pool")
+        .arg(env.path("pool2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another server answers"),
+        "{out:?}"
+    );
+    env.create("still-served", 16 * MIB, ext4()).await;
+    let mode = fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The first server's socket is replaced behind its back (a newer server took the path):
+    // at exit it leaves the newer one in place.
+    let moved = env.path("moved.sock");
+    fs::rename(&sock, &moved).unwrap();
+    let mut newer = Command::new(bin)
+        .args(["serve", "--node-id", "n", "--endpoint"])
+        .arg(format!("unix://{sock}"))
+        .arg("--pool")
+        .arg(env.path("pool2"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connect(&Endpoint::Unix(PathBuf::from(&sock))).await.is_err() {
+        assert!(Instant::now() < deadline, "newer server did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.stop();
+    assert!(Path::new(&sock).exists(), "the newer server's socket is left");
+    let mut c = connect(&Endpoint::Unix(PathBuf::from(&sock))).await.unwrap();
+    c.identity.probe(csi::ProbeRequest {}).await.unwrap();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(newer.id() as i32, libc::SIGTERM) };
+    newer.wait().unwrap();
+    assert!(!Path::new(&sock).exists(), "removed by its owner");
+    // A stale socket (nobody answers) is replaced.
+    std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    env.restart(None).await;
+    env.create("after-stale", 16 * MIB, ext4()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_volumes_racing_for_one_path_never_stack() {
+    let mut env = TestEnv::start_with(Some("delay:stage:after-attach=1500")).await;
+    let a = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let b = env.create("b", 16 * MIB, ext4()).await.volume_id;
+    let path = env.path("shared-stage");
+    let mut second = env.csi.clone();
+    let (pa, ca) = (path.clone(), ext4());
+    let first = tokio::spawn({
+        let mut c = env.csi.clone();
+        let a = a.clone();
+        async move { stage(&mut c, &a, &pa, ca).await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b_code = stage(&mut second, &b, &path, ext4()).await;
+    let a_code = first.await.unwrap();
+    assert_eq!(a_code, Code::Ok);
+    assert_eq!(b_code, Code::Aborted, "the path is claimed by the stage in flight");
+    // Once A holds the path, B is refused outright and A is untouched.
+    assert_eq!(stage(&mut second, &b, &path, ext4()).await, Code::AlreadyExists);
+    let (mounts, _) = kernel_state_under(Path::new(&path));
+    assert_eq!(mounts.len(), 1, "one mount at the path: {mounts:?}");
+    env.unstage(&a, &path).await.unwrap();
+    env.assert_clean();
+}
+
+#[test]
+fn a_loop_device_reused_for_another_file_is_never_acted_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img_a, img_b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    for p in [&img_a, &img_b] {
+        fs::File::create(p).unwrap().set_len(16 << 20).unwrap();
+    }
+    let opts = AttachOptions::default();
+    let a = LinuxHost.attach(&img_a, opts).unwrap();
+    let dev_a = a.device.clone();
+    drop(a);
+    LinuxHost.detach(&dev_a).unwrap();
+    // The kernel hands the freed device to the next file: most likely the same number.
+    let b = LinuxHost.attach(&img_b, opts).unwrap();
+    let dev_b = b.device.clone();
+    drop(b);
+    if dev_b.path == dev_a.path {
+        assert!(LinuxHost.hold(&dev_a).unwrap().is_none(), "not A's any more");
+    }
+    // Detaching "A's" device leaves B's attachment alone, whatever number it got.
+    LinuxHost.detach(&dev_a).unwrap();
+    let b_now = LinuxHost.find(FileId::of(&img_b).unwrap()).unwrap();
+    assert_eq!(b_now.as_ref().map(|d| &d.path), Some(&dev_b.path));
+    LinuxHost.detach(&dev_b).unwrap();
+    assert!(LinuxHost.find(FileId::of(&img_b).unwrap()).unwrap().is_none());
+}
+
+/// A `mkfs.ext4` that records its pid and waits (as a bash builtin, so the pid is the tool
+/// itself), then runs the real one.
+fn slow_mkfs(dir: &Path) -> PathBuf {
+    let bin = dir.join("slow-bin");
+    fs::create_dir_all(&bin).unwrap();
+    let real = Command::new("sh")
+        .args(["-c", "command -v mkfs.ext4"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_owned();
+    let script = format!(
+        "#!/bin/bash\necho $$ >> {pids}\nread -t 5 <> <(:)\nexec {real} \"$@\"\n",
+        pids = dir.join("mkfs.pids").display()
+    );
+    let path = bin.join("mkfs.ext4");
+    fs::write(&path, script).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
+    let dir = tempfile::Builder::new()
+        .prefix("strata-orphan-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let bin = slow_mkfs(dir.path());
+    let sock = dir.path().join("csi.sock");
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["serve", "--node-id", "n", "--endpoint"])
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--pool")
+            .arg(dir.path().join("pool"))
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let connect_to = |sock: PathBuf| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = connect(&Endpoint::Unix(sock.clone())).await
+                && c.clone().identity_probe().await
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let mut server = spawn();
+    let mut csi = connect_to(sock.clone()).await;
+    let id = create(&mut csi, "v", ext4()).await;
+    let staging = dir.path().join("stage").display().to_string();
+    let mut c2 = csi.clone();
+    let (id2, st2) = (id.clone(), staging.clone());
+    let pending = tokio::spawn(async move { stage(&mut c2, &id2, &st2, ext4()).await });
+    let pids = dir.path().join("mkfs.pids");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids.exists() {
+        assert!(Instant::now() < deadline, "mkfs never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let _ = pending.await;
+    let pid: i32 = fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(Instant::now() < deadline, "mkfs {pid} outlived the server");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut server = spawn();
+    let mut csi = connect_to(sock.clone()).await;
+    assert_eq!(stage(&mut csi, &id, &staging, ext4()).await, Code::Ok);
+    unstage(&mut csi, &id, &staging).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    unmount_all_under(dir.path());
+}
