@@ -296,9 +296,15 @@ async fn restart_in_a_new_namespace(pool_image: bool) {
     let blk_id = create(&mut csi, "blk", blk_cap.clone()).await;
     let (fs_stage, fs_pub) = (host.kubelet("stage-fs"), host.kubelet("pub-fs"));
     let (blk_stage, blk_pub) = (host.kubelet("stage-blk"), host.kubelet("pub-blk"));
-    assert_eq!(stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await, Code::Ok);
+    assert_eq!(
+        stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await,
+        Code::Ok
+    );
     publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone()).await;
-    assert_eq!(stage(&mut csi, &blk_id, &blk_stage, blk_cap.clone()).await, Code::Ok);
+    assert_eq!(
+        stage(&mut csi, &blk_id, &blk_stage, blk_cap.clone()).await,
+        Code::Ok
+    );
     publish(&mut csi, &blk_id, &blk_stage, &blk_pub, blk_cap.clone()).await;
     fs::write(format!("{fs_pub}/before"), b"written before the restart").unwrap();
     write_block(&blk_pub, 4096, b"block before");
@@ -317,7 +323,10 @@ async fn restart_in_a_new_namespace(pool_image: bool) {
     assert_eq!(host.devices_of(&image(&fs_id)), 1);
     assert_eq!(host.devices_of(&image(&blk_id)), 1);
     // Retried calls of the kubelet are no-ops; I/O goes on.
-    assert_eq!(stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await, Code::Ok);
+    assert_eq!(
+        stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await,
+        Code::Ok
+    );
     publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone()).await;
     fs::write(format!("{fs_pub}/after"), b"written after the restart").unwrap();
     assert_eq!(
@@ -433,13 +442,21 @@ async fn one_server_per_pool_and_one_owner_per_socket() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while connect(&Endpoint::Unix(PathBuf::from(&sock))).await.is_err() {
+    while connect(&Endpoint::Unix(PathBuf::from(&sock)))
+        .await
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "newer server did not come up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     env.stop();
-    assert!(Path::new(&sock).exists(), "the newer server's socket is left");
-    let mut c = connect(&Endpoint::Unix(PathBuf::from(&sock))).await.unwrap();
+    assert!(
+        Path::new(&sock).exists(),
+        "the newer server's socket is left"
+    );
+    let mut c = connect(&Endpoint::Unix(PathBuf::from(&sock)))
+        .await
+        .unwrap();
     c.identity.probe(csi::ProbeRequest {}).await.unwrap();
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(newer.id() as i32, libc::SIGTERM) };
@@ -468,9 +485,16 @@ async fn two_volumes_racing_for_one_path_never_stack() {
     let b_code = stage(&mut second, &b, &path, ext4()).await;
     let a_code = first.await.unwrap();
     assert_eq!(a_code, Code::Ok);
-    assert_eq!(b_code, Code::Aborted, "the path is claimed by the stage in flight");
+    assert_eq!(
+        b_code,
+        Code::Aborted,
+        "the path is claimed by the stage in flight"
+    );
     // Once A holds the path, B is refused outright and A is untouched.
-    assert_eq!(stage(&mut second, &b, &path, ext4()).await, Code::AlreadyExists);
+    assert_eq!(
+        stage(&mut second, &b, &path, ext4()).await,
+        Code::AlreadyExists
+    );
     let (mounts, _) = kernel_state_under(Path::new(&path));
     assert_eq!(mounts.len(), 1, "one mount at the path: {mounts:?}");
     env.unstage(&a, &path).await.unwrap();
@@ -494,14 +518,22 @@ fn a_loop_device_reused_for_another_file_is_never_acted_on() {
     let dev_b = b.device.clone();
     drop(b);
     if dev_b.path == dev_a.path {
-        assert!(LinuxHost.hold(&dev_a).unwrap().is_none(), "not A's any more");
+        assert!(
+            LinuxHost.hold(&dev_a).unwrap().is_none(),
+            "not A's any more"
+        );
     }
     // Detaching "A's" device leaves B's attachment alone, whatever number it got.
     LinuxHost.detach(&dev_a).unwrap();
     let b_now = LinuxHost.find(FileId::of(&img_b).unwrap()).unwrap();
     assert_eq!(b_now.as_ref().map(|d| &d.path), Some(&dev_b.path));
     LinuxHost.detach(&dev_b).unwrap();
-    assert!(LinuxHost.find(FileId::of(&img_b).unwrap()).unwrap().is_none());
+    assert!(
+        LinuxHost
+            .find(FileId::of(&img_b).unwrap())
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// A `mkfs.ext4` that records its pid and waits (as a bash builtin, so the pid is the tool

@@ -187,10 +187,16 @@ impl Copier {
 /// through `/proc/self/fd`, which reaches exactly that inode. `None` if it became something
 /// that cannot be opened that way (a symlink swapped in is not what was found).
 fn reopen(found: &File, flags: libc::c_int) -> io::Result<Option<File>> {
-    let path = CString::new(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(io::Error::other)?;
+    let path =
+        CString::new(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(io::Error::other)?;
     match open_at(libc::AT_FDCWD, &path, flags | libc::O_NONBLOCK, 0) {
         Ok(f) => Ok(Some(f)),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+            ) =>
+        {
             Ok(None)
         }
         Err(e) => Err(e),
