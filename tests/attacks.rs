@@ -370,3 +370,46 @@ async fn a_snapshot_deleted_during_a_restore_is_not_found_never_internal() {
         assert!(matches!(code(delete), Code::Ok | Code::Aborted), "delete");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacker_flipping_the_target_never_gets_a_mount_outside() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let outside = tempfile::tempdir_in("/var/tmp").unwrap();
+    let outside_path = outside.path().display().to_string();
+    let staging = env.path("stage");
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    let multi = mount_cap("ext4", Mode::SingleNodeMultiWriter);
+    let parent = env.path("flip");
+    fs::create_dir(&parent).unwrap();
+    let target = format!("{parent}/t");
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let (stop, target, outside) = (stop.clone(), target.clone(), outside_path.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = fs::remove_dir(&target).or_else(|_| fs::remove_file(&target));
+                let _ = std::os::unix::fs::symlink(&outside, &target);
+                std::thread::yield_now();
+                let _ = fs::remove_file(&target);
+                let _ = fs::create_dir(&target);
+            }
+        })
+    };
+    for _ in 0..100 {
+        let _ = env
+            .publish(&id, &staging, &target, multi.clone(), false)
+            .await;
+        assert!(!has_mount(&outside_path), "a mount landed outside");
+    }
+    stop.store(true, Ordering::Relaxed);
+    attacker.join().unwrap();
+    // Whatever landed, landed under the allowed directory: undo it through CSI.
+    let _ = fs::remove_file(&target);
+    for m in kernel_state_under(Path::new(&parent)).0 {
+        env.unpublish(&id, &m.display().to_string()).await.unwrap();
+    }
+    assert!(!has_mount(&outside_path));
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+}

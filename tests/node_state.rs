@@ -627,3 +627,66 @@ async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
     server.wait().unwrap();
     unmount_all_under(dir.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_stage_never_formats_a_device_reused_by_another_volume() {
+    let mut env = TestEnv::start_with(Some("delay:stage:after-attach=3000")).await;
+    let a = env.create("a", 32 * MIB, ext4()).await.volume_id;
+    let b = env.create("b", 32 * MIB, ext4()).await.volume_id;
+    // A's stage is held right after the attach, and dies there; something (udev, a killed
+    // tool) still holds A's device open for a moment.
+    let mut c = env.csi.clone();
+    let (a2, sa) = (a.clone(), env.path("sa"));
+    let pending = tokio::spawn(async move { stage(&mut c, &a2, &sa, ext4()).await });
+    let image_a = env.pool().join("volumes").join(&a).join("image");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dev_a = loop {
+        if let Some(d) = LinuxHost.find(FileId::of(&image_a).unwrap()).unwrap() {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "A was never attached");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let holder = LinuxHost.hold(&dev_a).unwrap().expect("held");
+    env.kill();
+    let _ = pending.await;
+    env.restart(None).await;
+    // The holder lets go: the auto-clearing device is freed, and B's stage gets it.
+    drop(holder);
+    let (sb, pb) = (env.path("sb"), env.path("pb"));
+    env.stage(&b, &sb, ext4()).await.unwrap();
+    env.publish(&b, &sb, &pb, ext4(), false).await.unwrap();
+    fs::write(format!("{pb}/b-data"), b"B's fsynced data").unwrap();
+    fs::File::open(format!("{pb}/b-data"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    // A's retry works on A's own image, whatever device number B got.
+    env.stage(&a, &env.path("sa"), ext4()).await.unwrap();
+    assert_eq!(
+        fs::read(format!("{pb}/b-data")).unwrap(),
+        b"B's fsynced data"
+    );
+    let image_b = env.pool().join("volumes").join(&b).join("image");
+    let (da, db) = (
+        LinuxHost
+            .find(FileId::of(&image_a).unwrap())
+            .unwrap()
+            .unwrap(),
+        LinuxHost
+            .find(FileId::of(&image_b).unwrap())
+            .unwrap()
+            .unwrap(),
+    );
+    assert_ne!(da.path, db.path);
+    env.unpublish(&b, &pb).await.unwrap();
+    env.unstage(&b, &sb).await.unwrap();
+    env.unstage(&a, &env.path("sa")).await.unwrap();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&image_b)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "B's filesystem: {fsck:?}");
+    env.assert_clean();
+}

@@ -203,6 +203,14 @@ impl TestEnv {
         self.child = Some(child);
     }
 
+    /// Kills the server with SIGKILL, as a crash does.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Waits for the server to die on its own (after reaching a crash point).
     pub fn wait_for_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("server running");
