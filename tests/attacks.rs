@@ -183,19 +183,7 @@ async fn a_workload_flipping_a_symlink_never_gets_host_files_into_a_snapshot() {
     };
     let mut snapshots = vec![];
     for n in 0..50 {
-        let snap = env
-            .csi
-            .controller
-            .create_snapshot(csi::CreateSnapshotRequest {
-                name: format!("flip-{n}"),
-                source_volume_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
+        let snap = env.snapshot(&format!("flip-{n}"), &id).await.unwrap();
         snapshots.push(snap.snapshot_id);
     }
     stop.store(true, Ordering::Relaxed);
@@ -331,17 +319,8 @@ async fn a_snapshot_deleted_during_a_restore_is_not_found_never_internal() {
     let id = env.create("src", 16 * MIB, ext4()).await.volume_id;
     for n in 0..40 {
         let snap = env
-            .csi
-            .controller
-            .create_snapshot(csi::CreateSnapshotRequest {
-                name: format!("s{n}"),
-                source_volume_id: id.clone(),
-                ..Default::default()
-            })
+            .snapshot(&format!("s{n}"), &id)
             .await
-            .unwrap()
-            .into_inner()
-            .snapshot
             .unwrap()
             .snapshot_id;
         let mut restore_req = create_req(&format!("r{n}"), 16 * MIB, ext4());

@@ -22,18 +22,6 @@ fn payload(seed: u8, len: usize) -> Vec<u8> {
 }
 
 impl TestEnv {
-    async fn snapshot(&mut self, name: &str, source: &str) -> Result<csi::Snapshot, tonic::Status> {
-        self.csi
-            .controller
-            .create_snapshot(csi::CreateSnapshotRequest {
-                source_volume_id: source.into(),
-                name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner().snapshot.unwrap())
-    }
-
     async fn restore(
         &mut self,
         name: &str,

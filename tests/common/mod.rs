@@ -388,6 +388,22 @@ impl TestEnv {
             .map(drop)
     }
 
+    pub async fn snapshot(
+        &mut self,
+        name: &str,
+        source: &str,
+    ) -> Result<csi::Snapshot, tonic::Status> {
+        self.csi
+            .controller
+            .create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: source.into(),
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().snapshot.unwrap())
+    }
+
     pub async fn unstage(&mut self, id: &str, staging: &str) -> Result<(), tonic::Status> {
         self.csi
             .node
