@@ -920,6 +920,21 @@ mod tests {
     }
 
     #[test]
+    fn unstage_where_the_volume_is_not_staged_answers_ok_and_touches_nothing() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        // Staged at /stage; an unstage at another path is a no-op (the spec's rule).
+        f.driver
+            .unstage_volume(&id, Path::new("/elsewhere"))
+            .unwrap();
+        assert_eq!(f.fake.lock().mounts.len(), 1);
+        assert_eq!(f.fake.lock().loops.len(), 1);
+        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        assert!(f.fake.lock().mounts.is_empty());
+    }
+
+    #[test]
     fn a_concurrent_operation_on_the_same_volume_is_aborted() {
         let f = fixture();
         let id = create(&f.driver);
