@@ -539,18 +539,23 @@ fn a_loop_device_reused_for_another_file_is_never_acted_on() {
 /// A `mkfs.ext4` that records its pid and waits (as a bash builtin, so the pid is the tool
 /// itself), then runs the real one.
 fn slow_mkfs(dir: &Path) -> PathBuf {
+    slow_tool(dir, "mkfs.ext4", "mkfs.pids")
+}
+
+/// `tool` slowed down the same way, recording its pid in `pids`.
+fn slow_tool(dir: &Path, tool: &str, pids: &str) -> PathBuf {
     let bin = dir.join("slow-bin");
     fs::create_dir_all(&bin).unwrap();
     let real = Command::new("sh")
-        .args(["-c", "command -v mkfs.ext4"])
+        .args(["-c", &format!("command -v {tool}")])
         .output()
         .unwrap();
     let real = String::from_utf8_lossy(&real.stdout).trim().to_owned();
     let script = format!(
         "#!/bin/bash\necho $$ >> {pids}\nread -t 5 <> <(:)\nexec {real} \"$@\"\n",
-        pids = dir.join("mkfs.pids").display()
+        pids = dir.join(pids).display()
     );
-    let path = bin.join("mkfs.ext4");
+    let path = bin.join(tool);
     fs::write(&path, script).unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
     bin
@@ -688,5 +693,74 @@ async fn a_retried_stage_never_formats_a_device_reused_by_another_volume() {
         .output()
         .unwrap();
     assert!(fsck.status.success(), "B's filesystem: {fsck:?}");
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_growfs_dies_with_a_killed_server_and_the_retried_expansion_succeeds() {
+    let mut env = TestEnv::start().await;
+    let xfs = mount_cap("xfs", Mode::SingleNodeWriter);
+    let id = env.create("x", 320 * MIB, xfs.clone()).await.volume_id;
+    let staging = env.path("stage");
+    env.stage(&id, &staging, xfs.clone()).await.unwrap();
+    env.csi
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 400 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Restarted with a slow xfs_growfs on its PATH.
+    let bin = slow_tool(env.dir.path(), "xfs_growfs", "growfs.pids");
+    env.stop();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    // SAFETY: the test sets PATH for the servers it spawns next; nothing else reads it.
+    unsafe { std::env::set_var("PATH", &path) };
+    env.restart(None).await;
+    let expand = csi::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: staging.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 400 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let mut c = env.csi.clone();
+    let req = expand.clone();
+    let pending = tokio::spawn(async move { c.node.node_expand_volume(req).await });
+    let pids = env.dir.path().join("growfs.pids");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids.exists() {
+        assert!(Instant::now() < deadline, "xfs_growfs never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    env.kill();
+    let _ = pending.await;
+    let pid: i32 = fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "xfs_growfs {pid} outlived the server"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::remove_file(&pids).unwrap();
+    env.restart(None).await;
+    env.csi.node.node_expand_volume(expand).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
     env.assert_clean();
 }
