@@ -541,7 +541,14 @@ impl Driver {
         let at_target = self.mount_at(&target)?.and_then(|(_, m)| m);
         let owners = self.owners(&dir)?;
         let att = owners.attachment.clone().ok_or_else(not_staged)?;
-        let mounts = self.mounts_of(&att)?;
+        // One read of the mount table: every mount of the volume, its read-only devices too.
+        let mounts: Vec<MountEntry> = self
+            .host
+            .mounter
+            .mounts()?
+            .into_iter()
+            .filter(|m| owners.show(m))
+            .collect();
         let read_only = req.read_only || req.capability.access_mode.is_read_only();
         let block = req.capability.is_block();
 
@@ -578,7 +585,7 @@ impl Driver {
                 .ok_or_else(not_staged)?;
             Some((node, mount))
         };
-        if let Some(fs_mount) = mounts.iter().find(|m| !is_device_node_mount(m, &att))
+        if let Some(fs_mount) = mounts.iter().find(|m| !is_node_bind(m, &att))
             && block
         {
             return Err(Error::FailedPrecondition(format!(
@@ -590,13 +597,6 @@ impl Driver {
         let staged_id = staged_mount.as_ref().map(|(_, m)| m.mount_id);
         let elsewhere = mounts
             .iter()
-            .chain(
-                self.host
-                    .mounter
-                    .mounts()?
-                    .iter()
-                    .filter(|m| owners.read_only.iter().any(|d| shows_device(m, d))),
-            )
             .find(|m| Some(m.mount_id) != staged_id)
             .cloned();
         if let (Some(m), false) = (

@@ -98,8 +98,11 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
             "xfs",
             &MountOptions::default(),
         )?;
-        // Found attached from an earlier run: free it when the pool is unmounted.
-        host.loops.set_auto_clear(&device)?;
+        // Found attached from an earlier run: free it when the pool is unmounted. (A fresh
+        // attachment auto-clears already; setting it again would stall the device's queue.)
+        if !device.device.auto_clear {
+            host.loops.set_auto_clear(&device)?;
+        }
     }
     let dev_path = dev.path.clone();
     drop(device);

@@ -262,16 +262,6 @@ impl Host {
         };
         Ok((m.device(), root))
     }
-
-    /// Mounts whose mount point is exactly `path`, most recent last.
-    pub fn mounts_at(&self, path: &Path) -> Result<Vec<MountEntry>> {
-        Ok(self
-            .mounter
-            .mounts()?
-            .into_iter()
-            .filter(|m| m.mount_point == path)
-            .collect())
-    }
 }
 
 /// Mount flags from a capability's `mount_flags`, checked against an allowlist: flags that

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// What to make when the path's last component is missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,7 +266,7 @@ pub fn reopen(node: &NodePath) -> Result<Option<NodePath>> {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(e) => return Err(lookup_error(&node.path, e)),
     };
-    let st = fstat(handle.as_raw_fd()).ctx_path("stat", &node.path)?;
+    let st = fstat(handle.as_raw_fd()).ctx(|| format!("stat {}", node.path.display()))?;
     if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
         return Err(refused(&node.path, "is a symlink"));
     }
@@ -320,22 +320,12 @@ pub fn remove_if_created(node: &NodePath) -> Result<bool> {
     Ok(true)
 }
 
-trait PathContext<T> {
-    fn ctx_path(self, what: &str, path: &Path) -> Result<T>;
-}
-
-impl<T> PathContext<T> for io::Result<T> {
-    fn ctx_path(self, what: &str, path: &Path) -> Result<T> {
-        self.map_err(|e| Error::io(format!("{what} {}", path.display()), e))
-    }
-}
-
 /// Opens a trusted path (a device node) as an `O_PATH` handle for [`NodePath`] operations.
 pub fn open_trusted(path: &Path) -> Result<NodePath> {
     let c = cstring(path.as_os_str(), path)?;
-    let handle =
-        openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_NOFOLLOW).ctx_path("open", path)?;
-    let st = fstat(handle.as_raw_fd()).ctx_path("stat", path)?;
+    let handle = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_NOFOLLOW)
+        .ctx(|| format!("open {}", path.display()))?;
+    let st = fstat(handle.as_raw_fd()).ctx(|| format!("stat {}", path.display()))?;
     Ok(NodePath {
         path: path.to_owned(),
         is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
