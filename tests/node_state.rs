@@ -226,50 +226,9 @@ async fn create(csi: &mut Csi, name: &str, cap: csi::VolumeCapability) -> String
         .volume_id
 }
 
-async fn stage(csi: &mut Csi, id: &str, path: &str, cap: csi::VolumeCapability) -> Code {
-    code(
-        csi.node
-            .node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: path.into(),
-                volume_capability: Some(cap),
-                ..Default::default()
-            })
-            .await,
-    )
-}
-
-async fn publish(csi: &mut Csi, id: &str, staging: &str, target: &str, cap: csi::VolumeCapability) {
-    csi.node
-        .node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: staging.into(),
-            target_path: target.into(),
-            volume_capability: Some(cap),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
-
-async fn unpublish(csi: &mut Csi, id: &str, target: &str) {
-    csi.node
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: target.into(),
-        })
-        .await
-        .unwrap();
-}
-
-async fn unstage(csi: &mut Csi, id: &str, staging: &str) {
-    csi.node
-        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: staging.into(),
-        })
-        .await
-        .unwrap();
+/// NodeStageVolume's status code.
+async fn node_stage_code(csi: &mut Csi, id: &str, path: &str, cap: csi::VolumeCapability) -> Code {
+    code(node_stage(csi, id, path, cap).await)
 }
 
 fn write_block(path: &str, offset: u64, data: &[u8]) {
@@ -297,15 +256,26 @@ async fn restart_in_a_new_namespace(pool_image: bool) {
     let (fs_stage, fs_pub) = (host.kubelet("stage-fs"), host.kubelet("pub-fs"));
     let (blk_stage, blk_pub) = (host.kubelet("stage-blk"), host.kubelet("pub-blk"));
     assert_eq!(
-        stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await,
+        node_stage_code(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await,
         Code::Ok
     );
-    publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone()).await;
+    node_publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone(), false)
+        .await
+        .unwrap();
     assert_eq!(
-        stage(&mut csi, &blk_id, &blk_stage, blk_cap.clone()).await,
+        node_stage_code(&mut csi, &blk_id, &blk_stage, blk_cap.clone()).await,
         Code::Ok
     );
-    publish(&mut csi, &blk_id, &blk_stage, &blk_pub, blk_cap.clone()).await;
+    node_publish(
+        &mut csi,
+        &blk_id,
+        &blk_stage,
+        &blk_pub,
+        blk_cap.clone(),
+        false,
+    )
+    .await
+    .unwrap();
     fs::write(format!("{fs_pub}/before"), b"written before the restart").unwrap();
     write_block(&blk_pub, 4096, b"block before");
 
@@ -324,10 +294,12 @@ async fn restart_in_a_new_namespace(pool_image: bool) {
     assert_eq!(host.devices_of(&image(&blk_id)), 1);
     // Retried calls of the kubelet are no-ops; I/O goes on.
     assert_eq!(
-        stage(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await,
+        node_stage_code(&mut csi, &fs_id, &fs_stage, fs_cap.clone()).await,
         Code::Ok
     );
-    publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone()).await;
+    node_publish(&mut csi, &fs_id, &fs_stage, &fs_pub, fs_cap.clone(), false)
+        .await
+        .unwrap();
     fs::write(format!("{fs_pub}/after"), b"written after the restart").unwrap();
     assert_eq!(
         fs::read(format!("{fs_pub}/before")).unwrap(),
@@ -345,10 +317,10 @@ async fn restart_in_a_new_namespace(pool_image: bool) {
         .await
         .unwrap();
 
-    unpublish(&mut csi, &fs_id, &fs_pub).await;
-    unstage(&mut csi, &fs_id, &fs_stage).await;
-    unpublish(&mut csi, &blk_id, &blk_pub).await;
-    unstage(&mut csi, &blk_id, &blk_stage).await;
+    node_unpublish(&mut csi, &fs_id, &fs_pub).await.unwrap();
+    node_unstage(&mut csi, &fs_id, &fs_stage).await.unwrap();
+    node_unpublish(&mut csi, &blk_id, &blk_pub).await.unwrap();
+    node_unstage(&mut csi, &blk_id, &blk_stage).await.unwrap();
     assert_eq!(host.devices_of(&image(&fs_id)), 0, "detached at unstage");
     assert_eq!(host.devices_of(&image(&blk_id)), 0, "detached at unstage");
     let fsck = Command::new("e2fsck")
@@ -479,10 +451,10 @@ async fn two_volumes_racing_for_one_path_never_stack() {
     let first = tokio::spawn({
         let mut c = env.csi.clone();
         let a = a.clone();
-        async move { stage(&mut c, &a, &pa, ca).await }
+        async move { node_stage_code(&mut c, &a, &pa, ca).await }
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let b_code = stage(&mut second, &b, &path, ext4()).await;
+    let b_code = node_stage_code(&mut second, &b, &path, ext4()).await;
     let a_code = first.await.unwrap();
     assert_eq!(a_code, Code::Ok);
     assert_eq!(
@@ -492,7 +464,7 @@ async fn two_volumes_racing_for_one_path_never_stack() {
     );
     // Once A holds the path, B is refused outright and A is untouched.
     assert_eq!(
-        stage(&mut second, &b, &path, ext4()).await,
+        node_stage_code(&mut second, &b, &path, ext4()).await,
         Code::AlreadyExists
     );
     let (mounts, _) = kernel_state_under(Path::new(&path));
@@ -601,7 +573,7 @@ async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
     let staging = dir.path().join("stage").display().to_string();
     let mut c2 = csi.clone();
     let (id2, st2) = (id.clone(), staging.clone());
-    let pending = tokio::spawn(async move { stage(&mut c2, &id2, &st2, ext4()).await });
+    let pending = tokio::spawn(async move { node_stage_code(&mut c2, &id2, &st2, ext4()).await });
     let pids = dir.path().join("mkfs.pids");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pids.exists() {
@@ -626,8 +598,11 @@ async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
     }
     let mut server = spawn();
     let mut csi = connect_to(sock.clone()).await;
-    assert_eq!(stage(&mut csi, &id, &staging, ext4()).await, Code::Ok);
-    unstage(&mut csi, &id, &staging).await;
+    assert_eq!(
+        node_stage_code(&mut csi, &id, &staging, ext4()).await,
+        Code::Ok
+    );
+    node_unstage(&mut csi, &id, &staging).await.unwrap();
     server.kill().unwrap();
     server.wait().unwrap();
     unmount_all_under(dir.path());
@@ -642,7 +617,7 @@ async fn a_retried_stage_never_formats_a_device_reused_by_another_volume() {
     // tool) still holds A's device open for a moment.
     let mut c = env.csi.clone();
     let (a2, sa) = (a.clone(), env.path("sa"));
-    let pending = tokio::spawn(async move { stage(&mut c, &a2, &sa, ext4()).await });
+    let pending = tokio::spawn(async move { node_stage_code(&mut c, &a2, &sa, ext4()).await });
     let image_a = env.pool().join("volumes").join(&a).join("image");
     let deadline = Instant::now() + Duration::from_secs(10);
     let dev_a = loop {

@@ -376,16 +376,7 @@ impl TestEnv {
         staging: &str,
         cap: csi::VolumeCapability,
     ) -> Result<(), tonic::Status> {
-        self.csi
-            .node
-            .node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.into(),
-                volume_capability: Some(cap),
-                ..Default::default()
-            })
-            .await
-            .map(drop)
+        node_stage(&mut self.csi, id, staging, cap).await
     }
 
     pub async fn snapshot(
@@ -405,14 +396,7 @@ impl TestEnv {
     }
 
     pub async fn unstage(&mut self, id: &str, staging: &str) -> Result<(), tonic::Status> {
-        self.csi
-            .node
-            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.into(),
-            })
-            .await
-            .map(drop)
+        node_unstage(&mut self.csi, id, staging).await
     }
 
     pub async fn publish(
@@ -423,29 +407,11 @@ impl TestEnv {
         cap: csi::VolumeCapability,
         readonly: bool,
     ) -> Result<(), tonic::Status> {
-        self.csi
-            .node
-            .node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.into(),
-                target_path: target.into(),
-                volume_capability: Some(cap),
-                readonly,
-                ..Default::default()
-            })
-            .await
-            .map(drop)
+        node_publish(&mut self.csi, id, staging, target, cap, readonly).await
     }
 
     pub async fn unpublish(&mut self, id: &str, target: &str) -> Result<(), tonic::Status> {
-        self.csi
-            .node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.into(),
-            })
-            .await
-            .map(drop)
+        node_unpublish(&mut self.csi, id, target).await
     }
 
     pub async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
@@ -458,4 +424,63 @@ impl TestEnv {
             .await
             .map(drop)
     }
+}
+
+/// NodeStageVolume as the kubelet sends it, on any client (a server of the test's own).
+pub async fn node_stage(
+    csi: &mut Csi,
+    id: &str,
+    staging: &str,
+    cap: csi::VolumeCapability,
+) -> Result<(), tonic::Status> {
+    csi.node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.into(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+}
+
+pub async fn node_unstage(csi: &mut Csi, id: &str, staging: &str) -> Result<(), tonic::Status> {
+    csi.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.into(),
+        })
+        .await
+        .map(drop)
+}
+
+pub async fn node_publish(
+    csi: &mut Csi,
+    id: &str,
+    staging: &str,
+    target: &str,
+    cap: csi::VolumeCapability,
+    readonly: bool,
+) -> Result<(), tonic::Status> {
+    csi.node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.into(),
+            target_path: target.into(),
+            volume_capability: Some(cap),
+            readonly,
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+}
+
+pub async fn node_unpublish(csi: &mut Csi, id: &str, target: &str) -> Result<(), tonic::Status> {
+    csi.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.into(),
+        })
+        .await
+        .map(drop)
 }
