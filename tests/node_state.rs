@@ -533,6 +533,36 @@ fn slow_tool(dir: &Path, tool: &str, pids: &str) -> PathBuf {
     bin
 }
 
+/// Waits until a slowed tool has started (its pid is recorded).
+async fn wait_for_tool(pids: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never started",
+            pids.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asserts that the slowed tool died with the server that started it.
+fn assert_tool_died(pids: &Path) {
+    let pid: i32 = fs::read_to_string(pids)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(Instant::now() < deadline, "tool {pid} outlived the server");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
     let dir = tempfile::Builder::new()
@@ -575,27 +605,11 @@ async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
     let (id2, st2) = (id.clone(), staging.clone());
     let pending = tokio::spawn(async move { node_stage_code(&mut c2, &id2, &st2, ext4()).await });
     let pids = dir.path().join("mkfs.pids");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pids.exists() {
-        assert!(Instant::now() < deadline, "mkfs never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_tool(&pids).await;
     server.kill().unwrap();
     server.wait().unwrap();
     let _ = pending.await;
-    let pid: i32 = fs::read_to_string(&pids)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 {
-        assert!(Instant::now() < deadline, "mkfs {pid} outlived the server");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert_tool_died(&pids);
     let mut server = spawn();
     let mut csi = connect_to(sock.clone()).await;
     assert_eq!(
@@ -710,29 +724,10 @@ async fn xfs_growfs_dies_with_a_killed_server_and_the_retried_expansion_succeeds
     let req = expand.clone();
     let pending = tokio::spawn(async move { c.node.node_expand_volume(req).await });
     let pids = env.dir.path().join("growfs.pids");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pids.exists() {
-        assert!(Instant::now() < deadline, "xfs_growfs never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_tool(&pids).await;
     env.kill();
     let _ = pending.await;
-    let pid: i32 = fs::read_to_string(&pids)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "xfs_growfs {pid} outlived the server"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert_tool_died(&pids);
     fs::remove_file(&pids).unwrap();
     env.restart(None).await;
     env.csi.node.node_expand_volume(expand).await.unwrap();
