@@ -62,10 +62,7 @@ fn shows_device(entry: &MountEntry, dev: &LoopDevice) -> bool {
 }
 
 fn is_device_node_mount(entry: &MountEntry, att: &Attachment) -> bool {
-    match att {
-        Attachment::Device(dev) => entry.device() != (dev.major, dev.minor) && shows(entry, att),
-        Attachment::Directory(_) => false,
-    }
+    shows(entry, att) && is_node_bind(entry, att)
 }
 
 /// Whether `entry`, known to show one of the volume's devices, is a bind of a device node

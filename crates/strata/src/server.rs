@@ -91,6 +91,14 @@ pub fn lock_pool(dir: &Path) -> Result<PoolLock, String> {
     Ok(PoolLock { _dir: file })
 }
 
+/// Appends `p` unless it is there already (a short list of paths, kept in order).
+fn add_once(mut all: Vec<PathBuf>, p: PathBuf) -> Vec<PathBuf> {
+    if !all.contains(&p) {
+        all.push(p);
+    }
+    all
+}
+
 /// Opens (creating if needed) the pool, locks it and reconciles it.
 pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), String> {
     fs::create_dir_all(&opts.pool)
@@ -120,20 +128,10 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), S
             .allowed_path_prefixes
             .iter()
             .flat_map(|p| [p.clone(), fs::canonicalize(p).unwrap_or_else(|_| p.clone())])
-            .fold(vec![], |mut all, p| {
-                if !all.contains(&p) {
-                    all.push(p);
-                }
-                all
-            }),
+            .fold(vec![], add_once),
         forbidden_paths: [opts.pool.clone(), dir.clone()]
             .into_iter()
-            .fold(vec![], |mut all, p| {
-                if !all.contains(&p) {
-                    all.push(p);
-                }
-                all
-            }),
+            .fold(vec![], add_once),
         pool: pool.clone(),
     };
     let backend: Arc<dyn Backend> = match opts.backend {
