@@ -96,20 +96,9 @@ impl Host {
             .stderr(log)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(csi) = connect(&Endpoint::Unix(self.socket())).await
-                && csi.clone().identity_probe().await
-            {
-                self.server = Some(child);
-                return csi;
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("server exited: {st}\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "server did not come up");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let csi = wait_for(&self.socket(), &mut child).await;
+        self.server = Some(child);
+        csi
     }
 
     /// SIGKILL: the namespace dies with the process; propagated mounts stay on the host.
@@ -202,16 +191,6 @@ fn collect_ids(dir: &Path, ids: &mut Vec<FileId>) {
             Ok(m) if m.is_file() => ids.extend(FileId::of(&p).ok()),
             _ => {}
         }
-    }
-}
-
-trait Probe {
-    async fn identity_probe(self) -> bool;
-}
-
-impl Probe for Csi {
-    async fn identity_probe(mut self) -> bool {
-        self.identity.probe(csi::ProbeRequest {}).await.is_ok()
     }
 }
 
@@ -516,7 +495,7 @@ fn slow_mkfs(dir: &Path) -> PathBuf {
 
 /// `tool` slowed down the same way, recording its pid in `pids`.
 fn slow_tool(dir: &Path, tool: &str, pids: &str) -> PathBuf {
-    let bin = dir.join("slow-bin");
+    let bin = dir.join(TOOLS_DIR);
     fs::create_dir_all(&bin).unwrap();
     let real = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -565,61 +544,23 @@ fn assert_tool_died(pids: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
-    let dir = tempfile::Builder::new()
-        .prefix("strata-orphan-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let bin = slow_mkfs(dir.path());
-    let sock = dir.path().join("csi.sock");
-    let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(["serve", "--node-id", "n", "--endpoint"])
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--pool")
-            .arg(dir.path().join("pool"))
-            .env(
-                "PATH",
-                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
-            )
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let connect_to = |sock: PathBuf| async move {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(c) = connect(&Endpoint::Unix(sock.clone())).await
-                && c.clone().identity_probe().await
-            {
-                return c;
-            }
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let mut server = spawn();
-    let mut csi = connect_to(sock.clone()).await;
-    let id = create(&mut csi, "v", ext4()).await;
-    let staging = dir.path().join("stage").display().to_string();
-    let mut c2 = csi.clone();
+    let mut env = TestEnv::start().await;
+    slow_mkfs(env.dir.path());
+    env.restart(None).await;
+    let id = env.create("v", 32 * MIB, ext4()).await.volume_id;
+    let staging = env.path("stage");
+    let mut c = env.csi.clone();
     let (id2, st2) = (id.clone(), staging.clone());
-    let pending = tokio::spawn(async move { node_stage_code(&mut c2, &id2, &st2, ext4()).await });
-    let pids = dir.path().join("mkfs.pids");
+    let pending = tokio::spawn(async move { node_stage_code(&mut c, &id2, &st2, ext4()).await });
+    let pids = env.dir.path().join("mkfs.pids");
     wait_for_tool(&pids).await;
-    server.kill().unwrap();
-    server.wait().unwrap();
+    env.kill();
     let _ = pending.await;
     assert_tool_died(&pids);
-    let mut server = spawn();
-    let mut csi = connect_to(sock.clone()).await;
-    assert_eq!(
-        node_stage_code(&mut csi, &id, &staging, ext4()).await,
-        Code::Ok
-    );
-    node_unstage(&mut csi, &id, &staging).await.unwrap();
-    server.kill().unwrap();
-    server.wait().unwrap();
-    unmount_all_under(dir.path());
+    env.restart(None).await;
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,11 +646,7 @@ async fn xfs_growfs_dies_with_a_killed_server_and_the_retried_expansion_succeeds
         .await
         .unwrap();
     // Restarted with a slow xfs_growfs on its PATH.
-    let bin = slow_tool(env.dir.path(), "xfs_growfs", "growfs.pids");
-    env.stop();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-    // SAFETY: the test sets PATH for the servers it spawns next; nothing else reads it.
-    unsafe { std::env::set_var("PATH", &path) };
+    slow_tool(env.dir.path(), "xfs_growfs", "growfs.pids");
     env.restart(None).await;
     let expand = csi::NodeExpandVolumeRequest {
         volume_id: id.clone(),
@@ -733,4 +670,62 @@ async fn xfs_growfs_dies_with_a_killed_server_and_the_retried_expansion_succeeds
     env.csi.node.node_expand_volume(expand).await.unwrap();
     env.unstage(&id, &staging).await.unwrap();
     env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize2fs_dies_with_a_killed_server_and_the_retried_stage_grows_the_volume() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("r", 64 * MIB, ext4()).await.volume_id;
+    let staging = env.path("stage");
+    // Formatted once, then expanded while not staged: the next stage grows it offline.
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.csi
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 128 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    slow_tool(env.dir.path(), "resize2fs", "resize2fs.pids");
+    env.restart(None).await;
+    let mut c = env.csi.clone();
+    let (id2, st2) = (id.clone(), staging.clone());
+    let pending = tokio::spawn(async move { node_stage_code(&mut c, &id2, &st2, ext4()).await });
+    let pids = env.dir.path().join("resize2fs.pids");
+    wait_for_tool(&pids).await;
+    env.kill();
+    let _ = pending.await;
+    assert_tool_died(&pids);
+    fs::remove_file(&pids).unwrap();
+    env.restart(None).await;
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    let stat = statvfs(&staging);
+    assert!(
+        stat > 100 * MIB as u64,
+        "the retried stage grew the filesystem: {stat} bytes"
+    );
+    env.unstage(&id, &staging).await.unwrap();
+    let image = env.pool().join("volumes").join(&id).join("image");
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "the grown filesystem: {fsck:?}");
+    env.assert_clean();
+}
+
+/// The size in bytes of the filesystem mounted at `path`.
+fn statvfs(path: &str) -> u64 {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: statvfs fills the zeroed struct from a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_blocks * st.f_frsize
 }

@@ -65,6 +65,10 @@ pub fn kernel_state_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     (mounts, loops)
 }
 
+/// A folder in the test directory whose tools come first on the server's `PATH` (tests put
+/// slowed-down copies of mkfs or resize2fs there).
+pub const TOOLS_DIR: &str = "slow-bin";
+
 fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
@@ -79,6 +83,14 @@ fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
         .arg(dir.join("pool"))
         .args(args)
         .env("STRATA_LOG", "debug")
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                dir.join(TOOLS_DIR).display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -91,7 +103,8 @@ fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
     cmd.spawn().expect("start strata")
 }
 
-async fn wait_for(socket: &Path, child: &mut Child) -> Csi {
+/// Waits until the server `child` answers on `socket`.
+pub async fn wait_for(socket: &Path, child: &mut Child) -> Csi {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if socket.exists()
