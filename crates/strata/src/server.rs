@@ -24,6 +24,7 @@ use strata_core::pool_image::mount_pool_image;
 use strata_core::{Config, Driver};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 use tonic::transport::server::Router;
@@ -34,6 +35,7 @@ use crate::endpoint::Endpoint;
 use crate::http;
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::service::{ControllerService, IdentityService, NodeService, Services};
+use crate::transport::Normalized;
 
 /// The storage backends `--backend` chooses from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -317,7 +319,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             let (listener, socket) = bind_socket(path)?;
             let listener = UnixListener::from_std(listener)
                 .map_err(|e| format!("listen on {}: {e}", path.display()))?;
-            let result = serve_until_stopped(router, UnixListenerStream::new(listener)).await;
+            // Clients put anything in `:authority` on a unix socket; see `transport`.
+            let incoming = UnixListenerStream::new(listener).map(|c| c.map(Normalized::new));
+            let result = serve_until_stopped(router, incoming).await;
             drop(socket);
             result
         }
