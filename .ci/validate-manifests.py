@@ -35,13 +35,51 @@ def check_snapshot_kinds(path, doc):
     return not errors
 
 
+def check_example(path, docs, seen):
+    """An example stands on its own: every claim has a pod that consumes it (with
+    WaitForFirstConsumer a claim without one stays Pending), every data source is defined in
+    the same file, and no name is shared with another example, so examples apply in any
+    order, alone or together."""
+    errors = []
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    claimed = {
+        v["persistentVolumeClaim"]["claimName"]
+        for d in docs
+        if d["kind"] == "Pod"
+        for v in d["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    for d in docs:
+        kind, name = d["kind"], d["metadata"]["name"]
+        if (kind, name) in seen:
+            errors.append(f"{kind}/{name} is also defined in {seen[(kind, name)]}")
+        seen[(kind, name)] = path
+        if kind == "PersistentVolumeClaim":
+            if name not in claimed:
+                errors.append(f"claim {name} has no pod consuming it")
+            source = d["spec"].get("dataSource")
+            if source and (source["kind"], source["name"]) not in names:
+                errors.append(f"claim {name} needs {source['kind']}/{source['name']} from elsewhere")
+        if kind == "VolumeSnapshot":
+            source = d["spec"]["source"].get("persistentVolumeClaimName")
+            if source and ("PersistentVolumeClaim", source) not in names:
+                errors.append(f"snapshot {name} needs claim {source} from elsewhere")
+    for e in errors:
+        print(f"FAIL {path}: {e}")
+    return not errors
+
+
 def main(paths):
     ok = True
+    seen = {}
     for path in paths:
         with open(path) as f:
-            for doc in yaml.safe_load_all(f):
-                if doc and doc.get("apiVersion", "").startswith("snapshot.storage.k8s.io/"):
-                    ok &= check_snapshot_kinds(path, doc)
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        for doc in docs:
+            if doc.get("apiVersion", "").startswith("snapshot.storage.k8s.io/"):
+                ok &= check_snapshot_kinds(path, doc)
+        if path.startswith("examples/"):
+            ok &= check_example(path, docs, seen)
     result = subprocess.run(["kubernetes-validate", "--strict", "--quiet", *paths])
     ok &= result.returncode == 0
     print("manifests valid" if ok else "manifests INVALID")

@@ -547,10 +547,12 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
         C::ListSnapshots,
         C::GetSnapshot,
         C::CloneVolume,
-        C::ExpandVolume,
     ] {
         assert!(rpcs.contains(&(want as i32)), "{want:?}");
     }
+    // Volumes grow on their node (NodeExpandVolume): external-resizer then takes its
+    // node-only path and never asks a node that does not hold the volume.
+    assert!(!rpcs.contains(&(C::ExpandVolume as i32)));
     assert!(!rpcs.contains(&(C::PublishUnpublishVolume as i32)));
     let c = &mut env.csi.controller;
     assert_eq!(
@@ -811,17 +813,32 @@ async fn node_get_volume_stats_errors_and_abnormal_condition() {
         "not mounted there"
     );
     env.stage(&id, &staging, ext4()).await.unwrap();
-    // Staged, but the mount at a path the CO asks about is gone: an abnormal condition.
+    // Staged, but not at the path asked about (an existing directory, a relative path, one
+    // outside the allowed directories, one that does not exist): NOT_FOUND.
     let elsewhere = env.path("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
-    let gone = env
-        .csi
-        .node
-        .node_get_volume_stats(stats(&id, &elsewhere))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(gone.volume_condition.unwrap().abnormal);
+    for path in [
+        elsewhere.as_str(),
+        "some/path",
+        "/etc",
+        "/tmp/strata-no-such-path",
+    ] {
+        assert_eq!(
+            code(env.csi.node.node_get_volume_stats(stats(&id, path)).await),
+            Code::NotFound,
+            "{path}"
+        );
+        assert_eq!(
+            code(
+                env.csi
+                    .node
+                    .node_get_volume_stats(stats("vol-0123456789abcdef01234567", path))
+                    .await
+            ),
+            Code::NotFound,
+            "{path}"
+        );
+    }
     let ok = env
         .csi
         .node
@@ -905,7 +922,7 @@ async fn node_calls_never_unmount_what_is_not_the_volumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_paths_outside_the_allowed_directories_are_invalid() {
+async fn node_paths_outside_the_allowed_directories_are_refused() {
     let mut env = TestEnv::start().await;
     let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
     // Outside /tmp and /var/lib/kubelet, inside the pool, and through a symlink to /etc.
@@ -928,9 +945,19 @@ async fn node_paths_outside_the_allowed_directories_are_invalid() {
             Code::InvalidArgument,
             "{bad}"
         );
+        // Nothing of Strata's can be published or staged there: nothing to undo. A path
+        // through a symlink is refused as such (the volume is not staged, so its unstage
+        // has nothing to look at).
+        let undo = if bad.starts_with(&link) {
+            Code::InvalidArgument
+        } else {
+            Code::Ok
+        };
+        assert_eq!(code(env.unpublish(&id, &bad).await), undo, "{bad}");
+        assert_eq!(code(env.unstage(&id, &bad).await), Code::Ok, "{bad}");
         assert_eq!(
-            code(env.unpublish(&id, &bad).await),
-            Code::InvalidArgument,
+            code(env.unpublish("vol-0123456789abcdef01234567", &bad).await),
+            Code::NotFound,
             "{bad}"
         );
     }

@@ -705,7 +705,7 @@ async fn resize2fs_dies_with_a_killed_server_and_the_retried_stage_grows_the_vol
     fs::remove_file(&pids).unwrap();
     env.restart(None).await;
     env.stage(&id, &staging, ext4()).await.unwrap();
-    let stat = statvfs(&staging);
+    let stat = fs_size(&staging);
     assert!(
         stat > 100 * MIB as u64,
         "the retried stage grew the filesystem: {stat} bytes"
@@ -719,13 +719,4 @@ async fn resize2fs_dies_with_a_killed_server_and_the_retried_stage_grows_the_vol
         .unwrap();
     assert!(fsck.status.success(), "the grown filesystem: {fsck:?}");
     env.assert_clean();
-}
-
-/// The size in bytes of the filesystem mounted at `path`.
-fn statvfs(path: &str) -> u64 {
-    let c = std::ffi::CString::new(path).unwrap();
-    // SAFETY: statvfs fills the zeroed struct from a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-    st.f_blocks * st.f_frsize
 }

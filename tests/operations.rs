@@ -166,3 +166,52 @@ fn every_serve_flag_is_documented() {
         );
     }
 }
+
+/// `strata pool release --pool DIR`, as an uninstall runs it on a node.
+fn pool_release(pool: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["pool", "release", "--pool"])
+        .arg(pool)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_release_frees_the_pool_image_only_when_nothing_uses_it() {
+    use strata_core::os::linux::LinuxHost;
+    use strata_core::os::{FileId, LoopDevices};
+    let mut env = TestEnv::start_with_args(&["--pool-image", "1Gi"], None).await;
+    let pool = env.dir.path().join("pool");
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let staging = env.path("stage");
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    // A server serves the pool: refused.
+    let out = pool_release(&pool);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another strata server"));
+    // The DaemonSet is gone, but a volume is still staged: refused, naming it.
+    env.stop();
+    let out = pool_release(&pool);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("still in use") && err.contains(&id), "{err}");
+    env.restart(None).await;
+    env.unstage(&id, &staging).await.unwrap();
+    env.stop();
+    // Nothing uses it: released, and the data stays for the next server.
+    let out = pool_release(&pool);
+    assert!(out.status.success(), "{out:?}");
+    let image = FileId::of(&pool.join("pool.img")).unwrap();
+    assert!(
+        LinuxHost.find(image).unwrap().is_none(),
+        "loop device freed"
+    );
+    assert!(kernel_state_under(&pool).0.is_empty(), "pool unmounted");
+    assert!(pool.join("pool.img").exists());
+    // Again: nothing to do.
+    assert!(pool_release(&pool).status.success());
+    env.restart(None).await;
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+}

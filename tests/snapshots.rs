@@ -534,12 +534,8 @@ async fn expansion_rpcs_follow_the_spec() {
     assert!(!r.node_expansion_required);
     assert_eq!(
         code(env.node_expand(&id, &env.path("x"), 64 * MIB).await),
-        Code::FailedPrecondition,
-        "not staged"
-    );
-    assert_eq!(
-        code(env.node_expand(&id, &env.path("x"), 128 * MIB).await),
-        Code::OutOfRange
+        Code::NotFound,
+        "not staged or published there"
     );
     assert_eq!(
         code(
@@ -552,4 +548,41 @@ async fn expansion_rpcs_follow_the_spec() {
         code(env.node_expand(&id, "", 0).await),
         Code::InvalidArgument
     );
+    // Staged: NodeExpandVolume grows the volume itself (the node-only expansion the
+    // Kubernetes install uses) and its filesystem (xfs: this sandbox cannot grow a mounted
+    // ext4, lacking CAP_SYS_RESOURCE).
+    let xfs = mount_cap("xfs", Mode::SingleNodeWriter);
+    let id = env.create("x", 320 * MIB, xfs.clone()).await.volume_id;
+    let staging = env.path("stage");
+    env.stage(&id, &staging, xfs).await.unwrap();
+    assert_eq!(
+        code(env.node_expand(&id, "some/path", 128 * MIB).await),
+        Code::NotFound
+    );
+    let before = fs_size(&staging);
+    assert_eq!(
+        env.node_expand(&id, &staging, 400 * MIB).await.unwrap(),
+        400 * MIB
+    );
+    let after = fs_size(&staging);
+    assert!(
+        after >= before + 70 * MIB as u64,
+        "the filesystem grew from {before} to {after} bytes"
+    );
+    let shrink = env
+        .csi
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: staging.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 16 * MIB,
+                limit_bytes: 16 * MIB,
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(shrink), Code::OutOfRange);
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
 }

@@ -76,8 +76,11 @@ fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
         .open(dir.join("server.log"))
         .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.args(["serve", "--node-id", "test-node", "--max-volumes", "100"])
-        .arg("--endpoint")
+    cmd.args(["serve", "--max-volumes", "100"]);
+    if !args.iter().any(|a| a == "--node-id") {
+        cmd.args(["--node-id", "test-node"]);
+    }
+    cmd.arg("--endpoint")
         .arg(format!("unix://{}", dir.join("csi.sock").display()))
         .arg("--pool")
         .arg(dir.join("pool"))
@@ -496,4 +499,17 @@ pub async fn node_unpublish(csi: &mut Csi, id: &str, target: &str) -> Result<(),
         })
         .await
         .map(drop)
+}
+
+/// The size in bytes of the filesystem mounted at `path`.
+pub fn fs_size(path: &str) -> u64 {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: statvfs fills the zeroed struct from a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statvfs(c.as_ptr(), &mut st) },
+        0,
+        "statvfs {path}"
+    );
+    st.f_blocks * st.f_frsize
 }

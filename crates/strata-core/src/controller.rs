@@ -253,8 +253,21 @@ impl Driver {
     /// Grows a volume to the requested capacity; returns the new capacity and whether the
     /// node must grow the filesystem (NodeExpandVolume). Never shrinks.
     pub fn expand_volume(&self, id: &str, range: CapacityRange) -> Result<(u64, bool)> {
-        let mut record = self.volume(id)?;
+        let record = self.volume(id)?;
         let _guard = self.guard(&record.id)?;
+        let record = self.grow_volume(record, range)?;
+        Ok((record.capacity_bytes, record.resize_pending))
+    }
+
+    /// Grows the volume's storage to `range` (the caller holds the volume's guard) and
+    /// records the new size, with the filesystem marked for growth. A range it already
+    /// satisfies changes nothing; one below its size is OUT_OF_RANGE.
+    pub(crate) fn grow_volume(
+        &self,
+        mut record: VolumeRecord,
+        range: CapacityRange,
+    ) -> Result<VolumeRecord> {
+        let id = &record.id;
         if range.limit != 0 && range.limit < record.capacity_bytes {
             return Err(Error::OutOfRange(format!(
                 "volume {id} is {} bytes, above limit_bytes {}: volumes cannot shrink",
@@ -262,7 +275,7 @@ impl Driver {
             )));
         }
         if range.required <= record.capacity_bytes {
-            return Ok((record.capacity_bytes, record.resize_pending));
+            return Ok(record);
         }
         let size = self.backend.size_policy().size_for(range)?;
         let growth = size - record.capacity_bytes;
@@ -272,13 +285,13 @@ impl Driver {
                 "the pool has {free} bytes free, less than the {growth} bytes this expansion adds"
             )));
         }
-        self.backend.expand(&self.store.dir(&record.id), size)?;
+        self.backend.expand(&self.store.dir(id), size)?;
         self.crash.reach("expand:after-grow");
         record.capacity_bytes = size;
         record.resize_pending = matches!(record.format, FormatState::Formatted(_));
         self.store.update(record.clone())?;
-        tracing::info!(volume_id = %id, size, "volume expanded");
-        Ok((size, record.resize_pending))
+        tracing::info!(volume_id = %record.id, size, "volume expanded");
+        Ok(record)
     }
 
     /// `Ok(None)` when every capability is supported; `Ok(Some(reason))` when one is not.

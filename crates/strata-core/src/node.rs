@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use crate::backend::Attachment;
 use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
-use crate::model::{AccessType, Capability, FormatState, VolumeRecord, fs_type_of};
+use crate::model::{AccessType, Capability, CapacityRange, FormatState, VolumeRecord, fs_type_of};
 use crate::os::{Create, FrozenGuard, LoopDevice, MountEntry, MountOptions, NodePath, Probe};
-use crate::validate::bounded_display;
+use crate::validate::{absolute_path, bounded_display, echo};
 
 #[derive(Debug, Clone)]
 pub struct StageVolume {
@@ -366,55 +366,36 @@ impl Driver {
         Ok(())
     }
 
-    /// NodeExpandVolume: lets the device see the volume's new size and grows the mounted
-    /// filesystem online. Returns the volume's capacity.
+    /// NodeExpandVolume: grows the volume to `range` if it is larger (expansion happens on
+    /// the node that holds the volume; see docs/architecture.md), lets the device see the new
+    /// size, and grows the filesystem mounted at `volume_path` online. Returns the capacity.
     pub fn node_expand_volume(
         &self,
         volume_id: &str,
-        volume_path: &Path,
-        required: u64,
+        volume_path: &str,
+        range: CapacityRange,
     ) -> Result<u64> {
-        let volume_path = self.node_path("volume_path", volume_path)?;
-        let _guard = self.guard(volume_id)?;
         let record = self.volume(volume_id)?;
-        if required > record.capacity_bytes {
-            return Err(Error::OutOfRange(format!(
-                "volume {volume_id} is {} bytes, less than the {required} requested: call ControllerExpandVolume first",
-                record.capacity_bytes
-            )));
-        }
+        let volume_path = self.volume_path(volume_id, volume_path)?;
+        let _guard = self.guard(volume_id)?;
         let dir = self.store.dir(&record.id);
-        let Some(att) = self.backend.attachment(&dir)? else {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} is not staged on this node; it grows when it is staged"
-            )));
-        };
+        let owners = self.owners(&dir)?;
+        let (_, here, att) = self.visible_at(volume_id, &volume_path, &owners)?;
+        let record = self.grow_volume(record, range)?;
+        // Lets an attached device see the image's size (also after a restart between the
+        // image's growth and this call).
         self.backend.expand(&dir, record.capacity_bytes)?;
         self.crash.reach("node-expand:before-grow");
-        let Attachment::Device(dev) = &att else {
-            return Ok(record.capacity_bytes);
-        };
-        // The filesystem as mounted at volume_path, else wherever this node mounted it.
-        let here = self
-            .mount_at(&volume_path)?
-            .filter(|(_, m)| {
-                m.as_ref()
-                    .is_some_and(|m| shows(m, &att) && !is_device_node_mount(m, &att))
-            })
-            .and_then(|(_, m)| m.map(|m| (m.mount_point, Some(m.fs_type))));
-        let elsewhere = || -> Result<Option<(PathBuf, Option<String>)>> {
-            Ok(self
-                .mounts_of(&att)?
-                .into_iter()
-                .find(|m| !is_device_node_mount(m, &att))
-                .map(|m| (m.mount_point, Some(m.fs_type))))
-        };
-        let Some((mount_point, Some(fs_type))) = here.map_or_else(elsewhere, |h| Ok(Some(h)))?
-        else {
+        match &att {
             // A raw block volume: the refreshed device is all there is to grow.
-            return Ok(record.capacity_bytes);
-        };
-        self.grow_if_pending(&record.id, &dev.path, Some(&mount_point), &fs_type)?;
+            Attachment::Device(dev) if !is_device_node_mount(&here, &att) => self.grow_if_pending(
+                &record.id,
+                &dev.path,
+                Some(&here.mount_point),
+                &here.fs_type,
+            )?,
+            _ => {}
+        }
         Ok(record.capacity_bytes)
     }
 
@@ -465,7 +446,9 @@ impl Driver {
     }
 
     pub fn unstage_volume(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
-        let staging = self.node_path("staging_target_path", staging_path)?;
+        let Some(staging) = self.undo_path("staging_target_path", volume_id, staging_path)? else {
+            return Ok(());
+        };
         let _guard = self.guard(volume_id)?;
         let _path = self.path_guard(&staging)?;
         let record = self.volume(volume_id)?;
@@ -661,7 +644,9 @@ impl Driver {
     }
 
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &Path) -> Result<()> {
-        let target = self.node_path("target_path", target_path)?;
+        let Some(target) = self.undo_path("target_path", volume_id, target_path)? else {
+            return Ok(());
+        };
         let _guard = self.guard(volume_id)?;
         let _path = self.path_guard(&target)?;
         let record = self.volume(volume_id)?;
@@ -683,40 +668,20 @@ impl Driver {
         Ok(())
     }
 
-    pub fn volume_stats(&self, volume_id: &str, volume_path: &Path) -> Result<VolumeStats> {
-        let volume_path = self.node_path("volume_path", volume_path)?;
+    pub fn volume_stats(&self, volume_id: &str, volume_path: &str) -> Result<VolumeStats> {
         let record = self.volume(volume_id)?;
+        let volume_path = self.volume_path(volume_id, volume_path)?;
         let dir = self.store.dir(&record.id);
-        let Some((node, top)) = self.mount_at(&volume_path)? else {
-            return Err(Error::NotFound(format!(
-                "volume_path {} is not there",
-                bounded_display(&volume_path.path)
-            )));
-        };
         let abnormal_backend = self.backend.condition(&dir, record.capacity_bytes);
         let owners = self.owners(&dir)?;
-        let Some(att) = &owners.attachment else {
-            return Err(Error::NotFound(format!(
-                "volume {volume_id} is not staged or published on this node"
-            )));
-        };
-        let Some(entry) = top.filter(|m| owners.show(m)) else {
-            // In use on this node, but its mount at this path is gone.
-            return Ok(VolumeStats {
-                usage: None,
-                abnormal: Some(format!(
-                    "volume {volume_id} is not mounted at {} any more: the mount is gone; unpublish and publish it again",
-                    bounded_display(&volume_path.path)
-                )),
-            });
-        };
+        let (node, entry, att) = self.visible_at(volume_id, &volume_path, &owners)?;
         let abnormal_backend = abnormal_backend.or_else(|| {
             entry.failed_read_only().then(|| {
                 "the filesystem went read-only after errors: unstage the volume and check it with fsck".to_owned()
             })
         });
-        if is_node_bind(&entry, att) {
-            let total_bytes = match att {
+        if is_node_bind(&entry, &att) {
+            let total_bytes = match &att {
                 Attachment::Device(dev) => self.host.filesystems.device_size(&dev.path)?,
                 Attachment::Directory(_) => record.capacity_bytes,
             };
@@ -743,6 +708,59 @@ impl Driver {
             }),
         }
     }
+}
+
+impl Driver {
+    /// The `volume_path` of NodeGetVolumeStats or NodeExpandVolume. Empty is invalid; a path
+    /// Strata never mounts on (relative, outside the allowed directories, in the pool)
+    /// cannot hold the volume: NOT_FOUND, as the spec's tables say for a volume that is not
+    /// at the path.
+    fn volume_path(&self, volume_id: &str, raw: &str) -> Result<CheckedPath> {
+        if raw.is_empty() {
+            return Err(Error::InvalidArgument("volume_path is required".into()));
+        }
+        absolute_path("volume_path", raw)
+            .and_then(|p| self.node_path("volume_path", &p))
+            .map_err(|_| not_at(volume_id, raw))
+    }
+
+    /// The volume's mount at `path` (its filesystem, a bind of it, or its device node), with
+    /// the node opened there and the volume's attachment; NOT_FOUND when the path does not
+    /// show the volume.
+    fn visible_at(
+        &self,
+        volume_id: &str,
+        path: &CheckedPath,
+        owners: &Owners,
+    ) -> Result<(NodePath, MountEntry, Attachment)> {
+        let not_here = || not_at(volume_id, &path.path.to_string_lossy());
+        let att = owners.attachment.clone().ok_or_else(not_here)?;
+        match self.mount_at(path)? {
+            Some((node, Some(entry))) if owners.show(&entry) => Ok((node, entry, att)),
+            _ => Err(not_here()),
+        }
+    }
+
+    /// For NodeUnstageVolume and NodeUnpublishVolume: a path Strata never mounts on holds
+    /// nothing of a volume's, so there is nothing to undo there (the spec's answer for a
+    /// volume not staged or published at a path is OK). `None` then, with a warning.
+    fn undo_path(&self, field: &str, volume_id: &str, path: &Path) -> Result<Option<CheckedPath>> {
+        match self.node_path(field, path) {
+            Ok(checked) => Ok(Some(checked)),
+            Err(e) => {
+                self.volume(volume_id)?;
+                tracing::warn!(volume_id, error = %e, "nothing to undo: Strata never mounts there");
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn not_at(volume_id: &str, path: &str) -> Error {
+    Error::NotFound(format!(
+        "volume {volume_id} is not staged or published at {}",
+        echo(path)
+    ))
 }
 
 fn still_published(volume_id: &str, m: &MountEntry) -> Error {
@@ -948,13 +966,22 @@ mod tests {
         let f = fixture();
         let id = create(&f.driver);
         stage(&f.driver, &id).unwrap();
-        let gone = f.driver.volume_stats(&id, Path::new("/proc")).unwrap();
-        assert!(
-            gone.abnormal.unwrap().contains("gone"),
-            "staged, but not mounted at /proc"
-        );
-        let here = Path::new("/var/lib/kubelet/stage");
-        f.fake.lock().mounts[0].mount_point = here.to_owned();
+        // Staged, but not at these paths: NOT_FOUND, however the path is spelled.
+        for elsewhere in ["/proc", "/var/lib/kubelet/other", "some/path", "/etc/x"] {
+            assert!(
+                matches!(
+                    f.driver.volume_stats(&id, elsewhere),
+                    Err(Error::NotFound(_))
+                ),
+                "{elsewhere}"
+            );
+        }
+        assert!(matches!(
+            f.driver.volume_stats(&id, ""),
+            Err(Error::InvalidArgument(_))
+        ));
+        let here = "/var/lib/kubelet/stage";
+        f.fake.lock().mounts[0].mount_point = here.into();
         let s = f.driver.volume_stats(&id, here).unwrap();
         assert!(matches!(s.usage, Some(Usage::Filesystem(_))));
         assert_eq!(s.abnormal, None);

@@ -114,3 +114,64 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
         "pool image mounted");
     Ok(mount_point)
 }
+
+/// What [`release_pool_image`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// No loop device serves `pool.img` (or there is none): nothing to release.
+    Nothing,
+    /// The pool's filesystem was unmounted and its loop device freed.
+    Released { device: PathBuf },
+}
+
+/// Unmounts the pool image's filesystem from `<dir>/data` and frees its loop device, for an
+/// uninstall (`strata pool release`). The caller holds the pool's lock, so no server serves
+/// it. Refused while a volume of the pool is attached (staged or published on this node) or
+/// the filesystem is mounted anywhere else; never deletes anything.
+pub fn release_pool_image(host: &Host, dir: &Path) -> Result<Released> {
+    let image = dir.join(POOL_IMAGE_FILE);
+    let Some(id) = FileId::find(&image)? else {
+        return Ok(Released::Nothing);
+    };
+    let Some(device) = host.loops.find_held(id)? else {
+        return Ok(Released::Nothing);
+    };
+    let dev = device.device.clone();
+    // A volume in use: a loop device whose backing file lives on the pool's filesystem.
+    let volumes: Vec<String> = host
+        .loops
+        .list()?
+        .into_iter()
+        .filter(|l| l.backing.dev == (dev.major, dev.minor))
+        .map(|l| format!("{} ({})", l.path.display(), l.backing_file.display()))
+        .collect();
+    if !volumes.is_empty() {
+        return Err(Error::FailedPrecondition(format!(
+            "volumes of this pool are still in use on this node: {}; delete their pods (or unpublish and unstage them) first",
+            volumes.join(", ")
+        )));
+    }
+    let mount_point = dir.join(POOL_MOUNT_DIR);
+    let mounts: Vec<_> = host
+        .mounter
+        .mounts()?
+        .into_iter()
+        .filter(|m| m.device() == (dev.major, dev.minor))
+        .collect();
+    if let Some(other) = mounts.iter().find(|m| m.mount_point != mount_point) {
+        return Err(Error::FailedPrecondition(format!(
+            "the pool's filesystem is also mounted at {}; unmount it there first",
+            other.mount_point.display()
+        )));
+    }
+    if !mounts.is_empty() {
+        host.mounter.unmount(&mut NodePath::trusted(&mount_point))?;
+    }
+    // Auto-clearing devices go with their last close (ours, below); clear the others.
+    if !dev.auto_clear {
+        host.loops.detach(&dev)?;
+    }
+    drop(device);
+    tracing::info!(image = %image.display(), device = %dev.path.display(), "pool image released");
+    Ok(Released::Released { device: dev.path })
+}

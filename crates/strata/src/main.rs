@@ -104,6 +104,20 @@ enum Command {
     /// Benchmarks against any CSI endpoint.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Node-side pool maintenance (run as root on the node, with no server on the pool).
+    #[command(subcommand)]
+    Pool(PoolCommand),
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Unmount a pool image's filesystem and free its loop device (for an uninstall).
+    /// Refused while a server serves the pool or a volume of it is in use; deletes nothing.
+    Release {
+        /// The pool directory the server ran with (--pool).
+        #[arg(long)]
+        pool: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -358,6 +372,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             .await
         }
         Command::Info(c) => commands::info(client::connect(&c.endpoint).await?, c.output).await,
+        Command::Pool(PoolCommand::Release { pool }) => server::release_pool(&pool),
         Command::Volume(v) => match v {
             VolumeCommand::Create {
                 client: c,

@@ -20,7 +20,7 @@ use strata_core::driver::Startup;
 use strata_core::fault::FaultPoints;
 use strata_core::model::CopyMethod;
 use strata_core::os::{FileId, Host};
-use strata_core::pool_image::mount_pool_image;
+use strata_core::pool_image::{POOL_MOUNT_DIR, Released, mount_pool_image, release_pool_image};
 use strata_core::{Config, Driver};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
@@ -91,6 +91,32 @@ pub fn lock_pool(dir: &Path) -> Result<PoolLock, String> {
         });
     }
     Ok(PoolLock { _dir: file })
+}
+
+/// `strata pool release`: with the pool locked (no server on it), unmounts its image's
+/// filesystem and frees the loop device. Reports what it did on stderr.
+pub fn release_pool(pool: &Path) -> Result<(), String> {
+    let dir = fs::canonicalize(pool).map_err(|e| format!("pool {}: {e}", pool.display()))?;
+    let _lock = lock_pool(&dir)?;
+    match release_pool_image(&Host::linux(), &dir) {
+        Ok(Released::Nothing) => {
+            eprintln!(
+                "pool {}: no pool image attached; nothing to release",
+                dir.display()
+            );
+            Ok(())
+        }
+        Ok(Released::Released { device }) => {
+            eprintln!(
+                "pool {}: unmounted {} and freed {}",
+                dir.display(),
+                dir.join(POOL_MOUNT_DIR).display(),
+                device.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!("release pool {}: {e}", dir.display())),
+    }
 }
 
 /// Appends `p` unless it is there already (a short list of paths, kept in order).

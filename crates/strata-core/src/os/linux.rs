@@ -838,7 +838,7 @@ impl Filesystems for LinuxHost {
             let text = format!("{} {}", stderr.trim(), stdout.trim());
             if text.contains("Operation not permitted") || text.contains("Permission denied") {
                 Error::FailedPrecondition(format!(
-                    "{tool} {}: this kernel refuses to grow a mounted {fs_type} filesystem (EPERM); unstage and stage the volume again to grow it offline",
+                    "{tool} {}: growing the mounted {fs_type} filesystem was refused (EPERM): it needs CAP_SYS_RESOURCE (run strata privileged) and a kernel that grows {fs_type} online; or unstage and stage the volume again to grow it offline",
                     device.display()
                 ))
             } else {

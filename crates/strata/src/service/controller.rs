@@ -25,7 +25,8 @@ pub const CAPABILITIES: &[RpcType] = &[
     RpcType::ListSnapshots,
     RpcType::GetSnapshot,
     RpcType::CloneVolume,
-    RpcType::ExpandVolume,
+    // Not ExpandVolume: volumes grow through NodeExpandVolume on the node that holds them
+    // (docs/architecture.md). ControllerExpandVolume still answers, for operators.
 ];
 
 async fn unimplemented<T: Send + 'static>(method: &'static str) -> Result<Response<T>, Status> {

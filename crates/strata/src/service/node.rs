@@ -109,8 +109,7 @@ impl Node for NodeService {
         let id = req.volume_id.clone();
         run("NodeGetVolumeStats", &id, move || {
             required_str("volume_id", &req.volume_id)?;
-            let path = absolute_path("volume_path", &req.volume_path)?;
-            let stats = driver.volume_stats(&req.volume_id, &path)?;
+            let stats = driver.volume_stats(&req.volume_id, &req.volume_path)?;
             use csi::volume_usage::Unit;
             let usage = |unit: Unit, total: u64, available: u64, used: u64| csi::VolumeUsage {
                 available: available as i64,
@@ -143,17 +142,15 @@ impl Node for NodeService {
         let id = req.volume_id.clone();
         run("NodeExpandVolume", &id, move || {
             required_str("volume_id", &req.volume_id)?;
-            let path = absolute_path("volume_path", &req.volume_path)?;
             if let Some(cap) = &req.volume_capability {
                 driver.check_capability(&convert::capability(cap)?)?;
             }
-            let required = req
+            let range = req
                 .capacity_range
                 .map(|r| CapacityRange::from_signed(r.required_bytes, r.limit_bytes))
                 .transpose()?
-                .unwrap_or_default()
-                .required;
-            let capacity = driver.node_expand_volume(&req.volume_id, &path, required)?;
+                .unwrap_or_default();
+            let capacity = driver.node_expand_volume(&req.volume_id, &req.volume_path, range)?;
             Ok(csi::NodeExpandVolumeResponse {
                 capacity_bytes: capacity as i64,
             })
