@@ -41,10 +41,30 @@ async fn operators_drive_a_volume_through_its_life_with_the_client() {
         &env,
         &["volume", "create", "demo", "--size", "64Mi", "-o", "json"],
     );
+    // Tables read as people write sizes; JSON has numbers.
     let (ok, out, _) = strata(&env, &["volume", "list"]);
     assert!(
-        ok && out.starts_with("ID") && out.contains(&id) && out.contains("67108864"),
+        ok && out.starts_with("ID") && out.contains(&id) && out.contains("64Mi"),
         "{out}"
+    );
+    let (ok, out, _) = strata(&env, &["volume", "list", "-o", "json"]);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(ok && listed[0]["capacity"] == 67_108_864, "{out}");
+    // A create's result is the id alone on stdout; the confirmation goes to stderr.
+    let (ok, out, err) = strata(&env, &["volume", "create", "scripted", "--size", "16Mi"]);
+    let scripted = out.trim().to_owned();
+    assert!(
+        ok && scripted.starts_with("vol-") && !scripted.contains(char::is_whitespace),
+        "{out}"
+    );
+    assert!(
+        err.contains("created volume") && err.contains("16Mi"),
+        "{err}"
+    );
+    let (ok, out, err) = strata(&env, &["volume", "delete", &scripted]);
+    assert!(
+        ok && out.is_empty() && err.contains("deleted"),
+        "{out} {err}"
     );
 
     let (staging, target) = (env.path("stage"), env.path("mnt"));
@@ -73,6 +93,17 @@ async fn operators_drive_a_volume_through_its_life_with_the_client() {
     let snap = json_id(&env, &["snapshot", "create", "snap", &id, "-o", "json"]);
     let (ok, out, _) = strata(&env, &["snapshot", "list", "--source-volume-id", &id]);
     assert!(ok && out.contains(&snap), "{out}");
+    let (ok, out, _) = strata(&env, &["snapshot", "get", &snap, "-o", "json"]);
+    let got: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let created = got[0]["created"].as_str().unwrap_or_default();
+    assert!(
+        ok && created.len() >= 20 && created.contains('T') && created.ends_with('Z'),
+        "an RFC 3339 time: {out}"
+    );
+    assert!(
+        got[0]["ready"] == true && got[0]["size"] == 67_108_864,
+        "{out}"
+    );
     let restored = json_id(
         &env,
         &[
@@ -88,7 +119,7 @@ async fn operators_drive_a_volume_through_its_life_with_the_client() {
         ],
     );
     let (ok, out, _) = strata(&env, &["volume", "expand", &restored, "--size", "256Mi"]);
-    assert!(ok && out.contains("268435456"), "{out}");
+    assert!(ok && out.contains("256Mi"), "{out}");
 
     // Errors are one line with the gRPC code and the driver's advice; the exit code is 1.
     let (ok, _, err) = strata(&env, &["volume", "delete", &id]);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use csi::volume_capability::{AccessType, BlockVolume, MountVolume, access_mode::Mode};
 use csi_proto as csi;
 
-use super::output::{Format, Rows};
+use super::output::{Cell, Format, Rows, human_bytes};
 use super::{Csi, status_error};
 use crate::service::convert::csi_access_mode;
 
@@ -114,10 +114,10 @@ fn volume_rows(volumes: &[(csi::Volume, Option<csi::VolumeCondition>)]) -> Rows 
             .collect::<Vec<_>>()
             .join(",");
         rows.push(vec![
-            v.volume_id.clone(),
-            v.capacity_bytes.to_string(),
-            topology,
-            condition(c.as_ref()),
+            v.volume_id.clone().into(),
+            Cell::Bytes(v.capacity_bytes),
+            topology.into(),
+            condition(c.as_ref()).into(),
         ]);
     }
     rows
@@ -137,20 +137,23 @@ pub async fn info(mut csi: Csi, format: Format) -> Result<(), String> {
         .await
         .map(|r| r.into_inner());
     let mut rows = Rows::new(&["FIELD", "VALUE"]);
-    rows.push(vec!["name".into(), info.name]);
-    rows.push(vec!["version".into(), info.vendor_version]);
-    rows.push(vec![
-        "ready".into(),
-        match probe {
-            Ok(p) => p.into_inner().ready.unwrap_or(true).to_string(),
-            Err(s) => format!("false ({})", s.message()),
-        },
-    ]);
+    rows.push(vec!["name".into(), info.name.into()]);
+    rows.push(vec!["version".into(), info.vendor_version.into()]);
+    match probe {
+        Ok(p) => rows.push(vec![
+            "ready".into(),
+            Cell::Bool(p.into_inner().ready.unwrap_or(true)),
+        ]),
+        Err(s) => {
+            rows.push(vec!["ready".into(), Cell::Bool(false)]);
+            rows.push(vec!["not_ready_because".into(), s.message().into()]);
+        }
+    }
     if let Ok(n) = node {
-        rows.push(vec!["node_id".into(), n.node_id]);
+        rows.push(vec!["node_id".into(), n.node_id.into()]);
         rows.push(vec![
             "max_volumes_per_node".into(),
-            n.max_volumes_per_node.to_string(),
+            Cell::Number(n.max_volumes_per_node),
         ]);
     }
     rows.print(format);
@@ -213,8 +216,26 @@ pub async fn volume_create(
         .into_inner()
         .volume
         .unwrap_or_default();
-    volume_rows(&[(volume, None)]).print(format);
+    created(
+        "volume",
+        &volume.volume_id,
+        volume.capacity_bytes,
+        format,
+        || volume_rows(&[(volume.clone(), None)]),
+    );
     Ok(())
+}
+
+/// A create's result: the new id alone on stdout (for `$(strata volume create …)`), a
+/// confirmation on stderr; with `--output json`, the whole object on stdout.
+fn created(kind: &str, id: &str, bytes: i64, format: Format, rows: impl FnOnce() -> Rows) {
+    match format {
+        Format::Table => {
+            println!("{id}");
+            eprintln!("created {kind} {id} ({})", human_bytes(bytes));
+        }
+        Format::Json => rows().print(format),
+    }
 }
 
 pub async fn volume_delete(mut csi: Csi, volume_id: String) -> Result<(), String> {
@@ -382,12 +403,19 @@ pub async fn node_stats(
         let unit = csi::volume_usage::Unit::try_from(u.unit)
             .map(|u| u.as_str_name().to_lowercase())
             .unwrap_or_else(|_| u.unit.to_string());
+        let amount = |n: i64| {
+            if unit == "bytes" {
+                Cell::Bytes(n)
+            } else {
+                Cell::Number(n)
+            }
+        };
         rows.push(vec![
-            unit,
-            u.total.to_string(),
-            u.used.to_string(),
-            u.available.to_string(),
-            cond.clone(),
+            unit.clone().into(),
+            amount(u.total),
+            amount(u.used),
+            amount(u.available),
+            cond.clone().into(),
         ]);
     }
     rows.print(format);
@@ -415,9 +443,9 @@ pub async fn volume_expand(
         .into_inner();
     let mut rows = Rows::new(&["ID", "CAPACITY", "NODE_EXPANSION_REQUIRED"]);
     rows.push(vec![
-        volume_id,
-        r.capacity_bytes.to_string(),
-        r.node_expansion_required.to_string(),
+        volume_id.into(),
+        Cell::Bytes(r.capacity_bytes),
+        Cell::Bool(r.node_expansion_required),
     ]);
     rows.print(format);
     Ok(())
@@ -440,7 +468,7 @@ pub async fn node_expand(
         .map_err(|s| status_error("NodeExpandVolume", s))?
         .into_inner();
     let mut rows = Rows::new(&["ID", "CAPACITY"]);
-    rows.push(vec![volume_id, r.capacity_bytes.to_string()]);
+    rows.push(vec![volume_id.into(), Cell::Bytes(r.capacity_bytes)]);
     rows.print(format);
     Ok(())
 }
@@ -449,14 +477,11 @@ fn snapshot_rows(snapshots: &[csi::Snapshot]) -> Rows {
     let mut rows = Rows::new(&["ID", "SOURCE", "SIZE", "CREATED", "READY"]);
     for s in snapshots {
         rows.push(vec![
-            s.snapshot_id.clone(),
-            s.source_volume_id.clone(),
-            s.size_bytes.to_string(),
-            s.creation_time
-                .as_ref()
-                .map(|t| t.seconds.to_string())
-                .unwrap_or_default(),
-            s.ready_to_use.to_string(),
+            s.snapshot_id.clone().into(),
+            s.source_volume_id.clone().into(),
+            Cell::Bytes(s.size_bytes),
+            Cell::Time(s.creation_time.as_ref().map(|t| (t.seconds, t.nanos))),
+            Cell::Bool(s.ready_to_use),
         ]);
     }
     rows
@@ -480,7 +505,9 @@ pub async fn snapshot_create(
         .into_inner()
         .snapshot
         .unwrap_or_default();
-    snapshot_rows(&[s]).print(format);
+    created("snapshot", &s.snapshot_id, s.size_bytes, format, || {
+        snapshot_rows(std::slice::from_ref(&s))
+    });
     Ok(())
 }
 
