@@ -964,3 +964,143 @@ async fn node_paths_outside_the_allowed_directories_are_refused() {
     assert!(!std::path::Path::new("/etc/strata-test").exists());
     env.assert_clean();
 }
+
+/// The error-table rows about capabilities the plugin does not offer: each RPC answers
+/// with the code its own table names (docs/reliability.md lists every row and its test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_beyond_the_plugin_get_each_rpcs_code() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let multi = mount_cap("ext4", Mode::MultiNodeMultiWriter);
+    let staging = env.path("staging");
+    // NodeStageVolume and NodePublishVolume: "Exceeds capabilities" is FAILED_PRECONDITION.
+    assert_eq!(
+        code(env.stage(&id, &staging, multi.clone()).await),
+        Code::FailedPrecondition
+    );
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    assert_eq!(
+        code(
+            env.publish(&id, &staging, &env.path("t"), multi.clone(), false)
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    // NodeExpandVolume and ControllerExpandVolume: INVALID_ARGUMENT.
+    let node_expand = env
+        .csi
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: staging.clone(),
+            volume_capability: Some(multi.clone()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(node_expand), Code::InvalidArgument);
+    let controller_expand = env
+        .csi
+        .controller
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 32 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(multi),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(controller_expand), Code::InvalidArgument);
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+}
+
+/// CreateVolume's "Source incompatible or not supported": a restore or clone whose
+/// requested filesystem differs from the one in its source is INVALID_ARGUMENT at create
+/// time, not a FAILED_PRECONDITION at the first stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_with_another_filesystem_is_invalid_argument() {
+    let mut env = TestEnv::start().await;
+    let xfs = mount_cap("xfs", Mode::SingleNodeWriter);
+    let id = env.create("x", 320 * MIB, xfs.clone()).await.volume_id;
+    let staging = env.path("staging");
+    env.stage(&id, &staging, xfs.clone()).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    let snap = env.snapshot("s", &id).await.unwrap().snapshot_id;
+    for source in [
+        csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+            snapshot_id: snap.clone(),
+        }),
+        csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+            volume_id: id.clone(),
+        }),
+    ] {
+        let mut req = create_req("as-ext4", 320 * MIB, ext4());
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(source.clone()),
+        });
+        assert_eq!(
+            create_code(&mut env, req).await,
+            Code::InvalidArgument,
+            "{source:?}"
+        );
+        // The same filesystem, or a raw block view of the same bytes, is fine.
+        let mut req = create_req("as-xfs", 320 * MIB, xfs.clone());
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(source),
+        });
+        let made = env.csi.controller.create_volume(req).await.unwrap();
+        env.delete(&made.into_inner().volume.unwrap().volume_id)
+            .await
+            .unwrap();
+    }
+    assert_eq!(env.pool_entries(), vec![id]);
+}
+
+/// "Operation pending" rows: a CreateSnapshot of a volume busy with another call, and a
+/// DeleteSnapshot of a snapshot a restore is reading, are ABORTED, and succeed once the
+/// other call is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_operations_on_a_volume_or_snapshot_are_aborted() {
+    let mut env = TestEnv::start_with(Some("delay:stage:after-attach=1500")).await;
+    let id = env.create("a", 16 * MIB, ext4()).await.volume_id;
+    let mut c = env.csi.clone();
+    let (id2, st) = (id.clone(), env.path("staging"));
+    let stage = tokio::spawn(async move { node_stage(&mut c, &id2, &st, ext4()).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(code(env.snapshot("s", &id).await), Code::Aborted);
+    stage.await.unwrap().unwrap();
+    let snap = env.snapshot("s", &id).await.unwrap().snapshot_id;
+    env.unstage(&id, &env.path("staging")).await.unwrap();
+
+    env.restart(Some("delay:create:after-data=1500")).await;
+    let mut req = create_req("restored", 16 * MIB, ext4());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snap.clone(),
+            },
+        )),
+    });
+    let mut c = env.csi.clone();
+    let restore = tokio::spawn(async move { c.controller.create_volume(req).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let delete = |id: &str| csi::DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        secrets: Default::default(),
+    };
+    assert_eq!(
+        code(env.csi.controller.delete_snapshot(delete(&snap)).await),
+        Code::Aborted
+    );
+    let restored = restore.await.unwrap().unwrap().into_inner().volume.unwrap();
+    env.csi
+        .controller
+        .delete_snapshot(delete(&snap))
+        .await
+        .unwrap();
+    env.delete(&restored.volume_id).await.unwrap();
+    env.delete(&id).await.unwrap();
+    env.assert_clean();
+}

@@ -164,6 +164,7 @@ impl Driver {
                 )
             }
         };
+        self.check_source_filesystem(&req.capabilities, &format)?;
         if req.capacity.limit != 0 && req.capacity.limit < source_size {
             return Err(Error::OutOfRange(format!(
                 "limit_bytes {} is below the source's {source_size} bytes",
@@ -247,6 +248,28 @@ impl Driver {
             self.reaper.remove(doomed);
         }
         tracing::info!(volume_id = %id, "volume deleted");
+        Ok(())
+    }
+
+    /// A restore or clone keeps its source's filesystem: a mount capability naming another
+    /// one is "Source incompatible" (INVALID_ARGUMENT), refused before any copy rather than
+    /// at the first stage. A raw block capability sees the same bytes and is fine.
+    fn check_source_filesystem(&self, caps: &[Capability], format: &FormatState) -> Result<()> {
+        let FormatState::Formatted(source_fs) = format else {
+            return Ok(());
+        };
+        if self.backend.serves_directories() {
+            return Ok(());
+        }
+        for cap in caps {
+            if let AccessType::Mount { fs_type, .. } = &cap.access_type
+                && fs_type_of(fs_type)? != source_fs
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "the source holds a {source_fs} filesystem; request fs_type {source_fs} (or a raw block volume) to restore or clone it"
+                )));
+            }
+        }
         Ok(())
     }
 
