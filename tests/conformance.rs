@@ -872,6 +872,19 @@ async fn secrets_are_never_logged() {
     let log = env.server_log();
     assert!(log.contains("CreateVolume"));
     assert!(!log.contains(secret));
+    // What the core logs inside a call carries the call and its volume (a span).
+    let id = env.create("spanned", 16 * MIB, ext4()).await.volume_id;
+    let staging = env.path("staging");
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    let span = format!("rpc{{method=\"NodeStageVolume\" volume_id=\"{id}\"}}");
+    assert!(
+        env.server_log()
+            .lines()
+            .any(|l| l.contains(&span) && !l.contains("micros=")),
+        "no line inside the stage carries its span:\n{}",
+        env.server_log()
+    );
+    env.unstage(&id, &staging).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,11 +111,46 @@ impl Record for SnapshotRecord {
     }
 }
 
-fn read_record<R: Record>(dir: &Path) -> Result<R> {
+/// A pool entry as startup finds it.
+enum Found<R> {
+    /// A committed object, and what its repair did.
+    Ours(R, Option<String>),
+    /// Provably not a committed object of this store (no record, a record that does not
+    /// parse or names another id): moved aside, never deleted.
+    NotOurs(String),
+}
+
+/// Reads an entry's record. Only what proves the entry is not ours is `NotOurs`; an I/O
+/// error is retried, then fails startup, so a transient fault never moves a healthy volume.
+fn read_record<R: Record>(name: &str, dir: &Path) -> Result<Found<R>> {
+    if !R::is_id(name) {
+        return Ok(Found::NotOurs(format!("{name:?} is not a {} id", R::KIND)));
+    }
     let path = dir.join(R::FILE);
-    let text = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
-    let record: R = serde_json::from_slice(&text)
-        .map_err(|e| Error::Internal(format!("parse {}: {e}", path.display())))?;
+    let mut attempt = 0;
+    let text = loop {
+        match fs::read(&path) {
+            Ok(text) => break text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Found::NotOurs(format!("no {}", R::FILE)));
+            }
+            Err(e) if attempt < 3 => {
+                attempt += 1;
+                tracing::warn!(path = %path.display(), error = %e, attempt, "reading a record failed; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(50 << attempt));
+            }
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "read {}: {e}; the pool cannot be read reliably: fix the I/O error and restart (nothing was moved)",
+                    path.display()
+                )));
+            }
+        }
+    };
+    let record: R = match serde_json::from_slice(&text) {
+        Ok(r) => r,
+        Err(e) => return Ok(Found::NotOurs(format!("{} does not parse: {e}", R::FILE))),
+    };
     if record.version() > R::VERSION {
         return Err(Error::FailedPrecondition(format!(
             "{} has record version {}, newer than this Strata understands ({}); upgrade Strata",
@@ -124,14 +159,17 @@ fn read_record<R: Record>(dir: &Path) -> Result<R> {
             R::VERSION
         )));
     }
-    Ok(record)
+    if record.id() != name {
+        return Ok(Found::NotOurs("its record names another id".into()));
+    }
+    Ok(Found::Ours(record, None))
 }
 
-fn encode<R: Record>(record: &R) -> Vec<u8> {
-    // Serialising plain data into a Vec cannot fail.
-    let mut bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
+fn encode<R: Record>(record: &R) -> Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(record)
+        .map_err(|e| Error::Internal(format!("encode a {} record: {e}", R::KIND)))?;
     bytes.push(b'\n');
-    bytes
+    Ok(bytes)
 }
 
 /// Removes an object's directory and its data. Idempotent.
@@ -144,24 +182,20 @@ pub fn remove_object_dir(dir: &Path, backend: &dyn Backend) -> Result<()> {
     }
 }
 
-/// A committed entry's record and what its repair did, or why it cannot be accounted for.
-type Loaded<R> = Result<(R, Option<String>)>;
-
 /// Reads and repairs committed entries on a few threads, keeping their order.
 fn load_all<R: Record>(
     entries: Vec<(String, PathBuf)>,
     backend: &dyn Backend,
-) -> Result<Vec<(String, PathBuf, Loaded<R>)>> {
+) -> Result<Vec<(String, PathBuf, Result<Found<R>>)>> {
     const THREADS: usize = 8;
-    let load = |name: &str, path: &Path| -> Loaded<R> {
-        let rec = read_record::<R>(path)?;
-        if !R::is_id(name) || rec.id() != name {
-            return Err(Error::Internal(
-                "record id does not match its directory".into(),
-            ));
+    let load = |name: &str, path: &Path| -> Result<Found<R>> {
+        match read_record::<R>(name, path)? {
+            Found::Ours(rec, _) => {
+                let repaired = rec.repair(path, backend)?;
+                Ok(Found::Ours(rec, repaired))
+            }
+            not_ours => Ok(not_ours),
         }
-        let repaired = rec.repair(path, backend)?;
-        Ok((rec, repaired))
     };
     let chunk = entries.len().div_ceil(THREADS).max(1);
     std::thread::scope(|scope| {
@@ -273,8 +307,8 @@ impl<R: Record> Store<R> {
         // Reading records and checking data is I/O bound: spread it over a few threads, which
         // matters on a cold page cache with thousands of volumes.
         for (name, path, loaded) in load_all::<R>(committed, backend)? {
-            match loaded {
-                Ok((rec, repaired)) => {
+            match loaded? {
+                Found::Ours(rec, repaired) => {
                     if let Some(other) = index.by_name.get(rec.name()) {
                         // Impossible unless the pool was edited by hand: keep the first.
                         tracing::error!(kind = R::KIND, id = rec.id(), other = %other, name = rec.name(),
@@ -291,9 +325,8 @@ impl<R: Record> Store<R> {
                         .insert(rec.name().to_owned(), rec.id().to_owned());
                     index.by_id.insert(rec.id().to_owned(), rec);
                 }
-                Err(e @ Error::FailedPrecondition(_)) => return Err(e),
-                Err(e) => {
-                    tracing::error!(entry = %name, why = %e,
+                Found::NotOurs(why) => {
+                    tracing::error!(entry = %name, %why,
                         "cannot account for a pool entry; moving it to lost+found");
                     report.quarantined.push(self.quarantine(&path, &name)?);
                 }
@@ -393,8 +426,9 @@ impl<R: Record> Store<R> {
         // The directory is not visible yet, so the record needs no temp file: the rename of
         // the directory is what makes the creation atomic.
         let path = staging.join(R::FILE);
+        let bytes = encode(&record)?;
         File::create_new(&path)
-            .and_then(|mut f| f.write_all(&encode(&record)).and_then(|_| f.sync_all()))
+            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
             .ctx(|| format!("write {}", path.display()))?;
         sync_dir(staging)?;
         let dir = self.dir(record.id());
@@ -418,7 +452,7 @@ impl<R: Record> Store<R> {
 
     /// Rewrites a committed object's record.
     pub fn update(&self, record: R) -> Result<()> {
-        write_atomic(&self.dir(record.id()), R::FILE, &encode(&record))?;
+        write_atomic(&self.dir(record.id()), R::FILE, &encode(&record)?)?;
         self.write_index()
             .by_id
             .insert(record.id().to_owned(), record);
@@ -544,6 +578,35 @@ mod tests {
         let (last, more) = store.page(Some(&ids[3]), 2);
         assert!(!more);
         assert_eq!(last.len(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_record_fails_startup_and_moves_nothing() {
+        let pool = tempfile::tempdir().unwrap();
+        let (store, _) = VolumeStore::open(pool.path(), &backend(pool.path())).unwrap();
+        let a = create(&store, "a");
+        // A record that cannot be read (EISDIR standing in for EIO): not proof that the
+        // entry is foreign, so it is neither quarantined nor dropped from the index.
+        let record = store.dir(&a.id).join(VolumeRecord::FILE);
+        fs::rename(&record, pool.path().join("saved.json")).unwrap();
+        fs::create_dir(&record).unwrap();
+        drop(store);
+        let err = VolumeStore::open(pool.path(), &backend(pool.path()))
+            .err()
+            .expect("startup fails");
+        assert!(err.to_string().contains("nothing was moved"), "{err}");
+        assert!(store_dir_exists(pool.path(), &a.id));
+        assert!(!pool.path().join("lost+found").exists());
+        // The fault gone, the volume is back as it was.
+        fs::remove_dir(&record).unwrap();
+        fs::rename(pool.path().join("saved.json"), &record).unwrap();
+        let (store, report) = VolumeStore::open(pool.path(), &backend(pool.path())).unwrap();
+        assert_eq!(report.quarantined.len(), 0);
+        assert_eq!(store.find_by_name("a").unwrap(), a);
+    }
+
+    fn store_dir_exists(pool: &Path, id: &str) -> bool {
+        pool.join("volumes").join(id).is_dir()
     }
 
     #[test]

@@ -28,8 +28,14 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 /// Serves until the process exits.
 pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (EMFILE) and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "http accept failed; retrying shortly");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let endpoints = endpoints.clone();
         tokio::spawn(async move {

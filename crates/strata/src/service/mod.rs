@@ -18,7 +18,9 @@ pub use identity::IdentityService;
 pub use node::NodeService;
 
 /// Runs blocking core work on the blocking pool and logs the call: method, volume id,
-/// duration and status code. Requests themselves are never logged, so secrets stay out.
+/// duration and status code. Every line logged inside the call carries the method and the
+/// volume id (a span entered in the blocking task). Requests themselves are never logged, so
+/// secrets stay out.
 pub(crate) async fn run<T, F>(
     method: &'static str,
     volume: &str,
@@ -29,7 +31,8 @@ where
     F: FnOnce() -> strata_core::Result<T> + Send + 'static,
 {
     let start = Instant::now();
-    let result = match tokio::task::spawn_blocking(work).await {
+    let span = tracing::info_span!("rpc", method, volume_id = volume);
+    let result = match tokio::task::spawn_blocking(move || span.in_scope(work)).await {
         Ok(r) => r,
         Err(e) => Err(Error::Internal(format!("{method} did not complete: {e}"))),
     };
