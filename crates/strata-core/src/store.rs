@@ -182,11 +182,14 @@ pub fn remove_object_dir(dir: &Path, backend: &dyn Backend) -> Result<()> {
     }
 }
 
+/// A pool entry's name, path, and what reading it found.
+type Scanned<R> = (String, PathBuf, Result<Found<R>>);
+
 /// Reads and repairs committed entries on a few threads, keeping their order.
 fn load_all<R: Record>(
     entries: Vec<(String, PathBuf)>,
     backend: &dyn Backend,
-) -> Result<Vec<(String, PathBuf, Result<Found<R>>)>> {
+) -> Result<Vec<Scanned<R>>> {
     const THREADS: usize = 8;
     let load = |name: &str, path: &Path| -> Result<Found<R>> {
         match read_record::<R>(name, path)? {
