@@ -1117,3 +1117,53 @@ async fn pending_operations_on_a_volume_or_snapshot_are_aborted() {
     env.delete(&id).await.unwrap();
     env.assert_clean();
 }
+
+/// mkfs.xfs refuses devices under 300 MiB: decided at CreateVolume, where the fsType is
+/// known, never discovered by every NodeStageVolume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_volumes_are_made_at_least_as_large_as_mkfs_xfs_needs() {
+    let mut env = TestEnv::start().await;
+    let xfs = mount_cap("xfs", Mode::SingleNodeWriter);
+    let small = env.create("small-xfs", 16 * MIB, xfs.clone()).await;
+    assert_eq!(
+        small.capacity_bytes,
+        300 * MIB,
+        "rounded up to the xfs minimum"
+    );
+    let staging = env.path("staging");
+    env.stage(&small.volume_id, &staging, xfs.clone())
+        .await
+        .unwrap();
+    env.unstage(&small.volume_id, &staging).await.unwrap();
+    // Within a limit below the minimum: OUT_OF_RANGE, in one short line.
+    let mut capped = create_req("capped-xfs", 16 * MIB, xfs.clone());
+    capped.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 16 * MIB,
+        limit_bytes: 100 * MIB,
+    });
+    let err = env.csi.controller.create_volume(capped).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        err.message().len() < 200 && !err.message().contains('\n'),
+        "{}",
+        err.message()
+    );
+    // GetCapacity reports the minimum of the filesystem asked about.
+    let minimum = |caps: Vec<csi::VolumeCapability>| {
+        let mut c = env.csi.controller.clone();
+        async move {
+            c.get_capacity(csi::GetCapacityRequest {
+                volume_capabilities: caps,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .minimum_volume_size
+        }
+    };
+    assert_eq!(minimum(vec![xfs]).await, Some(300 * MIB));
+    assert_eq!(minimum(vec![ext4()]).await, Some(16 * MIB));
+    env.delete(&small.volume_id).await.unwrap();
+    env.assert_clean();
+}

@@ -477,7 +477,12 @@ fn a_loop_device_reused_for_another_file_is_never_acted_on() {
     // Detaching "A's" device leaves B's attachment alone, whatever number it got.
     LinuxHost.detach(&dev_a).unwrap();
     let b_now = LinuxHost.find(FileId::of(&img_b).unwrap()).unwrap();
-    assert_eq!(b_now.as_ref().map(|d| &d.path), Some(&dev_b.path));
+    assert_eq!(
+        b_now.as_ref().map(|d| &d.path),
+        Some(&dev_b.path),
+        "A was {dev_a:?}, B {dev_b:?}; devices now: {:?}",
+        LinuxHost.list()
+    );
     LinuxHost.detach(&dev_b).unwrap();
     assert!(
         LinuxHost

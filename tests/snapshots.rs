@@ -586,3 +586,79 @@ async fn expansion_rpcs_follow_the_spec() {
     env.unstage(&id, &staging).await.unwrap();
     env.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_clones_and_snapshots_of_one_source_all_succeed_while_its_delete_waits() {
+    // Every create holds its source for an extra second, so the clones overlap.
+    let mut env = TestEnv::start_with(Some("delay:create:after-data=1000")).await;
+    let source = env.create("source", 32 * MIB, ext4()).await.volume_id;
+    // Staged and mounted: the snapshots freeze it, one at a time.
+    let staging = env.path("staging");
+    env.stage(&source, &staging, ext4()).await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..4 {
+        let mut c = env.csi.clone();
+        let mut req = create_req(&format!("clone-{n}"), 32 * MIB, ext4());
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(volume_source(&source)),
+        });
+        calls.spawn(async move { c.controller.create_volume(req).await.map(drop) });
+    }
+    for n in 0..3 {
+        let mut c = env.csi.clone();
+        let req = csi::CreateSnapshotRequest {
+            source_volume_id: source.clone(),
+            name: format!("snap-{n}"),
+            ..Default::default()
+        };
+        calls.spawn(async move { c.controller.create_snapshot(req).await.map(drop) });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // A change to the source is refused while it is read; retried later, it goes through.
+    assert_eq!(code(env.unstage(&source, &staging).await), Code::Aborted);
+    while let Some(done) = calls.join_next().await {
+        done.unwrap().unwrap();
+    }
+    env.unstage(&source, &staging).await.unwrap();
+    let listed = env
+        .csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 5);
+    let snaps = env
+        .csi
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snaps.entries.len(), 3);
+    // The restore of a snapshot shares it the same way: a delete of the snapshot waits.
+    let snap = snaps.entries[0].snapshot.clone().unwrap().snapshot_id;
+    let mut restores = tokio::task::JoinSet::new();
+    for n in 0..3 {
+        let mut c = env.csi.clone();
+        let mut req = create_req(&format!("restore-{n}"), 32 * MIB, ext4());
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(snapshot_source(&snap)),
+        });
+        restores.spawn(async move { c.controller.create_volume(req).await.map(drop) });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let delete = csi::DeleteSnapshotRequest {
+        snapshot_id: snap.clone(),
+        secrets: Default::default(),
+    };
+    assert_eq!(
+        code(env.csi.controller.delete_snapshot(delete.clone()).await),
+        Code::Aborted
+    );
+    while let Some(done) = restores.join_next().await {
+        done.unwrap().unwrap();
+    }
+    env.csi.controller.delete_snapshot(delete).await.unwrap();
+    env.assert_clean();
+}

@@ -7,8 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::model::{
-    AccessType, Capability, CapacityRange, ContentSource, FormatState, Topology,
-    VOLUME_RECORD_VERSION, VolumeRecord, fs_type_of,
+    AccessType, Capability, CapacityRange, ContentSource, FormatState, MIB, Topology,
+    VOLUME_RECORD_VERSION, VolumeRecord, fs_type_of, min_filesystem_bytes,
 };
 use crate::os::MountOptions;
 use crate::validate::{self, is_volume_id, new_volume_id};
@@ -143,7 +143,7 @@ impl Driver {
                 // instead of pulling the data away mid-copy; looked up after the pin, so a
                 // snapshot deleted just before is NOT_FOUND.
                 self.snapshot(id)?;
-                let guard = self.guard(id)?;
+                let guard = self.guard_shared(id)?;
                 let snap = self.snapshot(id)?;
                 (
                     Some(self.snapshots.dir(&snap.id)),
@@ -154,8 +154,9 @@ impl Driver {
             }
             Some(ContentSource::Volume(id)) => {
                 let vol = self.volume(id)?;
-                // The source must not change while it is copied.
-                let guard = self.guard(&vol.id)?;
+                // The source must not change while it is copied (other clones and snapshots
+                // of it may run alongside).
+                let guard = self.guard_shared(&vol.id)?;
                 (
                     Some(self.store.dir(&vol.id)),
                     vol.capacity_bytes,
@@ -171,8 +172,23 @@ impl Driver {
                 req.capacity.limit
             )));
         }
+        let floor = self.filesystem_floor(&req.capabilities)?;
+        if let Some((fs, min)) = floor
+            .as_ref()
+            .filter(|(_, min)| req.capacity.limit != 0 && req.capacity.limit < *min)
+        {
+            return Err(Error::OutOfRange(format!(
+                "an {fs} volume needs at least {} MiB (mkfs.{fs} refuses less), above limit_bytes {}: raise the limit or use ext4",
+                min / MIB,
+                req.capacity.limit
+            )));
+        }
         let range = CapacityRange {
-            required: req.capacity.required.max(source_size),
+            required: req
+                .capacity
+                .required
+                .max(source_size)
+                .max(floor.as_ref().map_or(0, |(_, min)| *min)),
             limit: req.capacity.limit,
         };
         let size = self.backend.size_policy().size_for(range)?;
@@ -188,13 +204,16 @@ impl Driver {
         let filled = match &source_dir {
             None => self.backend.create(&staging, size),
             Some(src) => {
-                let frozen = match req.content_source {
-                    Some(ContentSource::Volume(_)) => self.freeze_if_mounted(src)?,
-                    _ => None,
+                // A failed freeze is a failed create: rolled back below like any other.
+                let frozen = match &req.content_source {
+                    Some(ContentSource::Volume(source)) => self.freeze_if_mounted(source, src),
+                    _ => Ok(None),
                 };
-                let copied = self.backend.copy_from(src, &staging, size, false).map(drop);
-                drop(frozen);
-                copied
+                frozen.and_then(|frozen| {
+                    let copied = self.backend.copy_from(src, &staging, size, false).map(drop);
+                    drop(frozen);
+                    copied
+                })
             }
         };
         let created = filled.and_then(|()| {
@@ -249,6 +268,25 @@ impl Driver {
         }
         tracing::info!(volume_id = %id, "volume deleted");
         Ok(())
+    }
+
+    /// The smallest size the requested filesystems can be made on, and which one needs it
+    /// (for backends that format devices; directory backends have no such floor).
+    fn filesystem_floor(&self, caps: &[Capability]) -> Result<Option<(String, u64)>> {
+        if self.backend.serves_directories() {
+            return Ok(None);
+        }
+        let mut floor: Option<(String, u64)> = None;
+        for cap in caps {
+            if let AccessType::Mount { fs_type, .. } = &cap.access_type {
+                let fs = fs_type_of(fs_type)?;
+                let min = min_filesystem_bytes(fs);
+                if min > floor.as_ref().map_or(0, |(_, m)| *m) {
+                    floor = Some((fs.to_owned(), min));
+                }
+            }
+        }
+        Ok(floor)
     }
 
     /// A restore or clone keeps its source's filesystem: a mount capability naming another
@@ -385,10 +423,13 @@ impl Driver {
         }
         let free = self.backend.pool_usage()?.available_bytes;
         let granular = free - free % policy.granularity;
+        let floor = self
+            .filesystem_floor(capabilities)?
+            .map_or(0, |(_, min)| min);
         Ok(Capacity {
             available_bytes: free,
             maximum_volume_bytes: granular.min(policy.maximum),
-            minimum_volume_bytes: policy.minimum,
+            minimum_volume_bytes: policy.minimum.max(floor),
         })
     }
 }

@@ -196,6 +196,25 @@ impl Driver {
         self.inflight.acquire(key)
     }
 
+    /// A guard for an operation that only reads the object (see [`InFlight`]).
+    pub(crate) fn guard_shared(&self, key: &str) -> Result<Guard> {
+        self.inflight.acquire_shared(key)
+    }
+
+    /// Waits (bounded) for `key`: for the short sections readers of one object must take
+    /// in turn, such as freezing its filesystem.
+    pub(crate) fn guard_waiting(&self, key: &str) -> Result<Guard> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match self.inflight.acquire(key) {
+                Err(Error::Aborted(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The record of an existing volume, or NOT_FOUND.
     pub(crate) fn volume(&self, id: &str) -> Result<VolumeRecord> {
         crate::validate::required_str("volume_id", id)?;

@@ -1,19 +1,30 @@
 //! Per-object in-flight guards. A second concurrent operation on the same volume (or the same
 //! name, for CreateVolume) is refused with ABORTED instead of waiting, as the CSI spec allows;
-//! operations on different objects never wait for each other. The lock protecting the set is
-//! held only to insert or remove a key, never across slow work.
+//! operations on different objects never wait for each other. Operations that only read an
+//! object (a snapshot or clone of a volume, a restore from a snapshot) share it: any number
+//! run together, while an operation that changes it (delete, expand, stage...) is refused
+//! until they are done, and refuses them while it runs. The lock protecting the table is held
+//! only to look up or change an entry, never across slow work.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 
-#[derive(Default)]
-pub struct InFlight {
-    keys: Mutex<HashSet<String>>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Exclusive,
+    /// Held by this many readers.
+    Shared(usize),
 }
 
-/// Releases its key when dropped, also on error paths and panics.
+#[derive(Default)]
+pub struct InFlight {
+    keys: Mutex<HashMap<String, Hold>>,
+}
+
+/// Releases its hold when dropped, also on error paths and panics.
 pub struct Guard {
     owner: Arc<InFlight>,
     key: String,
@@ -24,13 +35,41 @@ impl InFlight {
         Arc::new(Self::default())
     }
 
-    /// Claims `key`, or fails with ABORTED if another operation holds it.
+    /// Claims `key` for an operation that changes its object, or fails with ABORTED if any
+    /// other operation holds it.
     pub fn acquire(self: &Arc<Self>, key: impl Into<String>) -> Result<Guard> {
-        let key = key.into();
+        self.claim(key.into(), false)
+    }
+
+    /// Claims `key` for an operation that only reads its object: shared with other readers,
+    /// ABORTED while an operation that changes it runs.
+    pub fn acquire_shared(self: &Arc<Self>, key: impl Into<String>) -> Result<Guard> {
+        self.claim(key.into(), true)
+    }
+
+    fn claim(self: &Arc<Self>, key: String, shared: bool) -> Result<Guard> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if !keys.insert(key.clone()) {
+        let busy = match keys.entry(key.clone()) {
+            Entry::Vacant(v) => {
+                v.insert(if shared {
+                    Hold::Shared(1)
+                } else {
+                    Hold::Exclusive
+                });
+                None
+            }
+            Entry::Occupied(mut o) => match (*o.get(), shared) {
+                (Hold::Shared(n), true) => {
+                    o.insert(Hold::Shared(n + 1));
+                    None
+                }
+                (Hold::Shared(_), false) => Some("is being read (a snapshot or clone of it)"),
+                (Hold::Exclusive, _) => Some("is already in progress"),
+            },
+        };
+        if let Some(why) = busy {
             return Err(Error::Aborted(format!(
-                "an operation on {} is already in progress; retry when it has finished",
+                "an operation on {} {why}; retry when it has finished",
                 crate::validate::bounded(&key, 2 * crate::validate::MAX_ECHO_BYTES)
             )));
         }
@@ -43,11 +82,15 @@ impl InFlight {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.owner
-            .keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        let mut keys = self.owner.keys.lock().unwrap_or_else(|p| p.into_inner());
+        match keys.get(&self.key).copied() {
+            Some(Hold::Shared(n)) if n > 1 => {
+                keys.insert(self.key.clone(), Hold::Shared(n - 1));
+            }
+            _ => {
+                keys.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -63,5 +106,20 @@ mod tests {
         let _other = f.acquire("vol-b").unwrap();
         drop(g);
         assert!(f.acquire("vol-a").is_ok());
+    }
+
+    #[test]
+    fn readers_share_and_writers_wait_for_all_of_them() {
+        let f = InFlight::new();
+        let r1 = f.acquire_shared("vol-a").unwrap();
+        let r2 = f.acquire_shared("vol-a").unwrap();
+        assert!(matches!(f.acquire("vol-a"), Err(Error::Aborted(_))));
+        drop(r1);
+        assert!(matches!(f.acquire("vol-a"), Err(Error::Aborted(_))));
+        drop(r2);
+        let w = f.acquire("vol-a").unwrap();
+        assert!(matches!(f.acquire_shared("vol-a"), Err(Error::Aborted(_))));
+        drop(w);
+        assert!(f.acquire_shared("vol-a").is_ok());
     }
 }

@@ -75,6 +75,15 @@ impl Capability {
 pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs", "ext3", "ext2"];
 pub const DEFAULT_FS: &str = "ext4";
 
+/// The smallest device each filesystem's mkfs accepts (mkfs.xfs: "must be larger than
+/// 300MB"); ext2/3/4 format anything the volume size policy allows.
+pub fn min_filesystem_bytes(fs_type: &str) -> u64 {
+    match fs_type {
+        "xfs" => 300 * MIB,
+        _ => 0,
+    }
+}
+
 /// The filesystem type a mount capability asks for, defaulted and checked.
 pub fn fs_type_of(fs_type: &str) -> Result<&str> {
     let fs = if fs_type.is_empty() {

@@ -132,12 +132,15 @@ impl Driver {
 
     /// Freezes the volume's filesystem if it is mounted on this node, so a copy of its data is
     /// consistent; the guard thaws it. `None` when nothing is mounted (nothing can change).
-    pub(crate) fn freeze_if_mounted(&self, dir: &Path) -> Result<Option<FrozenGuard<'_>>> {
+    pub(crate) fn freeze_if_mounted(&self, id: &str, dir: &Path) -> Result<Option<Frozen<'_>>> {
         // Only a volume's own filesystem is frozen; a directory volume shares the pool's
         // filesystem, which is never frozen (its backends copy atomically or file by file).
         let Some(att @ Attachment::Device(_)) = self.backend.attachment(dir)? else {
             return Ok(None);
         };
+        // Readers of one volume run together, but freeze it one at a time: a second
+        // FIFREEZE fails, and a thaw must not come while another copy runs.
+        let turn = self.guard_waiting(&format!("freeze {id}"))?;
         let Some(mount) = self
             .mounts_of(&att)?
             .into_iter()
@@ -145,7 +148,11 @@ impl Driver {
         else {
             return Ok(None);
         };
-        FrozenGuard::freeze(self.host.filesystems.as_ref(), &mount.mount_point).map(Some)
+        let frozen = FrozenGuard::freeze(self.host.filesystems.as_ref(), &mount.mount_point)?;
+        Ok(Some(Frozen {
+            _frozen: frozen,
+            _turn: turn,
+        }))
     }
 
     /// Unmounts this volume's mounts stacked at `node`; never touches anybody else's. Returns
@@ -754,6 +761,13 @@ impl Driver {
             }
         }
     }
+}
+
+/// A volume's filesystem frozen for a copy, and its turn to be: thawed first, then the turn
+/// released (fields drop in order).
+pub(crate) struct Frozen<'a> {
+    _frozen: FrozenGuard<'a>,
+    _turn: crate::inflight::Guard,
 }
 
 fn not_at(volume_id: &str, path: &str) -> Error {

@@ -25,13 +25,14 @@ impl Driver {
             };
         }
         let source = self.volume(source_volume_id)?;
-        // The source must not be staged, expanded or deleted while it is copied.
-        let _source_guard = self.guard(&source.id)?;
+        // The source must not be staged, expanded or deleted while it is copied; other
+        // snapshots and clones of it may run alongside.
+        let _source_guard = self.guard_shared(&source.id)?;
         let id = new_snapshot_id();
         let staging = self.snapshots.begin_create(&id)?;
         let source_dir = self.store.dir(&source.id);
         let taken = self
-            .freeze_if_mounted(&source_dir)
+            .freeze_if_mounted(&source.id, &source_dir)
             .and_then(|frozen| {
                 if frozen.is_some() {
                     self.crash.reach("snapshot:frozen");

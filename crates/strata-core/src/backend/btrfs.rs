@@ -48,7 +48,7 @@ fn btrfs(args: &[&str], paths: &[&Path]) -> Result<String> {
         "btrfs {} {}: {}",
         args.join(" "),
         paths.join(" "),
-        stderr.trim()
+        crate::os::linux::tool_says(&out)
     );
     if stderr.contains("No space left") || stderr.contains("Disk quota exceeded") {
         Err(Error::ResourceExhausted(msg))

@@ -673,6 +673,22 @@ fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
     dst.set_len(len)
 }
 
+/// What a failed tool said, for a status message: its first non-empty line (stderr first,
+/// else stdout), bounded; never its whole usage text.
+pub fn tool_says(out: &std::process::Output) -> String {
+    let first = |bytes: &[u8]| {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_owned)
+    };
+    let line = first(&out.stderr)
+        .or_else(|| first(&out.stdout))
+        .unwrap_or_else(|| format!("exited with {}", out.status));
+    crate::validate::bounded(&line, 200)
+}
+
 /// Runs a tool to completion. The tool dies with the server (`PR_SET_PDEATHSIG`), so a
 /// killed server never leaves an mkfs or a resize2fs behind holding a device.
 pub fn run(cmd: &mut Command) -> Result<std::process::Output> {
@@ -746,7 +762,7 @@ impl Filesystems for LinuxHost {
             _ => Err(Error::Internal(format!(
                 "blkid {}: {}",
                 device.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
+                tool_says(&out)
             ))),
         }
     }
@@ -771,17 +787,16 @@ impl Filesystems for LinuxHost {
         if out.status.success() {
             return Ok(());
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stderr = stderr.trim();
-        let lower = stderr.to_lowercase();
+        let said = tool_says(&out);
+        let lower = said.to_lowercase();
         if lower.contains("too small") || lower.contains("must be larger") {
             Err(Error::FailedPrecondition(format!(
-                "mkfs.{fs_type} refused {}: {stderr}; create a larger volume (xfs needs at least 300 MiB)",
+                "mkfs.{fs_type} refused {}: {said}; create a larger volume (xfs needs at least 300 MiB)",
                 device.display()
             )))
         } else {
             Err(Error::Internal(format!(
-                "mkfs.{fs_type} {}: {stderr}",
+                "mkfs.{fs_type} {}: {said}",
                 device.display()
             )))
         }
@@ -833,16 +848,18 @@ impl Filesystems for LinuxHost {
 
     fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()> {
         let failed = |tool: &str, out: &std::process::Output| {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let text = format!("{} {}", stderr.trim(), stdout.trim());
+            let text = format!(
+                "{} {}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
             if text.contains("Operation not permitted") || text.contains("Permission denied") {
                 Error::FailedPrecondition(format!(
                     "{tool} {}: growing the mounted {fs_type} filesystem was refused (EPERM): it needs CAP_SYS_RESOURCE (run strata privileged) and a kernel that grows {fs_type} online; or unstage and stage the volume again to grow it offline",
                     device.display()
                 ))
             } else {
-                Error::Internal(format!("{tool} {}: {}", device.display(), text.trim()))
+                Error::Internal(format!("{tool} {}: {}", device.display(), tool_says(out)))
             }
         };
         match (fs_type, mount_point) {
@@ -855,7 +872,7 @@ impl Filesystems for LinuxHost {
                         return Err(Error::FailedPrecondition(format!(
                             "e2fsck {} found errors it could not fix: {}; repair the filesystem by hand",
                             device.display(),
-                            String::from_utf8_lossy(&out.stdout).trim()
+                            tool_says(&out)
                         )));
                     }
                 }
@@ -890,6 +907,26 @@ impl Filesystems for LinuxHost {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_tools_usage_text_never_reaches_a_message() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = std::process::Output {
+            status: std::process::ExitStatus::from_raw(1 << 8),
+            stdout: b"".to_vec(),
+            stderr: b"\nFilesystem must be larger than 300MB.\nUsage: mkfs.xfs\n/* blocksize */ [-b size=num]\n".to_vec(),
+        };
+        assert_eq!(
+            super::tool_says(&out),
+            "Filesystem must be larger than 300MB."
+        );
+        let silent = std::process::Output {
+            status: std::process::ExitStatus::from_raw(2 << 8),
+            stdout: vec![],
+            stderr: vec![],
+        };
+        assert!(super::tool_says(&silent).contains("exit"));
+    }
+
     use super::*;
 
     #[test]
