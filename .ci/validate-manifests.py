@@ -20,6 +20,17 @@ def check_snapshot_kinds(path, doc):
             errors.append("driver is required")
         if doc.get("deletionPolicy") not in ("Delete", "Retain"):
             errors.append("deletionPolicy must be Delete or Retain")
+    elif kind == "VolumeSnapshotContent":
+        if not isinstance(doc.get("spec", {}).get("driver"), str):
+            errors.append("spec.driver is required")
+        source = spec.get("source", {})
+        if len([k for k in ("snapshotHandle", "volumeHandle") if source.get(k)]) != 1:
+            errors.append("spec.source needs exactly one of snapshotHandle, volumeHandle")
+        if spec.get("deletionPolicy") not in ("Delete", "Retain"):
+            errors.append("spec.deletionPolicy must be Delete or Retain")
+        ref = spec.get("volumeSnapshotRef", {})
+        if not ref.get("name") or not ref.get("namespace"):
+            errors.append("spec.volumeSnapshotRef needs name and namespace")
     elif kind == "VolumeSnapshot":
         source = spec.get("source", {})
         names = [k for k in ("persistentVolumeClaimName", "volumeSnapshotContentName") if source.get(k)]
@@ -64,6 +75,9 @@ def check_example(path, docs, seen):
             source = d["spec"]["source"].get("persistentVolumeClaimName")
             if source and ("PersistentVolumeClaim", source) not in names:
                 errors.append(f"snapshot {name} needs claim {source} from elsewhere")
+            content = d["spec"]["source"].get("volumeSnapshotContentName")
+            if content and ("VolumeSnapshotContent", content) not in names:
+                errors.append(f"snapshot {name} needs content {content} from elsewhere")
     for e in errors:
         print(f"FAIL {path}: {e}")
     return not errors

@@ -91,8 +91,12 @@ async fn operators_drive_a_volume_through_its_life_with_the_client() {
     assert!(ok && out.contains("\"unit\": \"bytes\""), "{out}");
 
     let snap = json_id(&env, &["snapshot", "create", "snap", &id, "-o", "json"]);
+    // The node that holds each snapshot, for importing it into Kubernetes.
     let (ok, out, _) = strata(&env, &["snapshot", "list", "--source-volume-id", &id]);
-    assert!(ok && out.contains(&snap), "{out}");
+    assert!(
+        ok && out.contains(&snap) && out.contains("NODE") && out.contains("test-node"),
+        "{out}"
+    );
     let (ok, out, _) = strata(&env, &["snapshot", "get", &snap, "-o", "json"]);
     let got: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let created = got[0]["created"].as_str().unwrap_or_default();

@@ -662,3 +662,75 @@ async fn parallel_clones_and_snapshots_of_one_source_all_succeed_while_its_delet
     env.csi.controller.delete_snapshot(delete).await.unwrap();
     env.assert_clean();
 }
+
+/// A pre-provisioned (imported) snapshot, as Kubernetes uses one: a VolumeSnapshotContent
+/// names the snapshot by id; csi-snapshotter on its node asks for its status with
+/// ListSnapshots(snapshot_id) and the restore is a CreateVolume from it. Here the snapshot was
+/// taken by an earlier server on the pool, so nothing but its id and the pool carry over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_snapshot_is_found_by_id_and_restores() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("source", 32 * MIB, ext4()).await.volume_id;
+    let (staging, target) = (env.path("staging"), env.path("target"));
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    env.publish(&id, &staging, &target, ext4(), false)
+        .await
+        .unwrap();
+    fs::write(format!("{target}/kept"), b"imported data").unwrap();
+    let snap = env.snapshot("taken-elsewhere", &id).await.unwrap();
+    env.unpublish(&id, &target).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.restart(None).await;
+
+    let listed = env
+        .csi
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let found = listed.entries[0].snapshot.clone().unwrap();
+    assert_eq!(found, snap);
+    assert!(found.ready_to_use && found.size_bytes == 32 * MIB);
+    let got = env
+        .csi
+        .controller
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.snapshot.unwrap(), snap);
+
+    let mut req = create_req("restored", 32 * MIB, ext4());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(snapshot_source(&snap.snapshot_id)),
+    });
+    let restored = env
+        .csi
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    env.stage(&restored.volume_id, &staging, ext4())
+        .await
+        .unwrap();
+    env.publish(&restored.volume_id, &staging, &target, ext4(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs::read(format!("{target}/kept")).unwrap(),
+        b"imported data"
+    );
+    env.unpublish(&restored.volume_id, &target).await.unwrap();
+    env.unstage(&restored.volume_id, &staging).await.unwrap();
+    env.assert_clean();
+}

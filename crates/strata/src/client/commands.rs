@@ -473,8 +473,18 @@ pub async fn node_expand(
     Ok(())
 }
 
-fn snapshot_rows(snapshots: &[csi::Snapshot]) -> Rows {
-    let mut rows = Rows::new(&["ID", "SOURCE", "SIZE", "CREATED", "READY"]);
+/// The node a driver serves (NodeGetInfo), for the NODE column: snapshots and volumes live
+/// on the node of the endpoint that lists them. Empty when the driver does not say.
+async fn node_of(csi: &mut Csi) -> String {
+    csi.node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .map(|r| r.into_inner().node_id)
+        .unwrap_or_default()
+}
+
+fn snapshot_rows(snapshots: &[csi::Snapshot], node: &str) -> Rows {
+    let mut rows = Rows::new(&["ID", "SOURCE", "SIZE", "CREATED", "READY", "NODE"]);
     for s in snapshots {
         rows.push(vec![
             s.snapshot_id.clone().into(),
@@ -482,6 +492,7 @@ fn snapshot_rows(snapshots: &[csi::Snapshot]) -> Rows {
             Cell::Bytes(s.size_bytes),
             Cell::Time(s.creation_time.as_ref().map(|t| (t.seconds, t.nanos))),
             Cell::Bool(s.ready_to_use),
+            node.into(),
         ]);
     }
     rows
@@ -505,8 +516,9 @@ pub async fn snapshot_create(
         .into_inner()
         .snapshot
         .unwrap_or_default();
+    let node = node_of(&mut csi).await;
     created("snapshot", &s.snapshot_id, s.size_bytes, format, || {
-        snapshot_rows(std::slice::from_ref(&s))
+        snapshot_rows(std::slice::from_ref(&s), &node)
     });
     Ok(())
 }
@@ -547,7 +559,8 @@ pub async fn snapshot_list(csi: Csi, source: Option<String>, format: Format) -> 
         }
     })
     .await?;
-    snapshot_rows(&all).print(format);
+    let node = node_of(&mut csi.clone()).await;
+    snapshot_rows(&all, &node).print(format);
     Ok(())
 }
 
@@ -563,7 +576,8 @@ pub async fn snapshot_get(mut csi: Csi, snapshot_id: String, format: Format) -> 
         .into_inner()
         .snapshot
         .unwrap_or_default();
-    snapshot_rows(&[s]).print(format);
+    let node = node_of(&mut csi).await;
+    snapshot_rows(&[s], &node).print(format);
     Ok(())
 }
 
