@@ -7,14 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::model::{
-    AccessType, Capability, CapacityRange, ContentSource, FormatState, MIB, Topology,
-    VOLUME_RECORD_VERSION, VolumeRecord, fs_type_of, min_filesystem_bytes,
+    Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VOLUME_RECORD_VERSION,
+    VolumeRecord,
 };
-use crate::os::MountOptions;
 use crate::validate::{self, is_volume_id, new_volume_id};
-
-/// Parameter keys the external-provisioner adds (`--extra-create-metadata`); accepted as-is.
-const K8S_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// The StorageClass parameters Strata understands (documented in docs/configuration.md).
 pub const STORAGE_CLASS_PARAMETERS: &[&str] = &[
@@ -52,49 +48,6 @@ pub struct Capacity {
 }
 
 impl Driver {
-    /// Whether this driver can serve `cap`; the error says why not.
-    pub fn check_capability(&self, cap: &Capability) -> Result<()> {
-        if cap.access_mode.is_multi_node() {
-            return Err(Error::InvalidArgument(format!(
-                "access mode {:?} is not supported: volumes are local to one node",
-                cap.access_mode
-            )));
-        }
-        match &cap.access_type {
-            AccessType::Block if !self.backend.supports_block() => {
-                Err(Error::InvalidArgument(format!(
-                    "the {} backend offers filesystem volumes only, not raw block",
-                    self.backend.kind()
-                )))
-            }
-            AccessType::Block => Ok(()),
-            AccessType::Mount {
-                fs_type,
-                mount_flags,
-                ..
-            } => {
-                if !self.backend.serves_directories() {
-                    fs_type_of(fs_type)?;
-                }
-                MountOptions::parse(mount_flags).map(drop)
-            }
-        }
-    }
-
-    fn check_parameters(parameters: &BTreeMap<String, String>) -> Result<()> {
-        validate::bounded_map("parameters", parameters)?;
-        match parameters
-            .keys()
-            .find(|k| !k.starts_with(K8S_PARAMETER_PREFIX))
-        {
-            Some(key) => Err(Error::InvalidArgument(format!(
-                "unknown parameter {}: the image backend takes no StorageClass parameters",
-                validate::echo(key)
-            ))),
-            None => Ok(()),
-        }
-    }
-
     pub fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord> {
         let name = validate::required_str("name", &req.name)?;
         if req.capabilities.is_empty() {
@@ -105,7 +58,7 @@ impl Driver {
         for cap in &req.capabilities {
             self.check_capability(cap)?;
         }
-        Self::check_parameters(&req.parameters)?;
+        self.check_parameters(&req.parameters)?;
         if !req.requisite.is_empty() && !req.requisite.iter().any(|t| self.is_this_node(t)) {
             return Err(Error::ResourceExhausted(format!(
                 "none of the requisite topologies is node {:?} ({}); this driver provisions only on its own node",
@@ -270,47 +223,6 @@ impl Driver {
         Ok(())
     }
 
-    /// The smallest size the requested filesystems can be made on, and which one needs it
-    /// (for backends that format devices; directory backends have no such floor).
-    fn filesystem_floor(&self, caps: &[Capability]) -> Result<Option<(String, u64)>> {
-        if self.backend.serves_directories() {
-            return Ok(None);
-        }
-        let mut floor: Option<(String, u64)> = None;
-        for cap in caps {
-            if let AccessType::Mount { fs_type, .. } = &cap.access_type {
-                let fs = fs_type_of(fs_type)?;
-                let min = min_filesystem_bytes(fs);
-                if min > floor.as_ref().map_or(0, |(_, m)| *m) {
-                    floor = Some((fs.to_owned(), min));
-                }
-            }
-        }
-        Ok(floor)
-    }
-
-    /// A restore or clone keeps its source's filesystem: a mount capability naming another
-    /// one is "Source incompatible" (INVALID_ARGUMENT), refused before any copy rather than
-    /// at the first stage. A raw block capability sees the same bytes and is fine.
-    fn check_source_filesystem(&self, caps: &[Capability], format: &FormatState) -> Result<()> {
-        let FormatState::Formatted(source_fs) = format else {
-            return Ok(());
-        };
-        if self.backend.serves_directories() {
-            return Ok(());
-        }
-        for cap in caps {
-            if let AccessType::Mount { fs_type, .. } = &cap.access_type
-                && fs_type_of(fs_type)? != source_fs
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "the source holds a {source_fs} filesystem; request fs_type {source_fs} (or a raw block volume) to restore or clone it"
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// Grows a volume to the requested capacity; returns the new capacity and whether the
     /// node must grow the filesystem (NodeExpandVolume). Never shrinks.
     pub fn expand_volume(&self, id: &str, range: CapacityRange) -> Result<(u64, bool)> {
@@ -412,7 +324,7 @@ impl Driver {
         let unusable = capabilities
             .iter()
             .any(|c| self.check_capability(c).is_err())
-            || Self::check_parameters(parameters).is_err()
+            || self.check_parameters(parameters).is_err()
             || topology.is_some_and(|t| !self.is_this_node(t));
         if unusable {
             return Ok(Capacity {

@@ -1,7 +1,9 @@
 //! Strata's domain core: volumes, backends, the metadata store and host access. Nothing here
 //! knows about gRPC; the `strata` crate converts between CSI messages and these types.
 
+pub mod attachment;
 pub mod backend;
+pub mod capability;
 pub mod controller;
 pub mod driver;
 pub mod error;

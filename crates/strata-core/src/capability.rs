@@ -1,0 +1,116 @@
+//! What a volume may be asked to be: access modes, access types, filesystems and their
+//! minimum sizes, mount flags, and StorageClass parameters. Every RPC that takes a capability
+//! checks it here, each with the code its own error table names.
+
+use std::collections::BTreeMap;
+
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::model::{AccessType, Capability, FormatState, fs_type_of, min_filesystem_bytes};
+use crate::os::MountOptions;
+use crate::validate;
+
+/// StorageClass parameters Kubernetes adds on its own (`csi.storage.k8s.io/...`).
+pub const K8S_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+
+impl Driver {
+    /// Whether this driver can serve `cap`; the error says why not.
+    pub fn check_capability(&self, cap: &Capability) -> Result<()> {
+        if cap.access_mode.is_multi_node() {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {:?} is not supported: volumes are local to one node",
+                cap.access_mode
+            )));
+        }
+        match &cap.access_type {
+            AccessType::Block if !self.backend.supports_block() => {
+                Err(Error::InvalidArgument(format!(
+                    "the {} backend offers filesystem volumes only, not raw block",
+                    self.backend.kind()
+                )))
+            }
+            AccessType::Block => Ok(()),
+            AccessType::Mount {
+                fs_type,
+                mount_flags,
+                ..
+            } => {
+                if !self.backend.serves_directories() {
+                    fs_type_of(fs_type)?;
+                }
+                MountOptions::parse(mount_flags).map(drop)
+            }
+        }
+    }
+
+    /// Checks a capability at the node: what the volume cannot do is FAILED_PRECONDITION
+    /// ("exceeds capabilities"), a malformed field INVALID_ARGUMENT.
+    pub(crate) fn check_node_capability(&self, cap: &Capability) -> Result<()> {
+        if cap.access_mode.is_multi_node() || (cap.is_block() && !self.backend.supports_block()) {
+            return self
+                .check_capability(cap)
+                .map_err(|e| Error::FailedPrecondition(e.to_string()));
+        }
+        self.check_capability(cap)
+    }
+
+    pub(crate) fn check_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
+        validate::bounded_map("parameters", parameters)?;
+        match parameters
+            .keys()
+            .find(|k| !k.starts_with(K8S_PARAMETER_PREFIX))
+        {
+            Some(key) => Err(Error::InvalidArgument(format!(
+                "unknown parameter {}: the {} backend takes no StorageClass parameters (only Kubernetes' own csi.storage.k8s.io/* keys)",
+                validate::echo(key),
+                self.backend.kind()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The smallest size the requested filesystems can be made on, and which one needs it
+    /// (for backends that format devices; directory backends have no such floor).
+    pub(crate) fn filesystem_floor(&self, caps: &[Capability]) -> Result<Option<(String, u64)>> {
+        if self.backend.serves_directories() {
+            return Ok(None);
+        }
+        let mut floor: Option<(String, u64)> = None;
+        for cap in caps {
+            if let AccessType::Mount { fs_type, .. } = &cap.access_type {
+                let fs = fs_type_of(fs_type)?;
+                let min = min_filesystem_bytes(fs);
+                if min > floor.as_ref().map_or(0, |(_, m)| *m) {
+                    floor = Some((fs.to_owned(), min));
+                }
+            }
+        }
+        Ok(floor)
+    }
+
+    /// A restore or clone keeps its source's filesystem: a mount capability naming another
+    /// one is "Source incompatible" (INVALID_ARGUMENT), refused before any copy rather than
+    /// at the first stage. A raw block capability sees the same bytes and is fine.
+    pub(crate) fn check_source_filesystem(
+        &self,
+        caps: &[Capability],
+        format: &FormatState,
+    ) -> Result<()> {
+        let FormatState::Formatted(source_fs) = format else {
+            return Ok(());
+        };
+        if self.backend.serves_directories() {
+            return Ok(());
+        }
+        for cap in caps {
+            if let AccessType::Mount { fs_type, .. } = &cap.access_type
+                && fs_type_of(fs_type)? != source_fs
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "the source holds a {source_fs} filesystem; request fs_type {source_fs} (or a raw block volume) to restore or clone it"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! NodeExpandVolume, and the filesystem growth a stage or an expansion finishes.
+
+use std::path::Path;
+
+use crate::attachment::is_device_node_mount;
+use crate::backend::Attachment;
+use crate::driver::Driver;
+use crate::error::Result;
+use crate::model::CapacityRange;
+
+impl Driver {
+    /// NodeExpandVolume: grows the volume to `range` if it is larger (expansion happens on
+    /// the node that holds the volume; see docs/architecture.md), lets the device see the new
+    /// size, and grows the filesystem mounted at `volume_path` online. Returns the capacity.
+    pub fn node_expand_volume(
+        &self,
+        volume_id: &str,
+        volume_path: &str,
+        range: CapacityRange,
+    ) -> Result<u64> {
+        let record = self.volume(volume_id)?;
+        let volume_path = self.volume_path(volume_id, volume_path)?;
+        let _guard = self.guard(volume_id)?;
+        let dir = self.store.dir(&record.id);
+        let owners = self.owners(&dir)?;
+        let (_, here, att) = self.visible_at(volume_id, &volume_path, &owners)?;
+        let record = self.grow_volume(record, range)?;
+        // Lets an attached device see the image's size (also after a restart between the
+        // image's growth and this call).
+        self.backend.expand(&dir, record.capacity_bytes)?;
+        self.crash.reach("node-expand:before-grow");
+        match &att {
+            // A raw block volume: the refreshed device is all there is to grow.
+            Attachment::Device(dev) if !is_device_node_mount(&here, &att) => self.grow_if_pending(
+                &record.id,
+                &dev.path,
+                Some(&here.mount_point),
+                &here.fs_type,
+            )?,
+            _ => {}
+        }
+        Ok(record.capacity_bytes)
+    }
+
+    /// Grows the filesystem to its device if the volume grew since it was formatted (restored
+    /// into a larger volume, or expanded), then clears the mark.
+    pub(crate) fn grow_if_pending(
+        &self,
+        id: &str,
+        device: &Path,
+        mount_point: Option<&Path>,
+        fs_type: &str,
+    ) -> Result<()> {
+        let mut record = self.volume(id)?;
+        if !record.resize_pending {
+            return Ok(());
+        }
+        self.host.filesystems.grow(device, mount_point, fs_type)?;
+        record.resize_pending = false;
+        self.store.update(record)?;
+        tracing::info!(volume_id = %id, fs_type, online = mount_point.is_some(), "filesystem grown");
+        Ok(())
+    }
+}

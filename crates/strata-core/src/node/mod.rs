@@ -1,0 +1,335 @@
+//! Node operations: stage, publish, and their reverses, volume stats and expansion. What is
+//! staged or published is read from the kernel (mount table, loop devices) on every call, so
+//! a retried call after a crash or a reboot sees the truth and finishes the job.
+//!
+//! Node paths are opened without following symlinks and acted on through their handles
+//! ([`NodePath`]); devices are held open from the check to the mount
+//! ([`Attached`](crate::backend::Attached)); each operation claims its volume and its path, so
+//! two volumes never meet at one path. What is mounted where is in [`crate::attachment`].
+
+mod expand;
+mod publish;
+mod stage;
+mod stats;
+
+use std::path::{Path, PathBuf};
+
+use crate::attachment::Owners;
+use crate::backend::Attachment;
+use crate::driver::{CheckedPath, Driver};
+use crate::error::{Error, Result};
+use crate::model::Capability;
+use crate::os::{MountEntry, NodePath};
+use crate::validate::{absolute_path, bounded_display, echo};
+
+pub use stats::Usage;
+
+#[derive(Debug, Clone)]
+pub struct StageVolume {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub capability: Capability,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishVolume {
+    pub volume_id: String,
+    pub staging_path: Option<PathBuf>,
+    pub target_path: PathBuf,
+    pub capability: Capability,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// `None` when the volume is abnormal and its usage cannot be read.
+    pub usage: Option<Usage>,
+    pub abnormal: Option<String>,
+}
+
+impl Driver {
+    /// The `volume_path` of NodeGetVolumeStats or NodeExpandVolume. Empty is invalid; a path
+    /// Strata never mounts on (relative, outside the allowed directories, in the pool)
+    /// cannot hold the volume: NOT_FOUND, as the spec's tables say for a volume that is not
+    /// at the path.
+    pub(crate) fn volume_path(&self, volume_id: &str, raw: &str) -> Result<CheckedPath> {
+        if raw.is_empty() {
+            return Err(Error::InvalidArgument("volume_path is required".into()));
+        }
+        absolute_path("volume_path", raw)
+            .and_then(|p| self.node_path("volume_path", &p))
+            .map_err(|_| not_at(volume_id, raw))
+    }
+
+    /// The volume's mount at `path` (its filesystem, a bind of it, or its device node), with
+    /// the node opened there and the volume's attachment; NOT_FOUND when the path does not
+    /// show the volume.
+    pub(crate) fn visible_at(
+        &self,
+        volume_id: &str,
+        path: &CheckedPath,
+        owners: &Owners,
+    ) -> Result<(NodePath, MountEntry, Attachment)> {
+        let not_here = || not_at(volume_id, &path.path.to_string_lossy());
+        let att = owners.attachment.clone().ok_or_else(not_here)?;
+        match self.mount_at(path)? {
+            Some((node, Some(entry))) if owners.show(&entry) => Ok((node, entry, att)),
+            _ => Err(not_here()),
+        }
+    }
+
+    /// For NodeUnstageVolume and NodeUnpublishVolume: a path Strata never mounts on holds
+    /// nothing of a volume's, so there is nothing to undo there (the spec's answer for a
+    /// volume not staged or published at a path is OK). `None` then, with a warning.
+    pub(crate) fn undo_path(
+        &self,
+        field: &str,
+        volume_id: &str,
+        path: &Path,
+    ) -> Result<Option<CheckedPath>> {
+        match self.node_path(field, path) {
+            Ok(checked) => Ok(Some(checked)),
+            Err(e) => {
+                self.volume(volume_id)?;
+                tracing::warn!(volume_id, error = %e, "nothing to undo: Strata never mounts there");
+                Ok(None)
+            }
+        }
+    }
+}
+
+pub(crate) fn not_at(volume_id: &str, path: &str) -> Error {
+    Error::NotFound(format!(
+        "volume {volume_id} is not staged or published at {}",
+        echo(path)
+    ))
+}
+
+pub(crate) fn still_published(volume_id: &str, m: &MountEntry) -> Error {
+    Error::FailedPrecondition(format!(
+        "volume {volume_id} is still published at {}: unpublish it first",
+        bounded_display(&m.mount_point)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::image::ImageBackend;
+    use crate::controller::CreateVolume;
+    use crate::driver::Config;
+    use crate::fault::FaultPoints;
+    use crate::model::{AccessMode, AccessType, FormatState, MIB};
+    use crate::os::fake::FakeHost;
+
+    struct Fixture {
+        _pool: tempfile::TempDir,
+        fake: Arc<FakeHost>,
+        driver: Driver,
+    }
+
+    fn fixture() -> Fixture {
+        let pool = tempfile::tempdir().unwrap();
+        let fake = FakeHost::new();
+        let host = fake.host();
+        let config = Config {
+            driver_name: "strata.csi.dev".into(),
+            node_id: "n1".into(),
+            pool: pool.path().to_owned(),
+            max_volumes_per_node: 0,
+            topology_key: "strata.csi.dev/node".into(),
+            allowed_path_prefixes: vec!["/".into()],
+            forbidden_paths: vec![],
+        };
+        let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
+        let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
+        Fixture {
+            _pool: pool,
+            fake,
+            driver,
+        }
+    }
+
+    fn mount(mode: AccessMode) -> Capability {
+        Capability {
+            access_type: AccessType::Mount {
+                fs_type: "ext4".into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+            access_mode: mode,
+        }
+    }
+
+    fn create(d: &Driver) -> String {
+        d.create_volume(CreateVolume {
+            name: "v".into(),
+            capabilities: vec![mount(AccessMode::SingleNodeWriter)],
+            capacity: crate::model::CapacityRange {
+                required: 16 * MIB,
+                limit: 0,
+            },
+            ..Default::default()
+        })
+        .unwrap()
+        .id
+    }
+
+    fn stage(d: &Driver, id: &str) -> Result<()> {
+        d.stage_volume(StageVolume {
+            volume_id: id.into(),
+            staging_path: "/stage".into(),
+            capability: mount(AccessMode::SingleNodeWriter),
+        })
+    }
+
+    fn publish(
+        d: &Driver,
+        id: &str,
+        target: &str,
+        read_only: bool,
+        mode: AccessMode,
+    ) -> Result<()> {
+        d.publish_volume(PublishVolume {
+            volume_id: id.into(),
+            staging_path: Some("/stage".into()),
+            target_path: PathBuf::from(target),
+            capability: mount(mode),
+            read_only,
+        })
+    }
+
+    #[test]
+    fn staging_formats_once_and_survives_a_reboot() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        stage(&f.driver, &id).unwrap();
+        assert_eq!(f.fake.lock().formats, 1);
+        assert_eq!(f.fake.lock().mounts.len(), 1);
+        assert_eq!(
+            f.driver.store.get(&id).unwrap().format,
+            FormatState::Formatted("ext4".into())
+        );
+        f.fake.reboot();
+        stage(&f.driver, &id).unwrap();
+        assert_eq!(
+            f.fake.lock().formats,
+            1,
+            "an existing filesystem is mounted, not reformatted"
+        );
+        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        assert!(f.fake.lock().mounts.is_empty());
+        assert!(f.fake.lock().loops.is_empty());
+    }
+
+    #[test]
+    fn an_mkfs_cut_short_by_a_crash_is_redone() {
+        let f = fixture();
+        let id = create(&f.driver);
+        let mut rec = f.driver.store.get(&id).unwrap();
+        rec.format = FormatState::Formatting("ext4".into());
+        f.driver.store.update(rec).unwrap();
+        // The partial mkfs left a signature behind.
+        let image = f.driver.store.dir(&id).join("image");
+        f.fake.lock().filesystems.insert(image, "ext4".into());
+        stage(&f.driver, &id).unwrap();
+        assert_eq!(f.fake.lock().formats, 1);
+    }
+
+    #[test]
+    fn publish_and_unstage_conflicts_get_the_spec_codes() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        publish(&f.driver, &id, "/t1", false, AccessMode::SingleNodeWriter).unwrap();
+        publish(&f.driver, &id, "/t1", false, AccessMode::SingleNodeWriter).unwrap();
+        assert!(matches!(
+            publish(&f.driver, &id, "/t1", true, AccessMode::SingleNodeWriter),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            publish(&f.driver, &id, "/t2", false, AccessMode::SingleNodeWriter),
+            Err(Error::FailedPrecondition(_))
+        ));
+        publish(
+            &f.driver,
+            &id,
+            "/t2",
+            true,
+            AccessMode::SingleNodeMultiWriter,
+        )
+        .unwrap();
+        assert!(matches!(
+            f.driver.unstage_volume(&id, Path::new("/stage")),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            f.driver.delete_volume(&id),
+            Err(Error::FailedPrecondition(_))
+        ));
+        f.driver.unpublish_volume(&id, Path::new("/t1")).unwrap();
+        f.driver.unpublish_volume(&id, Path::new("/t2")).unwrap();
+        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        f.driver.delete_volume(&id).unwrap();
+    }
+
+    #[test]
+    fn unstage_where_the_volume_is_not_staged_answers_ok_and_touches_nothing() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        // Staged at /stage; an unstage at another path is a no-op (the spec's rule).
+        f.driver
+            .unstage_volume(&id, Path::new("/elsewhere"))
+            .unwrap();
+        assert_eq!(f.fake.lock().mounts.len(), 1);
+        assert_eq!(f.fake.lock().loops.len(), 1);
+        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        assert!(f.fake.lock().mounts.is_empty());
+    }
+
+    #[test]
+    fn a_concurrent_operation_on_the_same_volume_is_aborted() {
+        let f = fixture();
+        let id = create(&f.driver);
+        let _busy = f.driver.guard(&id).unwrap();
+        assert!(matches!(stage(&f.driver, &id), Err(Error::Aborted(_))));
+        assert!(matches!(
+            f.driver.delete_volume(&id),
+            Err(Error::Aborted(_))
+        ));
+    }
+
+    #[test]
+    fn stats_report_usage_of_the_mounted_filesystem() {
+        let f = fixture();
+        let id = create(&f.driver);
+        stage(&f.driver, &id).unwrap();
+        // Staged, but not at these paths: NOT_FOUND, however the path is spelled.
+        for elsewhere in ["/proc", "/var/lib/kubelet/other", "some/path", "/etc/x"] {
+            assert!(
+                matches!(
+                    f.driver.volume_stats(&id, elsewhere),
+                    Err(Error::NotFound(_))
+                ),
+                "{elsewhere}"
+            );
+        }
+        assert!(matches!(
+            f.driver.volume_stats(&id, ""),
+            Err(Error::InvalidArgument(_))
+        ));
+        let here = "/var/lib/kubelet/stage";
+        f.fake.lock().mounts[0].mount_point = here.into();
+        let s = f.driver.volume_stats(&id, here).unwrap();
+        assert!(matches!(s.usage, Some(Usage::Filesystem(_))));
+        assert_eq!(s.abnormal, None);
+        // The filesystem remounted itself read-only after errors.
+        f.fake.lock().mounts[0].super_options = vec!["ro".into()];
+        let s = f.driver.volume_stats(&id, here).unwrap();
+        assert!(s.abnormal.unwrap().contains("read-only after errors"));
+    }
+}

@@ -1,0 +1,179 @@
+//! NodePublishVolume and NodeUnpublishVolume: bind the staged volume (or its device) onto the target with the requested flags, and undo.
+
+use std::path::Path;
+
+use crate::attachment::{is_device_node_mount, is_node_bind, shows};
+use crate::backend::Attachment;
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::model::AccessType;
+use crate::os::{Create, MountEntry, MountOptions, NodePath};
+use crate::validate::bounded_display;
+
+use super::PublishVolume;
+
+impl Driver {
+    pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
+        let target = self.node_path("target_path", &req.target_path)?;
+        let staging = req
+            .staging_path
+            .as_deref()
+            .map(|p| self.node_path("staging_target_path", p))
+            .transpose()?;
+        let _guard = self.guard(&req.volume_id)?;
+        let _path = self.path_guard(&target)?;
+        let record = self.volume(&req.volume_id)?;
+        self.check_node_capability(&req.capability)?;
+        let Some(staging) = &staging else {
+            return Err(Error::FailedPrecondition(
+                "staging_target_path is required: call NodeStageVolume first".into(),
+            ));
+        };
+        let requested = match &req.capability.access_type {
+            AccessType::Mount { mount_flags, .. } => MountOptions::parse(mount_flags)?,
+            AccessType::Block => MountOptions::default(),
+        };
+        let dir = self.store.dir(&record.id);
+        let not_staged = || {
+            Error::FailedPrecondition(format!(
+                "volume {} is not staged at {}: call NodeStageVolume first",
+                record.id,
+                bounded_display(&staging.path)
+            ))
+        };
+        // Opened first: a target that passes through a symlink is refused before anything.
+        let at_target = self.mount_at(&target)?.and_then(|(_, m)| m);
+        let owners = self.owners(&dir)?;
+        let att = owners.attachment.clone().ok_or_else(not_staged)?;
+        // One read of the mount table: every mount of the volume, its read-only devices too.
+        let mounts: Vec<MountEntry> = self
+            .host
+            .mounter
+            .mounts()?
+            .into_iter()
+            .filter(|m| owners.show(m))
+            .collect();
+        let read_only = req.read_only || req.capability.access_mode.is_read_only();
+        let block = req.capability.is_block();
+
+        // What the target shows now: a retried publish of the same kind is done already.
+        if let Some(m) = at_target {
+            let same_kind = block == is_node_bind(&m, &att);
+            if owners.show(&m) && same_kind && m.read_only() == read_only {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "{} already holds {}: unpublish it or choose another target path",
+                bounded_display(&target.path),
+                if owners.show(&m) {
+                    format!(
+                        "this volume published {}",
+                        if m.read_only() {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    )
+                } else {
+                    format!("another mount ({})", m.fs_type)
+                }
+            )));
+        }
+
+        let staged_mount = if block {
+            None
+        } else {
+            let (node, mount) = self.mount_at(staging)?.ok_or_else(not_staged)?;
+            let mount = mount
+                .filter(|m| shows(m, &att) && !is_device_node_mount(m, &att))
+                .ok_or_else(not_staged)?;
+            Some((node, mount))
+        };
+        if let Some(fs_mount) = mounts.iter().find(|m| !is_node_bind(m, &att))
+            && block
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is mounted as a filesystem at {}; it cannot also be published as a raw block device",
+                record.id,
+                bounded_display(&fs_mount.mount_point)
+            )));
+        }
+        let staged_id = staged_mount.as_ref().map(|(_, m)| m.mount_id);
+        let elsewhere = mounts
+            .iter()
+            .find(|m| Some(m.mount_id) != staged_id)
+            .cloned();
+        if let (Some(m), false) = (
+            elsewhere,
+            req.capability.access_mode.allows_several_targets(),
+        ) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is already published at {} and access mode {:?} allows one target: use SINGLE_NODE_MULTI_WRITER to share it",
+                record.id,
+                bounded_display(&m.mount_point),
+                req.capability.access_mode
+            )));
+        }
+
+        let mut flags = requested.per_mount();
+        if read_only {
+            flags.flags |= libc::MS_RDONLY;
+        }
+        if block {
+            // A device node on a nodev mount cannot be opened.
+            flags.flags &= !libc::MS_NODEV;
+            // The kernel does not stop writes through a device node on a read-only mount:
+            // a read-only publish gets a device that refuses writes.
+            let device = if read_only {
+                self.backend.read_only_device(&dir)?
+            } else {
+                let Attachment::Device(dev) = &att else {
+                    return Err(not_staged());
+                };
+                self.host.loops.hold(dev)?.ok_or_else(not_staged)?
+            };
+            let target_node = self.create_node(&target, Create::File)?;
+            self.crash.reach("publish:before-bind");
+            let bound = self.host.mounter.bind(
+                &NodePath::trusted(&device.device.path),
+                &target_node,
+                &flags,
+            );
+            if bound.is_err() && device.device.read_only {
+                self.release_read_only_devices(&dir)?;
+            }
+            return bound;
+        }
+        let (staged_node, staged) = staged_mount.ok_or_else(not_staged)?;
+        // The stage's own flags (noexec...) stay on every publish of it.
+        let flags = flags.with(&MountOptions::from_names(&staged.options));
+        let target_node = self.create_node(&target, Create::Directory)?;
+        self.crash.reach("publish:before-bind");
+        self.host.mounter.bind(&staged_node, &target_node, &flags)
+    }
+
+    pub fn unpublish_volume(&self, volume_id: &str, target_path: &Path) -> Result<()> {
+        let Some(target) = self.undo_path("target_path", volume_id, target_path)? else {
+            return Ok(());
+        };
+        let _guard = self.guard(volume_id)?;
+        let _path = self.path_guard(&target)?;
+        let record = self.volume(volume_id)?;
+        let dir = self.store.dir(&record.id);
+        let owners = self.owners(&dir)?;
+        let Some(node) = self.open_node(&target, Create::Nothing)? else {
+            return Ok(());
+        };
+        let node = self.unmount_ours(node, &owners)?;
+        self.crash.reach("unpublish:after-unmount");
+        self.release_read_only_devices(&dir)?;
+        // Only what a publish creates is removed: an empty directory or an empty file.
+        if let Some(node) = node
+            && !self.host.mounter.remove_if_created(&node)?
+        {
+            tracing::warn!(volume_id, target_path = %bounded_display(&node.path),
+                "left the target path in place: it is not an empty directory or an empty file that a publish creates");
+        }
+        Ok(())
+    }
+}

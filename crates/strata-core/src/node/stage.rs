@@ -1,0 +1,253 @@
+//! NodeStageVolume and NodeUnstageVolume: attach, format once, mount at the staging path, and undo.
+
+use std::path::Path;
+
+use crate::attachment::{is_device_node_mount, shows};
+use crate::backend::Attachment;
+use crate::driver::{CheckedPath, Driver};
+use crate::error::{Error, Result};
+use crate::model::{AccessType, FormatState, VolumeRecord, fs_type_of};
+use crate::os::{Create, MountEntry, MountOptions, NodePath, Probe};
+use crate::validate::bounded_display;
+
+use super::{StageVolume, still_published};
+
+impl Driver {
+    pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
+        let staging = self.node_path("staging_target_path", &req.staging_path)?;
+        let _guard = self.guard(&req.volume_id)?;
+        let _path = self.path_guard(&staging)?;
+        let record = self.volume(&req.volume_id)?;
+        self.check_node_capability(&req.capability)?;
+        let dir = self.store.dir(&record.id);
+        let existing = self.mount_at(&staging)?.and_then(|(_, m)| m);
+
+        // Checked before attaching, so a refused stage leaves no loop device behind.
+        let current = self.backend.attachment(&dir)?;
+        if let Some(other) = existing
+            .as_ref()
+            .filter(|m| !current.as_ref().is_some_and(|a| shows(m, a)))
+        {
+            return Err(Error::AlreadyExists(format!(
+                "{} already holds another mount ({} from {}): choose another staging path",
+                bounded_display(&staging.path),
+                other.fs_type,
+                bounded_display(Path::new(&other.source))
+            )));
+        }
+        let for_mount = !req.capability.is_block();
+        // Held from here until the mount holds the device: nobody can detach it and hand it
+        // to another volume while it is probed, formatted and mounted.
+        let attached = self.backend.attach(&dir, for_mount)?;
+        self.crash.reach("stage:after-attach");
+
+        let AccessType::Mount {
+            fs_type,
+            mount_flags,
+            ..
+        } = &req.capability.access_type
+        else {
+            // Raw block: staged means attached; publish binds the device node.
+            if let Some(m) = &existing {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is staged at {} as a {} filesystem, not as a block device",
+                    record.id,
+                    bounded_display(&staging.path),
+                    m.fs_type
+                )));
+            }
+            return Ok(());
+        };
+        let fs_type = if self.backend.serves_directories() {
+            fs_type.as_str()
+        } else {
+            fs_type_of(fs_type)?
+        };
+        let options = MountOptions::parse(mount_flags)?;
+        let att = attached.attachment.clone();
+
+        if let Some(m) = existing {
+            // A bind-mounted directory has the pool's filesystem type, whatever was asked.
+            let fs_differs = matches!(att, Attachment::Device(_)) && m.fs_type != fs_type;
+            if fs_differs || m.read_only() != options.read_only() {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is staged at {} as {} ({}), incompatible with {fs_type} ({})",
+                    record.id,
+                    bounded_display(&staging.path),
+                    m.fs_type,
+                    if m.read_only() { "ro" } else { "rw" },
+                    if options.read_only() { "ro" } else { "rw" },
+                )));
+            }
+            // A retried stage whose online grow failed last time.
+            if let Attachment::Device(dev) = &att {
+                self.grow_if_pending(&record.id, &dev.path, Some(&m.mount_point), fs_type)?;
+            }
+            return Ok(());
+        }
+
+        let dev = match &att {
+            Attachment::Device(dev) => dev.clone(),
+            Attachment::Directory(src) => {
+                let target = self.create_node(&staging, Create::Directory)?;
+                return self.host.mounter.bind(
+                    &NodePath::trusted(&src.path),
+                    &target,
+                    &options.per_mount(),
+                );
+            }
+        };
+        let id = record.id.clone();
+        let staged = self
+            .ensure_filesystem(record, &dev.path, fs_type)
+            // ext2/3/4 grow before mounting (online growth may be refused by the kernel).
+            .and_then(|()| match fs_type {
+                "xfs" => Ok(()),
+                _ => self.grow_if_pending(&id, &dev.path, None, fs_type),
+            })
+            .and_then(|()| self.create_node(&staging, Create::Directory))
+            .and_then(|target| {
+                self.host
+                    .mounter
+                    .mount_device(&dev.path, &target, fs_type, &options)?;
+                Ok(target)
+            });
+        match staged {
+            Ok(target) => {
+                // From now on the kernel frees the loop device when the last mount goes.
+                self.backend.release_on_unmount(&attached)?;
+                drop(attached);
+                // xfs grows only while mounted; xfs_growfs finds the filesystem by its mount
+                // point as the mount table names it.
+                let mount_point = match self.host.mounter.reopen(&target)? {
+                    Some(node) => self.host.mounter.mount_at(&node)?.map(|m| m.mount_point),
+                    None => None,
+                };
+                self.grow_if_pending(&id, &dev.path, mount_point.as_deref(), fs_type)
+            }
+            Err(e) => {
+                drop(attached);
+                if self.mounts_of(&att)?.is_empty() {
+                    let _ = self.backend.detach(&dir);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens (creating) a checked node path of the given kind.
+    pub(crate) fn create_node(&self, path: &CheckedPath, create: Create) -> Result<NodePath> {
+        let node = self
+            .open_node(path, create)?
+            .ok_or_else(|| Error::Internal(format!("{} vanished", path.path.display())))?;
+        let want_dir = create == Create::Directory;
+        if node.is_dir != want_dir {
+            return Err(Error::InvalidArgument(format!(
+                "{} is {}; a {} volume needs {}",
+                bounded_display(&path.path),
+                if node.is_dir {
+                    "a directory"
+                } else {
+                    "not a directory"
+                },
+                if want_dir { "filesystem" } else { "raw block" },
+                if want_dir {
+                    "a directory"
+                } else {
+                    "a file to bind the device onto"
+                }
+            )));
+        }
+        Ok(node)
+    }
+
+    /// Formats the device if it holds nothing yet; never formats over data.
+    pub(crate) fn ensure_filesystem(
+        &self,
+        mut record: VolumeRecord,
+        device: &Path,
+        fs_type: &str,
+    ) -> Result<()> {
+        let interrupted = matches!(record.format, FormatState::Formatting(_));
+        match self.host.filesystems.probe(device)? {
+            Probe::Filesystem(found) if !interrupted => {
+                return if found == fs_type {
+                    Ok(())
+                } else {
+                    Err(Error::FailedPrecondition(format!(
+                        "volume {} holds a {found} filesystem, not {fs_type}: request fs_type {found}",
+                        record.id
+                    )))
+                };
+            }
+            Probe::Other(what) if !interrupted => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} holds {what}, not a filesystem; it is left untouched",
+                    record.id
+                )));
+            }
+            Probe::Empty
+                if !interrupted && self.backend.has_data(&self.store.dir(&record.id))? =>
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} holds data but no filesystem (was it written as a raw block device?); it is left untouched",
+                    record.id
+                )));
+            }
+            // Empty, or only what an mkfs cut short by a crash left behind.
+            _ => {}
+        }
+        record.format = FormatState::Formatting(fs_type.to_owned());
+        self.store.update(record.clone())?;
+        self.host.filesystems.format(device, fs_type)?;
+        self.crash.reach("stage:after-format");
+        record.format = FormatState::Formatted(fs_type.to_owned());
+        self.store.update(record)?;
+        tracing::info!(device = %device.display(), fs_type, "formatted a new volume");
+        Ok(())
+    }
+
+    pub fn unstage_volume(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let Some(staging) = self.undo_path("staging_target_path", volume_id, staging_path)? else {
+            return Ok(());
+        };
+        let _guard = self.guard(volume_id)?;
+        let _path = self.path_guard(&staging)?;
+        let record = self.volume(volume_id)?;
+        let dir = self.store.dir(&record.id);
+        let owners = self.owners(&dir)?;
+        let Some(att) = &owners.attachment else {
+            // Not attached, so nothing of this volume can be mounted: not staged.
+            return Ok(());
+        };
+        let here = self
+            .mount_at(&staging)?
+            .and_then(|(node, m)| m.filter(|m| shows(m, att)).map(|m| (node, m)));
+        let others: Vec<MountEntry> = self
+            .host
+            .mounter
+            .mounts()?
+            .into_iter()
+            .filter(|m| {
+                owners.show(m) && here.as_ref().is_none_or(|(_, h)| h.mount_id != m.mount_id)
+            })
+            .collect();
+        let Some((node, _)) = here else {
+            // Not staged at this path. Staged at another one: nothing to do here (the spec's
+            // rule). A block volume (staged = attached) with no publish left is detached.
+            if others.iter().any(|m| !is_device_node_mount(m, att)) {
+                return Ok(());
+            }
+            if let Some(m) = others.first() {
+                return Err(still_published(volume_id, m));
+            }
+            return self.backend.detach(&dir);
+        };
+        if let Some(m) = others.first() {
+            return Err(still_published(volume_id, m));
+        }
+        self.unmount_ours(node, &owners)?;
+        self.crash.reach("unstage:after-unmount");
+        self.backend.detach(&dir)
+    }
+}
