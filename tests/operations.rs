@@ -215,3 +215,36 @@ async fn pool_release_frees_the_pool_image_only_when_nothing_uses_it() {
     env.unstage(&id, &staging).await.unwrap();
     env.assert_clean();
 }
+
+#[test]
+fn bad_serve_options_are_refused_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let sock = format!("unix://{}/csi.sock", dir.path().display());
+    for bad in [
+        vec!["--pool-image", "100Mi"],
+        vec!["--pool-image", "1Gi", "--backend", "btrfs"],
+        vec!["--driver-name", "not a name"],
+        vec!["--max-volumes=-1"],
+        vec!["--allowed-path-prefix", "relative/dir"],
+        vec!["--allowed-path-prefix", "/"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["serve", "--node-id", "n", "--endpoint", &sock, "--pool"])
+            .arg(&pool)
+            .args(&bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.lines().count() <= 2 && err.contains("--"),
+            "{bad:?}: {err}"
+        );
+        assert!(!pool.exists(), "{bad:?} made the pool");
+        assert!(
+            !dir.path().join("csi.sock").exists(),
+            "{bad:?} bound the socket"
+        );
+    }
+}

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod transport;
+pub mod units;

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use strata::client::commands::{self, CapabilityArgs, SourceArgs, parse_size};
+use strata::client::commands::{self, CapabilityArgs, SourceArgs};
 use strata::client::output::Format;
 use strata::endpoint::Endpoint;
-use strata::server::BackendKind;
+use strata::units::parse_size;
 use strata::{bench, client, server};
 
 #[derive(Parser)]
@@ -53,43 +53,7 @@ struct ClientArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
-    Serve {
-        /// Where to listen: unix:///PATH (mode 0600) or tcp://127.0.0.1:PORT.
-        #[arg(long, env = "CSI_ENDPOINT")]
-        endpoint: Endpoint,
-        /// This node's id, as reported by NodeGetInfo and in volume topology.
-        #[arg(long, env = "NODE_ID")]
-        node_id: String,
-        /// Pool directory holding the volumes (created if missing).
-        #[arg(long)]
-        pool: PathBuf,
-        /// CSI driver name.
-        #[arg(long, default_value = "strata.csi.dev")]
-        driver_name: String,
-        /// Maximum volumes per node reported to the orchestrator (0: no limit).
-        #[arg(long, default_value_t = 0)]
-        max_volumes: i64,
-        /// Topology key naming this node (default: <driver-name>/node).
-        #[arg(long)]
-        topology_key: Option<String>,
-        /// Create (once) and mount an xfs filesystem with reflink on a sparse image of this
-        /// size inside the pool directory, so snapshots are instant on any host filesystem.
-        #[arg(long, value_parser = parse_size)]
-        pool_image: Option<u64>,
-        /// Storage backend.
-        #[arg(long, value_enum, default_value_t = BackendKind::Image)]
-        backend: BackendKind,
-        /// Directory staging and target paths must lie under; repeatable. Default: the
-        /// kubelet directory (/var/lib/kubelet) and the system temp directory.
-        #[arg(long = "allowed-path-prefix")]
-        allowed_path_prefixes: Vec<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9808.
-        #[arg(long)]
-        metrics_address: Option<std::net::SocketAddr>,
-        /// Serve a liveness check at http://ADDRESS/healthz (may equal --metrics-address).
-        #[arg(long)]
-        health_address: Option<std::net::SocketAddr>,
-    },
+    Serve(server::ServeOptions),
     /// Show a driver's identity, readiness and node info.
     Info(ClientArgs),
     /// Controller operations on volumes.
@@ -338,39 +302,7 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 
 async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve {
-            endpoint,
-            node_id,
-            pool,
-            driver_name,
-            max_volumes,
-            topology_key,
-            pool_image,
-            backend,
-            metrics_address,
-            health_address,
-            mut allowed_path_prefixes,
-        } => {
-            if allowed_path_prefixes.is_empty() {
-                allowed_path_prefixes = vec!["/var/lib/kubelet".into(), std::env::temp_dir()];
-            }
-            server::serve(server::ServeOptions {
-                endpoint,
-                node_id,
-                pool,
-                driver_name,
-                max_volumes,
-                topology_key,
-                pool_image,
-                backend,
-                metrics_address,
-                health_address,
-                allowed_path_prefixes,
-                crash_at: std::env::var("STRATA_CRASH_AT").ok(),
-                delay_at: std::env::var("STRATA_DELAY_AT").ok(),
-            })
-            .await
-        }
+        Command::Serve(opts) => server::serve(opts.with_defaults()).await,
         Command::Info(c) => commands::info(client::connect(&c.endpoint).await?, c.output).await,
         Command::Pool(PoolCommand::Release { pool }) => server::release_pool(&pool),
         Command::Volume(v) => match v {

@@ -36,6 +36,7 @@ use crate::http;
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::service::{ControllerService, IdentityService, NodeService, Services};
 use crate::transport::Normalized;
+use crate::units::parse_size;
 
 /// The storage backends `--backend` chooses from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,26 +49,136 @@ pub enum BackendKind {
     Dir,
 }
 
+/// `strata serve`'s options: the command line (and its environment variables), checked
+/// all together by [`ServeOptions::validate`] before anything is created or mounted.
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeOptions {
+    /// Where to listen: unix:///PATH (mode 0600) or tcp://127.0.0.1:PORT.
+    #[arg(long, env = "CSI_ENDPOINT")]
     pub endpoint: Endpoint,
+    /// This node's id, as reported by NodeGetInfo and in volume topology.
+    #[arg(long, env = "NODE_ID")]
     pub node_id: String,
+    /// Pool directory holding the volumes (created if missing).
+    #[arg(long)]
     pub pool: PathBuf,
+    /// CSI driver name.
+    #[arg(long, default_value = "strata.csi.dev")]
     pub driver_name: String,
+    /// Maximum volumes per node reported to the orchestrator (0: no limit).
+    #[arg(long = "max-volumes", default_value_t = 0)]
     pub max_volumes: i64,
+    /// Topology key naming this node (default: <driver-name>/node).
+    #[arg(long)]
     pub topology_key: Option<String>,
-    /// Size of an xfs pool image to create and mount inside the pool directory.
+    /// Create (once) and mount an xfs filesystem with reflink on a sparse image of this
+    /// size inside the pool directory, so snapshots are instant on any host filesystem.
+    #[arg(long, value_parser = parse_size)]
     pub pool_image: Option<u64>,
+    /// Storage backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Image)]
     pub backend: BackendKind,
-    /// Directories staging and target paths must lie under.
+    /// Directory staging and target paths must lie under; repeatable. Default: the
+    /// kubelet directory (/var/lib/kubelet) and the system temp directory.
+    #[arg(long = "allowed-path-prefix")]
     pub allowed_path_prefixes: Vec<PathBuf>,
-    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9808.
+    #[arg(long)]
     pub metrics_address: Option<SocketAddr>,
-    /// Where to serve the liveness check (`/healthz`), if anywhere.
+    /// Serve a liveness check at http://ADDRESS/healthz (may equal --metrics-address).
+    #[arg(long)]
     pub health_address: Option<SocketAddr>,
     /// Test-only crash point (environment STRATA_CRASH_AT).
+    #[arg(skip)]
     pub crash_at: Option<String>,
     /// Test-only delay point, `point=ms` (environment STRATA_DELAY_AT).
+    #[arg(skip)]
     pub delay_at: Option<String>,
+}
+
+/// The CSI spec's limit on a node id (NodeGetInfoResponse.node_id) and on a driver name.
+const MAX_NODE_ID_BYTES: usize = 256;
+const MAX_DRIVER_NAME_BYTES: usize = 63;
+
+impl ServeOptions {
+    /// Fills in what the environment and the defaults decide: test hooks and the default
+    /// allowed path prefixes.
+    pub fn with_defaults(mut self) -> Self {
+        self.crash_at = std::env::var("STRATA_CRASH_AT").ok();
+        self.delay_at = std::env::var("STRATA_DELAY_AT").ok();
+        if self.allowed_path_prefixes.is_empty() {
+            self.allowed_path_prefixes = vec!["/var/lib/kubelet".into(), std::env::temp_dir()];
+        }
+        self
+    }
+
+    /// Checks every option before any side effect: a bad flag never leaves a half-made pool,
+    /// a mounted image or a bound socket behind.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id.is_empty() || self.node_id.len() > MAX_NODE_ID_BYTES {
+            return Err(format!(
+                "--node-id must be 1 to {MAX_NODE_ID_BYTES} bytes (the Kubernetes node name)"
+            ));
+        }
+        let name_ok = !self.driver_name.is_empty()
+            && self.driver_name.len() <= MAX_DRIVER_NAME_BYTES
+            && self
+                .driver_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+            && self
+                .driver_name
+                .starts_with(|c: char| c.is_ascii_alphanumeric())
+            && self
+                .driver_name
+                .ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !name_ok {
+            return Err(format!(
+                "--driver-name {:?} must be 1 to {MAX_DRIVER_NAME_BYTES} characters of letters, digits, '-', '.' and '_', starting and ending with a letter or digit (CSI rule)",
+                self.driver_name
+            ));
+        }
+        if self.max_volumes < 0 {
+            return Err("--max-volumes must be 0 (no limit) or more".into());
+        }
+        if let Some(key) = &self.topology_key
+            && (key.is_empty() || key.len() > 317 || key.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "--topology-key {key:?} is not a Kubernetes label key"
+            ));
+        }
+        if self.pool_image.is_some() && self.backend == BackendKind::Btrfs {
+            return Err(
+                "--pool-image makes an xfs pool; the btrfs backend needs a btrfs pool".into(),
+            );
+        }
+        if let Some(size) = self.pool_image
+            && size < strata_core::pool_image::MIN_POOL_IMAGE
+        {
+            return Err(format!(
+                "--pool-image must be at least {} MiB (the xfs minimum)",
+                strata_core::pool_image::MIN_POOL_IMAGE >> 20
+            ));
+        }
+        if let Some(p) = self.allowed_path_prefixes.iter().find(|p| !p.is_absolute()) {
+            return Err(format!(
+                "--allowed-path-prefix {} must be an absolute path",
+                p.display()
+            ));
+        }
+        if let Some(p) = self
+            .allowed_path_prefixes
+            .iter()
+            .find(|p| p.as_path() == Path::new("/"))
+        {
+            return Err(format!(
+                "--allowed-path-prefix {} would allow every path on the node; name the directories the orchestrator uses",
+                p.display()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The pool directory, locked (`flock`) for the life of the process: one server per pool.
@@ -129,13 +240,11 @@ fn add_once(mut all: Vec<PathBuf>, p: PathBuf) -> Vec<PathBuf> {
 
 /// Opens (creating if needed) the pool, locks it and reconciles it.
 pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), String> {
+    opts.validate()?;
     fs::create_dir_all(&opts.pool)
         .map_err(|e| format!("create pool {}: {e}", opts.pool.display()))?;
     let dir = fs::canonicalize(&opts.pool)
         .map_err(|e| format!("resolve pool {}: {e}", opts.pool.display()))?;
-    if opts.pool_image.is_some() && opts.backend == BackendKind::Btrfs {
-        return Err("--pool-image makes an xfs pool; the btrfs backend needs a btrfs pool".into());
-    }
     let lock = lock_pool(&dir)?;
     let host = Host::linux();
     let pool = match opts.pool_image {

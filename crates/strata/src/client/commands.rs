@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use csi::volume_capability::{AccessType, BlockVolume, MountVolume, access_mode::Mode};
 use csi_proto as csi;
 
-use super::output::{Cell, Format, Rows, human_bytes};
+use super::output::{Cell, Format, Rows};
 use super::{Csi, status_error};
-use crate::service::convert::csi_access_mode;
+use crate::units::human_bytes;
 
 /// How a volume is to be used, from the command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -63,37 +63,9 @@ impl CapabilityArgs {
                     volume_mount_group: String::new(),
                 })
             }),
-            access_mode: csi_access_mode(mode),
+            access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
         }
     }
-}
-
-/// Parses sizes such as `1073741824`, `64Mi`, `1G`, `512MiB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64Mi or 1G"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KB" => 1000,
-        "Ki" | "KiB" => 1 << 10,
-        "M" | "MB" => 1_000_000,
-        "Mi" | "MiB" => 1 << 20,
-        "G" | "GB" => 1_000_000_000,
-        "Gi" | "GiB" => 1 << 30,
-        "T" | "TB" => 1_000_000_000_000,
-        "Ti" | "TiB" => 1 << 40,
-        u => {
-            return Err(format!(
-                "unknown size unit {u:?}; use Ki, Mi, Gi, Ti or K, M, G, T"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn condition(c: Option<&csi::VolumeCondition>) -> String {
@@ -579,20 +551,4 @@ pub async fn snapshot_get(mut csi: Csi, snapshot_id: String, format: Format) -> 
     let node = node_of(&mut csi).await;
     snapshot_rows(&[s], &node).print(format);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("64Mi").unwrap(), 64 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1_000_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("1Q").is_err());
-        assert!(parse_size("99999999999Ti").is_err());
-    }
 }

@@ -1,5 +1,7 @@
 //! Table and JSON output for the client commands.
 
+use crate::units::human_bytes;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Table,
@@ -52,27 +54,6 @@ impl Cell {
             Cell::Time(None) => Value::Null,
         }
     }
-}
-
-/// Sizes as people write them: `256Mi`, `1Gi`, `1.5Gi`, `512B`.
-pub fn human_bytes(n: i64) -> String {
-    const UNITS: [(i64, &str); 5] = [
-        (1 << 50, "Pi"),
-        (1 << 40, "Ti"),
-        (1 << 30, "Gi"),
-        (1 << 20, "Mi"),
-        (1 << 10, "Ki"),
-    ];
-    for (size, suffix) in UNITS {
-        if n.abs() >= size {
-            return if n % size == 0 {
-                format!("{}{suffix}", n / size)
-            } else {
-                format!("{:.1}{suffix}", n as f64 / size as f64)
-            };
-        }
-    }
-    format!("{n}B")
 }
 
 /// A UTC timestamp in RFC 3339, to the second (with a fraction only when there is one).
@@ -207,11 +188,6 @@ mod tests {
 
     #[test]
     fn sizes_and_dates() {
-        assert_eq!(human_bytes(1 << 30), "1Gi");
-        assert_eq!(human_bytes(16 << 20), "16Mi");
-        assert_eq!(human_bytes(1536), "1.5Ki");
-        assert_eq!(human_bytes(512), "512B");
-        assert_eq!(human_bytes(0), "0B");
         assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(-1, 0), "1969-12-31T23:59:59Z");
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use csi::volume_capability::{AccessMode as CsiMode, access_mode::Mode};
+use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use strata_core::controller::VolumeStatus;
 use strata_core::model::{
@@ -146,13 +146,10 @@ pub fn volume_condition(abnormal: Option<String>) -> csi::VolumeCondition {
 }
 
 /// A CSI access-mode message, for clients building requests.
-pub fn csi_access_mode(mode: Mode) -> Option<CsiMode> {
-    Some(CsiMode { mode: mode as i32 })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use csi::volume_capability::AccessMode as CsiMode;
 
     #[test]
     fn missing_parts_of_a_capability_are_invalid() {
@@ -175,7 +172,9 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         let ok = csi::VolumeCapability {
-            access_mode: csi_access_mode(Mode::SingleNodeWriter),
+            access_mode: Some(CsiMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
             ..no_mode
         };
         assert!(capability(&ok).unwrap().is_block());
