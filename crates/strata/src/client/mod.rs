@@ -1,7 +1,10 @@
 //! `strata` as a CSI client: talks to any CSI endpoint and prints tables or JSON.
 
-pub mod commands;
+pub mod node;
 pub mod output;
+pub mod shared;
+pub mod snapshot;
+pub mod volume;
 
 use csi_proto::{
     controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
@@ -10,7 +13,68 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint, Uri};
 
+use csi_proto as csi;
+
 use crate::endpoint::Endpoint;
+use output::{Cell, Format, Rows};
+
+/// Where a client command connects and how it prints: every client command takes these.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// CSI endpoint to talk to.
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///run/strata/csi.sock"
+    )]
+    pub endpoint: Endpoint,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+/// `strata info`: a driver's identity, readiness and node.
+pub async fn info(args: ClientArgs) -> Result<(), String> {
+    let csi = connect(&args.endpoint).await?;
+    show_info(csi, args.output).await
+}
+
+async fn show_info(mut csi: Csi, format: Format) -> Result<(), String> {
+    let info = csi
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .map_err(|s| status_error("GetPluginInfo", s))?
+        .into_inner();
+    let probe = csi.identity.probe(csi::ProbeRequest {}).await;
+    let node = csi
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .map(|r| r.into_inner());
+    let mut rows = Rows::new(&["FIELD", "VALUE"]);
+    rows.push(vec!["name".into(), info.name.into()]);
+    rows.push(vec!["version".into(), info.vendor_version.into()]);
+    match probe {
+        Ok(p) => rows.push(vec![
+            "ready".into(),
+            Cell::Bool(p.into_inner().ready.unwrap_or(true)),
+        ]),
+        Err(s) => {
+            rows.push(vec!["ready".into(), Cell::Bool(false)]);
+            rows.push(vec!["not_ready_because".into(), s.message().into()]);
+        }
+    }
+    if let Ok(n) = node {
+        rows.push(vec!["node_id".into(), n.node_id.into()]);
+        rows.push(vec![
+            "max_volumes_per_node".into(),
+            Cell::Number(n.max_volumes_per_node),
+        ]);
+    }
+    rows.print(format);
+    Ok(())
+}
 
 /// Clients of the three services over one connection.
 #[derive(Clone)]

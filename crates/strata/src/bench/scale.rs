@@ -1,0 +1,150 @@
+//! `strata bench scale`: many volumes created, listed and deleted; the driver's memory.
+
+use std::fs;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use csi_proto as csi;
+
+use crate::client::Csi;
+use crate::client::output::Format;
+use crate::client::shared::{CapabilityArgs, ModeArg};
+
+use super::{Latencies, Report, timed};
+
+/// Resident memory of process `pid` in KiB.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Creates `volumes` volumes, lists them all page by page, and deletes them unless `keep`.
+pub async fn scale(
+    csi: Csi,
+    volumes: usize,
+    concurrency: usize,
+    page: i32,
+    keep: bool,
+    pid: Option<u32>,
+    format: Format,
+) -> Result<(), String> {
+    let mut rss = vec![];
+    let mut sample = |when: &'static str| {
+        if let Some(kib) = pid.and_then(rss_kib) {
+            rss.push((when, kib));
+        }
+    };
+    sample("before");
+    let lat = Arc::new(Latencies::default());
+    let cap = CapabilityArgs::ext4(ModeArg::SingleNodeMultiWriter).to_csi();
+    let start = Instant::now();
+    let ids = Arc::new(Mutex::new(vec![]));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for _ in 0..concurrency.max(1) {
+        let (mut csi, lat, next, ids, cap) = (
+            csi.clone(),
+            lat.clone(),
+            next.clone(),
+            ids.clone(),
+            cap.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= volumes {
+                    return Ok::<(), String>(());
+                }
+                let v = timed(
+                    &lat,
+                    "CreateVolume",
+                    csi.controller.create_volume(csi::CreateVolumeRequest {
+                        name: format!("scale-{}-{n}", std::process::id()),
+                        capacity_range: Some(csi::CapacityRange {
+                            required_bytes: 64 << 20,
+                            limit_bytes: 0,
+                        }),
+                        volume_capabilities: vec![cap.clone()],
+                        ..Default::default()
+                    }),
+                )
+                .await?;
+                ids.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(v.volume.unwrap_or_default().volume_id);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    sample("after creates");
+    let mut csi_list = csi.clone();
+    let list_start = Instant::now();
+    let mut token = String::new();
+    let mut seen = 0;
+    loop {
+        let r = timed(
+            &lat,
+            "ListVolumes (page)",
+            csi_list.controller.list_volumes(csi::ListVolumesRequest {
+                max_entries: page,
+                starting_token: token,
+            }),
+        )
+        .await?;
+        seen += r.entries.len();
+        if r.next_token.is_empty() {
+            break;
+        }
+        token = r.next_token;
+    }
+    lat.record("ListVolumes (all pages)", list_start.elapsed());
+    sample("after listing");
+    eprintln!("listed {seen} volumes");
+    let mut ids: Vec<String> = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
+    if keep {
+        ids.clear();
+    }
+    let chunks: Vec<Vec<String>> = ids
+        .chunks(ids.len().div_ceil(concurrency.max(1)).max(1))
+        .map(|c| c.to_vec())
+        .collect();
+    let mut tasks = vec![];
+    for chunk in chunks {
+        let (mut csi, lat) = (csi.clone(), lat.clone());
+        tasks.push(tokio::spawn(async move {
+            for id in chunk {
+                timed(
+                    &lat,
+                    "DeleteVolume",
+                    csi.controller.delete_volume(csi::DeleteVolumeRequest {
+                        volume_id: id,
+                        secrets: Default::default(),
+                    }),
+                )
+                .await?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    sample("at the end");
+    Report {
+        scenario: "scale",
+        volumes,
+        concurrency,
+        seconds,
+        volumes_per_second: volumes as f64 / seconds,
+        rpcs: lat.summary(),
+        rss_kib: rss,
+    }
+    .print(format);
+    Ok(())
+}
