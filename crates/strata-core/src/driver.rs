@@ -175,9 +175,9 @@ impl Driver {
                 "pool {what}; check the pool directory and its filesystem"
             ))
         };
-        let probe = self.config.pool.join(".probe");
-        fs::write(&probe, b"ok")
-            .and_then(|_| fs::remove_file(&probe))
+        self.host
+            .filesystems
+            .check_writable(&self.config.pool)
             .map_err(|e| {
                 unhealthy(format!(
                     "{} is not writable: {e}",

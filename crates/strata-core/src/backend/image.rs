@@ -3,7 +3,6 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,17 +37,7 @@ impl ImageBackend {
     /// Whether the pool shares extents, tried on two scratch files: decides whether snapshots
     /// cost O(1) or O(data).
     pub fn detect_copy_method(&self) -> Result<CopyMethod> {
-        let (a, b) = (
-            self.pool.join(".reflink-probe-a"),
-            self.pool.join(".reflink-probe-b"),
-        );
-        let _ = fs::remove_file(&a);
-        let _ = fs::remove_file(&b);
-        fs::write(&a, [0u8; 4096]).ctx(|| format!("write {}", a.display()))?;
-        let method = self.host.filesystems.clone_file(&a, &b);
-        let _ = fs::remove_file(&a);
-        let _ = fs::remove_file(&b);
-        method
+        self.host.filesystems.copy_method_in(&self.pool)
     }
 
     /// Extends an image to `size` bytes (never shrinks it), durably.
@@ -185,18 +174,7 @@ impl Backend for ImageBackend {
     }
 
     fn has_data(&self, dir: &Path) -> Result<bool> {
-        let path = Self::image(dir);
-        let file = File::open(&path).ctx(|| format!("open {}", path.display()))?;
-        // SAFETY: lseek on an open fd has no memory effects.
-        let pos = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
-        if pos >= 0 {
-            return Ok(true);
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENXIO) => Ok(false),
-            // A filesystem without SEEK_DATA: assume data, so nothing is formatted over.
-            _ => Ok(true),
-        }
+        self.host.filesystems.has_data(&Self::image(dir))
     }
 
     fn attachment(&self, dir: &Path) -> Result<Option<Attachment>> {

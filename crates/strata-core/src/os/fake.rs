@@ -44,6 +44,7 @@ impl FakeHost {
             mounter: self.clone(),
             loops: self.clone(),
             filesystems: self.clone(),
+            btrfs: self.clone(),
         }
     }
 
@@ -304,6 +305,26 @@ impl Filesystems for FakeHost {
         super::tree::copy_tree(src, dst)
     }
 
+    fn has_data(&self, file: &Path) -> Result<bool> {
+        // Data is what the fake's mkfs or a test wrote: a filesystem, or bytes in the file.
+        if self.lock().filesystems.contains_key(file) {
+            return Ok(true);
+        }
+        // The fake's images are real sparse files: ask the real filesystem.
+        super::linux::LinuxHost.has_data(file)
+    }
+
+    fn copy_method_in(&self, _dir: &Path) -> Result<CopyMethod> {
+        Ok(CopyMethod::SparseCopy)
+    }
+
+    fn check_writable(&self, dir: &Path) -> Result<()> {
+        let probe = dir.join(".probe");
+        std::fs::write(&probe, b"ok")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| Error::io(format!("write {}", probe.display()), e))
+    }
+
     fn freeze(&self, mount_point: &Path) -> Result<()> {
         self.lock().frozen.push(mount_point.to_owned());
         Ok(())
@@ -318,4 +339,33 @@ impl Filesystems for FakeHost {
         self.lock().grows += 1;
         Ok(())
     }
+}
+
+/// The fake kernel has no btrfs: the btrfs backend is tested on a real one.
+impl super::btrfs::Btrfs for FakeHost {
+    fn is_btrfs(&self, _: &Path) -> Result<bool> {
+        Ok(false)
+    }
+    fn enable_quota(&self, _: &Path) -> Result<()> {
+        Err(no_btrfs())
+    }
+    fn create_subvolume(&self, _: &Path) -> Result<()> {
+        Err(no_btrfs())
+    }
+    fn delete_subvolume(&self, _: &Path) -> Result<()> {
+        Err(no_btrfs())
+    }
+    fn snapshot(&self, _: &Path, _: &Path, _: bool) -> Result<()> {
+        Err(no_btrfs())
+    }
+    fn set_limit(&self, _: &Path, _: u64) -> Result<()> {
+        Err(no_btrfs())
+    }
+    fn usage(&self, _: &Path) -> Result<(u64, Option<u64>)> {
+        Err(no_btrfs())
+    }
+}
+
+fn no_btrfs() -> Error {
+    Error::FailedPrecondition("the fake host has no btrfs".into())
 }

@@ -846,6 +846,38 @@ impl Filesystems for LinuxHost {
         freeze_ioctl(mount_point, FITHAW, "thaw")
     }
 
+    fn has_data(&self, file: &Path) -> Result<bool> {
+        let f = File::open(file).ctx(|| format!("open {}", file.display()))?;
+        // SAFETY: lseek on an open fd has no memory effects.
+        let pos = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+        if pos >= 0 {
+            return Ok(true);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => Ok(false),
+            // A filesystem without SEEK_DATA: assume data, so nothing is formatted over.
+            _ => Ok(true),
+        }
+    }
+
+    fn copy_method_in(&self, dir: &Path) -> Result<CopyMethod> {
+        let (a, b) = (dir.join(".reflink-probe-a"), dir.join(".reflink-probe-b"));
+        let _ = fs::remove_file(&a);
+        let _ = fs::remove_file(&b);
+        fs::write(&a, [0u8; 4096]).ctx(|| format!("write {}", a.display()))?;
+        let method = self.clone_file(&a, &b);
+        let _ = fs::remove_file(&a);
+        let _ = fs::remove_file(&b);
+        method
+    }
+
+    fn check_writable(&self, dir: &Path) -> Result<()> {
+        let probe = dir.join(".probe");
+        fs::write(&probe, b"ok")
+            .and_then(|_| fs::remove_file(&probe))
+            .ctx(|| format!("write {}", probe.display()))
+    }
+
     fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()> {
         let failed = |tool: &str, out: &std::process::Output| {
             let text = format!(

@@ -1,6 +1,7 @@
 //! Access to the host: mounts, loop devices, filesystems. Traits so the node and backend
 //! logic run against the real kernel ([`linux`]) or an in-memory fake ([`fake`]).
 
+pub mod btrfs;
 pub mod fake;
 pub mod linux;
 pub mod mountinfo;
@@ -199,6 +200,15 @@ pub trait Filesystems: Send + Sync {
     /// Grows the filesystem on `device` to fill it: offline when `mount_point` is `None`
     /// (ext2/3/4 only), online at `mount_point` otherwise.
     fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()>;
+    /// Whether the file holds any data (an allocated range), so a fresh image is told from
+    /// one that holds something. Filesystems that cannot say answer `true`: nothing is ever
+    /// formatted over data on a guess.
+    fn has_data(&self, file: &Path) -> Result<bool>;
+    /// How copies made in directory `dir` go: shared extents or copied data, tried on two
+    /// scratch files that are removed again.
+    fn copy_method_in(&self, dir: &Path) -> Result<CopyMethod>;
+    /// Writes and removes a scratch file in `dir`: whether the directory takes writes now.
+    fn check_writable(&self, dir: &Path) -> Result<()>;
 }
 
 /// Thaws a frozen filesystem when dropped, so no error path leaves it frozen.
@@ -232,6 +242,7 @@ pub struct Host {
     pub mounter: Arc<dyn Mounter>,
     pub loops: Arc<dyn LoopDevices>,
     pub filesystems: Arc<dyn Filesystems>,
+    pub btrfs: Arc<dyn btrfs::Btrfs>,
 }
 
 impl Host {
@@ -242,6 +253,7 @@ impl Host {
             mounter: os.clone(),
             loops: os.clone(),
             filesystems: os,
+            btrfs: Arc::new(btrfs::BtrfsTool),
         }
     }
 
