@@ -241,10 +241,16 @@ impl Driver {
         self.store.len()
     }
 
-    /// Checks a staging or target path from a request (absolute and clean, checked by the
-    /// caller): below an allowed directory and not in the pool. The path is later opened
-    /// from that directory without following symlinks ([`NodePath`]).
-    pub(crate) fn node_path(&self, field: &str, path: &Path) -> Result<CheckedPath> {
+    /// Checks a staging or target path as a request gives it: required, absolute and clean,
+    /// below an allowed directory and not in the pool. The path is later opened from that
+    /// directory without following symlinks ([`NodePath`]).
+    pub(crate) fn node_path(&self, field: &str, raw: &str) -> Result<CheckedPath> {
+        let path = crate::validate::absolute_path(field, raw)?;
+        self.allowed_node_path(field, &path)
+    }
+
+    /// [`Driver::node_path`] for a path already absolute and clean.
+    pub(crate) fn allowed_node_path(&self, field: &str, path: &Path) -> Result<CheckedPath> {
         let prefix = self
             .config
             .allowed_path_prefixes

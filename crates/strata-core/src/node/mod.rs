@@ -12,8 +12,6 @@ mod publish;
 mod stage;
 mod stats;
 
-use std::path::{Path, PathBuf};
-
 use crate::attachment::Owners;
 use crate::backend::Attachment;
 use crate::driver::{CheckedPath, Driver};
@@ -27,15 +25,17 @@ pub use stats::Usage;
 #[derive(Debug, Clone)]
 pub struct StageVolume {
     pub volume_id: String,
-    pub staging_path: PathBuf,
+    /// As the request gives it; checked by the operation.
+    pub staging_path: String,
     pub capability: Capability,
 }
 
 #[derive(Debug, Clone)]
 pub struct PublishVolume {
     pub volume_id: String,
-    pub staging_path: Option<PathBuf>,
-    pub target_path: PathBuf,
+    /// As the request gives them (empty: not set); checked by the operation.
+    pub staging_path: String,
+    pub target_path: String,
     pub capability: Capability,
     pub read_only: bool,
 }
@@ -56,8 +56,7 @@ impl Driver {
         if raw.is_empty() {
             return Err(Error::InvalidArgument("volume_path is required".into()));
         }
-        absolute_path("volume_path", raw)
-            .and_then(|p| self.node_path("volume_path", &p))
+        self.node_path("volume_path", raw)
             .map_err(|_| not_at(volume_id, raw))
     }
 
@@ -85,9 +84,10 @@ impl Driver {
         &self,
         field: &str,
         volume_id: &str,
-        path: &Path,
+        raw: &str,
     ) -> Result<Option<CheckedPath>> {
-        match self.node_path(field, path) {
+        let path = absolute_path(field, raw)?;
+        match self.allowed_node_path(field, &path) {
             Ok(checked) => Ok(Some(checked)),
             Err(e) => {
                 self.volume(volume_id)?;
@@ -194,8 +194,8 @@ mod tests {
     ) -> Result<()> {
         d.publish_volume(PublishVolume {
             volume_id: id.into(),
-            staging_path: Some("/stage".into()),
-            target_path: PathBuf::from(target),
+            staging_path: "/stage".into(),
+            target_path: target.into(),
             capability: mount(mode),
             read_only,
         })
@@ -220,7 +220,7 @@ mod tests {
             1,
             "an existing filesystem is mounted, not reformatted"
         );
-        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        f.driver.unstage_volume(&id, "/stage").unwrap();
         assert!(f.fake.lock().mounts.is_empty());
         assert!(f.fake.lock().loops.is_empty());
     }
@@ -263,16 +263,16 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            f.driver.unstage_volume(&id, Path::new("/stage")),
+            f.driver.unstage_volume(&id, "/stage"),
             Err(Error::FailedPrecondition(_))
         ));
         assert!(matches!(
             f.driver.delete_volume(&id),
             Err(Error::FailedPrecondition(_))
         ));
-        f.driver.unpublish_volume(&id, Path::new("/t1")).unwrap();
-        f.driver.unpublish_volume(&id, Path::new("/t2")).unwrap();
-        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        f.driver.unpublish_volume(&id, "/t1").unwrap();
+        f.driver.unpublish_volume(&id, "/t2").unwrap();
+        f.driver.unstage_volume(&id, "/stage").unwrap();
         f.driver.delete_volume(&id).unwrap();
     }
 
@@ -282,12 +282,10 @@ mod tests {
         let id = create(&f.driver);
         stage(&f.driver, &id).unwrap();
         // Staged at /stage; an unstage at another path is a no-op (the spec's rule).
-        f.driver
-            .unstage_volume(&id, Path::new("/elsewhere"))
-            .unwrap();
+        f.driver.unstage_volume(&id, "/elsewhere").unwrap();
         assert_eq!(f.fake.lock().mounts.len(), 1);
         assert_eq!(f.fake.lock().loops.len(), 1);
-        f.driver.unstage_volume(&id, Path::new("/stage")).unwrap();
+        f.driver.unstage_volume(&id, "/stage").unwrap();
         assert!(f.fake.lock().mounts.is_empty());
     }
 

@@ -1,7 +1,5 @@
 //! NodePublishVolume and NodeUnpublishVolume: bind the staged volume (or its device) onto the target with the requested flags, and undo.
 
-use std::path::Path;
-
 use crate::attachment::{is_device_node_mount, is_node_bind, shows};
 use crate::backend::Attachment;
 use crate::driver::Driver;
@@ -15,11 +13,10 @@ use super::PublishVolume;
 impl Driver {
     pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
         let target = self.node_path("target_path", &req.target_path)?;
-        let staging = req
-            .staging_path
-            .as_deref()
-            .map(|p| self.node_path("staging_target_path", p))
-            .transpose()?;
+        let staging = match req.staging_path.as_str() {
+            "" => None,
+            raw => Some(self.node_path("staging_target_path", raw)?),
+        };
         let _guard = self.guard(&req.volume_id)?;
         let _path = self.path_guard(&target)?;
         let record = self.volume(&req.volume_id)?;
@@ -152,7 +149,7 @@ impl Driver {
         self.host.mounter.bind(&staged_node, &target_node, &flags)
     }
 
-    pub fn unpublish_volume(&self, volume_id: &str, target_path: &Path) -> Result<()> {
+    pub fn unpublish_volume(&self, volume_id: &str, target_path: &str) -> Result<()> {
         let Some(target) = self.undo_path("target_path", volume_id, target_path)? else {
             return Ok(());
         };

@@ -207,7 +207,7 @@ impl Driver {
         Ok(())
     }
 
-    pub fn unstage_volume(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+    pub fn unstage_volume(&self, volume_id: &str, staging_path: &str) -> Result<()> {
         let Some(staging) = self.undo_path("staging_target_path", volume_id, staging_path)? else {
             return Ok(());
         };

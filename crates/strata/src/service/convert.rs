@@ -146,6 +146,27 @@ pub fn volume_condition(abnormal: Option<String>) -> csi::VolumeCondition {
 }
 
 /// A CSI access-mode message, for clients building requests.
+/// Volume usage as NodeGetVolumeStats reports it: bytes and inodes of a filesystem, the size
+/// of a block device, nothing when it cannot be read.
+pub fn usage(usage: Option<strata_core::node::Usage>) -> Vec<csi::VolumeUsage> {
+    use csi::volume_usage::Unit;
+    use strata_core::node::Usage;
+    let row = |unit: Unit, total: u64, available: u64, used: u64| csi::VolumeUsage {
+        available: available as i64,
+        total: total as i64,
+        used: used as i64,
+        unit: unit as i32,
+    };
+    match usage {
+        Some(Usage::Filesystem(u)) => vec![
+            row(Unit::Bytes, u.total_bytes, u.available_bytes, u.used_bytes),
+            row(Unit::Inodes, u.total_inodes, u.free_inodes, u.used_inodes),
+        ],
+        Some(Usage::Block { total_bytes }) => vec![row(Unit::Bytes, total_bytes, 0, 0)],
+        None => vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

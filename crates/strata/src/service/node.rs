@@ -4,8 +4,7 @@ use csi::node_server::Node;
 use csi::node_service_capability::{Rpc, rpc::Type as RpcType};
 use csi_proto as csi;
 use strata_core::model::CapacityRange;
-use strata_core::node::{PublishVolume, StageVolume, Usage};
-use strata_core::validate::{absolute_path, required_str};
+use strata_core::node::{PublishVolume, StageVolume};
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, required_capability};
@@ -31,9 +30,8 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeStageVolume", &id, move || {
-            required_str("volume_id", &req.volume_id)?;
             let stage = StageVolume {
-                staging_path: absolute_path("staging_target_path", &req.staging_target_path)?,
+                staging_path: req.staging_target_path,
                 capability: required_capability(req.volume_capability.as_ref())?,
                 volume_id: req.volume_id,
             };
@@ -51,9 +49,7 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeUnstageVolume", &id, move || {
-            required_str("volume_id", &req.volume_id)?;
-            let path = absolute_path("staging_target_path", &req.staging_target_path)?;
-            driver.unstage_volume(&req.volume_id, &path)?;
+            driver.unstage_volume(&req.volume_id, &req.staging_target_path)?;
             Ok(csi::NodeUnstageVolumeResponse {})
         })
         .await
@@ -67,14 +63,10 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodePublishVolume", &id, move || {
-            required_str("volume_id", &req.volume_id)?;
             let publish = PublishVolume {
-                target_path: absolute_path("target_path", &req.target_path)?,
+                target_path: req.target_path,
                 capability: required_capability(req.volume_capability.as_ref())?,
-                staging_path: match req.staging_target_path.as_str() {
-                    "" => None,
-                    p => Some(absolute_path("staging_target_path", p)?),
-                },
+                staging_path: req.staging_target_path,
                 read_only: req.readonly,
                 volume_id: req.volume_id,
             };
@@ -92,9 +84,7 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeUnpublishVolume", &id, move || {
-            required_str("volume_id", &req.volume_id)?;
-            let path = absolute_path("target_path", &req.target_path)?;
-            driver.unpublish_volume(&req.volume_id, &path)?;
+            driver.unpublish_volume(&req.volume_id, &req.target_path)?;
             Ok(csi::NodeUnpublishVolumeResponse {})
         })
         .await
@@ -108,25 +98,9 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeGetVolumeStats", &id, move || {
-            required_str("volume_id", &req.volume_id)?;
             let stats = driver.volume_stats(&req.volume_id, &req.volume_path)?;
-            use csi::volume_usage::Unit;
-            let usage = |unit: Unit, total: u64, available: u64, used: u64| csi::VolumeUsage {
-                available: available as i64,
-                total: total as i64,
-                used: used as i64,
-                unit: unit as i32,
-            };
-            let usage = match stats.usage {
-                Some(Usage::Filesystem(u)) => vec![
-                    usage(Unit::Bytes, u.total_bytes, u.available_bytes, u.used_bytes),
-                    usage(Unit::Inodes, u.total_inodes, u.free_inodes, u.used_inodes),
-                ],
-                Some(Usage::Block { total_bytes }) => vec![usage(Unit::Bytes, total_bytes, 0, 0)],
-                None => vec![],
-            };
             Ok(csi::NodeGetVolumeStatsResponse {
-                usage,
+                usage: convert::usage(stats.usage),
                 volume_condition: Some(convert::volume_condition(stats.abnormal)),
             })
         })
@@ -141,7 +115,6 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeExpandVolume", &id, move || {
-            required_str("volume_id", &req.volume_id)?;
             if let Some(cap) = &req.volume_capability {
                 driver.check_capability(&convert::capability(cap)?)?;
             }
