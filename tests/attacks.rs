@@ -17,10 +17,6 @@ use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use tonic::Code;
 
-fn code<T>(r: Result<T, tonic::Status>) -> Code {
-    r.map_or_else(|s| s.code(), |_| Code::Ok)
-}
-
 fn with_flags(flags: &[&str]) -> csi::VolumeCapability {
     let mut cap = ext4();
     if let Some(AccessType::Mount(m)) = &mut cap.access_type {

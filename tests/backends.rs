@@ -11,10 +11,6 @@ use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use tonic::Code;
 
-fn code<T>(r: Result<T, tonic::Status>) -> Code {
-    r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
-}
-
 fn payload(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)

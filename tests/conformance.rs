@@ -10,16 +10,6 @@ use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use tonic::Code;
 
-fn code<T>(r: Result<T, tonic::Status>) -> Code {
-    match r {
-        Ok(_) => Code::Ok,
-        Err(s) => {
-            assert!(!s.message().is_empty(), "every error carries a message");
-            s.code()
-        }
-    }
-}
-
 async fn create_code(env: &mut TestEnv, req: csi::CreateVolumeRequest) -> Code {
     code(env.csi.controller.create_volume(req).await)
 }

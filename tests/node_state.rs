@@ -21,10 +21,6 @@ use strata_core::os::linux::LinuxHost;
 use strata_core::os::{AttachOptions, FileId, LoopDevices, Mounter, NodePath};
 use tonic::Code;
 
-fn code<T>(r: Result<T, tonic::Status>) -> Code {
-    r.map_or_else(|s| s.code(), |_| Code::Ok)
-}
-
 /// A "host" for servers in their own mount namespaces: `host/` is a shared mount (as the
 /// DaemonSet's Bidirectional hostPath volumes are) holding the pool and a kubelet-like
 /// directory, seen at the same path by every namespace; each server sees the pool at a path

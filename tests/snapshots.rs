@@ -10,10 +10,6 @@ use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use tonic::Code;
 
-fn code<T>(r: Result<T, tonic::Status>) -> Code {
-    r.map(|_| Code::Ok).unwrap_or_else(|s| s.code())
-}
-
 /// A deterministic payload; `seed` tells versions apart.
 fn payload(seed: u8, len: usize) -> Vec<u8> {
     (0..len)

@@ -513,3 +513,14 @@ pub fn fs_size(path: &str) -> u64 {
     );
     st.f_blocks * st.f_frsize
 }
+
+/// The gRPC code of a call's result (`Ok` for success); every error must carry a message.
+pub fn code<T>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => {
+            assert!(!s.message().is_empty(), "every error carries a message");
+            s.code()
+        }
+    }
+}

@@ -430,23 +430,31 @@ async fn shutdown_signal() {
     }
 }
 
+/// The gRPC router: the three CSI services over `driver`, behind the metrics and
+/// decode-error layers.
+pub type CsiRouter = Router<Stack<DecodeErrorLayer, Stack<MetricsLayer, Identity>>>;
+
+pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
+    let services = Services {
+        driver,
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    // Outermost: metrics record the status the caller finally sees.
+    Server::builder()
+        .layer(MetricsLayer(metrics))
+        .layer(DecodeErrorLayer)
+        .add_service(IdentityServer::new(IdentityService(services.clone())))
+        .add_service(ControllerServer::new(ControllerService(services.clone())))
+        .add_service(NodeServer::new(NodeService(services)))
+}
+
 pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let (driver, startup, _pool_lock) = open_driver(&opts)?;
     let driver = Arc::new(driver);
     let metrics = Metrics::new(&opts.driver_name);
     metrics.record_startup(&startup);
     serve_http(&opts, &driver, &metrics).await?;
-    let services = Services {
-        driver: driver.clone(),
-        version: env!("CARGO_PKG_VERSION"),
-    };
-    // Outermost: metrics record the status the caller finally sees.
-    let router = Server::builder()
-        .layer(MetricsLayer(metrics))
-        .layer(DecodeErrorLayer)
-        .add_service(IdentityServer::new(IdentityService(services.clone())))
-        .add_service(ControllerServer::new(ControllerService(services.clone())))
-        .add_service(NodeServer::new(NodeService(services)));
+    let router = csi_router(driver.clone(), metrics);
     tracing::info!(endpoint = ?opts.endpoint, node_id = %opts.node_id, driver = %opts.driver_name,
         backend = driver.backend_kind(), "serving CSI");
     let result = match &opts.endpoint {
@@ -475,10 +483,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
 
 /// Serves until a shutdown signal, then lets in-flight requests finish, for at most
 /// [`SHUTDOWN_GRACE`] so a client that never closes its connection cannot hold the exit.
-async fn serve_until_stopped<S, IO, IE>(
-    router: Router<Stack<DecodeErrorLayer, Stack<MetricsLayer, Identity>>>,
-    incoming: S,
-) -> Result<(), String>
+async fn serve_until_stopped<S, IO, IE>(router: CsiRouter, incoming: S) -> Result<(), String>
 where
     S: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
     IO: tokio::io::AsyncRead
