@@ -54,28 +54,6 @@ async fn resizer_calls_the_controller(csi: &mut Csi) -> bool {
     has(C::ExpandVolume)
 }
 
-async fn node_expand(
-    csi: &mut Csi,
-    id: &str,
-    path: &str,
-    staging: &str,
-    bytes: i64,
-) -> Result<i64, tonic::Status> {
-    csi.node
-        .node_expand_volume(csi::NodeExpandVolumeRequest {
-            volume_id: id.into(),
-            volume_path: path.into(),
-            staging_target_path: staging.into(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: bytes,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().capacity_bytes)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expansion_reaches_the_node_that_holds_the_volume_and_no_other_answers_for_it() {
     let mut a = TestEnv::start_with_args(&["--node-id", "node-a"], None).await;

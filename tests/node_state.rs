@@ -634,30 +634,11 @@ async fn xfs_growfs_dies_with_a_killed_server_and_the_retried_expansion_succeeds
     let id = env.create("x", 320 * MIB, xfs.clone()).await.volume_id;
     let staging = env.path("stage");
     env.stage(&id, &staging, xfs.clone()).await.unwrap();
-    env.csi
-        .controller
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: id.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 400 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    env.expand(&id, 400 * MIB).await.unwrap();
     // Restarted with a slow xfs_growfs on its PATH.
     slow_tool(env.dir.path(), "xfs_growfs", "growfs.pids");
     env.restart(None).await;
-    let expand = csi::NodeExpandVolumeRequest {
-        volume_id: id.clone(),
-        volume_path: staging.clone(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: 400 * MIB,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    };
+    let expand = node_expand_req(&id, &staging, "", 400 * MIB);
     let mut c = env.csi.clone();
     let req = expand.clone();
     let pending = tokio::spawn(async move { c.node.node_expand_volume(req).await });
@@ -681,18 +662,7 @@ async fn resize2fs_dies_with_a_killed_server_and_the_retried_stage_grows_the_vol
     // Formatted once, then expanded while not staged: the next stage grows it offline.
     env.stage(&id, &staging, ext4()).await.unwrap();
     env.unstage(&id, &staging).await.unwrap();
-    env.csi
-        .controller
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: id.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 128 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    env.expand(&id, 128 * MIB).await.unwrap();
     slow_tool(env.dir.path(), "resize2fs", "resize2fs.pids");
     env.restart(None).await;
     let mut c = env.csi.clone();

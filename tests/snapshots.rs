@@ -36,46 +36,6 @@ impl TestEnv {
             .map(|r| r.into_inner().volume.unwrap())
     }
 
-    async fn expand(
-        &mut self,
-        id: &str,
-        bytes: i64,
-    ) -> Result<csi::ControllerExpandVolumeResponse, tonic::Status> {
-        self.csi
-            .controller
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: id.into(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: bytes,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn node_expand(
-        &mut self,
-        id: &str,
-        path: &str,
-        bytes: i64,
-    ) -> Result<i64, tonic::Status> {
-        self.csi
-            .node
-            .node_expand_volume(csi::NodeExpandVolumeRequest {
-                volume_id: id.into(),
-                volume_path: path.into(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: bytes,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner().capacity_bytes)
-    }
-
     /// Stages and publishes at `<name>-stage` and `<name>`, returning the published path.
     async fn mount(&mut self, id: &str, name: &str, cap: csi::VolumeCapability) -> String {
         let (staging, target) = (self.path(&format!("{name}-stage")), self.path(name));

@@ -524,3 +524,68 @@ pub fn code<T>(r: Result<T, tonic::Status>) -> tonic::Code {
         }
     }
 }
+
+impl TestEnv {
+    /// ControllerExpandVolume to `bytes`.
+    pub async fn expand(
+        &mut self,
+        id: &str,
+        bytes: i64,
+    ) -> Result<csi::ControllerExpandVolumeResponse, tonic::Status> {
+        self.csi
+            .controller
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// NodeExpandVolume at `path` to `bytes`; the capacity it answers.
+    pub async fn node_expand(
+        &mut self,
+        id: &str,
+        path: &str,
+        bytes: i64,
+    ) -> Result<i64, tonic::Status> {
+        node_expand(&mut self.csi, id, path, "", bytes).await
+    }
+}
+
+/// NodeExpandVolume as the kubelet sends it: the volume path, the staging path (may be
+/// empty) and the new size.
+pub async fn node_expand(
+    csi: &mut Csi,
+    id: &str,
+    path: &str,
+    staging: &str,
+    bytes: i64,
+) -> Result<i64, tonic::Status> {
+    csi.node
+        .node_expand_volume(node_expand_req(id, path, staging, bytes))
+        .await
+        .map(|r| r.into_inner().capacity_bytes)
+}
+
+pub fn node_expand_req(
+    id: &str,
+    path: &str,
+    staging: &str,
+    bytes: i64,
+) -> csi::NodeExpandVolumeRequest {
+    csi::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        staging_target_path: staging.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
