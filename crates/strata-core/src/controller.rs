@@ -345,3 +345,97 @@ impl Driver {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AccessMode, MIB};
+    use crate::node::StageVolume;
+    use crate::testing::{fixture, mount, mount_fs};
+
+    fn req(name: &str, bytes: u64, cap: Capability) -> CreateVolume {
+        CreateVolume {
+            name: name.into(),
+            capabilities: vec![cap],
+            capacity: CapacityRange {
+                required: bytes,
+                limit: 0,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn creates_are_idempotent_by_name_and_refuse_another_shape() {
+        let f = fixture();
+        let cap = mount(AccessMode::SingleNodeWriter);
+        let a = f
+            .driver
+            .create_volume(req("a", 16 * MIB, cap.clone()))
+            .unwrap();
+        let again = f
+            .driver
+            .create_volume(req("a", 16 * MIB, cap.clone()))
+            .unwrap();
+        assert_eq!(a.id, again.id);
+        assert!(matches!(
+            f.driver.create_volume(req("a", 64 * MIB, cap)),
+            Err(Error::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn an_xfs_volume_gets_the_size_mkfs_xfs_needs_or_out_of_range() {
+        let f = fixture();
+        let xfs = mount_fs("xfs", AccessMode::SingleNodeWriter);
+        let v = f
+            .driver
+            .create_volume(req("x", 16 * MIB, xfs.clone()))
+            .unwrap();
+        assert_eq!(v.capacity_bytes, 300 * MIB);
+        let mut capped = req("y", 16 * MIB, xfs);
+        capped.capacity.limit = 100 * MIB;
+        assert!(matches!(
+            f.driver.create_volume(capped),
+            Err(Error::OutOfRange(_))
+        ));
+    }
+
+    #[test]
+    fn a_clone_keeps_its_sources_filesystem_and_readers_share_the_source() {
+        let f = fixture();
+        let cap = mount(AccessMode::SingleNodeWriter);
+        let src = f
+            .driver
+            .create_volume(req("src", 16 * MIB, cap.clone()))
+            .unwrap();
+        f.driver
+            .stage_volume(StageVolume {
+                volume_id: src.id.clone(),
+                staging_path: "/stage".into(),
+                capability: cap.clone(),
+            })
+            .unwrap();
+        f.driver.unstage_volume(&src.id, "/stage").unwrap();
+        let clone = |name: &str, cap: Capability| {
+            let mut r = req(name, 16 * MIB, cap);
+            r.content_source = Some(ContentSource::Volume(src.id.clone()));
+            f.driver.create_volume(r)
+        };
+        // The source holds ext4 now: an xfs clone is refused before any copy.
+        assert!(matches!(
+            clone("as-xfs", mount_fs("xfs", AccessMode::SingleNodeWriter)),
+            Err(Error::InvalidArgument(_))
+        ));
+        // A clone while another reader holds the source goes through; a delete does not.
+        let reading = f.driver.guard_shared(&src.id).unwrap();
+        let c = clone("c", cap).unwrap();
+        assert!(matches!(
+            f.driver.delete_volume(&src.id),
+            Err(Error::Aborted(_))
+        ));
+        drop(reading);
+        assert_eq!(c.format, FormatState::Formatted("ext4".into()));
+        f.driver.delete_volume(&src.id).unwrap();
+    }
+}

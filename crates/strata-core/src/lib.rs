@@ -16,6 +16,8 @@ pub mod pool_image;
 pub mod reaper;
 pub mod snapshot;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod validate;
 
 pub use driver::{Config, Driver};

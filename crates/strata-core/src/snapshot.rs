@@ -126,3 +126,59 @@ impl Driver {
         Ok((all, next))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::CreateVolume;
+    use crate::model::{AccessMode, CapacityRange, ContentSource, MIB};
+    use crate::testing::{fixture, mount};
+
+    #[test]
+    fn a_snapshot_is_idempotent_and_pinned_while_a_restore_reads_it() {
+        let f = fixture();
+        let cap = mount(AccessMode::SingleNodeWriter);
+        let vol = f
+            .driver
+            .create_volume(CreateVolume {
+                name: "v".into(),
+                capabilities: vec![cap.clone()],
+                capacity: CapacityRange {
+                    required: 16 * MIB,
+                    limit: 0,
+                },
+                ..Default::default()
+            })
+            .unwrap();
+        let s = f.driver.create_snapshot("s", &vol.id).unwrap();
+        assert_eq!(f.driver.create_snapshot("s", &vol.id).unwrap(), s);
+        assert!(matches!(
+            f.driver
+                .create_snapshot("s", "vol-0123456789abcdef01234567"),
+            Err(Error::AlreadyExists(_))
+        ));
+        // A restore holds the snapshot shared: its delete waits, another restore does not.
+        let restoring = f.driver.guard_shared(&s.id).unwrap();
+        assert!(matches!(
+            f.driver.delete_snapshot(&s.id),
+            Err(Error::Aborted(_))
+        ));
+        let restored = f
+            .driver
+            .create_volume(CreateVolume {
+                name: "r".into(),
+                capabilities: vec![cap],
+                capacity: CapacityRange {
+                    required: 16 * MIB,
+                    limit: 0,
+                },
+                content_source: Some(ContentSource::Snapshot(s.id.clone())),
+                ..Default::default()
+            })
+            .unwrap();
+        drop(restoring);
+        assert_eq!(restored.capacity_bytes, 16 * MIB);
+        f.driver.delete_snapshot(&s.id).unwrap();
+        assert!(f.driver.snapshots.get(&s.id).is_none());
+    }
+}

@@ -114,54 +114,11 @@ pub(crate) fn still_published(volume_id: &str, m: &MountEntry) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::backend::image::ImageBackend;
     use crate::controller::CreateVolume;
-    use crate::driver::Config;
-    use crate::fault::FaultPoints;
-    use crate::model::{AccessMode, AccessType, FormatState, MIB};
-    use crate::os::fake::FakeHost;
+    use crate::model::{AccessMode, FormatState, MIB};
 
-    struct Fixture {
-        _pool: tempfile::TempDir,
-        fake: Arc<FakeHost>,
-        driver: Driver,
-    }
-
-    fn fixture() -> Fixture {
-        let pool = tempfile::tempdir().unwrap();
-        let fake = FakeHost::new();
-        let host = fake.host();
-        let config = Config {
-            driver_name: "strata.csi.dev".into(),
-            node_id: "n1".into(),
-            pool: pool.path().to_owned(),
-            max_volumes_per_node: 0,
-            topology_key: "strata.csi.dev/node".into(),
-            allowed_path_prefixes: vec!["/".into()],
-            forbidden_paths: vec![],
-        };
-        let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
-        let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
-        Fixture {
-            _pool: pool,
-            fake,
-            driver,
-        }
-    }
-
-    fn mount(mode: AccessMode) -> Capability {
-        Capability {
-            access_type: AccessType::Mount {
-                fs_type: "ext4".into(),
-                mount_flags: vec![],
-                volume_mount_group: String::new(),
-            },
-            access_mode: mode,
-        }
-    }
+    use crate::testing::{fixture, mount};
 
     fn create(d: &Driver) -> String {
         d.create_volume(CreateVolume {

@@ -1,0 +1,55 @@
+//! What the core's unit tests share: a driver over the fake host on a temporary pool, and
+//! the capabilities they ask for.
+
+use std::sync::Arc;
+
+use crate::backend::image::ImageBackend;
+use crate::driver::{Config, Driver};
+use crate::fault::FaultPoints;
+use crate::model::{AccessMode, AccessType, Capability};
+use crate::os::fake::FakeHost;
+
+pub(crate) struct Fixture {
+    pub(crate) _pool: tempfile::TempDir,
+    pub(crate) fake: Arc<FakeHost>,
+    pub(crate) driver: Driver,
+}
+
+/// A driver with the image backend over the fake host; node paths anywhere.
+pub(crate) fn fixture() -> Fixture {
+    let pool = tempfile::tempdir().unwrap();
+    let fake = FakeHost::new();
+    let host = fake.host();
+    let config = Config {
+        driver_name: "strata.csi.dev".into(),
+        node_id: "n1".into(),
+        pool: pool.path().to_owned(),
+        max_volumes_per_node: 0,
+        topology_key: "strata.csi.dev/node".into(),
+        allowed_path_prefixes: vec!["/".into()],
+        forbidden_paths: vec![],
+    };
+    let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
+    let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
+    Fixture {
+        _pool: pool,
+        fake,
+        driver,
+    }
+}
+
+/// An ext4 mount capability.
+pub(crate) fn mount(mode: AccessMode) -> Capability {
+    mount_fs("ext4", mode)
+}
+
+pub(crate) fn mount_fs(fs_type: &str, mode: AccessMode) -> Capability {
+    Capability {
+        access_type: AccessType::Mount {
+            fs_type: fs_type.into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        },
+        access_mode: mode,
+    }
+}
