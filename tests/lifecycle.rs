@@ -228,3 +228,124 @@ async fn repeated_stage_and_publish_restore_volumes_after_a_reboot() {
     env.delete(&id).await.unwrap();
     env.assert_clean();
 }
+
+/// NodePublishVolume of an inline ephemeral volume, as the kubelet sends it: its own handle,
+/// no staging path, the pod's volumeAttributes and `csi.storage.k8s.io/ephemeral`.
+fn inline_publish(
+    handle: &str,
+    target: &str,
+    attributes: &[(&str, &str)],
+) -> csi::NodePublishVolumeRequest {
+    let mut context: std::collections::HashMap<String, String> = attributes
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    context.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+    context.insert("csi.storage.k8s.io/pod.name".into(), "inline-pod".into());
+    csi::NodePublishVolumeRequest {
+        volume_id: handle.into(),
+        target_path: target.into(),
+        volume_capability: Some(mount_cap("", Mode::SingleNodeWriter)),
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+async fn volume_names(env: &mut TestEnv) -> Vec<String> {
+    env.csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_ephemeral_volume_lives_and_dies_with_its_publish() {
+    let mut env = TestEnv::start().await;
+    let target = env.path("pod/volumes/inline");
+    let handle = "csi-6a7f2b0c9d1e4f55aa0123456789abcdef0123456789abcdef0123456789ab";
+    let req = inline_publish(handle, &target, &[("size", "64Mi"), ("fsType", "xfs")]);
+    env.csi.node.node_publish_volume(req.clone()).await.unwrap();
+    // A retry (the kubelet's, after a timeout) is a no-op.
+    env.csi.node.node_publish_volume(req).await.unwrap();
+    fs::write(format!("{target}/data"), b"scratch").unwrap();
+    // Counted like any volume; xfs got its minimum size.
+    let ids = volume_names(&mut env).await;
+    assert_eq!(ids.len(), 1);
+    assert!(
+        fs_size(&target) > 200 * MIB as u64,
+        "an xfs of at least 300 MiB"
+    );
+    node_unpublish(&mut env.csi, handle, &target).await.unwrap();
+    node_unpublish(&mut env.csi, handle, &target).await.unwrap();
+    assert!(
+        !std::path::Path::new(&target).exists(),
+        "the target the publish made is gone"
+    );
+    assert!(
+        volume_names(&mut env).await.is_empty(),
+        "deleted with its publish"
+    );
+    env.assert_clean();
+    assert!(env.pool_entries().is_empty());
+
+    // Bad attributes are refused before anything is made.
+    for attrs in [
+        vec![("size", "lots")],
+        vec![("color", "blue")],
+        vec![("fsType", "ntfs")],
+    ] {
+        let err = env
+            .csi
+            .node
+            .node_publish_volume(inline_publish("csi-bad", &target, &attrs))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{attrs:?}");
+    }
+    let mut ro = inline_publish("csi-ro", &target, &[]);
+    ro.readonly = true;
+    assert_eq!(
+        code(env.csi.node.node_publish_volume(ro).await),
+        tonic::Code::InvalidArgument
+    );
+    assert!(volume_names(&mut env).await.is_empty());
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_an_inline_volumes_publish_or_unpublish_leaves_nothing_behind() {
+    let handle = "csi-00112233445566778899aabbccddeeff00112233445566778899aabbccddee";
+    for point in [
+        "ephemeral:after-create",
+        "stage:after-format",
+        "ephemeral:before-delete",
+    ] {
+        let unpublishing = point == "ephemeral:before-delete";
+        let mut env = TestEnv::start_with(if unpublishing { None } else { Some(point) }).await;
+        let target = env.path("pod/volumes/inline");
+        let req = inline_publish(handle, &target, &[("size", "32Mi")]);
+        if unpublishing {
+            env.csi.node.node_publish_volume(req.clone()).await.unwrap();
+            env.restart(Some(point)).await;
+            let _ = node_unpublish(&mut env.csi, handle, &target).await;
+        } else {
+            let _ = env.csi.node.node_publish_volume(req.clone()).await;
+        }
+        env.wait_for_exit();
+        env.restart(None).await;
+        // The kubelet retries what it was doing: the publish, or the unpublish.
+        if !unpublishing {
+            env.csi.node.node_publish_volume(req).await.unwrap();
+        }
+        node_unpublish(&mut env.csi, handle, &target).await.unwrap();
+        assert!(volume_names(&mut env).await.is_empty(), "{point}");
+        assert!(env.pool_entries().is_empty(), "{point}");
+        env.assert_clean();
+    }
+}

@@ -72,6 +72,34 @@ impl Capability {
 }
 
 /// Filesystems the node formats and mounts.
+/// Parses sizes as people and Kubernetes quantities write them, such as `1073741824`, `64Mi`, `1G`, `512MiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64Mi or 1G"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1000,
+        "Ki" | "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" | "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" | "GiB" => 1 << 30,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ti" | "TiB" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?}; use Ki, Mi, Gi, Ti or K, M, G, T"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs", "ext3", "ext2"];
 pub const DEFAULT_FS: &str = "ext4";
 

@@ -7,6 +7,7 @@
 //! ([`Attached`](crate::backend::Attached)); each operation claims its volume and its path, so
 //! two volumes never meet at one path. What is mounted where is in [`crate::attachment`].
 
+mod ephemeral;
 mod expand;
 mod publish;
 mod stage;
@@ -20,6 +21,7 @@ use crate::model::Capability;
 use crate::os::{MountEntry, NodePath};
 use crate::validate::{absolute_path, bounded_display, echo};
 
+pub use ephemeral::{EphemeralVolume, is_ephemeral};
 pub use stats::Usage;
 
 #[derive(Debug, Clone)]

@@ -150,6 +150,15 @@ impl Driver {
     }
 
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &str) -> Result<()> {
+        // An inline volume is named by the kubelet's handle, never a Strata id.
+        if !volume_id.is_empty() && !crate::validate::is_volume_id(volume_id) {
+            return match self.ephemeral_record(volume_id) {
+                Some(record) => self.unpublish_ephemeral(&record, target_path),
+                // No Strata volume has such an id, and no inline volume that handle: an
+                // inline volume whose unpublish finished already (the kubelet retries).
+                None => crate::validate::absolute_path("target_path", target_path).map(drop),
+            };
+        }
         let Some(target) = self.undo_path("target_path", volume_id, target_path)? else {
             return Ok(());
         };

@@ -4,7 +4,8 @@ use csi::node_server::Node;
 use csi::node_service_capability::{Rpc, rpc::Type as RpcType};
 use csi_proto as csi;
 use strata_core::model::CapacityRange;
-use strata_core::node::{PublishVolume, StageVolume};
+use strata_core::node::{EphemeralVolume, PublishVolume, StageVolume, is_ephemeral};
+use strata_core::validate::ordered;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, required_capability};
@@ -63,6 +64,17 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodePublishVolume", &id, move || {
+            let context = ordered(&req.volume_context);
+            if is_ephemeral(&context) {
+                driver.publish_ephemeral(EphemeralVolume {
+                    handle: req.volume_id,
+                    target_path: req.target_path,
+                    attributes: context,
+                    capability: required_capability(req.volume_capability.as_ref())?,
+                    read_only: req.readonly,
+                })?;
+                return Ok(csi::NodePublishVolumeResponse {});
+            }
             let publish = PublishVolume {
                 target_path: req.target_path,
                 capability: required_capability(req.volume_capability.as_ref())?,
