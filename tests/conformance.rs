@@ -583,6 +583,7 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
         N::VolumeCondition,
         N::SingleNodeMultiWriter,
         N::ExpandVolume,
+        N::VolumeMountGroup,
     ] {
         assert!(rpcs.contains(&(want as i32)), "{want:?}");
     }

@@ -349,3 +349,58 @@ async fn a_crash_in_an_inline_volumes_publish_or_unpublish_leaves_nothing_behind
         env.assert_clean();
     }
 }
+
+fn with_group(gid: &str) -> csi::VolumeCapability {
+    let mut cap = ext4();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.volume_mount_group = gid.into();
+    }
+    cap
+}
+
+fn owner(path: &str) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(path).unwrap();
+    (m.gid(), m.mode())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_fsgroup_is_applied_once_per_group_and_never_through_a_symlink() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("grouped", 32 * MIB, ext4()).await.volume_id;
+    let (staging, target) = (env.path("staging"), env.path("target"));
+    assert_eq!(
+        code(env.stage(&id, &staging, with_group("wheel")).await),
+        tonic::Code::InvalidArgument
+    );
+    env.stage(&id, &staging, with_group("4321")).await.unwrap();
+    env.publish(&id, &staging, &target, with_group("4321"), false)
+        .await
+        .unwrap();
+    let (gid, mode) = owner(&target);
+    assert_eq!(gid, 4321);
+    assert_eq!(mode & 0o2070, 0o2070, "setgid and group rwx: {mode:o}");
+    // New files inherit the group (setgid); one given back to root stays so while the group
+    // does not change: the tree is not walked at every mount.
+    fs::write(format!("{target}/file"), b"x").unwrap();
+    assert_eq!(owner(&format!("{target}/file")).0, 4321);
+    std::os::unix::fs::chown(format!("{target}/file"), Some(0), Some(0)).unwrap();
+    // A file outside the volume, reachable through a symlink the workload made.
+    let outside = env.path("outside");
+    fs::write(&outside, b"host file").unwrap();
+    std::os::unix::fs::symlink(&outside, format!("{target}/link")).unwrap();
+    env.unpublish(&id, &target).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.stage(&id, &staging, with_group("4321")).await.unwrap();
+    assert_eq!(owner(&format!("{staging}/file")).0, 0, "not walked again");
+    // Another group: walked once more.
+    env.unstage(&id, &staging).await.unwrap();
+    env.stage(&id, &staging, with_group("5678")).await.unwrap();
+    let (gid, mode) = owner(&format!("{staging}/file"));
+    assert_eq!(gid, 5678);
+    assert_eq!(mode & 0o060, 0o060, "group read-write");
+    assert_eq!(owner(&format!("{staging}/link")).0, 5678, "the link itself");
+    assert_eq!(owner(&outside).0, 0, "never through the symlink");
+    env.unstage(&id, &staging).await.unwrap();
+    env.assert_clean();
+}

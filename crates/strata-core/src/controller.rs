@@ -184,6 +184,9 @@ impl Driver {
                 resize_pending: size > source_size && matches!(format, FormatState::Formatted(_)),
                 format,
                 content_source: req.content_source,
+                // A copy's files keep their groups, but nothing records which: the first
+                // stage with a group walks the tree once.
+                mount_group: None,
             };
             self.store.commit_create(&staging, record)
         });

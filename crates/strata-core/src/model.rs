@@ -245,6 +245,10 @@ pub struct VolumeRecord {
     /// The device grew and its filesystem must follow (at the next stage or node expand).
     #[serde(default)]
     pub resize_pending: bool,
+    /// The group (VOLUME_MOUNT_GROUP) the volume's files were last given, so the walk is
+    /// done once per group change, not at every mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_group: Option<u32>,
 }
 
 /// What a new volume's data is copied from.
@@ -356,6 +360,7 @@ mod tests {
             format: FormatState::Formatted("xfs".into()),
             content_source: None,
             resize_pending: false,
+            mount_group: None,
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert!(

@@ -514,6 +514,7 @@ mod tests {
             format: FormatState::Unformatted,
             content_source: None,
             resize_pending: false,
+            mount_group: None,
         }
     }
 

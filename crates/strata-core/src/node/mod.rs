@@ -289,4 +289,36 @@ mod tests {
         let s = f.driver.volume_stats(&id, here).unwrap();
         assert!(s.abnormal.unwrap().contains("read-only after errors"));
     }
+
+    #[test]
+    fn a_mount_group_is_applied_once_per_change() {
+        let f = fixture();
+        let id = create(&f.driver);
+        let grouped = |gid: &str| {
+            let mut cap = mount(AccessMode::SingleNodeWriter);
+            if let crate::model::AccessType::Mount {
+                volume_mount_group, ..
+            } = &mut cap.access_type
+            {
+                *volume_mount_group = gid.into();
+            }
+            cap
+        };
+        let stage_as = |gid: &str| {
+            f.driver.stage_volume(StageVolume {
+                volume_id: id.clone(),
+                staging_path: "/stage".into(),
+                capability: grouped(gid),
+            })
+        };
+        assert!(matches!(stage_as("staff"), Err(Error::InvalidArgument(_))));
+        stage_as("100").unwrap();
+        stage_as("100").unwrap();
+        assert_eq!(f.fake.lock().groups.len(), 1, "once for one group");
+        f.driver.unstage_volume(&id, "/stage").unwrap();
+        stage_as("200").unwrap();
+        let groups: Vec<u32> = f.fake.lock().groups.iter().map(|(_, g)| *g).collect();
+        assert_eq!(groups, vec![100, 200]);
+        assert_eq!(f.driver.volume(&id).unwrap().mount_group, Some(200));
+    }
 }

@@ -12,6 +12,22 @@ use super::PublishVolume;
 
 impl Driver {
     pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
+        let group = super::stage::mount_group(&req.capability)?;
+        let (volume_id, staging) = (req.volume_id.clone(), req.staging_path.clone());
+        self.bind_published(req)?;
+        // The kubelet passes the pod's fsGroup here too: a group changed since the stage is
+        // applied on the staged filesystem, which the publish shows.
+        match group {
+            Some(gid) => {
+                let staging = self.node_path("staging_target_path", &staging)?;
+                self.ensure_mount_group(&volume_id, &staging, gid)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// NodePublishVolume's work, before any group is applied.
+    fn bind_published(&self, req: PublishVolume) -> Result<()> {
         let target = self.node_path("target_path", &req.target_path)?;
         let staging = match req.staging_path.as_str() {
             "" => None,

@@ -6,14 +6,78 @@ use crate::attachment::{is_device_node_mount, shows};
 use crate::backend::Attachment;
 use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
-use crate::model::{AccessType, FormatState, VolumeRecord, fs_type_of};
+use crate::model::{AccessType, Capability, FormatState, VolumeRecord, fs_type_of};
 use crate::os::{Create, MountEntry, MountOptions, NodePath, Probe};
 use crate::validate::bounded_display;
 
 use super::{StageVolume, still_published};
 
+/// The group a capability asks the volume's files to be given (`volume_mount_group`, the
+/// pod's fsGroup): a numeric group id, or nothing.
+pub(crate) fn mount_group(cap: &Capability) -> Result<Option<u32>> {
+    match &cap.access_type {
+        AccessType::Mount {
+            volume_mount_group, ..
+        } if !volume_mount_group.is_empty() => {
+            volume_mount_group.parse::<u32>().map(Some).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "volume_mount_group {} is not a numeric group id",
+                    crate::validate::echo(volume_mount_group)
+                ))
+            })
+        }
+        _ => Ok(None),
+    }
+}
+
 impl Driver {
+    /// Gives the volume's files to `gid` where it is mounted at `path`, unless the record
+    /// says that was done last (the walk costs time with every file a volume holds).
+    pub(crate) fn ensure_mount_group(
+        &self,
+        volume_id: &str,
+        path: &CheckedPath,
+        gid: u32,
+    ) -> Result<()> {
+        let _guard = self.guard(volume_id)?;
+        let mut record = self.volume(volume_id)?;
+        if record.mount_group == Some(gid) {
+            return Ok(());
+        }
+        let Some((node, Some(mount))) = self.mount_at(path)? else {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is not mounted at {}: stage it again",
+                bounded_display(&path.path)
+            )));
+        };
+        if mount.read_only() {
+            // A read-only filesystem keeps the groups it has.
+            return Ok(());
+        }
+        let root = self.host.mounter.reopen(&node)?.unwrap_or(node);
+        let changed = self
+            .host
+            .filesystems
+            .apply_group(&root.kernel_path(), gid)?;
+        record.mount_group = Some(gid);
+        self.store.update(record)?;
+        tracing::info!(volume_id, gid, changed, "volume mount group applied");
+        Ok(())
+    }
+
     pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
+        let group = mount_group(&req.capability)?;
+        let volume_id = req.volume_id.clone();
+        let staging = self.node_path("staging_target_path", &req.staging_path)?;
+        self.stage_filesystem(req)?;
+        match group {
+            Some(gid) => self.ensure_mount_group(&volume_id, &staging, gid),
+            None => Ok(()),
+        }
+    }
+
+    /// NodeStageVolume's work, before any group is applied.
+    fn stage_filesystem(&self, req: StageVolume) -> Result<()> {
         let staging = self.node_path("staging_target_path", &req.staging_path)?;
         let _guard = self.guard(&req.volume_id)?;
         let _path = self.path_guard(&staging)?;

@@ -26,6 +26,8 @@ pub struct FakeState {
     pub grows: usize,
     /// Paths the driver created (mount points).
     pub paths: std::collections::HashSet<PathBuf>,
+    /// Every group applied to a tree, in order.
+    pub groups: Vec<(PathBuf, u32)>,
     next_mount_id: u32,
 }
 
@@ -316,6 +318,11 @@ impl Filesystems for FakeHost {
 
     fn copy_method_in(&self, _dir: &Path) -> Result<CopyMethod> {
         Ok(CopyMethod::SparseCopy)
+    }
+
+    fn apply_group(&self, root: &Path, gid: u32) -> Result<u64> {
+        self.lock().groups.push((root.to_owned(), gid));
+        Ok(1)
     }
 
     fn check_writable(&self, dir: &Path) -> Result<()> {

@@ -871,6 +871,10 @@ impl Filesystems for LinuxHost {
         method
     }
 
+    fn apply_group(&self, root: &Path, gid: u32) -> Result<u64> {
+        super::tree::apply_group(root, gid)
+    }
+
     fn check_writable(&self, dir: &Path) -> Result<()> {
         let probe = dir.join(".probe");
         fs::write(&probe, b"ok")

@@ -209,6 +209,9 @@ pub trait Filesystems: Send + Sync {
     fn copy_method_in(&self, dir: &Path) -> Result<CopyMethod>;
     /// Writes and removes a scratch file in `dir`: whether the directory takes writes now.
     fn check_writable(&self, dir: &Path) -> Result<()>;
+    /// Gives the tree at `root` to group `gid` as the kubelet's fsGroup does (group owner,
+    /// group read-write, setgid directories), following no symlink; the entries changed.
+    fn apply_group(&self, root: &Path, gid: u32) -> Result<u64>;
 }
 
 /// Thaws a frozen filesystem when dropped, so no error path leaves it frozen.

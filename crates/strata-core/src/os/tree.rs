@@ -233,3 +233,91 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyMethod> {
     keep_attributes(&to, &fstat(&from).map_err(fail)?).map_err(fail)?;
     Ok(copier.method)
 }
+
+/// Group ownership as the kubelet's fsGroup handling gives it: every entry's group set to
+/// `gid`; files gain owner and group read-write, directories also execute and setgid (so what
+/// is created later inherits the group). Symlinks get the group but no mode, and are never
+/// followed; nothing is opened for I/O (a device node or a FIFO is changed, not opened).
+struct Grouper {
+    gid: libc::gid_t,
+    changed: u64,
+}
+
+impl Grouper {
+    /// Applies to the object behind `found` (any descriptor, `O_PATH` included).
+    fn apply(&mut self, found: &File, st: &libc::stat) -> io::Result<()> {
+        let empty = c"";
+        // SAFETY: fchownat with AT_EMPTY_PATH changes exactly the inode of the descriptor.
+        if unsafe {
+            libc::fchownat(
+                found.as_raw_fd(),
+                empty.as_ptr(),
+                u32::MAX,
+                self.gid,
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFLNK {
+            let add = if kind == libc::S_IFDIR {
+                libc::S_ISGID | 0o770
+            } else {
+                0o660
+            };
+            // Through /proc/self/fd: chmod of the descriptor's inode, O_PATH included.
+            let path = CString::new(format!("/proc/self/fd/{}", found.as_raw_fd()))
+                .map_err(io::Error::other)?;
+            // SAFETY: path is NUL-terminated.
+            if unsafe { libc::chmod(path.as_ptr(), (st.st_mode & 0o7777) | add) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.changed += 1;
+        Ok(())
+    }
+
+    fn dir(&mut self, dir: &File, depth: usize) -> io::Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(io::Error::other(format!(
+                "the tree is deeper than {MAX_DEPTH} directories"
+            )));
+        }
+        for name in entries(dir)? {
+            let found = match open_at(dir.as_raw_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
+                Ok(f) => f,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            let st = fstat(&found)?;
+            self.apply(&found, &st)?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                && let Some(sub) = reopen(&found, libc::O_RDONLY | libc::O_DIRECTORY)?
+            {
+                self.dir(&sub, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// See [`crate::os::Filesystems::apply_group`]. `root` is the mounted volume's root (a
+/// `/proc/self/fd` path to the checked mount point is fine: it is opened as it is).
+pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
+    let fail = |e: io::Error| Error::io(format!("set group {gid} on {}", root.display()), e);
+    let top = open_at(
+        libc::AT_FDCWD,
+        &cstring(root)?,
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    )
+    .map_err(fail)?;
+    let mut grouper = Grouper { gid, changed: 0 };
+    grouper
+        .apply(&top, &fstat(&top).map_err(fail)?)
+        .map_err(fail)?;
+    grouper.dir(&top, 0).map_err(fail)?;
+    Ok(grouper.changed)
+}

@@ -19,6 +19,7 @@ pub const CAPABILITIES: &[RpcType] = &[
     RpcType::VolumeCondition,
     RpcType::SingleNodeMultiWriter,
     RpcType::ExpandVolume,
+    RpcType::VolumeMountGroup,
 ];
 
 #[tonic::async_trait]
