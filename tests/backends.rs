@@ -11,12 +11,6 @@ use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use tonic::Code;
 
-fn payload(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
-        .collect()
-}
-
 fn source(t: csi::volume_content_source::Type) -> Option<csi::VolumeContentSource> {
     Some(csi::VolumeContentSource { r#type: Some(t) })
 }

@@ -11,11 +11,6 @@ use csi_proto as csi;
 use tonic::Code;
 
 /// A deterministic payload; `seed` tells versions apart.
-fn payload(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
-        .collect()
-}
 
 impl TestEnv {
     async fn restore(

@@ -589,3 +589,10 @@ pub fn node_expand_req(
         ..Default::default()
     }
 }
+
+/// Deterministic test data: `len` bytes that differ with `seed`.
+pub fn payload(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
+}

@@ -282,3 +282,61 @@ impl Backend for ImageBackend {
         Ok(held)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MIB;
+    use crate::os::fake::FakeHost;
+
+    fn backend() -> (tempfile::TempDir, ImageBackend) {
+        let pool = tempfile::tempdir().unwrap();
+        let b = ImageBackend::new(pool.path().to_owned(), FakeHost::new().host());
+        (pool, b)
+    }
+
+    #[test]
+    fn an_image_is_sparse_grows_never_shrinks_and_holds_no_data_when_fresh() {
+        let (pool, b) = backend();
+        let dir = pool.path().join("v");
+        fs::create_dir(&dir).unwrap();
+        b.create(&dir, 16 * MIB).unwrap();
+        let image = dir.join(IMAGE_FILE);
+        assert_eq!(fs::metadata(&image).unwrap().len(), 16 * MIB);
+        assert!(!b.has_data(&dir).unwrap(), "a fresh image holds nothing");
+        b.expand(&dir, 32 * MIB).unwrap();
+        b.expand(&dir, 8 * MIB).unwrap();
+        assert_eq!(fs::metadata(&image).unwrap().len(), 32 * MIB);
+        assert_eq!(b.condition(&dir, 32 * MIB), None);
+        assert!(
+            b.condition(&dir, 64 * MIB).is_some(),
+            "shorter than its record"
+        );
+    }
+
+    #[test]
+    fn a_device_is_found_by_the_images_identity_and_detached_with_it() {
+        let (pool, b) = backend();
+        let dir = pool.path().join("v");
+        fs::create_dir(&dir).unwrap();
+        b.create(&dir, 16 * MIB).unwrap();
+        assert!(b.attachment(&dir).unwrap().is_none());
+        let attached = b.attach(&dir, true).unwrap();
+        let Attachment::Device(dev) = attached.attachment.clone() else {
+            panic!("an image attaches as a device");
+        };
+        assert_eq!(b.devices(&dir).unwrap(), vec![dev.clone()]);
+        // A second attach finds the same device, never a second one.
+        let again = b.attach(&dir, true).unwrap();
+        assert_eq!(again.attachment, Attachment::Device(dev));
+        drop((attached, again));
+        b.destroy(&dir).unwrap();
+        assert!(b.devices(&dir).unwrap().is_empty());
+        assert!(!dir.join(IMAGE_FILE).exists());
+        // A missing image is a clear precondition, not an attach of nothing.
+        assert!(matches!(
+            b.attach(&dir, true),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+}
