@@ -10,8 +10,6 @@ use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use tonic::Code;
 
-/// A deterministic payload; `seed` tells versions apart.
-
 impl TestEnv {
     async fn restore(
         &mut self,
