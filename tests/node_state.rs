@@ -526,6 +526,18 @@ async fn wait_for_tool(pids: &Path) {
     }
 }
 
+/// Starts a stage of `id`, kills the server once the slowed tool it runs has started, and
+/// checks that the tool died with it.
+async fn kill_during_stage(env: &mut TestEnv, id: &str, staging: &str, pids: &Path) {
+    let mut c = env.csi.clone();
+    let (id2, st2) = (id.to_owned(), staging.to_owned());
+    let pending = tokio::spawn(async move { node_stage_code(&mut c, &id2, &st2, ext4()).await });
+    wait_for_tool(pids).await;
+    env.kill();
+    let _ = pending.await;
+    assert_tool_died(pids);
+}
+
 /// Asserts that the slowed tool died with the server that started it.
 fn assert_tool_died(pids: &Path) {
     let pid: i32 = fs::read_to_string(pids)
@@ -550,14 +562,8 @@ async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
     env.restart(None).await;
     let id = env.create("v", 32 * MIB, ext4()).await.volume_id;
     let staging = env.path("stage");
-    let mut c = env.csi.clone();
-    let (id2, st2) = (id.clone(), staging.clone());
-    let pending = tokio::spawn(async move { node_stage_code(&mut c, &id2, &st2, ext4()).await });
     let pids = env.dir.path().join("mkfs.pids");
-    wait_for_tool(&pids).await;
-    env.kill();
-    let _ = pending.await;
-    assert_tool_died(&pids);
+    kill_during_stage(&mut env, &id, &staging, &pids).await;
     env.restart(None).await;
     env.stage(&id, &staging, ext4()).await.unwrap();
     env.unstage(&id, &staging).await.unwrap();
@@ -665,14 +671,8 @@ async fn resize2fs_dies_with_a_killed_server_and_the_retried_stage_grows_the_vol
     env.expand(&id, 128 * MIB).await.unwrap();
     slow_tool(env.dir.path(), "resize2fs", "resize2fs.pids");
     env.restart(None).await;
-    let mut c = env.csi.clone();
-    let (id2, st2) = (id.clone(), staging.clone());
-    let pending = tokio::spawn(async move { node_stage_code(&mut c, &id2, &st2, ext4()).await });
     let pids = env.dir.path().join("resize2fs.pids");
-    wait_for_tool(&pids).await;
-    env.kill();
-    let _ = pending.await;
-    assert_tool_died(&pids);
+    kill_during_stage(&mut env, &id, &staging, &pids).await;
     fs::remove_file(&pids).unwrap();
     env.restart(None).await;
     env.stage(&id, &staging, ext4()).await.unwrap();

@@ -24,10 +24,13 @@ impl Driver {
         let dir = self.store.dir(&record.id);
         let owners = self.owners(&dir)?;
         let (_, here, att) = self.visible_at(volume_id, &volume_path, &owners)?;
+        let before = record.capacity_bytes;
         let record = self.grow_volume(record, range)?;
-        // Lets an attached device see the image's size (also after a restart between the
-        // image's growth and this call).
-        self.backend.expand(&dir, record.capacity_bytes)?;
+        if record.capacity_bytes == before {
+            // Nothing grew now, so nothing refreshed the device either: let it see the
+            // image's size, which a call cut short after the growth may have left unseen.
+            self.backend.expand(&dir, record.capacity_bytes)?;
+        }
         self.crash.reach("node-expand:before-grow");
         match &att {
             // A raw block volume: the refreshed device is all there is to grow.
