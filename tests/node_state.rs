@@ -480,12 +480,17 @@ fn a_loop_device_reused_for_another_file_is_never_acted_on() {
         LinuxHost.list()
     );
     LinuxHost.detach(&dev_b).unwrap();
-    assert!(
-        LinuxHost
-            .find(FileId::of(&img_b).unwrap())
-            .unwrap()
-            .is_none()
-    );
+    // While anyone else has the device open (a concurrent test listing devices opens each
+    // one for a moment), the kernel defers the clear to the last close: give it that moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while LinuxHost
+        .find(FileId::of(&img_b).unwrap())
+        .unwrap()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "B's device was never released");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A `mkfs.ext4` that records its pid and waits (as a bash builtin, so the pid is the tool
