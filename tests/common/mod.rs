@@ -275,15 +275,24 @@ impl TestEnv {
             pool_dir.join("pool.img"),
             self.dir.path().join("pool-fs.img"),
         ];
-        let (mut mounts, mut loops) = kernel_state_under(self.dir.path());
-        mounts.retain(|m| *m != pool_dir.join("data") && *m != pool_dir);
-        loops.retain(|l| {
-            LinuxHost
-                .list()
-                .unwrap()
-                .iter()
-                .all(|d| d.path != *l || !pool_images.contains(&d.backing_file))
-        });
+        // A detached device stays bound until its last opener closes it, and a concurrent
+        // test listing devices opens each one for a moment: give the kernel that moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mounts, loops) = loop {
+            let (mut mounts, mut loops) = kernel_state_under(self.dir.path());
+            mounts.retain(|m| *m != pool_dir.join("data") && *m != pool_dir);
+            loops.retain(|l| {
+                LinuxHost
+                    .list()
+                    .unwrap()
+                    .iter()
+                    .all(|d| d.path != *l || !pool_images.contains(&d.backing_file))
+            });
+            if loops.is_empty() || Instant::now() >= deadline {
+                break (mounts, loops);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
         assert!(loops.is_empty(), "loop devices left behind: {loops:?}");
     }
@@ -594,5 +603,84 @@ pub fn node_expand_req(
 pub fn payload(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// Restores and mounts as a workload does.
+impl TestEnv {
+    pub async fn restore(
+        &mut self,
+        name: &str,
+        bytes: i64,
+        cap: csi::VolumeCapability,
+        source: csi::volume_content_source::Type,
+    ) -> Result<csi::Volume, tonic::Status> {
+        let mut req = create_req(name, bytes, cap);
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(source),
+        });
+        self.csi
+            .controller
+            .create_volume(req)
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    /// Stages and publishes at `<name>-stage` and `<name>`, returning the published path.
+    pub async fn mount(&mut self, id: &str, name: &str, cap: csi::VolumeCapability) -> String {
+        let (staging, target) = (self.path(&format!("{name}-stage")), self.path(name));
+        self.stage(id, &staging, cap.clone()).await.unwrap();
+        self.publish(id, &staging, &target, cap, false)
+            .await
+            .unwrap();
+        target
+    }
+
+    pub async fn unmount(&mut self, id: &str, name: &str) {
+        let (staging, target) = (self.path(&format!("{name}-stage")), self.path(name));
+        self.unpublish(id, &target).await.unwrap();
+        self.unstage(id, &staging).await.unwrap();
+    }
+}
+
+pub fn snapshot_source(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+        snapshot_id: id.into(),
+    })
+}
+
+/// Asserts that the filesystem holding `path` is not frozen. A freeze of our own is the probe:
+/// it fails with EBUSY on a frozen filesystem, and is undone at once (so a failing test does
+/// not leave a writer blocked behind it).
+pub fn assert_not_frozen(path: &str) {
+    use std::os::unix::fs::MetadataExt;
+    use strata_core::os::Filesystems;
+    let dev = fs::metadata(path).unwrap().dev();
+    let fs = LinuxHost
+        .open_mounted(Path::new(path), (libc::major(dev), libc::minor(dev)))
+        .unwrap();
+    match LinuxHost.freeze(&fs) {
+        Ok(()) => LinuxHost.thaw(&fs).expect("thaw the probe's freeze"),
+        Err(e) => {
+            let _ = LinuxHost.thaw(&fs);
+            panic!("{path} was left frozen: {e}");
+        }
+    }
+}
+
+/// The plugin services a driver advertises (GetPluginCapabilities), as CSI enum values.
+pub async fn plugin_services(csi: &mut Csi) -> Vec<i32> {
+    use csi::plugin_capability::Type;
+    csi.identity
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
         .collect()
 }
