@@ -3,7 +3,8 @@
 
 Built-in kinds go through kubernetes-validate (the Kubernetes OpenAPI schemas it ships);
 the snapshot CRD kinds, which it has no schema for, are checked here against the rules of
-the snapshot.storage.k8s.io/v1 CRDs that matter for Strata's objects.
+the snapshot.storage.k8s.io/v1 and groupsnapshot.storage.k8s.io/v1 CRDs that matter for
+Strata's objects.
 """
 import subprocess
 import sys
@@ -15,7 +16,7 @@ def check_snapshot_kinds(path, doc):
     kind = doc.get("kind")
     spec = doc.get("spec", {})
     errors = []
-    if kind == "VolumeSnapshotClass":
+    if kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
         if not isinstance(doc.get("driver"), str) or not doc["driver"]:
             errors.append("driver is required")
         if doc.get("deletionPolicy") not in ("Delete", "Retain"):
@@ -39,6 +40,17 @@ def check_snapshot_kinds(path, doc):
         extra = set(source) - {"persistentVolumeClaimName", "volumeSnapshotContentName"}
         if extra:
             errors.append(f"unknown spec.source fields {sorted(extra)}")
+    elif kind == "VolumeGroupSnapshot":
+        source = spec.get("source", {})
+        names = [k for k in ("selector", "volumeGroupSnapshotContentName") if source.get(k)]
+        if len(names) != 1:
+            errors.append("spec.source needs exactly one of selector, volumeGroupSnapshotContentName")
+        extra = set(source) - {"selector", "volumeGroupSnapshotContentName"}
+        if extra:
+            errors.append(f"unknown spec.source fields {sorted(extra)}")
+        selector = source.get("selector")
+        if selector is not None and not selector.get("matchLabels"):
+            errors.append("spec.source.selector needs matchLabels (the snapshot-controller reads only those)")
     else:
         return True
     for e in errors:
@@ -78,6 +90,16 @@ def check_example(path, docs, seen):
             content = d["spec"]["source"].get("volumeSnapshotContentName")
             if content and ("VolumeSnapshotContent", content) not in names:
                 errors.append(f"snapshot {name} needs content {content} from elsewhere")
+        if kind == "VolumeGroupSnapshot":
+            wanted = d["spec"]["source"].get("selector", {}).get("matchLabels", {})
+            matched = [
+                c["metadata"]["name"]
+                for c in docs
+                if c["kind"] == "PersistentVolumeClaim"
+                and wanted.items() <= c["metadata"].get("labels", {}).items()
+            ]
+            if wanted and not matched:
+                errors.append(f"group snapshot {name} selects no claim of its own")
     for e in errors:
         print(f"FAIL {path}: {e}")
     return not errors
@@ -90,7 +112,7 @@ def main(paths):
         with open(path) as f:
             docs = [d for d in yaml.safe_load_all(f) if d]
         for doc in docs:
-            if doc.get("apiVersion", "").startswith("snapshot.storage.k8s.io/"):
+            if doc.get("apiVersion", "").startswith(("snapshot.storage.k8s.io/", "groupsnapshot.storage.k8s.io/")):
                 ok &= check_snapshot_kinds(path, doc)
         if path.startswith("examples/"):
             ok &= check_example(path, docs, seen)

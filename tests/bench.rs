@@ -7,20 +7,27 @@ use std::process::Command;
 
 use common::*;
 
+#[path = "common/minimal_csi.rs"]
+mod minimal_csi;
+
 fn bench(env: &TestEnv, args: &[&str]) -> serde_json::Value {
-    let workdir = env.path("bench");
+    bench_at(&env.path("csi.sock"), &env.path("bench"), args)
+}
+
+/// Runs `strata bench ARGS` against the driver at `socket`, mounting under `workdir`.
+fn bench_at(socket: &str, workdir: &str, args: &[&str]) -> serde_json::Value {
     // scale creates and lists only: it mounts nothing, so it takes no workdir.
     let workdir_args = if args[0] == "scale" {
         vec![]
     } else {
-        vec!["--workdir", workdir.as_str()]
+        vec!["--workdir", workdir]
     };
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))
         .arg("bench")
         .args(args)
         .args(workdir_args)
         .args(["-o", "json"])
-        .env("CSI_ENDPOINT", format!("unix://{}", env.path("csi.sock")))
+        .env("CSI_ENDPOINT", format!("unix://{socket}"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -30,6 +37,29 @@ fn bench(env: &TestEnv, args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// `strata bench compare SCENARIO` of endpoints `a` and `b` with the scenario's `options`:
+/// its JSON, or what it printed on stderr when it failed.
+fn compare(
+    scenario: &str,
+    a: &str,
+    b: &str,
+    rounds: &str,
+    options: &[&str],
+) -> Result<serde_json::Value, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "bench", "compare", scenario, "--rounds", rounds, "-o", "json",
+        ])
+        .args(["--endpoint", a, "--endpoint", b, "--"])
+        .args(options)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
 }
 
 fn calls(report: &serde_json::Value, rpc: &str) -> u64 {
@@ -130,6 +160,8 @@ async fn every_scenario_runs_and_cleans_up() {
     assert_eq!(calls(&r, "ListVolumes (page)"), 8);
     assert!(r["rss_kib"].as_array().unwrap().len() >= 3, "{r}");
 
+    let r = bench(&env, &["snapshot", "--sizes", "1Mi", "--block"]);
+    assert_eq!(r[0]["verified"], true, "{r}");
     let r = bench(&env, &["snapshot", "--sizes", "1Mi,4Mi"]);
     assert_eq!(r.as_array().unwrap().len(), 2);
     assert!(
@@ -139,6 +171,156 @@ async fn every_scenario_runs_and_cleans_up() {
             .all(|row| row["verified"] == true)
     );
 
+    let r = bench(
+        &env,
+        &["group", "--volumes", "3", "--data", "4Mi", "--rounds", "2"],
+    );
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 2);
+    assert_eq!(r["restored_members_verified"], true);
+
+    let r = bench(
+        &env,
+        &[
+            "fsgroup", "--files", "300", "--size", "32Mi", "--group", "4321",
+        ],
+    );
+    assert_eq!(r["files"], 300);
+    assert!(r["second_stage_and_publish_ms"].as_f64().unwrap() > 0.0);
+    // More files than the volume has inodes: the run fails and leaves no volume behind.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["bench", "fsgroup", "--files", "20000", "--size", "32Mi"])
+        .args(["--workdir", &env.path("bench")])
+        .env("CSI_ENDPOINT", format!("unix://{}", env.path("csi.sock")))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("create 20000 files"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     env.assert_clean();
     assert!(env.pool_entries().is_empty(), "{:?}", env.pool_entries());
+    assert!(
+        std::fs::read_dir(env.pool().join("groups"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "no group left"
+    );
+}
+
+/// Every scenario against a driver that offers nothing but volumes and publish (no staging,
+/// no snapshots, no groups, no VOLUME_MOUNT_GROUP): data goes through the published path,
+/// what the driver lacks is skipped with a reason, and `compare` sets it beside Strata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_adapts_to_what_the_driver_offers() {
+    let env = TestEnv::start().await;
+    let mini_socket = env.path("mini.sock");
+    minimal_csi::serve(
+        &env.dir.path().join("mini-volumes"),
+        std::path::Path::new(&mini_socket),
+    );
+    let workdir = env.path("mini-bench");
+    let r = bench_at(
+        &mini_socket,
+        &workdir,
+        &[
+            "lifecycle",
+            "--volumes",
+            "3",
+            "--concurrency",
+            "1",
+            "--data",
+            "64Ki",
+        ],
+    );
+    assert_eq!(calls(&r, "NodeStageVolume"), 0, "{r}");
+    assert_eq!(calls(&r, "NodePublishVolume"), 3, "{r}");
+    assert_eq!(calls(&r, "write+fsync"), 3, "{r}");
+    let r = bench_at(
+        &mini_socket,
+        &workdir,
+        &[
+            "churn",
+            "--seconds",
+            "1",
+            "--concurrency",
+            "1",
+            "--data",
+            "64Ki",
+        ],
+    );
+    assert!(r["volumes"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(calls(&r, "CreateSnapshot"), 0, "{r}");
+    for (scenario, lacking) in [
+        ("snapshot", "CREATE_DELETE_SNAPSHOT"),
+        ("group", "GROUP_SNAPSHOT"),
+        ("fsgroup", "VOLUME_MOUNT_GROUP"),
+    ] {
+        let r = bench_at(&mini_socket, &workdir, &[scenario]);
+        assert!(
+            r["skipped"].as_str().unwrap_or_default().contains(lacking),
+            "{scenario}: {r}"
+        );
+    }
+    let r = bench_at(
+        &mini_socket,
+        &workdir,
+        &[
+            "io",
+            "--size",
+            "4Mi",
+            "--seconds",
+            "0.2",
+            "--engine",
+            "builtin",
+        ],
+    );
+    assert_eq!(r["rows"].as_array().unwrap().len(), 4, "{r}");
+    let r = bench_at(&mini_socket, &workdir, &["scale", "--volumes", "5"]);
+    assert_eq!(calls(&r, "CreateVolume"), 5, "{r}");
+
+    // Side by side: Strata (A) and the minimal driver (B), interleaved.
+    let (strata, mini) = (
+        format!("unix://{}", env.path("csi.sock")),
+        format!("unix://{mini_socket}"),
+    );
+    let options = ["--volumes", "2", "--size", "32Mi", "--workdir", &workdir];
+    let c = compare("lifecycle", &strata, &mini, "2", &options).unwrap();
+    assert_eq!(c["rounds"], 2);
+    let figure = |name: &str| {
+        c["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["figure"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: {c}"))
+    };
+    let rate = figure("volumes/s");
+    assert!(rate["a"].as_f64().unwrap() > 0.0 && rate["ratio"].as_f64().unwrap() > 0.0);
+    // Strata stages; the minimal driver does not: its side has no figure there.
+    assert!(figure("NodeStageVolume p50 ms")["b"].is_null(), "{c}");
+
+    // A scenario only one side offers is measured there and reported skipped for the other.
+    let options = ["--sizes", "1Mi", "--workdir", &workdir];
+    let c = compare("snapshot", &strata, &mini, "1", &options).unwrap();
+    assert!(
+        c["skipped"][0].as_str().unwrap().contains("mini.sock"),
+        "{c}"
+    );
+    // Bad options are refused before anything runs.
+    let err = compare("lifecycle", "/a", "/b", "1", &["--volumes", "many"]).unwrap_err();
+    assert!(err.contains("--volumes"), "{err}");
+
+    env.assert_clean();
+    assert!(
+        std::fs::read_dir(env.dir.path().join("mini-volumes"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the minimal driver's volumes were all deleted"
+    );
 }

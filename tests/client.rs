@@ -125,6 +125,33 @@ async fn operators_drive_a_volume_through_its_life_with_the_client() {
     let (ok, out, _) = strata(&env, &["volume", "expand", &restored, "--size", "256Mi"]);
     assert!(ok && out.contains("256Mi"), "{out}");
 
+    // A group snapshot of the staged volume and the restored one, at one instant.
+    let (ok, out, err) = strata(&env, &["snapshot", "group-create", "both", &id, &restored]);
+    let group = out.trim().to_owned();
+    assert!(ok && group.starts_with("group-"), "{out} {err}");
+    let (ok, out, _) = strata(&env, &["snapshot", "group-get", &group, "-o", "json"]);
+    let members: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(
+        ok && members.len() == 2 && members.iter().all(|m| m["group"] == group.as_str()),
+        "{out}"
+    );
+    let (ok, out, _) = strata(&env, &["snapshot", "list"]);
+    assert!(ok && out.contains("GROUP") && out.contains(&group), "{out}");
+    let member = members[0]["id"].as_str().unwrap();
+    let (ok, _, err) = strata(&env, &["snapshot", "delete", member]);
+    assert!(
+        !ok && err.contains("InvalidArgument") && err.contains("group"),
+        "a member goes only with its group: {err}"
+    );
+    let (ok, _, err) = strata(&env, &["snapshot", "group-delete", &group]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = strata(&env, &["snapshot", "list", "-o", "json"]);
+    let left: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(
+        ok && left.len() == 1,
+        "only the plain snapshot is left: {out}"
+    );
+
     // Errors are one line with the gRPC code and the driver's advice; the exit code is 1.
     let (ok, _, err) = strata(&env, &["volume", "delete", &id]);
     assert!(

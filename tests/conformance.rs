@@ -34,22 +34,8 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
         .into_inner();
     assert_eq!(info.name, "strata.csi.dev");
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
-    let caps = env
-        .csi
-        .identity
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    use csi::plugin_capability::{Type, service::Type as S};
-    let services: Vec<i32> = caps
-        .capabilities
-        .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(Type::Service(s)) => Some(s.r#type),
-            _ => None,
-        })
-        .collect();
+    use csi::plugin_capability::service::Type as S;
+    let services = plugin_services(&mut env.csi).await;
     assert!(services.contains(&(S::ControllerService as i32)));
     assert!(services.contains(&(S::VolumeAccessibilityConstraints as i32)));
     let probe = env

@@ -53,6 +53,8 @@ async fn a_grpc_core_client_with_default_options_is_served() {
     assert_eq!(code, "ABORTED", "{message}");
     let (code, message) = code_of("CreateVolume with a 100 KiB name");
     assert_eq!(code, "INVALID_ARGUMENT", "{message}");
+    assert_eq!(code_of("CreateVolumeGroupSnapshot").0, "OK");
+    assert_eq!(code_of("DeleteVolumeGroupSnapshot").0, "OK");
     assert_eq!(code_of("DeleteVolume").0, "OK");
     env.assert_clean();
 }

@@ -165,7 +165,7 @@ struct Case {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        0u8..14,
+        0u8..17,
         hostile_string(),
         hostile_string(),
         hostile_string(),
@@ -314,6 +314,34 @@ async fn run_case(env: &mut TestEnv, real: &str, case: Case) -> Code {
                 volume_path: case.b,
                 capacity_range: range,
                 ..Default::default()
+            })
+            .await
+            .map(drop),
+        13 => c
+            .groups
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: case.b,
+                source_volume_ids: vec![id, case.c],
+                parameters: [(case.a, String::new())].into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        14 => c
+            .groups
+            .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: case.b,
+                snapshot_ids: vec![id, case.c],
+                secrets: Default::default(),
+            })
+            .await
+            .map(drop),
+        15 => c
+            .groups
+            .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: case.b,
+                snapshot_ids: vec![id, case.c],
+                secrets: Default::default(),
             })
             .await
             .map(drop),

@@ -66,6 +66,11 @@ impl Host {
 
     /// Starts a server in a new mount namespace, seeing the pool at `view-N/pool`.
     async fn start(&mut self) -> Csi {
+        self.start_crashing_at(None).await
+    }
+
+    /// [`start`](Self::start), with the server killing itself at crash point `crash_at`.
+    async fn start_crashing_at(&mut self, crash_at: Option<&str>) -> Csi {
         self.generation += 1;
         let view = self.dir.path().join(format!("view-{}", self.generation));
         fs::create_dir_all(&view).unwrap();
@@ -84,7 +89,11 @@ impl Host {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .unwrap();
-        let mut child = Command::new("unshare")
+        let mut command = Command::new("unshare");
+        if let Some(point) = crash_at {
+            command.env("STRATA_CRASH_AT", point);
+        }
+        let mut child = command
             .args(["-m", "--propagation", "unchanged", "sh", "-c", &serve])
             .env("STRATA_LOG", "debug")
             .stdin(Stdio::null())
@@ -552,9 +561,18 @@ fn assert_tool_died(pids: &Path) {
         .unwrap()
         .parse()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 {
+    // Dead is gone, or a zombie waiting for init to reap it (which a loaded machine delays).
+    let alive = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive() {
         assert!(Instant::now() < deadline, "tool {pid} outlived the server");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -695,4 +713,81 @@ async fn resize2fs_dies_with_a_killed_server_and_the_retried_stage_grows_the_vol
         .unwrap();
     assert!(fsck.status.success(), "the grown filesystem: {fsck:?}");
     env.assert_clean();
+}
+
+/// A group snapshot's server killed with the group's filesystems frozen, in its own
+/// namespace: its successor, in a new one, thaws them at startup (the frozen mounts live on
+/// through propagation), shows no half group, and the retried call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_frozen_by_a_killed_server_is_thawed_by_its_successor_in_a_new_namespace() {
+    let mut host = Host::new(false);
+    let mut csi = host.start_crashing_at(Some("group:before-thaw")).await;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut volumes = vec![];
+    for name in ["a", "b"] {
+        let id = create(&mut csi, name, cap.clone()).await;
+        let (stage, publish) = (host.kubelet(&format!("stage-{name}")), host.kubelet(name));
+        assert_eq!(
+            node_stage_code(&mut csi, &id, &stage, cap.clone()).await,
+            Code::Ok
+        );
+        node_publish(&mut csi, &id, &stage, &publish, cap.clone(), false)
+            .await
+            .unwrap();
+        volumes.push((id, stage, publish));
+    }
+    let ids: Vec<String> = volumes.iter().map(|v| v.0.clone()).collect();
+    let request = csi::CreateVolumeGroupSnapshotRequest {
+        name: "g".into(),
+        source_volume_ids: ids.clone(),
+        ..Default::default()
+    };
+    let err = csi
+        .groups
+        .create_volume_group_snapshot(request.clone())
+        .await
+        .expect_err("the server dies with the filesystems frozen");
+    assert_ne!(err.code(), Code::Ok);
+    host.server.take().unwrap().wait().unwrap();
+
+    let mut csi = host.start().await;
+    for (_, _, publish) in &volumes {
+        assert_not_frozen(publish);
+        fs::write(format!("{publish}/after"), b"written after the restart").unwrap();
+    }
+    let listed = csi
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "a half group is visible");
+    let group = csi
+        .groups
+        .create_volume_group_snapshot(request)
+        .await
+        .expect("the retried call succeeds")
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(group.snapshots.len(), 2);
+    csi.groups
+        .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id,
+            snapshot_ids: group.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+    for (id, stage, publish) in &volumes {
+        node_unpublish(&mut csi, id, publish).await.unwrap();
+        node_unstage(&mut csi, id, stage).await.unwrap();
+        csi.controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
 }

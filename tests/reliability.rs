@@ -95,12 +95,26 @@ async fn a_full_pool_fails_cleanly_and_existing_volumes_keep_working() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let group = csi::CreateVolumeGroupSnapshotRequest {
+        name: "group".into(),
+        source_volume_ids: vec![id.clone()],
+        ..Default::default()
+    };
+    let err = env
+        .csi
+        .groups
+        .create_volume_group_snapshot(group.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(env.pool_entries(), vec![id.clone()], "no partial volume");
-    assert_eq!(
-        fs::read_dir(env.pool().join("snapshots")).unwrap().count(),
-        0,
-        "no partial snapshot"
-    );
+    for dir in ["snapshots", "groups"] {
+        assert_eq!(
+            fs::read_dir(env.pool().join(dir)).unwrap().count(),
+            0,
+            "no partial snapshot or group in {dir}"
+        );
+    }
 
     // The existing volume still reads its data; once space is freed everything works again.
     assert_eq!(
@@ -110,6 +124,11 @@ async fn a_full_pool_fails_cleanly_and_existing_volumes_keep_working() {
     drop(f);
     fs::remove_file(&filler).unwrap();
     env.csi.controller.create_snapshot(snap).await.unwrap();
+    env.csi
+        .groups
+        .create_volume_group_snapshot(group)
+        .await
+        .unwrap();
     env.create("late", 16 * MIB, ext4()).await;
     fs::write(format!("{target}/more"), b"writable").unwrap();
     env.unpublish(&id, &target).await.unwrap();

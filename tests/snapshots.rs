@@ -10,42 +10,6 @@ use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use tonic::Code;
 
-impl TestEnv {
-    async fn restore(
-        &mut self,
-        name: &str,
-        bytes: i64,
-        cap: csi::VolumeCapability,
-        source: csi::volume_content_source::Type,
-    ) -> Result<csi::Volume, tonic::Status> {
-        let mut req = create_req(name, bytes, cap);
-        req.volume_content_source = Some(csi::VolumeContentSource {
-            r#type: Some(source),
-        });
-        self.csi
-            .controller
-            .create_volume(req)
-            .await
-            .map(|r| r.into_inner().volume.unwrap())
-    }
-
-    /// Stages and publishes at `<name>-stage` and `<name>`, returning the published path.
-    async fn mount(&mut self, id: &str, name: &str, cap: csi::VolumeCapability) -> String {
-        let (staging, target) = (self.path(&format!("{name}-stage")), self.path(name));
-        self.stage(id, &staging, cap.clone()).await.unwrap();
-        self.publish(id, &staging, &target, cap, false)
-            .await
-            .unwrap();
-        target
-    }
-
-    async fn unmount(&mut self, id: &str, name: &str) {
-        let (staging, target) = (self.path(&format!("{name}-stage")), self.path(name));
-        self.unpublish(id, &target).await.unwrap();
-        self.unstage(id, &staging).await.unwrap();
-    }
-}
-
 fn fs_total(path: &str) -> u64 {
     strata_core::os::Filesystems::usage(
         &strata_core::os::linux::LinuxHost,
@@ -53,12 +17,6 @@ fn fs_total(path: &str) -> u64 {
     )
     .unwrap()
     .total_bytes
-}
-
-fn snapshot_source(id: &str) -> csi::volume_content_source::Type {
-    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-        snapshot_id: id.into(),
-    })
 }
 
 fn volume_source(id: &str) -> csi::volume_content_source::Type {

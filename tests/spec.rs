@@ -22,6 +22,7 @@ use tonic::Code;
 
 const UNKNOWN_VOLUME: &str = "vol-0123456789abcdef01234567";
 const UNKNOWN_SNAPSHOT: &str = "snap-0123456789abcdef01234567";
+const UNKNOWN_GROUP: &str = "group-0123456789abcdef01234567";
 
 /// A server to run the rows against, and a directory its node paths may use.
 struct Target {
@@ -45,6 +46,7 @@ async fn over_the_fake_host() -> Target {
         topology_key: "strata.csi.dev/node".into(),
         allowed_path_prefixes: vec!["/var/lib/kubelet".into()],
         forbidden_paths: vec![pool.clone()],
+        freeze_limit: std::time::Duration::from_secs(10),
     };
     let backend = Arc::new(ImageBackend::new(pool, host.clone()));
     let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
@@ -391,6 +393,232 @@ async fn controller_rows(t: &mut Target) {
     c.delete_volume(delete(&id)).await.unwrap();
 }
 
+/// Every row of the GroupController tables, and the rules for group members in the
+/// snapshot RPCs.
+async fn group_rows(t: &mut Target) {
+    use csi::plugin_capability::service::Type as Service;
+    assert!(
+        plugin_services(&mut t.csi)
+            .await
+            .contains(&(Service::GroupControllerService as i32))
+    );
+    let mut g = t.csi.groups.clone();
+    let caps = g
+        .group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    use csi::group_controller_service_capability::{Type, rpc::Type as Rpc};
+    assert!(caps.capabilities.iter().any(|c| matches!(
+        &c.r#type,
+        Some(Type::Rpc(r)) if r.r#type == Rpc::CreateDeleteGetVolumeGroupSnapshot as i32
+    )));
+
+    let single = cap(Mode::SingleNodeWriter);
+    let a = create(t, create_req("group-a", 16 * MIB, single.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let b = create(t, create_req("group-b", 16 * MIB, single))
+        .await
+        .unwrap()
+        .volume_id;
+    let create_group = |name: &str, ids: &[&str]| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    // CreateVolumeGroupSnapshot.
+    for (req, why) in [
+        (create_group("", &[&a, &b]), "missing name"),
+        (create_group("g", &[]), "missing source volumes"),
+        (create_group("g", &[&a, &a]), "a volume named twice"),
+        (create_group("g", &[&a, ""]), "an empty volume id"),
+    ] {
+        assert_eq!(
+            code(g.create_volume_group_snapshot(req).await),
+            Code::InvalidArgument,
+            "{why}"
+        );
+    }
+    let mut param = create_group("g", &[&a, &b]);
+    param.parameters.insert("color".into(), "blue".into());
+    assert_eq!(
+        code(g.create_volume_group_snapshot(param).await),
+        Code::InvalidArgument,
+        "unknown parameter"
+    );
+    assert_eq!(
+        code(
+            g.create_volume_group_snapshot(create_group("g", &[&a, UNKNOWN_VOLUME]))
+                .await
+        ),
+        Code::NotFound,
+        "unknown volume"
+    );
+    let mut k8s = create_group("g", &[&a, &b]);
+    k8s.parameters.insert(
+        "csi.storage.k8s.io/volumegroupsnapshot/name".into(),
+        "daily".into(),
+    );
+    let group = g
+        .create_volume_group_snapshot(k8s)
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(group.ready_to_use);
+    assert!(group.creation_time.is_some());
+    assert_eq!(group.snapshots.len(), 2);
+    let mut sources: Vec<&str> = group
+        .snapshots
+        .iter()
+        .map(|s| s.source_volume_id.as_str())
+        .collect();
+    sources.sort_unstable();
+    let mut expected = [a.as_str(), b.as_str()];
+    expected.sort_unstable();
+    assert_eq!(sources, expected);
+    for s in &group.snapshots {
+        assert_eq!(s.group_snapshot_id, group.group_snapshot_id);
+        assert!(s.ready_to_use);
+    }
+    let again = g
+        .create_volume_group_snapshot(create_group("g", &[&b, &a]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again, group, "same name and volumes: the same group");
+    assert_eq!(
+        code(
+            g.create_volume_group_snapshot(create_group("g", &[&a]))
+                .await
+        ),
+        Code::AlreadyExists,
+        "same name, other volumes"
+    );
+
+    // Members are snapshots: listed, fetched, and not deletable alone.
+    let ids: Vec<String> = group
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    let mut c = t.csi.controller.clone();
+    let member = c
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: ids[0].clone(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(member.group_snapshot_id, group.group_snapshot_id);
+    let listed = c
+        .list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: a.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .filter_map(|e| e.snapshot.as_ref())
+            .any(|s| s.group_snapshot_id == group.group_snapshot_id)
+    );
+    assert_eq!(
+        code(
+            c.delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: ids[1].clone(),
+                secrets: Default::default(),
+            })
+            .await
+        ),
+        Code::InvalidArgument,
+        "a member cannot be deleted alone"
+    );
+
+    // GetVolumeGroupSnapshot.
+    let get = |id: &str, ids: &[String]| csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: ids.to_vec(),
+        secrets: Default::default(),
+    };
+    let gid = group.group_snapshot_id.clone();
+    assert_eq!(
+        code(g.get_volume_group_snapshot(get("", &ids)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(g.get_volume_group_snapshot(get(UNKNOWN_GROUP, &ids)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(g.get_volume_group_snapshot(get(&gid, &ids[..1])).await),
+        Code::InvalidArgument,
+        "snapshot list mismatch"
+    );
+    let fetched = g
+        .get_volume_group_snapshot(get(&gid, &ids))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(fetched, group);
+
+    // DeleteVolumeGroupSnapshot.
+    let delete_group = |id: &str, ids: &[String]| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: ids.to_vec(),
+        secrets: Default::default(),
+    };
+    assert_eq!(
+        code(g.delete_volume_group_snapshot(delete_group("", &ids)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            g.delete_volume_group_snapshot(delete_group(&gid, &[UNKNOWN_SNAPSHOT.into()]))
+                .await
+        ),
+        Code::InvalidArgument,
+        "snapshot list mismatch"
+    );
+    for id in [gid.as_str(), gid.as_str(), UNKNOWN_GROUP, "not-ours"] {
+        g.delete_volume_group_snapshot(delete_group(id, &ids))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        code(
+            c.get_snapshot(csi::GetSnapshotRequest {
+                snapshot_id: ids[0].clone(),
+                secrets: Default::default(),
+            })
+            .await
+        ),
+        Code::NotFound,
+        "members go with their group"
+    );
+    for id in [a, b] {
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id,
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+    }
+}
+
 /// Every row of the Node tables.
 async fn node_rows(t: &mut Target) {
     let single = cap(Mode::SingleNodeSingleWriter);
@@ -588,6 +816,7 @@ async fn node_rows(t: &mut Target) {
 async fn the_spec_tables_over_the_fake_host() {
     let mut t = over_the_fake_host().await;
     controller_rows(&mut t).await;
+    group_rows(&mut t).await;
     node_rows(&mut t).await;
 }
 
@@ -595,5 +824,6 @@ async fn the_spec_tables_over_the_fake_host() {
 async fn the_spec_tables_against_the_real_server() {
     let mut t = the_real_server().await;
     controller_rows(&mut t).await;
+    group_rows(&mut t).await;
     node_rows(&mut t).await;
 }

@@ -111,7 +111,23 @@ def main():
     )
     if reply is not None:
         volume = parse(parse(reply)[1][0])
-        report("DeleteVolume", "/csi.v1.Controller/DeleteVolume", field(1, volume[2][0]))
+        volume_id = volume[2][0]
+        # A group snapshot of the volume, and its deletion with the group's snapshot ids.
+        group_reply = report(
+            "CreateVolumeGroupSnapshot",
+            "/csi.v1.GroupController/CreateVolumeGroupSnapshot",
+            field(1, "py-group") + field(2, volume_id),
+        )
+        if group_reply is not None:
+            group = parse(parse(group_reply)[1][0])
+            snapshot_ids = [parse(s)[2][0] for s in group.get(2, [])]
+            request = field(1, group[1][0]) + b"".join(field(2, i) for i in snapshot_ids)
+            report(
+                "DeleteVolumeGroupSnapshot",
+                "/csi.v1.GroupController/DeleteVolumeGroupSnapshot",
+                request,
+            )
+        report("DeleteVolume", "/csi.v1.Controller/DeleteVolume", field(1, volume_id))
     channel.close()
 
 

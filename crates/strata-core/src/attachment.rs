@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::backend::Attachment;
 use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
-use crate::os::{Create, FrozenGuard, LoopDevice, MountEntry, NodePath};
+use crate::os::{Create, FrozenGuard, LoopDevice, MountEntry, MountedFs, NodePath};
 use crate::validate::bounded_display;
 
 /// Whether a mount-table entry shows `att` mounted: its filesystem (same device numbers),
@@ -85,7 +85,12 @@ impl Driver {
         let mut thawed = 0;
         for m in self.host.mounter.mounts()? {
             if ours.contains(&m.device()) && m.root == Path::new("/") {
-                match self.host.filesystems.thaw(&m.mount_point) {
+                let thawed_now = self
+                    .host
+                    .filesystems
+                    .open_mounted(&m.mount_point, m.device())
+                    .and_then(|fs| self.host.filesystems.thaw(&fs));
+                match thawed_now {
                     Ok(()) => thawed += 1,
                     Err(e) => {
                         tracing::warn!(mount_point = %m.mount_point.display(), error = %e, "could not thaw")
@@ -99,6 +104,21 @@ impl Driver {
     /// Freezes the volume's filesystem if it is mounted on this node, so a copy of its data is
     /// consistent; the guard thaws it. `None` when nothing is mounted (nothing can change).
     pub(crate) fn freeze_if_mounted(&self, id: &str, dir: &Path) -> Result<Option<Frozen<'_>>> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        match self.freeze_turn(id, dir, deadline)? {
+            Some(turn) => turn.freeze(self).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The volume's turn to be frozen, taken no later than `deadline` (ABORTED after), and
+    /// where its filesystem is mounted on this node; `None` when nothing is mounted.
+    pub(crate) fn freeze_turn(
+        &self,
+        id: &str,
+        dir: &Path,
+        deadline: std::time::Instant,
+    ) -> Result<Option<FreezeTurn>> {
         // Only a volume's own filesystem is frozen; a directory volume shares the pool's
         // filesystem, which is never frozen (its backends copy atomically or file by file).
         let Some(att @ Attachment::Device(_)) = self.backend.attachment(dir)? else {
@@ -106,7 +126,7 @@ impl Driver {
         };
         // Readers of one volume run together, but freeze it one at a time: a second
         // FIFREEZE fails, and a thaw must not come while another copy runs.
-        let turn = self.guard_waiting(&format!("freeze {id}"))?;
+        let turn = self.guard_waiting_until(&format!("freeze {id}"), deadline)?;
         let Some(mount) = self
             .mounts_of(&att)?
             .into_iter()
@@ -114,11 +134,53 @@ impl Driver {
         else {
             return Ok(None);
         };
-        let frozen = FrozenGuard::freeze(self.host.filesystems.as_ref(), &mount.mount_point)?;
-        Ok(Some(Frozen {
-            _frozen: frozen,
-            _turn: turn,
-        }))
+        // Opened and checked now, held until the thaw: the freeze and the thaw act on the
+        // volume's filesystem whatever happens to the path in between.
+        let fs = self
+            .host
+            .filesystems
+            .open_mounted(&mount.mount_point, mount.device())?;
+        Ok(Some(FreezeTurn { fs, turn }))
+    }
+
+    /// Freezes every filesystem of `turns` at once (each FIFREEZE flushes its filesystem, so
+    /// together they take as long as the slowest, not the sum). All or none: if one fails,
+    /// those already frozen are thawed.
+    pub(crate) fn freeze_all(&self, turns: Vec<FreezeTurn>) -> Result<Vec<Frozen<'_>>> {
+        let results: Vec<Result<Frozen<'_>>> = if turns.len() < 2 {
+            turns.into_iter().map(|t| t.freeze(self)).collect()
+        } else {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = turns
+                    .into_iter()
+                    .map(|t| scope.spawn(move || t.freeze(self)))
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|r| {
+                        r.join().unwrap_or_else(|_| {
+                            Err(Error::Internal(
+                                "a filesystem freeze did not complete".into(),
+                            ))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let mut frozen = Vec::with_capacity(results.len());
+        let mut failed = None;
+        for r in results {
+            match r {
+                Ok(f) => frozen.push(f),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(frozen),
+        }
     }
 
     /// Unmounts this volume's mounts stacked at `node`; never touches anybody else's. Returns
@@ -179,9 +241,47 @@ impl Driver {
     }
 }
 
+/// A volume's turn to freeze its filesystem, and that filesystem, opened and checked.
+pub(crate) struct FreezeTurn {
+    fs: MountedFs,
+    turn: crate::inflight::Guard,
+}
+
+impl FreezeTurn {
+    fn freeze(self, driver: &Driver) -> Result<Frozen<'_>> {
+        let frozen = FrozenGuard::freeze(driver.host.filesystems.as_ref(), self.fs)?;
+        Ok(Frozen {
+            frozen,
+            _turn: self.turn,
+        })
+    }
+}
+
 /// A volume's filesystem frozen for a copy, and its turn to be: thawed first, then the turn
 /// released (fields drop in order).
 pub(crate) struct Frozen<'a> {
-    _frozen: FrozenGuard<'a>,
+    frozen: FrozenGuard<'a>,
     _turn: crate::inflight::Guard,
+}
+
+impl Frozen<'_> {
+    pub(crate) fn fs(&self) -> &MountedFs {
+        self.frozen.fs()
+    }
+
+    pub(crate) fn mark_thawed(&mut self) {
+        self.frozen.mark_thawed();
+    }
+}
+
+/// Thaws every filesystem of `frozen` at once, then releases their turns.
+pub(crate) fn thaw_together(mut frozen: Vec<Frozen<'_>>) {
+    if frozen.len() > 1 {
+        std::thread::scope(|scope| {
+            for f in frozen.iter_mut() {
+                scope.spawn(move || f.frozen.thaw());
+            }
+        });
+    }
+    drop(frozen);
 }

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
+use crate::group::FreezeStats;
 use crate::inflight::{Guard, InFlight};
 use crate::model::{Topology, VolumeRecord};
 use crate::os::{Create, FileId, Host, NodePath};
 use crate::reaper::Reaper;
-use crate::store::{Reconciliation, SnapshotStore, VolumeStore};
+use crate::store::{GroupStore, Reconciliation, SnapshotStore, VolumeStore};
 use crate::validate::bounded_display;
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,9 @@ pub struct Config {
     /// Directories no node path may lie in: the `--pool` directory (which holds the pool
     /// image and its mount) and the pool itself.
     pub forbidden_paths: Vec<PathBuf>,
+    /// The longest a group snapshot may keep its volumes' filesystems frozen; past it they
+    /// are thawed and the group snapshot fails (ABORTED), keeping nothing.
+    pub freeze_limit: std::time::Duration,
 }
 
 impl Config {
@@ -46,6 +50,10 @@ impl Config {
 pub struct Startup {
     pub volumes: Reconciliation,
     pub snapshots: Reconciliation,
+    pub groups: Reconciliation,
+    /// Member snapshots of group snapshots whose creation or deletion a crash interrupted,
+    /// removed at startup so no half group is ever visible.
+    pub released_group_members: Vec<String>,
     /// Loop devices left on pool files that no volume owns, detached at startup.
     pub detached_orphan_loops: Vec<String>,
 }
@@ -54,6 +62,8 @@ pub struct Driver {
     pub config: Config,
     pub(crate) store: VolumeStore,
     pub(crate) snapshots: SnapshotStore,
+    pub(crate) groups: GroupStore,
+    pub(crate) freezes: FreezeStats,
     pub(crate) reaper: Reaper,
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) host: Host,
@@ -70,10 +80,17 @@ impl Driver {
         crash: FaultPoints,
     ) -> Result<(Self, Startup)> {
         let (store, volumes) = VolumeStore::open(&config.pool, backend.as_ref())?;
+        // Group evidence is read before the group store completes (and so removes) it.
+        let interrupted_groups = GroupStore::interrupted(&config.pool)?;
         let (snapshots, snapshot_report) = SnapshotStore::open(&config.pool, backend.as_ref())?;
+        let released_group_members =
+            crate::group::release_members(&snapshots, &interrupted_groups, backend.as_ref())?;
+        let (groups, group_report) = GroupStore::open(&config.pool, backend.as_ref())?;
         let mut report = Startup {
             volumes,
             snapshots: snapshot_report,
+            groups: group_report,
+            released_group_members,
             detached_orphan_loops: vec![],
         };
         let driver = Driver {
@@ -81,6 +98,8 @@ impl Driver {
             reaper: Reaper::start(backend.clone()),
             store,
             snapshots,
+            groups,
+            freezes: FreezeStats::default(),
             backend,
             host,
             inflight: InFlight::new(),
@@ -201,10 +220,13 @@ impl Driver {
         self.inflight.acquire_shared(key)
     }
 
-    /// Waits (bounded) for `key`: for the short sections readers of one object must take
-    /// in turn, such as freezing its filesystem.
-    pub(crate) fn guard_waiting(&self, key: &str) -> Result<Guard> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    /// Waits until `deadline` for `key`: for the short sections readers of one object must
+    /// take in turn, such as freezing its filesystem.
+    pub(crate) fn guard_waiting_until(
+        &self,
+        key: &str,
+        deadline: std::time::Instant,
+    ) -> Result<Guard> {
         loop {
             match self.inflight.acquire(key) {
                 Err(Error::Aborted(_)) if std::time::Instant::now() < deadline => {
@@ -230,6 +252,10 @@ impl Driver {
 
     pub fn snapshot_count(&self) -> usize {
         self.snapshots.len()
+    }
+
+    pub fn group_snapshot_count(&self) -> usize {
+        self.groups.len()
     }
 
     /// Space of the pool.

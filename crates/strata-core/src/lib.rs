@@ -8,6 +8,8 @@ pub mod controller;
 pub mod driver;
 pub mod error;
 pub mod fault;
+pub mod group;
+pub mod group_commit;
 pub mod inflight;
 pub mod model;
 pub mod node;

@@ -269,8 +269,13 @@ pub enum CopyMethod {
     SparseCopy,
 }
 
-/// Current schema version of [`SnapshotRecord`].
-pub const SNAPSHOT_RECORD_VERSION: u32 = 1;
+/// Current schema version of [`SnapshotRecord`]. Version 2 records are members of a group
+/// snapshot; a plain snapshot is still written as version 1, so only a pool holding group
+/// snapshots needs a Strata that knows them (an older one refuses to start on it rather than
+/// let a member be deleted alone).
+pub const SNAPSHOT_RECORD_VERSION: u32 = 2;
+/// Version of a snapshot record that belongs to no group.
+pub const PLAIN_SNAPSHOT_RECORD_VERSION: u32 = 1;
 
 /// The durable description of a snapshot: a point-in-time copy of a volume's data, independent
 /// of the source once taken.
@@ -288,6 +293,59 @@ pub struct SnapshotRecord {
     #[serde(default)]
     pub format: FormatState,
     pub method: CopyMethod,
+    /// The group snapshot this snapshot was taken in, if any: such a snapshot is deleted
+    /// only with its group.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group_snapshot_id: String,
+}
+
+/// Current schema version of [`GroupSnapshotRecord`].
+pub const GROUP_RECORD_VERSION: u32 = 1;
+
+/// The durable description of a group snapshot: snapshots of several volumes taken at one
+/// instant. The members are ordinary snapshot records naming the group; this record is
+/// committed after all of them, so a group without its record is a creation cut short.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSnapshotRecord {
+    pub version: u32,
+    pub id: String,
+    pub name: String,
+    /// One member per source volume, in the order of the source volume ids.
+    pub members: Vec<GroupMember>,
+    pub created_unix: u64,
+    pub created_nanos: u32,
+    /// How long the sources' filesystems were frozen, in microseconds.
+    pub freeze_micros: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub source_volume_id: String,
+    pub snapshot_id: String,
+}
+
+impl GroupSnapshotRecord {
+    /// The source volume ids, sorted: a group is the same group whatever order the caller
+    /// named its volumes in.
+    pub fn sources(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .members
+            .iter()
+            .map(|m| m.source_volume_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    pub fn snapshot_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .members
+            .iter()
+            .map(|m| m.snapshot_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
 }
 
 #[cfg(test)]

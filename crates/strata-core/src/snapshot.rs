@@ -2,12 +2,49 @@
 //! that shares extents (xfs with reflink, btrfs) a snapshot costs O(1) whatever the volume
 //! holds; elsewhere it copies the allocated data.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
-use crate::model::{SNAPSHOT_RECORD_VERSION, SnapshotRecord};
+use crate::model::{
+    CopyMethod, PLAIN_SNAPSHOT_RECORD_VERSION, SNAPSHOT_RECORD_VERSION, SnapshotRecord,
+    VolumeRecord,
+};
 use crate::validate::{self, is_snapshot_id, new_snapshot_id};
+
+/// Now, as a time since the epoch: the creation time of a snapshot.
+pub(crate) fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// The record of a snapshot of `source` taken at `taken`, in `group` if not empty.
+pub(crate) fn snapshot_record(
+    id: &str,
+    name: &str,
+    source: &VolumeRecord,
+    method: CopyMethod,
+    taken: Duration,
+    group: &str,
+) -> SnapshotRecord {
+    SnapshotRecord {
+        version: if group.is_empty() {
+            PLAIN_SNAPSHOT_RECORD_VERSION
+        } else {
+            SNAPSHOT_RECORD_VERSION
+        },
+        id: id.to_owned(),
+        name: name.to_owned(),
+        source_volume_id: source.id.clone(),
+        size_bytes: source.capacity_bytes,
+        created_unix: taken.as_secs(),
+        created_nanos: taken.subsec_nanos(),
+        format: source.format.clone(),
+        method,
+        group_snapshot_id: group.to_owned(),
+    }
+}
 
 impl Driver {
     pub fn create_snapshot(&self, name: &str, source_volume_id: &str) -> Result<SnapshotRecord> {
@@ -37,9 +74,7 @@ impl Driver {
                 if frozen.is_some() {
                     self.crash.reach("snapshot:frozen");
                 }
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default();
+                let now = now();
                 let method =
                     self.backend
                         .copy_from(&source_dir, &staging, source.capacity_bytes, true)?;
@@ -50,17 +85,7 @@ impl Driver {
                 self.crash.reach("snapshot:after-copy");
                 self.snapshots.commit_create(
                     &staging,
-                    SnapshotRecord {
-                        version: SNAPSHOT_RECORD_VERSION,
-                        id: id.clone(),
-                        name: name.to_owned(),
-                        source_volume_id: source.id.clone(),
-                        size_bytes: source.capacity_bytes,
-                        created_unix: now.as_secs(),
-                        created_nanos: now.subsec_nanos(),
-                        format: source.format.clone(),
-                        method,
-                    },
+                    snapshot_record(&id, name, &source, method, now, ""),
                 )
             });
         match taken {
@@ -81,6 +106,14 @@ impl Driver {
             return Ok(());
         }
         let _guard = self.guard(id)?;
+        if let Some(member) = self.snapshots.get(id)
+            && self.groups.get(&member.group_snapshot_id).is_some()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {id} belongs to group snapshot {}: delete the group (DeleteVolumeGroupSnapshot), which deletes its snapshots",
+                member.group_snapshot_id
+            )));
+        }
         if let Some(doomed) = self.snapshots.retire(id)? {
             self.reaper.remove(doomed);
             tracing::info!(snapshot_id = %id, "snapshot deleted");
@@ -92,7 +125,15 @@ impl Driver {
         validate::required_str("snapshot_id", id)?;
         self.snapshots
             .get(id)
+            .filter(|s| self.visible(s))
             .ok_or_else(|| Error::NotFound(format!("snapshot {id:?} does not exist")))
+    }
+
+    /// Whether a snapshot is shown: a member of a group only while its group is committed, so
+    /// no half group is ever seen while one is taken or deleted (or after a crash, until
+    /// startup removes the rest).
+    fn visible(&self, s: &SnapshotRecord) -> bool {
+        s.group_snapshot_id.is_empty() || self.groups.get(&s.group_snapshot_id).is_some()
     }
 
     /// A page of snapshots, optionally only one id or one source volume's, and the next token.
@@ -106,19 +147,23 @@ impl Driver {
         let (after, max) = validate::paging(max_entries, starting_token, is_snapshot_id)?;
         if !snapshot_id.is_empty() {
             // Filtering on an id that does not exist is an empty list, not an error.
-            let found = self
-                .snapshots
-                .get(snapshot_id)
-                .filter(|s| source_volume_id.is_empty() || s.source_volume_id == source_volume_id);
+            let found = self.snapshots.get(snapshot_id).filter(|s| {
+                self.visible(s)
+                    && (source_volume_id.is_empty() || s.source_volume_id == source_volume_id)
+            });
             return Ok((found.into_iter().collect(), None));
         }
         if source_volume_id.is_empty() {
-            let (page, more) = self.snapshots.page(after, max);
+            let (mut page, more) = self.snapshots.page(after, max);
+            // The token follows the page as stored; a page may hold fewer than `max`.
             let next = more.then(|| page.last().map(|r| r.id.clone())).flatten();
+            page.retain(|s| self.visible(s));
             return Ok((page, next));
         }
         let mut all = self.snapshots.filter(|s| {
-            s.source_volume_id == source_volume_id && after.is_none_or(|a| s.id.as_str() > a)
+            s.source_volume_id == source_volume_id
+                && after.is_none_or(|a| s.id.as_str() > a)
+                && self.visible(s)
         });
         let more = all.len() > max;
         all.truncate(max);

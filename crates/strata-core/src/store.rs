@@ -16,10 +16,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backend;
 use crate::error::{Error, IoContext, Result};
+use crate::group_commit::GroupCommit;
 use crate::model::{
-    FormatState, SNAPSHOT_RECORD_VERSION, SnapshotRecord, VOLUME_RECORD_VERSION, VolumeRecord,
+    FormatState, GROUP_RECORD_VERSION, GroupSnapshotRecord, SNAPSHOT_RECORD_VERSION,
+    SnapshotRecord, VOLUME_RECORD_VERSION, VolumeRecord,
 };
-use crate::validate::{is_snapshot_id, is_volume_id};
+use crate::validate::{is_group_id, is_snapshot_id, is_volume_id};
 const CREATING: &str = ".creating-";
 const DELETING: &str = ".deleting-";
 
@@ -48,7 +50,8 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .ctx(|| format!("sync directory {}", dir.display()))
 }
 
-/// What the store keeps: a versioned JSON record with an id and a unique name.
+/// What the store keeps: a versioned JSON record with an id and a unique name (an empty name
+/// is no name: such records are found by id only).
 pub trait Record: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync {
     /// For messages: "volume", "snapshot".
     const KIND: &'static str;
@@ -69,20 +72,27 @@ pub trait Record: serde::Serialize + serde::de::DeserializeOwned + Clone + Send 
     }
 }
 
+/// The accessors of a record type whose fields are named `id`, `name` and `version`.
+macro_rules! record_fields {
+    () => {
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn version(&self) -> u32 {
+            self.version
+        }
+    };
+}
+
 impl Record for VolumeRecord {
     const KIND: &'static str = "volume";
     const DIR: &'static str = "volumes";
     const FILE: &'static str = "volume.json";
     const VERSION: u32 = VOLUME_RECORD_VERSION;
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn version(&self) -> u32 {
-        self.version
-    }
+    record_fields!();
     fn is_id(id: &str) -> bool {
         is_volume_id(id)
     }
@@ -97,17 +107,20 @@ impl Record for SnapshotRecord {
     const DIR: &'static str = "snapshots";
     const FILE: &'static str = "snapshot.json";
     const VERSION: u32 = SNAPSHOT_RECORD_VERSION;
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn version(&self) -> u32 {
-        self.version
-    }
+    record_fields!();
     fn is_id(id: &str) -> bool {
         is_snapshot_id(id)
+    }
+}
+
+impl Record for GroupSnapshotRecord {
+    const KIND: &'static str = "group snapshot";
+    const DIR: &'static str = "groups";
+    const FILE: &'static str = "group.json";
+    const VERSION: u32 = GROUP_RECORD_VERSION;
+    record_fields!();
+    fn is_id(id: &str) -> bool {
+        is_group_id(id)
     }
 }
 
@@ -252,14 +265,35 @@ impl<R> Default for Index<R> {
     }
 }
 
+impl<R: Record> Index<R> {
+    fn insert(&mut self, record: R) {
+        if !record.name().is_empty() {
+            self.by_name
+                .insert(record.name().to_owned(), record.id().to_owned());
+        }
+        self.by_id.insert(record.id().to_owned(), record);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(rec) = self.by_id.remove(id)
+            && self.by_name.get(rec.name()).is_some_and(|i| i == id)
+        {
+            self.by_name.remove(rec.name());
+        }
+    }
+}
+
 pub struct Store<R: Record> {
     volumes: PathBuf,
+    /// Renames in `volumes` made durable together (group commit).
+    commits: GroupCommit,
     lost_found: PathBuf,
     index: RwLock<Index<R>>,
 }
 
 pub type VolumeStore = Store<VolumeRecord>;
 pub type SnapshotStore = Store<SnapshotRecord>;
+pub type GroupStore = Store<GroupSnapshotRecord>;
 
 impl<R: Record> Store<R> {
     /// Opens the pool's store and reconciles it with what is on disk: half-done creates are
@@ -267,12 +301,39 @@ impl<R: Record> Store<R> {
     pub fn open(pool: &Path, backend: &dyn Backend) -> Result<(Self, Reconciliation)> {
         let store = Store {
             volumes: pool.join(R::DIR),
+            commits: GroupCommit::new(pool.join(R::DIR)),
             lost_found: pool.join("lost+found"),
             index: RwLock::new(Index::default()),
         };
         fs::create_dir_all(&store.volumes).ctx(|| format!("create {}", store.volumes.display()))?;
         let report = store.reconcile(backend)?;
         Ok((store, report))
+    }
+
+    /// Ids of the objects whose creation or deletion a crash interrupted, read before
+    /// [`open`](Self::open) completes them (it removes the evidence).
+    pub fn interrupted(pool: &Path) -> Result<Vec<String>> {
+        let dir = pool.join(R::DIR);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(Error::io(format!("list {}", dir.display()), e)),
+        };
+        let mut ids = vec![];
+        for entry in entries {
+            let name = entry
+                .ctx(|| format!("list {}", dir.display()))?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            if let Some(id) = name
+                .strip_prefix(CREATING)
+                .or_else(|| name.strip_prefix(DELETING))
+            {
+                ids.push(id.to_owned());
+            }
+        }
+        Ok(ids)
     }
 
     fn reconcile(&self, backend: &dyn Backend) -> Result<Reconciliation> {
@@ -312,7 +373,9 @@ impl<R: Record> Store<R> {
         for (name, path, loaded) in load_all::<R>(committed, backend)? {
             match loaded? {
                 Found::Ours(rec, repaired) => {
-                    if let Some(other) = index.by_name.get(rec.name()) {
+                    if !rec.name().is_empty()
+                        && let Some(other) = index.by_name.get(rec.name())
+                    {
                         // Impossible unless the pool was edited by hand: keep the first.
                         tracing::error!(kind = R::KIND, id = rec.id(), other = %other, name = rec.name(),
                             "two objects share a name; quarantining the second");
@@ -323,10 +386,7 @@ impl<R: Record> Store<R> {
                         tracing::warn!(kind = R::KIND, id = rec.id(), %done, "repaired after a crash");
                         report.repaired.push(rec.id().to_owned());
                     }
-                    index
-                        .by_name
-                        .insert(rec.name().to_owned(), rec.id().to_owned());
-                    index.by_id.insert(rec.id().to_owned(), rec);
+                    index.insert(rec);
                 }
                 Found::NotOurs(why) => {
                     tracing::error!(entry = %name, %why,
@@ -436,12 +496,8 @@ impl<R: Record> Store<R> {
         sync_dir(staging)?;
         let dir = self.dir(record.id());
         fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
-        sync_dir(&self.volumes)?;
-        let mut index = self.write_index();
-        index
-            .by_name
-            .insert(record.name().to_owned(), record.id().to_owned());
-        index.by_id.insert(record.id().to_owned(), record.clone());
+        self.commits.sync()?;
+        self.write_index().insert(record.clone());
         Ok(record)
     }
 
@@ -470,16 +526,13 @@ impl<R: Record> Store<R> {
         let doomed = self.volumes.join(format!("{DELETING}{id}"));
         let retired = match fs::rename(&dir, &doomed) {
             Ok(()) => {
-                sync_dir(&self.volumes)?;
+                self.commits.sync()?;
                 Some(doomed)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(format!("delete {}", dir.display()), e)),
         };
-        let mut index = self.write_index();
-        if let Some(rec) = index.by_id.remove(id) {
-            index.by_name.remove(rec.name());
-        }
+        self.write_index().remove(id);
         Ok(retired)
     }
 

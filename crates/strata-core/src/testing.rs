@@ -28,6 +28,7 @@ pub(crate) fn fixture() -> Fixture {
         topology_key: "strata.csi.dev/node".into(),
         allowed_path_prefixes: vec!["/".into()],
         forbidden_paths: vec![],
+        freeze_limit: std::time::Duration::from_secs(10),
     };
     let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
     let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();

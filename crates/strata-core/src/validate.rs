@@ -16,6 +16,7 @@ pub const MAX_PATH_BYTES: usize = 4096;
 
 pub const VOLUME_ID_PREFIX: &str = "vol-";
 pub const SNAPSHOT_ID_PREFIX: &str = "snap-";
+pub const GROUP_ID_PREFIX: &str = "group-";
 const ID_HEX: usize = 24;
 
 /// A required, bounded string field: present, at most 128 bytes, no NUL.
@@ -107,6 +108,11 @@ pub fn is_snapshot_id(id: &str) -> bool {
     is_id(SNAPSHOT_ID_PREFIX, id)
 }
 
+/// Whether `id` has the exact shape of a group snapshot id this driver generates.
+pub fn is_group_id(id: &str) -> bool {
+    is_id(GROUP_ID_PREFIX, id)
+}
+
 fn is_id(prefix: &str, id: &str) -> bool {
     id.strip_prefix(prefix).is_some_and(|hex| {
         hex.len() == ID_HEX
@@ -122,6 +128,10 @@ pub fn new_volume_id() -> String {
 
 pub fn new_snapshot_id() -> String {
     new_id(SNAPSHOT_ID_PREFIX)
+}
+
+pub fn new_group_id() -> String {
+    new_id(GROUP_ID_PREFIX)
 }
 
 /// A fresh id: milliseconds since the epoch then random bits, so ids sort roughly by creation

@@ -43,7 +43,17 @@ pub struct Metrics {
     pool_used: Gauge,
     volumes: Gauge,
     snapshots: Gauge,
+    groups: Gauge,
+    freeze: FreezeGauges,
     reconciliation: Family<FindingLabels, Gauge>,
+}
+
+/// The freeze windows of group snapshots, read from the driver at scrape time.
+struct FreezeGauges {
+    groups: Gauge,
+    last_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    max_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    over_limit: Gauge,
 }
 
 /// Buckets from 0.1 ms to about 13 s, doubling: most Strata calls take well under 10 ms.
@@ -116,6 +126,38 @@ impl Metrics {
         );
         let volumes = gauge(&mut registry, "strata_volumes", "Volumes in the pool");
         let snapshots = gauge(&mut registry, "strata_snapshots", "Snapshots in the pool");
+        let groups = gauge(
+            &mut registry,
+            "strata_group_snapshots",
+            "Group snapshots in the pool",
+        );
+        let seconds = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let freeze = FreezeGauges {
+            groups: gauge(
+                &mut registry,
+                "strata_group_freezes",
+                "Group snapshots since startup that froze their volumes' filesystems",
+            ),
+            last_seconds: seconds(
+                &mut registry,
+                "strata_group_freeze_last_seconds",
+                "How long the last group snapshot kept its filesystems frozen",
+            ),
+            max_seconds: seconds(
+                &mut registry,
+                "strata_group_freeze_max_seconds",
+                "The longest freeze window of a group snapshot since startup",
+            ),
+            over_limit: gauge(
+                &mut registry,
+                "strata_group_freezes_over_limit",
+                "Group snapshots since startup dropped because their copies outlasted --freeze-limit-ms",
+            ),
+        };
         let reconciliation = Family::<FindingLabels, Gauge>::default();
         registry.register(
             "strata_reconciliation_findings",
@@ -132,6 +174,8 @@ impl Metrics {
             pool_used,
             volumes,
             snapshots,
+            groups,
+            freeze,
             reconciliation,
         })
     }
@@ -159,6 +203,7 @@ impl Metrics {
         for (kind, r) in [
             ("volume", &startup.volumes),
             ("snapshot", &startup.snapshots),
+            ("group_snapshot", &startup.groups),
         ] {
             for (finding, n) in [
                 ("rolled_back_create", r.rolled_back_creates.len()),
@@ -174,6 +219,12 @@ impl Metrics {
                     .set(n as i64);
             }
         }
+        self.reconciliation
+            .get_or_create(&FindingLabels {
+                kind: "snapshot".into(),
+                finding: "released_group_member".into(),
+            })
+            .set(startup.released_group_members.len() as i64);
     }
 
     /// The Prometheus text exposition, with gauges read from the driver now.
@@ -185,6 +236,12 @@ impl Metrics {
         }
         self.volumes.set(driver.volume_count() as i64);
         self.snapshots.set(driver.snapshot_count() as i64);
+        self.groups.set(driver.group_snapshot_count() as i64);
+        let f = driver.freeze_figures();
+        self.freeze.groups.set(f.groups as i64);
+        self.freeze.last_seconds.set(f.last_micros as f64 / 1e6);
+        self.freeze.max_seconds.set(f.max_micros as f64 / 1e6);
+        self.freeze.over_limit.set(f.over_limit as i64);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "could not encode metrics");

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use csi_proto::{
-    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
 };
 use strata_core::backend::Backend;
 use strata_core::backend::btrfs::btrfs_backend;
@@ -34,7 +35,9 @@ use crate::decode_errors::DecodeErrorLayer;
 use crate::endpoint::Endpoint;
 use crate::http;
 use crate::metrics::{Metrics, MetricsLayer};
-use crate::service::{ControllerService, IdentityService, NodeService, Services};
+use crate::service::{
+    ControllerService, GroupControllerService, IdentityService, NodeService, Services,
+};
 use crate::transport::Normalized;
 use crate::units::parse_size;
 
@@ -82,6 +85,10 @@ pub struct ServeOptions {
     /// kubelet directory (/var/lib/kubelet) and the system temp directory.
     #[arg(long = "allowed-path-prefix")]
     pub allowed_path_prefixes: Vec<PathBuf>,
+    /// The longest a group snapshot may keep its volumes' filesystems frozen, in
+    /// milliseconds; a group whose copies take longer is thawed and fails (ABORTED).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub freeze_limit_ms: u64,
     /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9808.
     #[arg(long)]
     pub metrics_address: Option<SocketAddr>,
@@ -270,6 +277,7 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), S
             .into_iter()
             .fold(vec![], add_once),
         pool: pool.clone(),
+        freeze_limit: std::time::Duration::from_millis(opts.freeze_limit_ms),
     };
     let backend: Arc<dyn Backend> = match opts.backend {
         BackendKind::Image => {
@@ -445,6 +453,9 @@ pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
         .layer(DecodeErrorLayer)
         .add_service(IdentityServer::new(IdentityService(services.clone())))
         .add_service(ControllerServer::new(ControllerService(services.clone())))
+        .add_service(GroupControllerServer::new(GroupControllerService(
+            services.clone(),
+        )))
         .add_service(NodeServer::new(NodeService(services)))
 }
 

@@ -44,6 +44,11 @@ impl DirectoryKind for Subvolumes {
         self.resize(data, size)
     }
 
+    /// A subvolume snapshot is atomic.
+    fn atomic_copies(&self) -> bool {
+        true
+    }
+
     fn destroy(&self, data: &Path) -> Result<()> {
         self.btrfs
             .delete_subvolume(data)

@@ -33,6 +33,11 @@ impl DirectoryKind for PlainDirectories {
         fs::create_dir(data).ctx(|| format!("create {}", data.display()))
     }
 
+    /// Files are copied one by one while the workload may write.
+    fn atomic_copies(&self) -> bool {
+        false
+    }
+
     fn destroy(&self, data: &Path) -> Result<()> {
         directory::remove(data)
     }

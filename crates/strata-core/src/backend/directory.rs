@@ -17,6 +17,8 @@ pub trait DirectoryKind: Send + Sync {
     fn minimum_size(&self) -> u64;
     fn create(&self, data: &Path, size: u64) -> Result<()>;
     fn destroy(&self, data: &Path) -> Result<()>;
+    /// Whether one copy of a volume is atomic (a point in time of that volume).
+    fn atomic_copies(&self) -> bool;
     /// Copies `source` into the new `data`; `snapshot` keeps it read-only where possible.
     fn copy(
         &self,
@@ -64,6 +66,16 @@ impl<K: DirectoryKind> Backend for DirectoryBackend<K> {
 
     fn serves_directories(&self) -> bool {
         true
+    }
+
+    /// The pool's filesystem is shared with everything else on it and cannot be frozen, so
+    /// at best one volume's atomic copy.
+    fn group_consistency(&self) -> super::GroupConsistency {
+        if self.kind.atomic_copies() {
+            super::GroupConsistency::OneVolume
+        } else {
+            super::GroupConsistency::None
+        }
     }
 
     fn pool_usage(&self) -> Result<FsUsage> {

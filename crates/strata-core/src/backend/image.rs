@@ -78,6 +78,11 @@ impl Backend for ImageBackend {
         true
     }
 
+    /// Every volume has its own filesystem on its own device, so each can be frozen.
+    fn group_consistency(&self) -> super::GroupConsistency {
+        super::GroupConsistency::Freeze
+    }
+
     fn pool_usage(&self) -> Result<FsUsage> {
         self.host.filesystems.usage(&self.pool)
     }

@@ -38,6 +38,20 @@ pub struct DataDir {
     pub root: PathBuf,
 }
 
+/// What a backend can promise for a group snapshot: that its volumes' copies show one
+/// instant, as if the node had lost power then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupConsistency {
+    /// Each volume has its own filesystem, frozen from before the first copy until after the
+    /// last one: any number of volumes at one instant.
+    Freeze,
+    /// Each copy is atomic, but copies of several volumes cannot be taken at one instant
+    /// (nothing can hold their writers): groups of one volume only.
+    OneVolume,
+    /// Copies are not atomic even for one volume: no group snapshots.
+    None,
+}
+
 /// One storage kind. Every method takes the volume's directory in the pool; the backend owns
 /// what is inside it except the metadata record.
 pub trait Backend: Send + Sync {
@@ -50,6 +64,8 @@ pub trait Backend: Send + Sync {
     fn serves_directories(&self) -> bool {
         false
     }
+    /// What a group snapshot of this backend's volumes can promise.
+    fn group_consistency(&self) -> GroupConsistency;
     /// Space of the pool the volumes are carved from.
     fn pool_usage(&self) -> Result<FsUsage>;
     /// Creates the data of a new volume of `size` bytes in the empty directory `dir`.

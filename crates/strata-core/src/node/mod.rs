@@ -123,8 +123,12 @@ mod tests {
     use crate::testing::{fixture, mount};
 
     fn create(d: &Driver) -> String {
+        create_named(d, "v")
+    }
+
+    fn create_named(d: &Driver, name: &str) -> String {
         d.create_volume(CreateVolume {
-            name: "v".into(),
+            name: name.into(),
             capabilities: vec![mount(AccessMode::SingleNodeWriter)],
             capacity: crate::model::CapacityRange {
                 required: 16 * MIB,
@@ -182,6 +186,43 @@ mod tests {
         f.driver.unstage_volume(&id, "/stage").unwrap();
         assert!(f.fake.lock().mounts.is_empty());
         assert!(f.fake.lock().loops.is_empty());
+    }
+
+    fn probes_and_formats(f: &crate::testing::Fixture) -> (usize, usize) {
+        let s = f.fake.lock();
+        (s.probes, s.formats)
+    }
+
+    #[test]
+    fn only_a_volume_that_may_hold_something_is_probed_before_mkfs() {
+        let f = fixture();
+        // Never formatted and nothing allocated in its image: formatted without a probe.
+        let fresh = create(&f.driver);
+        stage(&f.driver, &fresh).unwrap();
+        assert_eq!(probes_and_formats(&f), (0, 1));
+        f.driver.unstage_volume(&fresh, "/stage").unwrap();
+        // Formatted: probed (the filesystem is checked), not formatted again.
+        stage(&f.driver, &fresh).unwrap();
+        assert_eq!(probes_and_formats(&f), (1, 1));
+        f.driver.unstage_volume(&fresh, "/stage").unwrap();
+        // Never formatted but written (as a raw block device would be): probed, and refused.
+        let written = create_named(&f.driver, "written");
+        let image = f.driver.store.dir(&written).join("image");
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap(),
+            b"not a filesystem",
+            4096,
+        )
+        .unwrap();
+        let refused = stage(&f.driver, &written);
+        assert!(
+            matches!(refused, Err(Error::FailedPrecondition(_))),
+            "{refused:?}"
+        );
+        assert_eq!(probes_and_formats(&f), (2, 1));
     }
 
     #[test]

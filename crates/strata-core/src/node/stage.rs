@@ -233,7 +233,22 @@ impl Driver {
         fs_type: &str,
     ) -> Result<()> {
         let interrupted = matches!(record.format, FormatState::Formatting(_));
-        match self.host.filesystems.probe(device)? {
+        let dir = self.store.dir(&record.id);
+        // Whether the image holds data, asked once: up front for a volume never formatted.
+        let holds_data = match record.format {
+            FormatState::Unformatted => Some(self.backend.has_data(&dir)?),
+            _ => None,
+        };
+        // A volume never formatted whose image holds no data at all reads as zeros
+        // everywhere: no filesystem, partition table or other signature can be on it, so it
+        // needs no probe (a process start saved on every first stage).
+        let fresh = holds_data == Some(false);
+        let probe = if fresh {
+            Probe::Empty
+        } else {
+            self.host.filesystems.probe(device)?
+        };
+        match probe {
             Probe::Filesystem(found) if !interrupted => {
                 return if found == fs_type {
                     Ok(())
@@ -251,7 +266,11 @@ impl Driver {
                 )));
             }
             Probe::Empty
-                if !interrupted && self.backend.has_data(&self.store.dir(&record.id))? =>
+                if !interrupted
+                    && match holds_data {
+                        Some(known) => known,
+                        None => self.backend.has_data(&dir)?,
+                    } =>
             {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} holds data but no filesystem (was it written as a raw block device?); it is left untouched",

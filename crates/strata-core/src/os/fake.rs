@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     AttachOptions, CopyMethod, Create, FileId, Filesystems, FsUsage, HeldLoop, Host, LoopDevice,
-    LoopDevices, MountEntry, MountOptions, Mounter, NodePath, Probe,
+    LoopDevices, MountEntry, MountOptions, MountedFs, Mounter, NodePath, Probe,
 };
 use crate::error::{Error, Result};
 
@@ -21,6 +21,8 @@ pub struct FakeState {
     /// Filesystem signature per backing file.
     pub filesystems: HashMap<PathBuf, String>,
     pub formats: usize,
+    /// Devices probed for signatures (blkid runs).
+    pub probes: usize,
     /// Mount points frozen right now, and how many grows were done.
     pub frozen: Vec<PathBuf>,
     pub grows: usize,
@@ -256,7 +258,8 @@ impl LoopDevices for FakeHost {
 
 impl Filesystems for FakeHost {
     fn probe(&self, device: &Path) -> Result<Probe> {
-        let s = self.lock();
+        let mut s = self.lock();
+        s.probes += 1;
         let backing = Self::backing_of(&s, device)
             .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
         Ok(match s.filesystems.get(&backing) {
@@ -332,13 +335,31 @@ impl Filesystems for FakeHost {
             .map_err(|e| Error::io(format!("write {}", probe.display()), e))
     }
 
-    fn freeze(&self, mount_point: &Path) -> Result<()> {
-        self.lock().frozen.push(mount_point.to_owned());
+    fn open_mounted(&self, mount_point: &Path, device: (u32, u32)) -> Result<MountedFs> {
+        let shown = self
+            .lock()
+            .mounts
+            .iter()
+            .any(|m| m.mount_point == mount_point && m.device() == device);
+        if !shown {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not the volume's filesystem any more",
+                mount_point.display()
+            )));
+        }
+        Ok(MountedFs {
+            mount_point: mount_point.to_owned(),
+            root: None,
+        })
+    }
+
+    fn freeze(&self, fs: &MountedFs) -> Result<()> {
+        self.lock().frozen.push(fs.mount_point.clone());
         Ok(())
     }
 
-    fn thaw(&self, mount_point: &Path) -> Result<()> {
-        self.lock().frozen.retain(|p| p != mount_point);
+    fn thaw(&self, fs: &MountedFs) -> Result<()> {
+        self.lock().frozen.retain(|p| *p != fs.mount_point);
         Ok(())
     }
 

@@ -194,9 +194,14 @@ pub trait Filesystems: Send + Sync {
     /// symlinks), sharing extents where the filesystem can. Nothing outside `src` is ever
     /// read, whatever runs in the tree meanwhile. `Reflink` only if every file was shared.
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<CopyMethod>;
-    /// Suspends writes to the filesystem mounted at `mount_point`, flushing it to disk.
-    fn freeze(&self, mount_point: &Path) -> Result<()>;
-    fn thaw(&self, mount_point: &Path) -> Result<()>;
+    /// Opens the filesystem mounted at `mount_point` and checks that it is the one on
+    /// `device` (major, minor): a path changed under the caller is refused, so nothing but
+    /// the volume's own filesystem is ever frozen or thawed.
+    fn open_mounted(&self, mount_point: &Path, device: (u32, u32)) -> Result<MountedFs>;
+    /// Suspends writes to the opened filesystem, flushing it to disk.
+    fn freeze(&self, fs: &MountedFs) -> Result<()>;
+    /// Lets writes resume; thawing a filesystem that is not frozen does nothing.
+    fn thaw(&self, fs: &MountedFs) -> Result<()>;
     /// Grows the filesystem on `device` to fill it: offline when `mount_point` is `None`
     /// (ext2/3/4 only), online at `mount_point` otherwise.
     fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()>;
@@ -214,28 +219,57 @@ pub trait Filesystems: Send + Sync {
     fn apply_group(&self, root: &Path, gid: u32) -> Result<u64>;
 }
 
+/// A mounted filesystem, opened and checked by [`Filesystems::open_mounted`]: freeze and
+/// thaw act on the descriptor held here, whatever happens to the path meanwhile.
+#[derive(Debug)]
+pub struct MountedFs {
+    pub mount_point: PathBuf,
+    /// The filesystem's directory, held open (the real host; the fake has none).
+    pub root: Option<std::fs::File>,
+}
+
 /// Thaws a frozen filesystem when dropped, so no error path leaves it frozen.
 pub struct FrozenGuard<'a> {
     filesystems: &'a dyn Filesystems,
-    mount_point: PathBuf,
+    fs: MountedFs,
+    thawed: bool,
 }
 
 impl<'a> FrozenGuard<'a> {
-    pub fn freeze(filesystems: &'a dyn Filesystems, mount_point: &Path) -> Result<Self> {
-        filesystems.freeze(mount_point)?;
+    pub fn freeze(filesystems: &'a dyn Filesystems, fs: MountedFs) -> Result<Self> {
+        filesystems.freeze(&fs)?;
         Ok(FrozenGuard {
             filesystems,
-            mount_point: mount_point.to_owned(),
+            fs,
+            thawed: false,
         })
+    }
+
+    /// The frozen filesystem, for a watchdog that may have to thaw it.
+    pub fn fs(&self) -> &MountedFs {
+        &self.fs
+    }
+
+    /// Records that something else (a watchdog) thawed the filesystem already.
+    pub fn mark_thawed(&mut self) {
+        self.thawed = true;
+    }
+
+    /// Thaws the filesystem now (once; an error is logged, as the drop would).
+    pub fn thaw(&mut self) {
+        if std::mem::replace(&mut self.thawed, true) {
+            return;
+        }
+        if let Err(e) = self.filesystems.thaw(&self.fs) {
+            tracing::error!(mount_point = %self.fs.mount_point.display(), error = %e,
+                "could not thaw a frozen filesystem; run fsfreeze --unfreeze on it");
+        }
     }
 }
 
 impl Drop for FrozenGuard<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.filesystems.thaw(&self.mount_point) {
-            tracing::error!(mount_point = %self.mount_point.display(), error = %e,
-                "could not thaw a frozen filesystem; run fsfreeze --unfreeze on it");
-        }
+        self.thaw();
     }
 }
 

@@ -10,8 +10,8 @@ use crate::client::Csi;
 use crate::client::output::Format;
 
 use super::{
-    Latencies, LifecycleArgs, Mounted, Report, bring_up, offer, progress, tear_down, timed,
-    write_data,
+    Latencies, LifecycleArgs, Mounted, Outcome, Report, bring_up, offer, progress, tear_down,
+    timed, write_data,
 };
 
 /// A mixed workload for `seconds`: each client creates, uses, snapshots and deletes its own
@@ -21,7 +21,7 @@ pub async fn churn(
     args: LifecycleArgs,
     seconds: u64,
     format: Format,
-) -> Result<(), String> {
+) -> Result<Outcome, String> {
     fs::create_dir_all(&args.workdir)
         .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
     let offer = Arc::new(offer(&mut csi).await?);
@@ -128,7 +128,7 @@ pub async fn churn(
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
     let done = ops.load(std::sync::atomic::Ordering::Relaxed);
-    Report {
+    Ok(Report {
         scenario: "churn",
         volumes: done,
         concurrency: args.concurrency,
@@ -137,6 +137,5 @@ pub async fn churn(
         rpcs: lat.summary(),
         rss_kib: vec![],
     }
-    .print(format);
-    Ok(())
+    .outcome())
 }

@@ -7,9 +7,15 @@ use std::time::Instant;
 use crate::client::Csi;
 use crate::client::output::Format;
 
-use super::{Latencies, LifecycleArgs, Report, bring_up, offer, progress, tear_down, write_data};
+use super::{
+    Latencies, LifecycleArgs, Outcome, Report, bring_up, offer, progress, tear_down, write_data,
+};
 
-pub async fn lifecycle(mut csi: Csi, args: LifecycleArgs, format: Format) -> Result<(), String> {
+pub async fn lifecycle(
+    mut csi: Csi,
+    args: LifecycleArgs,
+    format: Format,
+) -> Result<Outcome, String> {
     fs::create_dir_all(&args.workdir)
         .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
     let offer = Arc::new(offer(&mut csi).await?);
@@ -49,7 +55,7 @@ pub async fn lifecycle(mut csi: Csi, args: LifecycleArgs, format: Format) -> Res
     }
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    Report {
+    Ok(Report {
         scenario: "lifecycle",
         volumes: args.volumes,
         concurrency: args.concurrency,
@@ -58,6 +64,5 @@ pub async fn lifecycle(mut csi: Csi, args: LifecycleArgs, format: Format) -> Res
         rpcs: lat.summary(),
         rss_kib: vec![],
     }
-    .print(format);
-    Ok(())
+    .outcome())
 }

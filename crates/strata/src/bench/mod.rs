@@ -2,7 +2,12 @@
 //! percentiles per RPC; nothing here asserts on time. One module per scenario; what they
 //! share (timing, the report, bringing a volume up and down) is here.
 
+mod aio;
 mod churn;
+mod compare;
+mod fsgroup;
+mod group;
+mod io;
 mod lifecycle;
 mod scale;
 mod snapshot;
@@ -21,6 +26,7 @@ use crate::client::output::Format;
 use crate::client::shared::CapabilityArgs;
 use crate::client::{ClientArgs, connect};
 use crate::client::{Csi, status_error};
+use crate::endpoint::Endpoint;
 use crate::units::parse_size;
 
 #[derive(clap::Subcommand)]
@@ -62,16 +68,62 @@ pub enum BenchCommand {
         #[command(flatten)]
         capability: CapabilityArgs,
     },
-    /// Snapshot and restore volumes holding each data size; verifies the restored data.
+    /// Snapshot and restore volumes holding each data size, written and read back through
+    /// the published volumes; verifies the restored data.
     Snapshot {
         #[command(flatten)]
         client: ClientArgs,
         /// Data sizes, comma separated.
         #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64Mi,512Mi,2Gi")]
         sizes: Vec<u64>,
-        /// Directory for staging paths.
+        /// Directory for staging and target paths.
         #[arg(long, default_value = "/tmp/strata-bench")]
         workdir: PathBuf,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
+    /// Group snapshots of volumes holding data while a writer runs: time per group, the
+    /// longest write stall (the freeze window a workload sees), members restored and checked.
+    Group {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: group::GroupArgs,
+    },
+    /// A pod's fsGroup on a volume holding many files: stage and publish with the group the
+    /// first and the second time, against the kubelet's recursive walk.
+    Fsgroup {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: fsgroup::FsGroupArgs,
+    },
+    /// The data path: fio-style jobs (4 KiB random read and write at queue depth 32, 1 MiB
+    /// sequential read and write at depth 8, direct I/O) on a file in a published volume
+    /// and, with --native-dir, on a file in a directory of the pool's own filesystem.
+    Io {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: io::IoArgs,
+    },
+    /// The same scenario against two endpoints, interleaved round by round (so noise on the
+    /// machine hits both alike): every figure side by side, with the ratio B/A. The
+    /// scenario's own options follow `--`.
+    Compare {
+        /// lifecycle, churn, snapshot, group, fsgroup or scale.
+        scenario: String,
+        /// A, then B.
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<Endpoint>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Format::Table)]
+        output: Format,
+        /// The scenario's options (after `--`), e.g. `-- --volumes 50`.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Create N volumes, list them all, delete them (unless --keep).
     Scale {
@@ -94,18 +146,39 @@ pub enum BenchCommand {
 }
 
 impl BenchCommand {
-    fn client(&self) -> &ClientArgs {
+    fn client(&self) -> Option<&ClientArgs> {
         match self {
             BenchCommand::Lifecycle { client, .. }
             | BenchCommand::Churn { client, .. }
             | BenchCommand::Snapshot { client, .. }
-            | BenchCommand::Scale { client, .. } => client,
+            | BenchCommand::Group { client, .. }
+            | BenchCommand::Fsgroup { client, .. }
+            | BenchCommand::Io { client, .. }
+            | BenchCommand::Scale { client, .. } => Some(client),
+            BenchCommand::Compare { .. } => None,
         }
     }
 
     pub async fn run(self) -> Result<(), String> {
-        let ClientArgs { endpoint, output } = self.client().clone();
-        let csi = connect(&endpoint).await?;
+        let Some(ClientArgs { endpoint, output }) = self.client().cloned() else {
+            return match self {
+                BenchCommand::Compare {
+                    scenario,
+                    endpoints,
+                    rounds,
+                    output,
+                    args,
+                } => compare::compare(&scenario, &endpoints, rounds, &args, output).await,
+                _ => Ok(()),
+            };
+        };
+        let outcome = self.measure(connect(&endpoint).await?, output).await?;
+        outcome.print(output);
+        outcome.result()
+    }
+
+    /// Runs the scenario against `csi`; `format` only says whether progress is shown.
+    pub(crate) async fn measure(self, csi: Csi, format: Format) -> Result<Outcome, String> {
         match self {
             BenchCommand::Lifecycle {
                 volumes,
@@ -124,7 +197,7 @@ impl BenchCommand {
                     workdir,
                     capability,
                 };
-                lifecycle::lifecycle(csi, args, output).await
+                lifecycle::lifecycle(csi, args, format).await
             }
             BenchCommand::Churn {
                 seconds,
@@ -143,11 +216,17 @@ impl BenchCommand {
                     workdir,
                     capability,
                 };
-                churn::churn(csi, args, seconds, output).await
+                churn::churn(csi, args, seconds, format).await
             }
-            BenchCommand::Snapshot { sizes, workdir, .. } => {
-                snapshot::snapshot(csi, sizes, workdir, output).await
-            }
+            BenchCommand::Snapshot {
+                sizes,
+                workdir,
+                capability,
+                ..
+            } => snapshot::snapshot(csi, sizes, workdir, capability).await,
+            BenchCommand::Group { args, .. } => group::group(csi, args).await,
+            BenchCommand::Fsgroup { args, .. } => fsgroup::fsgroup(csi, args).await,
+            BenchCommand::Io { args, .. } => io::io(csi, args).await,
             BenchCommand::Scale {
                 volumes,
                 concurrency,
@@ -155,7 +234,10 @@ impl BenchCommand {
                 keep,
                 pid,
                 ..
-            } => scale::scale(csi, volumes, concurrency, page_size, keep, pid, output).await,
+            } => scale::scale(csi, volumes, concurrency, page_size, keep, pid).await,
+            BenchCommand::Compare { .. } => {
+                Err("compare runs scenarios; it is not one itself".into())
+            }
         }
     }
 }
@@ -218,32 +300,98 @@ pub(crate) struct Report {
 }
 
 impl Report {
+    pub(crate) fn outcome(self) -> Outcome {
+        use std::fmt::Write as _;
+        let mut table = format!(
+            "{}: {} volumes, concurrency {}, {:.2} s, {:.1} volumes/s\n",
+            self.scenario, self.volumes, self.concurrency, self.seconds, self.volumes_per_second
+        );
+        let _ = writeln!(
+            table,
+            "{:<24} {:>7} {:>9} {:>9} {:>9}",
+            "RPC", "CALLS", "P50 ms", "P90 ms", "P99 ms"
+        );
+        let mut figures = vec![("volumes/s".to_owned(), self.volumes_per_second)];
+        for r in &self.rpcs {
+            let _ = writeln!(
+                table,
+                "{:<24} {:>7} {:>9.3} {:>9.3} {:>9.3}",
+                r.rpc, r.calls, r.p50_ms, r.p90_ms, r.p99_ms
+            );
+            figures.push((format!("{} p50 ms", r.rpc), r.p50_ms));
+            figures.push((format!("{} p99 ms", r.rpc), r.p99_ms));
+        }
+        for (when, kib) in &self.rss_kib {
+            let _ = writeln!(table, "driver RSS {when}: {:.1} MiB", *kib as f64 / 1024.0);
+            figures.push((format!("driver RSS {when} MiB"), *kib as f64 / 1024.0));
+        }
+        Outcome::measured(&self, table, figures)
+    }
+}
+
+/// What a scenario found: a report to print for one endpoint, and named figures that
+/// `compare` sets side by side; or why it did not run against this driver.
+pub(crate) enum Outcome {
+    Measured {
+        json: serde_json::Value,
+        table: String,
+        figures: Vec<(String, f64)>,
+        /// Set when data read back was not what was written: the run failed.
+        failure: Option<String>,
+    },
+    Skipped(String),
+}
+
+impl Outcome {
+    pub(crate) fn measured(
+        report: &impl Serialize,
+        table: String,
+        figures: Vec<(String, f64)>,
+    ) -> Outcome {
+        Outcome::Measured {
+            json: serde_json::to_value(report).unwrap_or_default(),
+            table,
+            figures,
+            failure: None,
+        }
+    }
+
+    /// The run failed because `why` (the report is still printed).
+    pub(crate) fn failed(mut self, why: Option<String>) -> Outcome {
+        if let Outcome::Measured { failure, .. } = &mut self {
+            *failure = why;
+        }
+        self
+    }
+
     pub(crate) fn print(&self, format: Format) {
-        match format {
-            Format::Json => println!("{}", serde_json::to_string_pretty(self).unwrap_or_default()),
-            Format::Table => {
-                println!(
-                    "{}: {} volumes, concurrency {}, {:.2} s, {:.1} volumes/s",
-                    self.scenario,
-                    self.volumes,
-                    self.concurrency,
-                    self.seconds,
-                    self.volumes_per_second
-                );
-                println!(
-                    "{:<24} {:>7} {:>9} {:>9} {:>9}",
-                    "RPC", "CALLS", "P50 ms", "P90 ms", "P99 ms"
-                );
-                for r in &self.rpcs {
-                    println!(
-                        "{:<24} {:>7} {:>9.3} {:>9.3} {:>9.3}",
-                        r.rpc, r.calls, r.p50_ms, r.p90_ms, r.p99_ms
-                    );
-                }
-                for (when, kib) in &self.rss_kib {
-                    println!("driver RSS {when}: {:.1} MiB", *kib as f64 / 1024.0);
-                }
+        match (self, format) {
+            (Outcome::Measured { json, .. }, Format::Json) => {
+                println!("{}", serde_json::to_string_pretty(json).unwrap_or_default())
             }
+            (Outcome::Measured { table, .. }, Format::Table) => print!("{table}"),
+            (Outcome::Skipped(why), Format::Json) => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "skipped": why }))
+                    .unwrap_or_default()
+            ),
+            (Outcome::Skipped(why), Format::Table) => println!("skipped: {why}"),
+        }
+    }
+
+    fn result(&self) -> Result<(), String> {
+        match self {
+            Outcome::Measured {
+                failure: Some(why), ..
+            } => Err(why.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    fn figures(&self) -> &[(String, f64)] {
+        match self {
+            Outcome::Measured { figures, .. } => figures,
+            Outcome::Skipped(_) => &[],
         }
     }
 }
@@ -274,6 +422,8 @@ pub(crate) struct Offer {
     controller_publish: bool,
     stage: bool,
     snapshots: bool,
+    mount_group: bool,
+    groups: bool,
     node_id: String,
 }
 
@@ -298,10 +448,11 @@ pub(crate) async fn offer(csi: &mut Csi) -> Result<Offer, String> {
         .await
         .map_err(|s| status_error("NodeGetCapabilities", s))?
         .into_inner();
-    let stage = node
-        .capabilities
-        .iter()
-        .any(|c| matches!(&c.r#type, Some(N::Rpc(r)) if r.r#type == NR::StageUnstageVolume as i32));
+    let node_has = |t: NR| {
+        node.capabilities
+            .iter()
+            .any(|c| matches!(&c.r#type, Some(N::Rpc(r)) if r.r#type == t as i32))
+    };
     let info = csi
         .node
         .node_get_info(csi::NodeGetInfoRequest {})
@@ -310,10 +461,26 @@ pub(crate) async fn offer(csi: &mut Csi) -> Result<Offer, String> {
         .into_inner();
     Ok(Offer {
         controller_publish: has(CR::PublishUnpublishVolume),
-        stage,
+        stage: node_has(NR::StageUnstageVolume),
         snapshots: has(CR::CreateDeleteSnapshot),
+        mount_group: node_has(NR::VolumeMountGroup),
+        groups: groups(csi).await,
         node_id: info.node_id,
     })
+}
+
+/// Whether the driver offers group snapshots (a driver without the GroupController
+/// service answers UNIMPLEMENTED).
+async fn groups(csi: &mut Csi) -> bool {
+    use csi::group_controller_service_capability::{Type as G, rpc::Type as GR};
+    csi.groups
+        .group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {})
+        .await
+        .is_ok_and(|r| {
+            r.into_inner().capabilities.iter().any(|c| {
+                matches!(&c.r#type, Some(G::Rpc(r)) if r.r#type == GR::CreateDeleteGetVolumeGroupSnapshot as i32)
+            })
+        })
 }
 
 /// A volume made usable on this node, and how to undo it.
@@ -335,20 +502,50 @@ pub(crate) async fn bring_up(
     let vol = timed(
         lat,
         "CreateVolume",
-        csi.controller.create_volume(csi::CreateVolumeRequest {
-            name,
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: size as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap.clone()],
-            ..Default::default()
-        }),
+        csi.controller
+            .create_volume(volume_request(name, size, cap, None)),
     )
     .await?
     .volume
     .unwrap_or_default();
-    let id = vol.volume_id;
+    mount_existing(csi, lat, offer, cap, vol.volume_id, dir).await
+}
+
+/// CreateVolume of `size` bytes for `cap`, restored from `snapshot_id` when given.
+pub(crate) fn volume_request(
+    name: String,
+    size: u64,
+    cap: &csi::VolumeCapability,
+    snapshot_id: Option<&str>,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name,
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: size as i64,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap.clone()],
+        volume_content_source: snapshot_id.map(|id| csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: id.to_owned(),
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Makes an existing volume usable on this node as a workload's would be: controller
+/// publish, stage and publish, each where the driver offers it.
+pub(crate) async fn mount_existing(
+    csi: &mut Csi,
+    lat: &Latencies,
+    offer: &Offer,
+    cap: &csi::VolumeCapability,
+    id: String,
+    dir: &std::path::Path,
+) -> Result<Mounted, String> {
     let mut publish_context = Default::default();
     if offer.controller_publish {
         publish_context = timed(
@@ -410,28 +607,7 @@ pub(crate) async fn tear_down(
     offer: &Offer,
     m: Mounted,
 ) -> Result<(), String> {
-    timed(
-        lat,
-        "NodeUnpublishVolume",
-        csi.node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: m.id.clone(),
-                target_path: m.target,
-            }),
-    )
-    .await?;
-    if let Some(staging) = m.staging {
-        timed(
-            lat,
-            "NodeUnstageVolume",
-            csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: m.id.clone(),
-                staging_target_path: staging.clone(),
-            }),
-        )
-        .await?;
-        let _ = fs::remove_dir(&staging);
-    }
+    unmount(csi, lat, &m).await?;
     if offer.controller_publish {
         timed(
             lat,
@@ -457,7 +633,35 @@ pub(crate) async fn tear_down(
     Ok(())
 }
 
-/// Writes `bytes` into the published volume (a file in it, or the device) and fsyncs.
+/// Unpublishes and unstages a volume made usable by [`mount_existing`]; the volume stays.
+pub(crate) async fn unmount(csi: &mut Csi, lat: &Latencies, m: &Mounted) -> Result<(), String> {
+    timed(
+        lat,
+        "NodeUnpublishVolume",
+        csi.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: m.id.clone(),
+                target_path: m.target.clone(),
+            }),
+    )
+    .await?;
+    if let Some(staging) = &m.staging {
+        timed(
+            lat,
+            "NodeUnstageVolume",
+            csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: m.id.clone(),
+                staging_target_path: staging.clone(),
+            }),
+        )
+        .await?;
+        let _ = fs::remove_dir(staging);
+    }
+    Ok(())
+}
+
+/// Writes `bytes` into the published volume (a file in it, or the device), fsyncs, and reads
+/// them back: the data must be where the workload put it.
 pub(crate) async fn write_data(
     lat: &Latencies,
     target: &str,
@@ -473,11 +677,12 @@ pub(crate) async fn write_data(
         PathBuf::from(target).join("data")
     };
     let start = Instant::now();
+    let (written, back) = (path.clone(), path);
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create(!block)
-            .open(path)?;
+            .open(written)?;
         f.write_all(&vec![0xA5u8; bytes as usize])?;
         f.sync_all()
     })
@@ -485,7 +690,20 @@ pub(crate) async fn write_data(
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("write data: {e}"))?;
     lat.record("write+fsync", start.elapsed());
-    Ok(())
+    let found = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        use std::io::Read;
+        let mut data = vec![0u8; bytes as usize];
+        fs::File::open(back)?.read_exact(&mut data)?;
+        Ok(data.iter().all(|b| *b == 0xA5))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("read data back: {e}"))?;
+    if found {
+        Ok(())
+    } else {
+        Err(format!("{target} did not hold the data just written to it"))
+    }
 }
 
 pub(crate) fn progress(total: u64, what: &str, format: Format) -> indicatif::ProgressBar {

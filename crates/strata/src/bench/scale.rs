@@ -7,10 +7,9 @@ use std::time::Instant;
 use csi_proto as csi;
 
 use crate::client::Csi;
-use crate::client::output::Format;
 use crate::client::shared::{CapabilityArgs, ModeArg};
 
-use super::{Latencies, Report, timed};
+use super::{Latencies, Outcome, Report, timed};
 
 /// Resident memory of process `pid` in KiB.
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
@@ -29,8 +28,7 @@ pub async fn scale(
     page: i32,
     keep: bool,
     pid: Option<u32>,
-    format: Format,
-) -> Result<(), String> {
+) -> Result<Outcome, String> {
     let mut rss = vec![];
     let mut sample = |when: &'static str| {
         if let Some(kib) = pid.and_then(rss_kib) {
@@ -136,7 +134,7 @@ pub async fn scale(
     }
     let seconds = start.elapsed().as_secs_f64();
     sample("at the end");
-    Report {
+    Ok(Report {
         scenario: "scale",
         volumes,
         concurrency,
@@ -145,6 +143,5 @@ pub async fn scale(
         rpcs: lat.summary(),
         rss_kib: rss,
     }
-    .print(format);
-    Ok(())
+    .outcome())
 }

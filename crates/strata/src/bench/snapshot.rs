@@ -1,4 +1,5 @@
-//! `strata bench snapshot`: snapshot and restore of volumes holding each data size, verified.
+//! `strata bench snapshot`: snapshot and restore of volumes holding each data size, written
+//! and verified through the published volumes as a workload would.
 
 use std::fs;
 use std::io::Write;
@@ -8,9 +9,10 @@ use std::time::Instant;
 use csi_proto as csi;
 use serde::Serialize;
 
-use crate::client::output::Format;
-use crate::client::shared::{CapabilityArgs, ModeArg};
+use super::{Latencies, Outcome, bring_up, mount_existing, offer, tear_down, volume_request};
+use crate::client::shared::CapabilityArgs;
 use crate::client::{Csi, status_error};
+use crate::units::human_bytes;
 
 /// One row of the snapshot scenario.
 #[derive(Serialize)]
@@ -46,11 +48,12 @@ pub(crate) fn write_pattern(path: &std::path::Path, bytes: u64, seed: u64) -> st
     Ok(hasher.finish())
 }
 
-pub(crate) fn checksum(path: &std::path::Path) -> std::io::Result<u64> {
+/// A checksum of the first `len` bytes of `path` (a file, or a device larger than the data).
+pub(crate) fn checksum(path: &std::path::Path, len: u64) -> std::io::Result<u64> {
     use std::hash::Hasher;
     use std::io::Read;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let mut f = fs::File::open(path)?;
+    let mut f = fs::File::open(path)?.take(len);
     let mut chunk = vec![0u8; 4 << 20];
     loop {
         let n = f.read(&mut chunk)?;
@@ -61,138 +64,104 @@ pub(crate) fn checksum(path: &std::path::Path) -> std::io::Result<u64> {
     }
 }
 
-/// For each data size: write the data into a fresh volume, snapshot it, overwrite it, restore
-/// the snapshot into a new volume and check the restored data is the snapshot's.
+/// Where a workload's data lives in a published volume: a file in it, or the device.
+pub(crate) fn data_path(target: &str, block: bool) -> PathBuf {
+    if block {
+        PathBuf::from(target)
+    } else {
+        PathBuf::from(target).join("data")
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+/// For each data size: write the data into a fresh volume through its published path,
+/// snapshot it, overwrite it, restore the snapshot into a new volume, publish that, and check
+/// it holds the snapshot's data. Skipped where the driver offers no snapshots.
 pub async fn snapshot(
     mut csi: Csi,
     sizes: Vec<u64>,
     workdir: PathBuf,
-    format: Format,
-) -> Result<(), String> {
+    capability: CapabilityArgs,
+) -> Result<Outcome, String> {
+    let offer = offer(&mut csi).await?;
+    if !offer.snapshots {
+        return Ok(Outcome::Skipped(
+            "the driver does not offer CREATE_DELETE_SNAPSHOT".into(),
+        ));
+    }
     fs::create_dir_all(&workdir).map_err(|e| format!("create {}: {e}", workdir.display()))?;
-    let cap = CapabilityArgs::ext4(ModeArg::SingleNodeWriter).to_csi();
+    let (cap, block) = (capability.to_csi(), capability.block);
+    let lat = Latencies::default();
     let pid = std::process::id();
     let mut rows = vec![];
     for (i, data) in sizes.iter().copied().enumerate() {
         // Room for the data plus filesystem overhead.
         let size = (data + data / 8 + (64 << 20)).next_multiple_of(1 << 20);
-        let create =
-            |name: String, source: Option<csi::VolumeContentSource>| csi::CreateVolumeRequest {
-                name,
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: size as i64,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![cap.clone()],
-                volume_content_source: source,
-                ..Default::default()
-            };
-        let err = |what: &'static str| move |s: tonic::Status| status_error(what, s);
-        let vol = csi
-            .controller
-            .create_volume(create(format!("snapbench-{pid}-{i}"), None))
-            .await
-            .map_err(err("CreateVolume"))?
-            .into_inner()
-            .volume
-            .unwrap_or_default();
-        let stage = |id: &str, dir: &PathBuf| csi::NodeStageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: dir.display().to_string(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        };
-        let src_dir = workdir.join(format!("src-{i}"));
-        csi.node
-            .node_stage_volume(stage(&vol.volume_id, &src_dir))
-            .await
-            .map_err(err("NodeStageVolume"))?;
-        let file = src_dir.join("data");
+        let name = format!("snapbench-{pid}-{i}");
+        let src = bring_up(&mut csi, &lat, &offer, &cap, name.clone(), size, &workdir).await?;
+        let file = data_path(&src.target, block);
         let sum = {
             let file = file.clone();
-            tokio::task::spawn_blocking(move || write_pattern(&file, data, 1))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("write: {e}"))?
+            blocking("write", move || write_pattern(&file, data, 1)).await?
         };
         let start = Instant::now();
         let snap = csi
             .controller
             .create_snapshot(csi::CreateSnapshotRequest {
-                source_volume_id: vol.volume_id.clone(),
-                name: format!("snapbench-{pid}-{i}"),
+                source_volume_id: src.id.clone(),
+                name: name.clone(),
                 ..Default::default()
             })
             .await
-            .map_err(err("CreateSnapshot"))?
+            .map_err(|s| status_error("CreateSnapshot", s))?
             .into_inner()
             .snapshot
             .unwrap_or_default();
         let snapshot_ms = start.elapsed().as_secs_f64() * 1e3;
         // Overwrite the source: the restore must still see the old data.
-        {
-            let file = file.clone();
-            tokio::task::spawn_blocking(move || write_pattern(&file, data.min(64 << 20), 2))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("overwrite: {e}"))?;
-        }
+        blocking("overwrite", move || {
+            write_pattern(&file, data.min(64 << 20), 2)
+        })
+        .await?;
         let start = Instant::now();
-        let source = csi::VolumeContentSource {
-            r#type: Some(csi::volume_content_source::Type::Snapshot(
-                csi::volume_content_source::SnapshotSource {
-                    snapshot_id: snap.snapshot_id.clone(),
-                },
-            )),
-        };
         let restored = csi
             .controller
-            .create_volume(create(
-                format!("snapbench-{pid}-{i}-restored"),
-                Some(source),
+            .create_volume(volume_request(
+                format!("{name}-restored"),
+                size,
+                &cap,
+                Some(&snap.snapshot_id),
             ))
             .await
-            .map_err(err("CreateVolume from snapshot"))?
+            .map_err(|s| status_error("CreateVolume from snapshot", s))?
             .into_inner()
             .volume
             .unwrap_or_default();
         let restore_ms = start.elapsed().as_secs_f64() * 1e3;
-        let dst_dir = workdir.join(format!("dst-{i}"));
-        csi.node
-            .node_stage_volume(stage(&restored.volume_id, &dst_dir))
-            .await
-            .map_err(err("NodeStageVolume"))?;
+        let dst =
+            mount_existing(&mut csi, &lat, &offer, &cap, restored.volume_id, &workdir).await?;
         let restored_sum = {
-            let file = dst_dir.join("data");
-            tokio::task::spawn_blocking(move || checksum(&file))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("read back: {e}"))?
+            let file = data_path(&dst.target, block);
+            blocking("read back", move || checksum(&file, data)).await?
         };
-        for (id, dir) in [(&vol.volume_id, &src_dir), (&restored.volume_id, &dst_dir)] {
-            csi.node
-                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: dir.display().to_string(),
-                })
-                .await
-                .map_err(err("NodeUnstageVolume"))?;
-            let _ = fs::remove_dir(dir);
-            csi.controller
-                .delete_volume(csi::DeleteVolumeRequest {
-                    volume_id: id.clone(),
-                    secrets: Default::default(),
-                })
-                .await
-                .map_err(err("DeleteVolume"))?;
-        }
+        tear_down(&mut csi, &lat, &offer, dst).await?;
+        tear_down(&mut csi, &lat, &offer, src).await?;
         csi.controller
             .delete_snapshot(csi::DeleteSnapshotRequest {
                 snapshot_id: snap.snapshot_id,
                 secrets: Default::default(),
             })
             .await
-            .map_err(err("DeleteSnapshot"))?;
+            .map_err(|s| status_error("DeleteSnapshot", s))?;
         rows.push(SnapshotRow {
             data_bytes: data,
             snapshot_ms,
@@ -200,27 +169,21 @@ pub async fn snapshot(
             verified: restored_sum == sum,
         });
     }
-    match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        ),
-        Format::Table => {
-            println!(
-                "{:>12} {:>12} {:>12} {:>9}",
-                "DATA", "SNAPSHOT ms", "RESTORE ms", "VERIFIED"
-            );
-            for r in &rows {
-                println!(
-                    "{:>12} {:>12.2} {:>12.2} {:>9}",
-                    r.data_bytes, r.snapshot_ms, r.restore_ms, r.verified
-                );
-            }
-        }
+    let mut table = format!(
+        "{:>12} {:>12} {:>12} {:>9}\n",
+        "DATA", "SNAPSHOT ms", "RESTORE ms", "VERIFIED"
+    );
+    let mut figures = vec![];
+    for r in &rows {
+        table.push_str(&format!(
+            "{:>12} {:>12.2} {:>12.2} {:>9}\n",
+            r.data_bytes, r.snapshot_ms, r.restore_ms, r.verified
+        ));
+        let size = human_bytes(r.data_bytes as i64);
+        figures.push((format!("snapshot {size} ms"), r.snapshot_ms));
+        figures.push((format!("restore {size} ms"), r.restore_ms));
     }
-    if rows.iter().all(|r| r.verified) {
-        Ok(())
-    } else {
-        Err("a restored volume did not hold the snapshot's data".into())
-    }
+    let failure = (!rows.iter().all(|r| r.verified))
+        .then(|| "a restored volume did not hold the snapshot's data".to_owned());
+    Ok(Outcome::measured(&rows, table, figures).failed(failure))
 }

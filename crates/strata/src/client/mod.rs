@@ -7,7 +7,8 @@ pub mod snapshot;
 pub mod volume;
 
 use csi_proto::{
-    controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+    controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient,
 };
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -76,13 +77,14 @@ async fn show_info(mut csi: Csi, format: Format) -> Result<(), String> {
     Ok(())
 }
 
-/// Clients of the three services over one connection.
+/// Clients of the CSI services over one connection.
 #[derive(Clone)]
 pub struct Csi {
     /// The connection itself, for raw calls.
     pub channel: Channel,
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
+    pub groups: GroupControllerClient<Channel>,
     pub node: NodeClient<Channel>,
 }
 
@@ -97,7 +99,7 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Csi, String> {
                     async move { UnixStream::connect(path).await.map(TokioIo::new) }
                 }))
                 .await
-                .map_err(|e| format!("connect to {}: {e}", endpoint_name(endpoint)))?
+                .map_err(|e| format!("connect to {endpoint}: {e}"))?
         }
         Endpoint::Tcp(addr) => TonicEndpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
@@ -109,15 +111,9 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Csi, String> {
         channel: channel.clone(),
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
+        groups: GroupControllerClient::new(channel.clone()),
         node: NodeClient::new(channel),
     })
-}
-
-fn endpoint_name(e: &Endpoint) -> String {
-    match e {
-        Endpoint::Unix(p) => format!("unix://{}", p.display()),
-        Endpoint::Tcp(a) => format!("tcp://{a}"),
-    }
 }
 
 /// A CSI status as a one-line error for the terminal.

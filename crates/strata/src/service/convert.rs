@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
 use strata_core::controller::VolumeStatus;
+use strata_core::group::GroupSnapshot;
 use strata_core::model::{
     AccessMode, AccessType, Capability, ContentSource, SnapshotRecord, Topology,
 };
@@ -113,18 +114,32 @@ fn csi_content_source(source: &ContentSource) -> csi::VolumeContentSource {
     }
 }
 
+fn timestamp(unix: u64, nanos: u32) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: unix as i64,
+        nanos: nanos as i32,
+    })
+}
+
 pub fn snapshot(record: &SnapshotRecord) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: record.size_bytes as i64,
         snapshot_id: record.id.clone(),
         source_volume_id: record.source_volume_id.clone(),
-        creation_time: Some(prost_types::Timestamp {
-            seconds: record.created_unix as i64,
-            nanos: record.created_nanos as i32,
-        }),
+        creation_time: timestamp(record.created_unix, record.created_nanos),
         // Copies are complete when CreateSnapshot returns.
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: record.group_snapshot_id.clone(),
+    }
+}
+
+pub fn group_snapshot(group: &GroupSnapshot) -> csi::VolumeGroupSnapshot {
+    csi::VolumeGroupSnapshot {
+        group_snapshot_id: group.record.id.clone(),
+        snapshots: group.members.iter().map(snapshot).collect(),
+        creation_time: timestamp(group.record.created_unix, group.record.created_nanos),
+        // Every member is a complete copy when the group is committed.
+        ready_to_use: true,
     }
 }
 

@@ -40,21 +40,23 @@ impl Identity for IdentityService {
         &self,
         _: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        run("GetPluginCapabilities", "", || {
-            Ok(csi::GetPluginCapabilitiesResponse {
-                capabilities: vec![
-                    service(ServiceType::ControllerService),
-                    service(ServiceType::VolumeAccessibilityConstraints),
-                    csi::PluginCapability {
-                        r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
-                            csi::plugin_capability::VolumeExpansion {
-                                r#type: csi::plugin_capability::volume_expansion::Type::Online
-                                    as i32,
-                            },
-                        )),
-                    },
-                ],
-            })
+        let groups = self.0.driver.supports_group_snapshots();
+        run("GetPluginCapabilities", "", move || {
+            let mut capabilities = vec![
+                service(ServiceType::ControllerService),
+                service(ServiceType::VolumeAccessibilityConstraints),
+                csi::PluginCapability {
+                    r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                        csi::plugin_capability::VolumeExpansion {
+                            r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                        },
+                    )),
+                },
+            ];
+            if groups {
+                capabilities.push(service(ServiceType::GroupControllerService));
+            }
+            Ok(csi::GetPluginCapabilitiesResponse { capabilities })
         })
         .await
     }

@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod convert;
+pub mod group_controller;
 pub mod identity;
 pub mod node;
 pub mod status;
@@ -14,6 +15,7 @@ use strata_core::{Driver, Error};
 use tonic::{Response, Status};
 
 pub use controller::ControllerService;
+pub use group_controller::GroupControllerService;
 pub use identity::IdentityService;
 pub use node::NodeService;
 
@@ -50,7 +52,7 @@ where
     }
 }
 
-/// Shared state of the three services.
+/// Shared state of the services.
 #[derive(Clone)]
 pub struct Services {
     pub driver: Arc<Driver>,
