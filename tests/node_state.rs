@@ -593,6 +593,32 @@ async fn tools_die_with_a_killed_server_and_the_retry_succeeds() {
     env.assert_clean();
 }
 
+/// The kernel clears a detached loop device at its last close, so another opener (a device
+/// scan by a concurrent stage, a monitoring agent) defers the clear. The unstage answers
+/// once the device is gone, so the provisioner's DeleteVolume right after it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_right_after_the_unstage_succeeds_while_a_scan_holds_the_device() {
+    let mut env = TestEnv::start().await;
+    let id = env.create("v", 32 * MIB, ext4()).await.volume_id;
+    let staging = env.path("stage");
+    env.stage(&id, &staging, ext4()).await.unwrap();
+    let image = env.pool().join("volumes").join(&id).join("image");
+    let dev = LinuxHost
+        .find(FileId::of(&image).unwrap())
+        .unwrap()
+        .expect("attached");
+    let scan = LinuxHost.hold(&dev).unwrap().expect("held");
+    let scanner = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(scan);
+    });
+    env.unstage(&id, &staging).await.unwrap();
+    let deleted = env.delete(&id).await;
+    scanner.join().unwrap();
+    deleted.unwrap();
+    env.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_stage_never_formats_a_device_reused_by_another_volume() {
     let mut env = TestEnv::start_with(Some("delay:stage:after-attach=3000")).await;

@@ -215,7 +215,7 @@ impl Driver {
         let dir = self.store.dir(id);
         if let Some(att) = self.backend.attachment(&dir)? {
             return Err(Error::FailedPrecondition(format!(
-                "volume {id} is in use on this node ({att:?}): unpublish and unstage it first"
+                "volume {id} is in use on this node ({att}): unpublish and unstage it first"
             )));
         }
         if let Some(doomed) = self.store.retire(id)? {

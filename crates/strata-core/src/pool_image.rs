@@ -167,11 +167,12 @@ pub fn release_pool_image(host: &Host, dir: &Path) -> Result<Released> {
     if !mounts.is_empty() {
         host.mounter.unmount(&mut NodePath::trusted(&mount_point))?;
     }
-    // Auto-clearing devices go with their last close (ours, below); clear the others.
+    // Auto-clearing devices go with their last close (ours); the others are cleared after it
+    // (the detach holds and checks the device again, and waits for its release).
+    drop(device);
     if !dev.auto_clear {
         host.loops.detach(&dev)?;
     }
-    drop(device);
     tracing::info!(image = %image.display(), device = %dev.path.display(), "pool image released");
     Ok(Released::Released { device: dev.path })
 }

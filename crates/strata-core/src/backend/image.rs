@@ -278,7 +278,10 @@ impl Backend for ImageBackend {
             },
         )?;
         if held.device.backing != id {
-            let _ = self.host.loops.detach(&held.device);
+            // Let go first: the detach holds and checks it again, and waits for its release.
+            let device = held.device.clone();
+            drop(held);
+            let _ = self.host.loops.detach(&device);
             return Err(Error::Aborted(format!(
                 "backing image {} changed while it was attached; retry",
                 image.display()

@@ -21,6 +21,15 @@ pub enum Attachment {
     Directory(DataDir),
 }
 
+impl std::fmt::Display for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attachment::Device(d) => write!(f, "attached as {}", d.path.display()),
+            Attachment::Directory(d) => write!(f, "its directory {} is mounted", d.path.display()),
+        }
+    }
+}
+
 /// An attachment in use by the current operation. A device is held open and verified to
 /// serve this volume's image, so it stays this volume's until `held` is dropped (after the
 /// mount has taken over, or the operation failed).

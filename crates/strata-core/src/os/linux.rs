@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{
     AttachOptions, CopyMethod, Create, FileId, Filesystems, FsUsage, HeldLoop, LoopDevice,
@@ -598,10 +598,38 @@ impl LoopDevices for LinuxHost {
         };
         // SAFETY: LOOP_CLR_FD takes no argument.
         match check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_CLR_FD, 0) }) {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
-            Err(e) => Err(Error::io(format!("detach {}", device.path.display()), e)),
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+            Err(e) => return Err(Error::io(format!("detach {}", device.path.display()), e)),
         }
+        drop(held);
+        wait_released(device);
+        Ok(())
+    }
+}
+
+/// Waits, a bounded time, until the kernel has released a detached device. It clears a
+/// device at its last close, so anyone with it open for a moment (a device scan, this
+/// driver's own among them) defers the clear, and a DeleteVolume right after the unstage
+/// would still find it attached. Reads sysfs only: opening the device would defer it again.
+/// The name the kernel shows is compared only to stop waiting; nothing is acted on.
+fn wait_released(device: &LoopDevice) {
+    const LIMIT: Duration = Duration::from_secs(2);
+    let Some(name) = device.path.file_name() else {
+        return;
+    };
+    let shown = Path::new("/sys/block").join(name).join("loop/backing_file");
+    let start = Instant::now();
+    while !device.backing_file.as_os_str().is_empty()
+        && fs::read_to_string(&shown)
+            .is_ok_and(|s| Path::new(s.trim_end_matches('\n')) == device.backing_file)
+    {
+        if start.elapsed() >= LIMIT {
+            tracing::warn!(device = %device.path.display(),
+                "a detached loop device is still open elsewhere; the kernel clears it at that last close");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

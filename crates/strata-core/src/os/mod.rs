@@ -128,7 +128,9 @@ pub trait LoopDevices: Send + Sync {
     /// Lets the kernel detach the held device once its last user (a mount) goes away.
     fn set_auto_clear(&self, device: &HeldLoop) -> Result<()>;
     /// Detaches the device if it still serves the file it served when listed; succeeds when
-    /// it is already gone. Never detaches a device that was reused for another file.
+    /// it is already gone. Never detaches a device that was reused for another file. Returns
+    /// once the kernel has released it, or after a bounded wait while someone else still
+    /// has it open (the kernel then clears it at that last close).
     fn detach(&self, device: &LoopDevice) -> Result<()>;
     /// Makes the held device pick up a new size of its backing file.
     fn refresh_capacity(&self, device: &HeldLoop) -> Result<()>;
