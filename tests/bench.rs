@@ -324,3 +324,76 @@ async fn every_scenario_adapts_to_what_the_driver_offers() {
         "the minimal driver's volumes were all deleted"
     );
 }
+
+/// `strata bench SCENARIO ARGS` against `env`, expected to fail: what it printed on stderr.
+fn failing_bench(env: &TestEnv, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("bench")
+        .args(args)
+        .args(["--workdir", &env.path("bench")])
+        .env("CSI_ENDPOINT", format!("unix://{}", env.path("csi.sock")))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} did not fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A run stopped part-way by an error (a write that does not fit, a restore the pool has no
+/// room for) undoes what it made: no volume, mount, loop device, snapshot or group is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_fails_part_way_leaves_nothing_behind() {
+    let env = TestEnv::start_on_fs_sized("ext4", 300 << 20, &[]).await;
+    let undone = "(what the run had made is undone)";
+    // More data than the volumes hold: every client fails with its volume published.
+    let err = failing_bench(
+        &env,
+        &[
+            "lifecycle",
+            "--volumes",
+            "6",
+            "--concurrency",
+            "2",
+            "--size",
+            "16Mi",
+            "--data",
+            "64Mi",
+        ],
+    );
+    assert!(err.contains("write data") && err.contains(undone), "{err}");
+    let err = failing_bench(
+        &env,
+        &[
+            "churn",
+            "--seconds",
+            "3",
+            "--size",
+            "16Mi",
+            "--data",
+            "64Mi",
+        ],
+    );
+    assert!(err.contains("write data") && err.contains(undone), "{err}");
+    // The restore finds the pool too full, with the source published and its snapshot made.
+    let err = failing_bench(&env, &["snapshot", "--sizes", "100Mi"]);
+    assert!(
+        err.contains("CreateVolume from snapshot") && err.contains(undone),
+        "{err}"
+    );
+    // The same for a group's member, with the group made.
+    let err = failing_bench(
+        &env,
+        &["group", "--volumes", "2", "--data", "50Mi", "--rounds", "1"],
+    );
+    assert!(
+        err.contains("CreateVolume from a member") && err.contains(undone),
+        "{err}"
+    );
+    env.assert_clean();
+    assert!(env.pool_entries().is_empty(), "{:?}", env.pool_entries());
+    for kind in ["snapshots", "groups"] {
+        let left: Vec<_> = std::fs::read_dir(env.pool().join(kind))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{kind} left: {left:?}");
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Instant;
 use csi::volume_capability::AccessType;
 use serde::Serialize;
 
-use super::{Latencies, Outcome, bring_up, mount_existing, offer, tear_down, unmount};
+use super::{Outcome, Run, bring_up, mount_existing, offer, tear_down, unmount};
 use crate::client::Csi;
 use crate::client::shared::{CapabilityArgs, ModeArg};
 use crate::units::parse_size;
@@ -83,7 +83,7 @@ fn with_group(mut cap: csi::VolumeCapability, group: u32) -> csi::VolumeCapabili
     cap
 }
 
-pub async fn fsgroup(mut csi: Csi, args: FsGroupArgs) -> Result<Outcome, String> {
+pub async fn fsgroup(mut csi: Csi, run: &Run, args: FsGroupArgs) -> Result<Outcome, String> {
     let offer = offer(&mut csi).await?;
     if !offer.mount_group {
         return Ok(Outcome::Skipped(
@@ -94,10 +94,9 @@ pub async fn fsgroup(mut csi: Csi, args: FsGroupArgs) -> Result<Outcome, String>
     fs::create_dir_all(workdir).map_err(|e| format!("create {}: {e}", workdir.display()))?;
     let plain = CapabilityArgs::ext4(ModeArg::SingleNodeWriter).to_csi();
     let grouped = with_group(plain.clone(), args.group);
-    let lat = Latencies::default();
     let m = bring_up(
         &mut csi,
-        &lat,
+        run,
         &offer,
         &plain,
         format!("fsgroupbench-{}", std::process::id()),
@@ -106,25 +105,20 @@ pub async fn fsgroup(mut csi: Csi, args: FsGroupArgs) -> Result<Outcome, String>
     )
     .await?;
     let (root, files) = (PathBuf::from(&m.target), args.files);
-    let populated = tokio::task::spawn_blocking(move || populate(&root, files))
+    tokio::task::spawn_blocking(move || populate(&root, files))
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| format!("create {files} files: {e}")));
-    if let Err(e) = populated {
-        // A volume too small for the files: nothing of the run is left behind.
-        let _ = tear_down(&mut csi, &lat, &offer, m).await;
-        return Err(e);
-    }
-    unmount(&mut csi, &lat, &m).await?;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("create {files} files: {e}"))?;
+    unmount(&mut csi, run, &m).await?;
     let mut times = vec![];
     for _ in 0..2 {
         let start = Instant::now();
-        let again = mount_existing(&mut csi, &lat, &offer, &grouped, m.id.clone(), workdir).await?;
+        let again = mount_existing(&mut csi, run, &offer, &grouped, m.id.clone(), workdir).await?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
-        unmount(&mut csi, &lat, &again).await?;
+        unmount(&mut csi, run, &again).await?;
     }
     // The kubelet's walk, on the same tree, to another group (so every entry changes).
-    let again = mount_existing(&mut csi, &lat, &offer, &plain, m.id.clone(), workdir).await?;
+    let again = mount_existing(&mut csi, run, &offer, &plain, m.id.clone(), workdir).await?;
     let (root, gid) = (PathBuf::from(&again.target), args.group + 1);
     let start = Instant::now();
     let walked = tokio::task::spawn_blocking(move || recursive_chown(&root, gid))
@@ -132,7 +126,7 @@ pub async fn fsgroup(mut csi: Csi, args: FsGroupArgs) -> Result<Outcome, String>
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| format!("recursive chown: {e}")));
     let chown_ms = start.elapsed().as_secs_f64() * 1e3;
-    tear_down(&mut csi, &lat, &offer, again).await?;
+    tear_down(&mut csi, run, &offer, again).await?;
     walked?;
     let report = FsGroupReport {
         files: args.files,

@@ -13,9 +13,11 @@ use csi_proto as csi;
 use serde::Serialize;
 
 use super::snapshot::{checksum, write_pattern};
-use super::{Latencies, Mounted, Outcome, bring_up, offer, tear_down, timed, volume_request};
+use super::{
+    Mounted, Outcome, Run, Step, bring_up, create_volume, offer, tear_down, timed, volume_request,
+};
+use crate::client::Csi;
 use crate::client::shared::{CapabilityArgs, ModeArg};
-use crate::client::{Csi, status_error};
 use crate::units::parse_size;
 
 /// What `strata bench group` runs.
@@ -107,7 +109,7 @@ impl Drop for StallProbe {
     }
 }
 
-pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
+pub async fn group(mut csi: Csi, run: &Run, args: GroupArgs) -> Result<Outcome, String> {
     let offer = offer(&mut csi).await?;
     if !offer.groups {
         return Ok(Outcome::Skipped(
@@ -117,7 +119,6 @@ pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
     let workdir = &args.workdir;
     fs::create_dir_all(workdir).map_err(|e| format!("create {}: {e}", workdir.display()))?;
     let cap = CapabilityArgs::ext4(ModeArg::SingleNodeWriter).to_csi();
-    let lat = Latencies::default();
     let pid = std::process::id();
     // Room for the data plus filesystem overhead.
     let size = (args.data + args.data / 8 + (64 << 20)).next_multiple_of(1 << 20);
@@ -126,7 +127,7 @@ pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
     for i in 0..args.volumes {
         let m = bring_up(
             &mut csi,
-            &lat,
+            run,
             &offer,
             &cap,
             format!("groupbench-{pid}-{i}"),
@@ -153,7 +154,7 @@ pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
         probe.take();
         let start = Instant::now();
         let g = timed(
-            &lat,
+            run,
             "CreateVolumeGroupSnapshot",
             csi.groups
                 .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
@@ -165,6 +166,7 @@ pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
         .await?
         .group_snapshot
         .unwrap_or_default();
+        run.made(group_step(&g));
         let group_ms = start.elapsed().as_secs_f64() * 1e3;
         // Let a write that was blocked by the freeze finish and be counted.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -178,13 +180,14 @@ pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
     drop(probe);
     let verified = match groups.first() {
         Some(g) => {
-            verify_members(&mut csi, &lat, &offer, &cap, g, &ids, &sums, size, workdir).await?
+            verify_members(&mut csi, run, &offer, &cap, g, &ids, &sums, size, workdir).await?
         }
         None => true,
     };
     for g in groups {
+        let step = group_step(&g);
         timed(
-            &lat,
+            run,
             "DeleteVolumeGroupSnapshot",
             csi.groups
                 .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
@@ -194,9 +197,10 @@ pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
                 }),
         )
         .await?;
+        run.undone(&step);
     }
     for m in mounted {
-        tear_down(&mut csi, &lat, &offer, m).await?;
+        tear_down(&mut csi, run, &offer, m).await?;
     }
     let report = GroupReport {
         volumes: args.volumes,
@@ -214,7 +218,7 @@ pub async fn group(mut csi: Csi, args: GroupArgs) -> Result<Outcome, String> {
 #[allow(clippy::too_many_arguments)]
 async fn verify_members(
     csi: &mut Csi,
-    lat: &Latencies,
+    run: &Run,
     offer: &super::Offer,
     cap: &csi::VolumeCapability,
     group: &csi::VolumeGroupSnapshot,
@@ -230,20 +234,19 @@ async fn verify_members(
             .iter()
             .find(|s| &s.source_volume_id == id)
             .ok_or_else(|| format!("the group has no member for volume {id}"))?;
-        let restored = csi
-            .controller
-            .create_volume(volume_request(
+        let restored = create_volume(
+            csi,
+            run,
+            "CreateVolume from a member",
+            volume_request(
                 format!("{}-restored", member.snapshot_id),
                 size,
                 cap,
                 Some(&member.snapshot_id),
-            ))
-            .await
-            .map_err(|s| status_error("CreateVolume from a member", s))?
-            .into_inner()
-            .volume
-            .unwrap_or_default();
-        let m = super::mount_existing(csi, lat, offer, cap, restored.volume_id, workdir).await?;
+            ),
+        )
+        .await?;
+        let m = super::mount_existing(csi, run, offer, cap, restored.volume_id, workdir).await?;
         let file = Path::new(&m.target).join("data");
         let len = fs::metadata(&file)
             .map_err(|e| format!("stat {}: {e}", file.display()))?
@@ -253,9 +256,17 @@ async fn verify_members(
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("read back: {e}"))?;
         all &= found == *sum;
-        tear_down(csi, lat, offer, m).await?;
+        tear_down(csi, run, offer, m).await?;
     }
     Ok(all)
+}
+
+/// How the run deletes the group if it stops part-way.
+fn group_step(g: &csi::VolumeGroupSnapshot) -> Step {
+    Step::Group {
+        id: g.group_snapshot_id.clone(),
+        snapshot_ids: g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+    }
 }
 
 fn table(report: &GroupReport) -> (String, Vec<(String, f64)>) {

@@ -12,7 +12,7 @@ use std::process::Command;
 use serde::Serialize;
 
 use super::aio::{self, Job};
-use super::{Latencies, Outcome, bring_up, offer, tear_down};
+use super::{Outcome, Run, bring_up, offer, tear_down};
 use crate::client::Csi;
 use crate::client::shared::CapabilityArgs;
 use crate::units::parse_size;
@@ -204,7 +204,7 @@ fn run_jobs(path: &Path, size: u64, seconds: f64, fio: bool) -> Result<Vec<Figur
     Ok(out)
 }
 
-pub async fn io(mut csi: Csi, args: IoArgs) -> Result<Outcome, String> {
+pub async fn io(mut csi: Csi, run: &Run, args: IoArgs) -> Result<Outcome, String> {
     let fio = match args.engine {
         Engine::Fio => true,
         Engine::Builtin => false,
@@ -214,13 +214,12 @@ pub async fn io(mut csi: Csi, args: IoArgs) -> Result<Outcome, String> {
     fs::create_dir_all(&args.workdir)
         .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
     let block = args.capability.block;
-    let lat = Latencies::default();
     // Room for the file twice over (copy-on-write filesystems such as btrfs need new room for
     // every overwrite until the old extent is freed) plus filesystem overhead.
     let volume_size = (2 * args.size + (64 << 20)).next_multiple_of(1 << 20);
     let m = bring_up(
         &mut csi,
-        &lat,
+        run,
         &offer,
         &args.capability.to_csi(),
         format!("iobench-{}", std::process::id()),
@@ -261,7 +260,7 @@ pub async fn io(mut csi: Csi, args: IoArgs) -> Result<Outcome, String> {
     if !block {
         let _ = fs::remove_file(&target);
     }
-    tear_down(&mut csi, &lat, &offer, m).await?;
+    tear_down(&mut csi, run, &offer, m).await?;
     let (volume, native) = measured?;
     let rows: Vec<Row> = JOBS
         .iter()

@@ -12,11 +12,12 @@ mod lifecycle;
 mod scale;
 mod snapshot;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use csi_proto as csi;
@@ -177,8 +178,26 @@ impl BenchCommand {
         outcome.result()
     }
 
-    /// Runs the scenario against `csi`; `format` only says whether progress is shown.
+    /// Runs the scenario against `csi`; `format` only says whether progress is shown. A run
+    /// that fails part-way undoes what it made before it answers.
     pub(crate) async fn measure(self, csi: Csi, format: Format) -> Result<Outcome, String> {
+        let run = Arc::new(Run::default());
+        let mut undo = csi.clone();
+        let result = self.scenario(csi, run.clone(), format).await;
+        let Err(e) = result else {
+            return result;
+        };
+        let left = run.undo(&mut undo).await;
+        Err(match left.len() {
+            0 => format!("{e} (what the run had made is undone)"),
+            n => format!(
+                "{e}; {n} of what the run made could not be undone, first: {}",
+                left[0]
+            ),
+        })
+    }
+
+    async fn scenario(self, csi: Csi, run: Arc<Run>, format: Format) -> Result<Outcome, String> {
         match self {
             BenchCommand::Lifecycle {
                 volumes,
@@ -197,7 +216,7 @@ impl BenchCommand {
                     workdir,
                     capability,
                 };
-                lifecycle::lifecycle(csi, args, format).await
+                lifecycle::lifecycle(csi, run, args, format).await
             }
             BenchCommand::Churn {
                 seconds,
@@ -216,17 +235,17 @@ impl BenchCommand {
                     workdir,
                     capability,
                 };
-                churn::churn(csi, args, seconds, format).await
+                churn::churn(csi, run, args, seconds, format).await
             }
             BenchCommand::Snapshot {
                 sizes,
                 workdir,
                 capability,
                 ..
-            } => snapshot::snapshot(csi, sizes, workdir, capability).await,
-            BenchCommand::Group { args, .. } => group::group(csi, args).await,
-            BenchCommand::Fsgroup { args, .. } => fsgroup::fsgroup(csi, args).await,
-            BenchCommand::Io { args, .. } => io::io(csi, args).await,
+            } => snapshot::snapshot(csi, &run, sizes, workdir, capability).await,
+            BenchCommand::Group { args, .. } => group::group(csi, &run, args).await,
+            BenchCommand::Fsgroup { args, .. } => fsgroup::fsgroup(csi, &run, args).await,
+            BenchCommand::Io { args, .. } => io::io(csi, &run, args).await,
             BenchCommand::Scale {
                 volumes,
                 concurrency,
@@ -234,7 +253,7 @@ impl BenchCommand {
                 keep,
                 pid,
                 ..
-            } => scale::scale(csi, volumes, concurrency, page_size, keep, pid).await,
+            } => scale::scale(csi, run, volumes, concurrency, page_size, keep, pid).await,
             BenchCommand::Compare { .. } => {
                 Err("compare runs scenarios; it is not one itself".into())
             }
@@ -242,21 +261,105 @@ impl BenchCommand {
     }
 }
 
+/// One run of a scenario: the latency of every RPC it made, and what it made on the driver
+/// (volumes, mounts, snapshots, groups), so that a run stopped part-way by an error undoes
+/// it rather than leave it on the node.
 #[derive(Default)]
-pub(crate) struct Latencies(Mutex<BTreeMap<&'static str, Vec<Duration>>>);
+pub(crate) struct Run {
+    latencies: Mutex<BTreeMap<&'static str, Vec<Duration>>>,
+    made: Mutex<Made>,
+    stopped: AtomicBool,
+}
 
-impl Latencies {
+/// What a run made and has not undone yet, each with its order of making.
+#[derive(Default)]
+struct Made {
+    next: u64,
+    steps: HashMap<Step, u64>,
+}
+
+/// One thing a run made on the driver.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Step {
+    Volume(String),
+    ControllerPublished {
+        volume_id: String,
+        node_id: String,
+    },
+    Staged {
+        volume_id: String,
+        path: String,
+    },
+    Published {
+        volume_id: String,
+        path: String,
+    },
+    Snapshot(String),
+    Group {
+        id: String,
+        snapshot_ids: Vec<String>,
+    },
+}
+
+impl Run {
     pub(crate) fn record(&self, rpc: &'static str, d: Duration) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(rpc)
-            .or_default()
-            .push(d);
+        lock(&self.latencies).entry(rpc).or_default().push(d);
+    }
+
+    /// Remembers `step` until [`undone`](Self::undone).
+    pub(crate) fn made(&self, step: Step) {
+        let mut made = lock(&self.made);
+        made.next += 1;
+        let n = made.next;
+        made.steps.insert(step, n);
+    }
+
+    pub(crate) fn undone(&self, step: &Step) {
+        lock(&self.made).steps.remove(step);
+    }
+
+    /// Tells the run's other clients to stop taking work (one of them failed).
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Waits for every client of the run; the first error, if any, once all have ended (so
+    /// nothing is still making volumes while the run is undone).
+    pub(crate) async fn join(
+        &self,
+        tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    ) -> Result<(), String> {
+        let mut first = Ok(());
+        for t in tasks {
+            let r = t.await.map_err(|e| e.to_string()).and_then(|r| r);
+            if let (Err(e), Ok(())) = (r, &first) {
+                self.stop();
+                first = Err(e);
+            }
+        }
+        first
+    }
+
+    /// Undoes, newest first, everything the run made and did not undo itself; returns what
+    /// could not be undone.
+    pub(crate) async fn undo(&self, csi: &mut Csi) -> Vec<String> {
+        let mut steps: Vec<(Step, u64)> = lock(&self.made).steps.drain().collect();
+        steps.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        let mut failed = vec![];
+        for (step, _) in steps {
+            if let Err(e) = undo_step(csi, &step).await {
+                failed.push(e);
+            }
+        }
+        failed
     }
 
     pub(crate) fn summary(&self) -> Vec<RpcSummary> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = lock(&self.latencies);
         map.iter()
             .map(|(rpc, v)| {
                 let mut v = v.clone();
@@ -275,6 +378,80 @@ impl Latencies {
             })
             .collect()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn undo_step(csi: &mut Csi, step: &Step) -> Result<(), String> {
+    let (rpc, r) = match step.clone() {
+        Step::Published { volume_id, path } => (
+            "NodeUnpublishVolume",
+            csi.node
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id,
+                    target_path: path,
+                })
+                .await
+                .map(drop),
+        ),
+        Step::Staged { volume_id, path } => {
+            let r = csi
+                .node
+                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                    volume_id,
+                    staging_target_path: path.clone(),
+                })
+                .await
+                .map(drop);
+            let _ = fs::remove_dir(&path);
+            ("NodeUnstageVolume", r)
+        }
+        Step::ControllerPublished { volume_id, node_id } => (
+            "ControllerUnpublishVolume",
+            csi.controller
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id,
+                    node_id,
+                    secrets: Default::default(),
+                })
+                .await
+                .map(drop),
+        ),
+        Step::Volume(volume_id) => (
+            "DeleteVolume",
+            csi.controller
+                .delete_volume(csi::DeleteVolumeRequest {
+                    volume_id,
+                    secrets: Default::default(),
+                })
+                .await
+                .map(drop),
+        ),
+        Step::Snapshot(snapshot_id) => (
+            "DeleteSnapshot",
+            csi.controller
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id,
+                    secrets: Default::default(),
+                })
+                .await
+                .map(drop),
+        ),
+        Step::Group { id, snapshot_ids } => (
+            "DeleteVolumeGroupSnapshot",
+            csi.groups
+                .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id,
+                    snapshot_ids,
+                    secrets: Default::default(),
+                })
+                .await
+                .map(drop),
+        ),
+    };
+    r.map_err(|s| status_error(rpc, s))
 }
 
 #[derive(Serialize)]
@@ -397,13 +574,13 @@ impl Outcome {
 }
 
 pub(crate) async fn timed<T>(
-    lat: &Latencies,
+    run: &Run,
     rpc: &'static str,
     fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, String> {
     let start = Instant::now();
     let r = fut.await.map_err(|s| status_error(rpc, s))?;
-    lat.record(rpc, start.elapsed());
+    run.record(rpc, start.elapsed());
     Ok(r.into_inner())
 }
 
@@ -492,23 +669,51 @@ pub(crate) struct Mounted {
 
 pub(crate) async fn bring_up(
     csi: &mut Csi,
-    lat: &Latencies,
+    run: &Run,
     offer: &Offer,
     cap: &csi::VolumeCapability,
     name: String,
     size: u64,
     dir: &std::path::Path,
 ) -> Result<Mounted, String> {
-    let vol = timed(
-        lat,
+    let vol = create_volume(
+        csi,
+        run,
         "CreateVolume",
-        csi.controller
-            .create_volume(volume_request(name, size, cap, None)),
+        volume_request(name, size, cap, None),
     )
-    .await?
-    .volume
-    .unwrap_or_default();
-    mount_existing(csi, lat, offer, cap, vol.volume_id, dir).await
+    .await?;
+    mount_existing(csi, run, offer, cap, vol.volume_id, dir).await
+}
+
+/// CreateVolume, timed under `rpc`; the run deletes the volume if it stops part-way.
+pub(crate) async fn create_volume(
+    csi: &mut Csi,
+    run: &Run,
+    rpc: &'static str,
+    request: csi::CreateVolumeRequest,
+) -> Result<csi::Volume, String> {
+    let vol = timed(run, rpc, csi.controller.create_volume(request))
+        .await?
+        .volume
+        .unwrap_or_default();
+    run.made(Step::Volume(vol.volume_id.clone()));
+    Ok(vol)
+}
+
+pub(crate) async fn delete_volume(csi: &mut Csi, run: &Run, id: String) -> Result<(), String> {
+    let step = Step::Volume(id.clone());
+    timed(
+        run,
+        "DeleteVolume",
+        csi.controller.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id,
+            secrets: Default::default(),
+        }),
+    )
+    .await?;
+    run.undone(&step);
+    Ok(())
 }
 
 /// CreateVolume of `size` bytes for `cap`, restored from `snapshot_id` when given.
@@ -540,7 +745,7 @@ pub(crate) fn volume_request(
 /// publish, stage and publish, each where the driver offers it.
 pub(crate) async fn mount_existing(
     csi: &mut Csi,
-    lat: &Latencies,
+    run: &Run,
     offer: &Offer,
     cap: &csi::VolumeCapability,
     id: String,
@@ -549,7 +754,7 @@ pub(crate) async fn mount_existing(
     let mut publish_context = Default::default();
     if offer.controller_publish {
         publish_context = timed(
-            lat,
+            run,
             "ControllerPublishVolume",
             csi.controller
                 .controller_publish_volume(csi::ControllerPublishVolumeRequest {
@@ -561,6 +766,10 @@ pub(crate) async fn mount_existing(
         )
         .await?
         .publish_context;
+        run.made(Step::ControllerPublished {
+            volume_id: id.clone(),
+            node_id: offer.node_id.clone(),
+        });
     }
     let staging = offer
         .stage
@@ -568,7 +777,7 @@ pub(crate) async fn mount_existing(
     if let Some(staging) = &staging {
         fs::create_dir_all(staging).map_err(|e| e.to_string())?;
         timed(
-            lat,
+            run,
             "NodeStageVolume",
             csi.node.node_stage_volume(csi::NodeStageVolumeRequest {
                 volume_id: id.clone(),
@@ -579,10 +788,14 @@ pub(crate) async fn mount_existing(
             }),
         )
         .await?;
+        run.made(Step::Staged {
+            volume_id: id.clone(),
+            path: staging.clone(),
+        });
     }
     let target = dir.join(format!("pub-{id}")).display().to_string();
     timed(
-        lat,
+        run,
         "NodePublishVolume",
         csi.node.node_publish_volume(csi::NodePublishVolumeRequest {
             volume_id: id.clone(),
@@ -594,6 +807,10 @@ pub(crate) async fn mount_existing(
         }),
     )
     .await?;
+    run.made(Step::Published {
+        volume_id: id.clone(),
+        path: target.clone(),
+    });
     Ok(Mounted {
         id,
         staging,
@@ -603,14 +820,14 @@ pub(crate) async fn mount_existing(
 
 pub(crate) async fn tear_down(
     csi: &mut Csi,
-    lat: &Latencies,
+    run: &Run,
     offer: &Offer,
     m: Mounted,
 ) -> Result<(), String> {
-    unmount(csi, lat, &m).await?;
+    unmount(csi, run, &m).await?;
     if offer.controller_publish {
         timed(
-            lat,
+            run,
             "ControllerUnpublishVolume",
             csi.controller
                 .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
@@ -620,23 +837,56 @@ pub(crate) async fn tear_down(
                 }),
         )
         .await?;
+        run.undone(&Step::ControllerPublished {
+            volume_id: m.id.clone(),
+            node_id: offer.node_id.clone(),
+        });
     }
+    delete_volume(csi, run, m.id).await
+}
+
+/// CreateSnapshot of `volume_id`; the run deletes the snapshot if it stops part-way.
+pub(crate) async fn create_snapshot(
+    csi: &mut Csi,
+    run: &Run,
+    volume_id: String,
+    name: String,
+) -> Result<csi::Snapshot, String> {
+    let snap = timed(
+        run,
+        "CreateSnapshot",
+        csi.controller.create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: volume_id,
+            name,
+            ..Default::default()
+        }),
+    )
+    .await?
+    .snapshot
+    .unwrap_or_default();
+    run.made(Step::Snapshot(snap.snapshot_id.clone()));
+    Ok(snap)
+}
+
+pub(crate) async fn delete_snapshot(csi: &mut Csi, run: &Run, id: String) -> Result<(), String> {
+    let step = Step::Snapshot(id.clone());
     timed(
-        lat,
-        "DeleteVolume",
-        csi.controller.delete_volume(csi::DeleteVolumeRequest {
-            volume_id: m.id,
+        run,
+        "DeleteSnapshot",
+        csi.controller.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id,
             secrets: Default::default(),
         }),
     )
     .await?;
+    run.undone(&step);
     Ok(())
 }
 
 /// Unpublishes and unstages a volume made usable by [`mount_existing`]; the volume stays.
-pub(crate) async fn unmount(csi: &mut Csi, lat: &Latencies, m: &Mounted) -> Result<(), String> {
+pub(crate) async fn unmount(csi: &mut Csi, run: &Run, m: &Mounted) -> Result<(), String> {
     timed(
-        lat,
+        run,
         "NodeUnpublishVolume",
         csi.node
             .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
@@ -645,9 +895,13 @@ pub(crate) async fn unmount(csi: &mut Csi, lat: &Latencies, m: &Mounted) -> Resu
             }),
     )
     .await?;
+    run.undone(&Step::Published {
+        volume_id: m.id.clone(),
+        path: m.target.clone(),
+    });
     if let Some(staging) = &m.staging {
         timed(
-            lat,
+            run,
             "NodeUnstageVolume",
             csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
                 volume_id: m.id.clone(),
@@ -655,6 +909,10 @@ pub(crate) async fn unmount(csi: &mut Csi, lat: &Latencies, m: &Mounted) -> Resu
             }),
         )
         .await?;
+        run.undone(&Step::Staged {
+            volume_id: m.id.clone(),
+            path: staging.clone(),
+        });
         let _ = fs::remove_dir(staging);
     }
     Ok(())
@@ -663,7 +921,7 @@ pub(crate) async fn unmount(csi: &mut Csi, lat: &Latencies, m: &Mounted) -> Resu
 /// Writes `bytes` into the published volume (a file in it, or the device), fsyncs, and reads
 /// them back: the data must be where the workload put it.
 pub(crate) async fn write_data(
-    lat: &Latencies,
+    run: &Run,
     target: &str,
     block: bool,
     bytes: u64,
@@ -689,7 +947,7 @@ pub(crate) async fn write_data(
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("write data: {e}"))?;
-    lat.record("write+fsync", start.elapsed());
+    run.record("write+fsync", start.elapsed());
     let found = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
         use std::io::Read;
         let mut data = vec![0u8; bytes as usize];

@@ -9,7 +9,7 @@ use csi_proto as csi;
 use crate::client::Csi;
 use crate::client::shared::{CapabilityArgs, ModeArg};
 
-use super::{Latencies, Outcome, Report, timed};
+use super::{Outcome, Report, Run, create_volume, delete_volume, timed};
 
 /// Resident memory of process `pid` in KiB.
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
@@ -23,6 +23,7 @@ pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
 /// Creates `volumes` volumes, lists them all page by page, and deletes them unless `keep`.
 pub async fn scale(
     csi: Csi,
+    run: Arc<Run>,
     volumes: usize,
     concurrency: usize,
     page: i32,
@@ -36,16 +37,15 @@ pub async fn scale(
         }
     };
     sample("before");
-    let lat = Arc::new(Latencies::default());
     let cap = CapabilityArgs::ext4(ModeArg::SingleNodeMultiWriter).to_csi();
     let start = Instant::now();
     let ids = Arc::new(Mutex::new(vec![]));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = vec![];
     for _ in 0..concurrency.max(1) {
-        let (mut csi, lat, next, ids, cap) = (
+        let (mut csi, run, next, ids, cap) = (
             csi.clone(),
-            lat.clone(),
+            run.clone(),
             next.clone(),
             ids.clone(),
             cap.clone(),
@@ -53,32 +53,28 @@ pub async fn scale(
         tasks.push(tokio::spawn(async move {
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if n >= volumes {
+                if n >= volumes || run.stopped() {
                     return Ok::<(), String>(());
                 }
-                let v = timed(
-                    &lat,
-                    "CreateVolume",
-                    csi.controller.create_volume(csi::CreateVolumeRequest {
-                        name: format!("scale-{}-{n}", std::process::id()),
-                        capacity_range: Some(csi::CapacityRange {
-                            required_bytes: 64 << 20,
-                            limit_bytes: 0,
-                        }),
-                        volume_capabilities: vec![cap.clone()],
-                        ..Default::default()
+                let request = csi::CreateVolumeRequest {
+                    name: format!("scale-{}-{n}", std::process::id()),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 64 << 20,
+                        limit_bytes: 0,
                     }),
-                )
-                .await?;
+                    volume_capabilities: vec![cap.clone()],
+                    ..Default::default()
+                };
+                let v = create_volume(&mut csi, &run, "CreateVolume", request)
+                    .await
+                    .inspect_err(|_| run.stop())?;
                 ids.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(v.volume.unwrap_or_default().volume_id);
+                    .push(v.volume_id);
             }
         }));
     }
-    for t in tasks {
-        t.await.map_err(|e| e.to_string())??;
-    }
+    run.join(tasks).await?;
     sample("after creates");
     let mut csi_list = csi.clone();
     let list_start = Instant::now();
@@ -86,7 +82,7 @@ pub async fn scale(
     let mut seen = 0;
     loop {
         let r = timed(
-            &lat,
+            &run,
             "ListVolumes (page)",
             csi_list.controller.list_volumes(csi::ListVolumesRequest {
                 max_entries: page,
@@ -100,7 +96,7 @@ pub async fn scale(
         }
         token = r.next_token;
     }
-    lat.record("ListVolumes (all pages)", list_start.elapsed());
+    run.record("ListVolumes (all pages)", list_start.elapsed());
     sample("after listing");
     eprintln!("listed {seen} volumes");
     let mut ids: Vec<String> = std::mem::take(&mut *ids.lock().unwrap_or_else(|p| p.into_inner()));
@@ -113,25 +109,20 @@ pub async fn scale(
         .collect();
     let mut tasks = vec![];
     for chunk in chunks {
-        let (mut csi, lat) = (csi.clone(), lat.clone());
+        let (mut csi, run) = (csi.clone(), run.clone());
         tasks.push(tokio::spawn(async move {
             for id in chunk {
-                timed(
-                    &lat,
-                    "DeleteVolume",
-                    csi.controller.delete_volume(csi::DeleteVolumeRequest {
-                        volume_id: id,
-                        secrets: Default::default(),
-                    }),
-                )
-                .await?;
+                if run.stopped() {
+                    break;
+                }
+                delete_volume(&mut csi, &run, id)
+                    .await
+                    .inspect_err(|_| run.stop())?;
             }
             Ok::<(), String>(())
         }));
     }
-    for t in tasks {
-        t.await.map_err(|e| e.to_string())??;
-    }
+    run.join(tasks).await?;
     let seconds = start.elapsed().as_secs_f64();
     sample("at the end");
     Ok(Report {
@@ -140,7 +131,7 @@ pub async fn scale(
         concurrency,
         seconds,
         volumes_per_second: volumes as f64 / seconds,
-        rpcs: lat.summary(),
+        rpcs: run.summary(),
         rss_kib: rss,
     }
     .outcome())

@@ -6,12 +6,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use csi_proto as csi;
 use serde::Serialize;
 
-use super::{Latencies, Outcome, bring_up, mount_existing, offer, tear_down, volume_request};
+use super::{
+    Outcome, Run, bring_up, create_snapshot, create_volume, delete_snapshot, mount_existing, offer,
+    tear_down, volume_request,
+};
+use crate::client::Csi;
 use crate::client::shared::CapabilityArgs;
-use crate::client::{Csi, status_error};
 use crate::units::human_bytes;
 
 /// One row of the snapshot scenario.
@@ -88,6 +90,7 @@ async fn blocking<T: Send + 'static>(
 /// it holds the snapshot's data. Skipped where the driver offers no snapshots.
 pub async fn snapshot(
     mut csi: Csi,
+    run: &Run,
     sizes: Vec<u64>,
     workdir: PathBuf,
     capability: CapabilityArgs,
@@ -100,32 +103,20 @@ pub async fn snapshot(
     }
     fs::create_dir_all(&workdir).map_err(|e| format!("create {}: {e}", workdir.display()))?;
     let (cap, block) = (capability.to_csi(), capability.block);
-    let lat = Latencies::default();
     let pid = std::process::id();
     let mut rows = vec![];
     for (i, data) in sizes.iter().copied().enumerate() {
         // Room for the data plus filesystem overhead.
         let size = (data + data / 8 + (64 << 20)).next_multiple_of(1 << 20);
         let name = format!("snapbench-{pid}-{i}");
-        let src = bring_up(&mut csi, &lat, &offer, &cap, name.clone(), size, &workdir).await?;
+        let src = bring_up(&mut csi, run, &offer, &cap, name.clone(), size, &workdir).await?;
         let file = data_path(&src.target, block);
         let sum = {
             let file = file.clone();
             blocking("write", move || write_pattern(&file, data, 1)).await?
         };
         let start = Instant::now();
-        let snap = csi
-            .controller
-            .create_snapshot(csi::CreateSnapshotRequest {
-                source_volume_id: src.id.clone(),
-                name: name.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| status_error("CreateSnapshot", s))?
-            .into_inner()
-            .snapshot
-            .unwrap_or_default();
+        let snap = create_snapshot(&mut csi, run, src.id.clone(), name.clone()).await?;
         let snapshot_ms = start.elapsed().as_secs_f64() * 1e3;
         // Overwrite the source: the restore must still see the old data.
         blocking("overwrite", move || {
@@ -133,35 +124,27 @@ pub async fn snapshot(
         })
         .await?;
         let start = Instant::now();
-        let restored = csi
-            .controller
-            .create_volume(volume_request(
+        let restored = create_volume(
+            &mut csi,
+            run,
+            "CreateVolume from snapshot",
+            volume_request(
                 format!("{name}-restored"),
                 size,
                 &cap,
                 Some(&snap.snapshot_id),
-            ))
-            .await
-            .map_err(|s| status_error("CreateVolume from snapshot", s))?
-            .into_inner()
-            .volume
-            .unwrap_or_default();
+            ),
+        )
+        .await?;
         let restore_ms = start.elapsed().as_secs_f64() * 1e3;
-        let dst =
-            mount_existing(&mut csi, &lat, &offer, &cap, restored.volume_id, &workdir).await?;
+        let dst = mount_existing(&mut csi, run, &offer, &cap, restored.volume_id, &workdir).await?;
         let restored_sum = {
             let file = data_path(&dst.target, block);
             blocking("read back", move || checksum(&file, data)).await?
         };
-        tear_down(&mut csi, &lat, &offer, dst).await?;
-        tear_down(&mut csi, &lat, &offer, src).await?;
-        csi.controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: snap.snapshot_id,
-                secrets: Default::default(),
-            })
-            .await
-            .map_err(|s| status_error("DeleteSnapshot", s))?;
+        tear_down(&mut csi, run, &offer, dst).await?;
+        tear_down(&mut csi, run, &offer, src).await?;
+        delete_snapshot(&mut csi, run, snap.snapshot_id).await?;
         rows.push(SnapshotRow {
             data_bytes: data,
             snapshot_ms,
