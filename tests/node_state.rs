@@ -71,6 +71,14 @@ impl Host {
 
     /// [`start`](Self::start), with the server killing itself at crash point `crash_at`.
     async fn start_crashing_at(&mut self, crash_at: Option<&str>) -> Csi {
+        let mut child = self.spawn(crash_at);
+        let csi = wait_for(&self.socket(), &mut child).await;
+        self.server = Some(child);
+        csi
+    }
+
+    /// Starts a server in a new mount namespace without waiting for it to serve.
+    fn spawn(&mut self, crash_at: Option<&str>) -> Child {
         self.generation += 1;
         let view = self.dir.path().join(format!("view-{}", self.generation));
         fs::create_dir_all(&view).unwrap();
@@ -93,17 +101,14 @@ impl Host {
         if let Some(point) = crash_at {
             command.env("STRATA_CRASH_AT", point);
         }
-        let mut child = command
+        command
             .args(["-m", "--propagation", "unchanged", "sh", "-c", &serve])
             .env("STRATA_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap();
-        let csi = wait_for(&self.socket(), &mut child).await;
-        self.server = Some(child);
-        csi
+            .unwrap()
     }
 
     /// SIGKILL: the namespace dies with the process; propagated mounts stay on the host.
@@ -816,4 +821,219 @@ async fn a_group_frozen_by_a_killed_server_is_thawed_by_its_successor_in_a_new_n
             .await
             .unwrap();
     }
+}
+
+/// Whether the kubelet or a sidecar would retry this answer: the server died under the call
+/// (the client made the status itself, with no response headers), or it is one of the
+/// codes the spec asks callers to retry.
+fn retried(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Cancelled | Code::Aborted | Code::DeadlineExceeded
+    ) || s.metadata().get("content-type").is_none()
+}
+
+/// Calls `call` until it answers OK, reconnecting after the server died under it, as the
+/// kubelet and the sidecars do. Any other answer fails the test, and so does a call that
+/// hangs.
+async fn until_ok<T, F, Fut>(sock: &Path, csi: &mut Csi, what: &str, mut call: F) -> T
+where
+    F: FnMut(Csi) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), call(csi.clone())).await {
+            Ok(Ok(v)) => return v,
+            Ok(Err(s)) if retried(&s) => {}
+            Ok(Err(s)) => panic!("{what}: {s:?}"),
+            Err(_) => panic!("{what} hung for 60 s"),
+        }
+        assert!(Instant::now() < deadline, "{what} never succeeded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Ok(c) = connect(&Endpoint::Unix(sock.to_path_buf())).await {
+            *csi = c;
+        }
+    }
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// One kubelet-like client: whole lifecycles of its own volumes, every call retried until
+/// OK; the data written and fsynced through the published path must still be there after
+/// whatever kills happened meanwhile.
+async fn lifecycles(sock: PathBuf, kubelet: PathBuf, client: u8, cycles: u8, mut rng: u64) {
+    let mut csi = connect(&Endpoint::Unix(sock.clone())).await.unwrap();
+    for n in 0..cycles {
+        let name = format!("k{client}-{n}");
+        let id = until_ok(&sock, &mut csi, "CreateVolume", |mut c| {
+            let request = create_req(&name, 32 * MIB, ext4());
+            async move {
+                let v = c.controller.create_volume(request).await?.into_inner();
+                Ok(v.volume.unwrap_or_default().volume_id)
+            }
+        })
+        .await;
+        let staging = s(&kubelet.join(format!("stage-{name}")));
+        let target = s(&kubelet.join(format!("pub-{name}")));
+        until_ok(&sock, &mut csi, "NodeStageVolume", |mut c| {
+            let (id, staging) = (id.clone(), staging.clone());
+            async move { node_stage(&mut c, &id, &staging, ext4()).await }
+        })
+        .await;
+        until_ok(&sock, &mut csi, "NodePublishVolume", |mut c| {
+            let (id, staging, target) = (id.clone(), staging.clone(), target.clone());
+            async move { node_publish(&mut c, &id, &staging, &target, ext4(), false).await }
+        })
+        .await;
+        let data = payload(client.wrapping_mul(31).wrapping_add(n), 256 * 1024);
+        let file = format!("{target}/data");
+        let written = data.clone();
+        let path = file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut f = fs::File::create(&path).unwrap();
+            f.write_all(&written).unwrap();
+            f.sync_all().unwrap();
+        })
+        .await
+        .unwrap();
+        // A snapshot of the live volume (its filesystem frozen meanwhile), deleted later.
+        let snapshot_id = until_ok(&sock, &mut csi, "CreateSnapshot", |mut c| {
+            let request = csi::CreateSnapshotRequest {
+                name: format!("{name}-snap"),
+                source_volume_id: id.clone(),
+                ..Default::default()
+            };
+            async move {
+                let r = c.controller.create_snapshot(request).await?.into_inner();
+                Ok(r.snapshot.unwrap_or_default().snapshot_id)
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(xorshift(&mut rng) % 100)).await;
+        assert!(
+            fs::read(&file).unwrap() == data,
+            "{name}: the fsynced data changed"
+        );
+        until_ok(&sock, &mut csi, "NodeUnpublishVolume", |mut c| {
+            let (id, target) = (id.clone(), target.clone());
+            async move { node_unpublish(&mut c, &id, &target).await }
+        })
+        .await;
+        until_ok(&sock, &mut csi, "NodeUnstageVolume", |mut c| {
+            let (id, staging) = (id.clone(), staging.clone());
+            async move { node_unstage(&mut c, &id, &staging).await }
+        })
+        .await;
+        until_ok(&sock, &mut csi, "DeleteSnapshot", |mut c| {
+            let request = csi::DeleteSnapshotRequest {
+                snapshot_id: snapshot_id.clone(),
+                ..Default::default()
+            };
+            async move { c.controller.delete_snapshot(request).await.map(drop) }
+        })
+        .await;
+        until_ok(&sock, &mut csi, "DeleteVolume", |mut c| {
+            let request = csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            };
+            async move { c.controller.delete_volume(request).await.map(drop) }
+        })
+        .await;
+    }
+}
+
+/// The server killed at random instants (SIGKILL, so mid-mkfs, mid-rename, mid-fsync
+/// alike) and restarted each time in a new mount namespace while kubelet-like clients run
+/// whole lifecycles and retry every call: every lifecycle completes, fsynced data survives
+/// every kill, and in the end no volume, mount or loop device is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_lose_no_data_and_leave_nothing_behind() {
+    random_kills(false).await;
+}
+
+/// The same on a pool image (xfs, reflink snapshots of frozen filesystems).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_on_a_pool_image_lose_no_data_and_leave_nothing_behind() {
+    random_kills(true).await;
+}
+
+async fn random_kills(pool_image: bool) {
+    let seed = std::env::var("STRATA_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("STRATA_KILL_SEED={seed}");
+    let mut rng = seed;
+    let mut host = Host::new(pool_image);
+    host.start().await;
+    let clients: Vec<_> = (0..3u8)
+        .map(|client| {
+            let (sock, kubelet) = (host.socket(), host.host().join("kubelet"));
+            tokio::spawn(lifecycles(sock, kubelet, client, 16, xorshift(&mut rng)))
+        })
+        .collect();
+    let mut kills = 0;
+    while !clients.iter().all(|c| c.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(20 + xorshift(&mut rng) % 250)).await;
+        host.kill();
+        kills += 1;
+        if xorshift(&mut rng).is_multiple_of(4) {
+            // Killed again while it starts: in its reconciliation, or before it serves.
+            host.server = Some(host.spawn(None));
+            tokio::time::sleep(Duration::from_millis(xorshift(&mut rng) % 40)).await;
+            host.kill();
+            kills += 1;
+        }
+        host.start().await;
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    eprintln!("{kills} kills");
+    assert!(kills >= 3, "only {kills} kills: the clients ran too fast");
+    // A last restart: its reconciliation finishes what the kills interrupted.
+    host.kill();
+    host.start().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = ["volumes", "snapshots"]
+            .iter()
+            .flat_map(|d| fs::read_dir(host.pool().join(d)).into_iter().flatten())
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volumes or snapshots left: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What stays is the shared host directory and, on a pool image, the pool's filesystem.
+    let (mut mounts, _) = kernel_state_under(host.dir.path());
+    mounts.retain(|m| *m != host.host() && *m != host.host().join("pool/data"));
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    let pool_fs = pool_image.then(|| FileId::of(&host.host().join("pool/pool.img")).unwrap());
+    let loops: Vec<_> = LinuxHost
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.backing_file.starts_with(host.dir.path()) && Some(d.backing) != pool_fs)
+        .collect();
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
 }
