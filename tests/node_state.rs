@@ -869,10 +869,17 @@ fn xorshift(state: &mut u64) -> u64 {
 /// whatever kills happened meanwhile.
 async fn lifecycles(sock: PathBuf, kubelet: PathBuf, client: u8, cycles: u8, mut rng: u64) {
     let mut csi = connect(&Endpoint::Unix(sock.clone())).await.unwrap();
+    // One client's volumes are raw block devices.
+    let block = client == 2;
+    let cap = if block {
+        block_cap(Mode::SingleNodeWriter)
+    } else {
+        ext4()
+    };
     for n in 0..cycles {
         let name = format!("k{client}-{n}");
         let id = until_ok(&sock, &mut csi, "CreateVolume", |mut c| {
-            let request = create_req(&name, 32 * MIB, ext4());
+            let request = create_req(&name, 32 * MIB, cap.clone());
             async move {
                 let v = c.controller.create_volume(request).await?.into_inner();
                 Ok(v.volume.unwrap_or_default().volume_id)
@@ -882,21 +889,30 @@ async fn lifecycles(sock: PathBuf, kubelet: PathBuf, client: u8, cycles: u8, mut
         let staging = s(&kubelet.join(format!("stage-{name}")));
         let target = s(&kubelet.join(format!("pub-{name}")));
         until_ok(&sock, &mut csi, "NodeStageVolume", |mut c| {
-            let (id, staging) = (id.clone(), staging.clone());
-            async move { node_stage(&mut c, &id, &staging, ext4()).await }
+            let (id, staging, cap) = (id.clone(), staging.clone(), cap.clone());
+            async move { node_stage(&mut c, &id, &staging, cap).await }
         })
         .await;
         until_ok(&sock, &mut csi, "NodePublishVolume", |mut c| {
             let (id, staging, target) = (id.clone(), staging.clone(), target.clone());
-            async move { node_publish(&mut c, &id, &staging, &target, ext4(), false).await }
+            let cap = cap.clone();
+            async move { node_publish(&mut c, &id, &staging, &target, cap, false).await }
         })
         .await;
         let data = payload(client.wrapping_mul(31).wrapping_add(n), 256 * 1024);
-        let file = format!("{target}/data");
+        let file = if block {
+            target.clone()
+        } else {
+            format!("{target}/data")
+        };
         let written = data.clone();
         let path = file.clone();
         tokio::task::spawn_blocking(move || {
-            let mut f = fs::File::create(&path).unwrap();
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(!block)
+                .open(&path)
+                .unwrap();
             f.write_all(&written).unwrap();
             f.sync_all().unwrap();
         })
@@ -917,7 +933,7 @@ async fn lifecycles(sock: PathBuf, kubelet: PathBuf, client: u8, cycles: u8, mut
         .await;
         tokio::time::sleep(Duration::from_millis(xorshift(&mut rng) % 100)).await;
         assert!(
-            fs::read(&file).unwrap() == data,
+            read_block(&file, 0, data.len()) == data,
             "{name}: the fsynced data changed"
         );
         until_ok(&sock, &mut csi, "NodeUnpublishVolume", |mut c| {
