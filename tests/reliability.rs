@@ -359,3 +359,32 @@ async fn startup_quarantines_what_it_cannot_account_for_and_frees_its_loop_devic
     assert!(env.server_log().contains("lost+found"));
     env.assert_clean();
 }
+
+/// Probes overlap (the livenessprobe's, the kubelet's, an operator's): every one answers
+/// ready, and none leaves a scratch file in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_probes_all_answer_ready() {
+    let env = TestEnv::start().await;
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let mut csi = env.csi.clone();
+            tokio::spawn(async move {
+                for _ in 0..100 {
+                    let r = csi.identity.probe(csi::ProbeRequest {}).await;
+                    let ready = r.map(|r| r.into_inner().ready);
+                    assert!(matches!(ready, Ok(Some(true))), "{ready:?}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let scratch: Vec<_> = fs::read_dir(env.pool())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains("probe"))
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+}

@@ -329,7 +329,7 @@ impl Filesystems for FakeHost {
     }
 
     fn check_writable(&self, dir: &Path) -> Result<()> {
-        let probe = dir.join(".probe");
+        let probe = dir.join(format!(".probe-{:?}", std::thread::current().id()));
         std::fs::write(&probe, b"ok")
             .and_then(|_| std::fs::remove_file(&probe))
             .map_err(|e| Error::io(format!("write {}", probe.display()), e))

@@ -938,10 +938,34 @@ impl Filesystems for LinuxHost {
     }
 
     fn check_writable(&self, dir: &Path) -> Result<()> {
-        let probe = dir.join(".probe");
-        fs::write(&probe, b"ok")
-            .and_then(|_| fs::remove_file(&probe))
-            .ctx(|| format!("write {}", probe.display()))
+        use std::io::Write;
+        // An unnamed file: concurrent probes (the livenessprobe's, an operator's) never meet
+        // at one name, and a crash leaves nothing behind.
+        let unnamed = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(dir);
+        match unnamed {
+            Ok(mut f) => f
+                .write_all(b"ok")
+                .ctx(|| format!("write a scratch file in {}", dir.display())),
+            // A filesystem without unnamed files: a name no concurrent probe shares.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let probe = dir.join(format!(
+                    ".probe-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                fs::write(&probe, b"ok")
+                    .and_then(|_| fs::remove_file(&probe))
+                    .ctx(|| format!("write {}", probe.display()))
+            }
+            Err(e) => Err(Error::io(
+                format!("create a scratch file in {}", dir.display()),
+                e,
+            )),
+        }
     }
 
     fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()> {
