@@ -864,6 +864,86 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
+/// A volume made usable as the kubelet does, every call retried until OK.
+struct Usable {
+    id: String,
+    staging: String,
+    target: String,
+}
+
+impl Usable {
+    async fn new(sock: &Path, csi: &mut Csi, kubelet: &Path, name: &str, cap: &Cap) -> Self {
+        let id = until_ok(sock, csi, "CreateVolume", |mut c| {
+            let request = create_req(name, 32 * MIB, cap.clone());
+            async move {
+                let v = c.controller.create_volume(request).await?.into_inner();
+                Ok(v.volume.unwrap_or_default().volume_id)
+            }
+        })
+        .await;
+        let staging = s(&kubelet.join(format!("stage-{name}")));
+        let target = s(&kubelet.join(format!("pub-{name}")));
+        until_ok(sock, csi, "NodeStageVolume", |mut c| {
+            let (id, staging, cap) = (id.clone(), staging.clone(), cap.clone());
+            async move { node_stage(&mut c, &id, &staging, cap).await }
+        })
+        .await;
+        until_ok(sock, csi, "NodePublishVolume", |mut c| {
+            let (id, staging, target) = (id.clone(), staging.clone(), target.clone());
+            let cap = cap.clone();
+            async move { node_publish(&mut c, &id, &staging, &target, cap, false).await }
+        })
+        .await;
+        Usable {
+            id,
+            staging,
+            target,
+        }
+    }
+
+    /// Unpublishes, unstages and deletes the volume.
+    async fn delete(self, sock: &Path, csi: &mut Csi) {
+        until_ok(sock, csi, "NodeUnpublishVolume", |mut c| {
+            let (id, target) = (self.id.clone(), self.target.clone());
+            async move { node_unpublish(&mut c, &id, &target).await }
+        })
+        .await;
+        until_ok(sock, csi, "NodeUnstageVolume", |mut c| {
+            let (id, staging) = (self.id.clone(), self.staging.clone());
+            async move { node_unstage(&mut c, &id, &staging).await }
+        })
+        .await;
+        until_ok(sock, csi, "DeleteVolume", |mut c| {
+            let request = csi::DeleteVolumeRequest {
+                volume_id: self.id.clone(),
+                ..Default::default()
+            };
+            async move { c.controller.delete_volume(request).await.map(drop) }
+        })
+        .await;
+    }
+}
+
+type Cap = csi::VolumeCapability;
+
+/// Writes and fsyncs `data` at the start of `path` (created unless it is a device); fails
+/// the test if that does not finish, as on a filesystem left frozen.
+async fn write_synced(path: String, data: Vec<u8>, device: bool) {
+    let write = tokio::task::spawn_blocking(move || {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(!device)
+            .open(&path)
+            .unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    });
+    tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("a write did not finish in 30 s: is the filesystem frozen?")
+        .unwrap();
+}
+
 /// One kubelet-like client: whole lifecycles of its own volumes, every call retried until
 /// OK; the data written and fsynced through the published path must still be there after
 /// whatever kills happened meanwhile.
@@ -878,51 +958,19 @@ async fn lifecycles(sock: PathBuf, kubelet: PathBuf, client: u8, cycles: u8, mut
     };
     for n in 0..cycles {
         let name = format!("k{client}-{n}");
-        let id = until_ok(&sock, &mut csi, "CreateVolume", |mut c| {
-            let request = create_req(&name, 32 * MIB, cap.clone());
-            async move {
-                let v = c.controller.create_volume(request).await?.into_inner();
-                Ok(v.volume.unwrap_or_default().volume_id)
-            }
-        })
-        .await;
-        let staging = s(&kubelet.join(format!("stage-{name}")));
-        let target = s(&kubelet.join(format!("pub-{name}")));
-        until_ok(&sock, &mut csi, "NodeStageVolume", |mut c| {
-            let (id, staging, cap) = (id.clone(), staging.clone(), cap.clone());
-            async move { node_stage(&mut c, &id, &staging, cap).await }
-        })
-        .await;
-        until_ok(&sock, &mut csi, "NodePublishVolume", |mut c| {
-            let (id, staging, target) = (id.clone(), staging.clone(), target.clone());
-            let cap = cap.clone();
-            async move { node_publish(&mut c, &id, &staging, &target, cap, false).await }
-        })
-        .await;
+        let volume = Usable::new(&sock, &mut csi, &kubelet, &name, &cap).await;
         let data = payload(client.wrapping_mul(31).wrapping_add(n), 256 * 1024);
         let file = if block {
-            target.clone()
+            volume.target.clone()
         } else {
-            format!("{target}/data")
+            format!("{}/data", volume.target)
         };
-        let written = data.clone();
-        let path = file.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(!block)
-                .open(&path)
-                .unwrap();
-            f.write_all(&written).unwrap();
-            f.sync_all().unwrap();
-        })
-        .await
-        .unwrap();
+        write_synced(file.clone(), data.clone(), block).await;
         // A snapshot of the live volume (its filesystem frozen meanwhile), deleted later.
         let snapshot_id = until_ok(&sock, &mut csi, "CreateSnapshot", |mut c| {
             let request = csi::CreateSnapshotRequest {
                 name: format!("{name}-snap"),
-                source_volume_id: id.clone(),
+                source_volume_id: volume.id.clone(),
                 ..Default::default()
             };
             async move {
@@ -936,16 +984,6 @@ async fn lifecycles(sock: PathBuf, kubelet: PathBuf, client: u8, cycles: u8, mut
             read_block(&file, 0, data.len()) == data,
             "{name}: the fsynced data changed"
         );
-        until_ok(&sock, &mut csi, "NodeUnpublishVolume", |mut c| {
-            let (id, target) = (id.clone(), target.clone());
-            async move { node_unpublish(&mut c, &id, &target).await }
-        })
-        .await;
-        until_ok(&sock, &mut csi, "NodeUnstageVolume", |mut c| {
-            let (id, staging) = (id.clone(), staging.clone());
-            async move { node_unstage(&mut c, &id, &staging).await }
-        })
-        .await;
         until_ok(&sock, &mut csi, "DeleteSnapshot", |mut c| {
             let request = csi::DeleteSnapshotRequest {
                 snapshot_id: snapshot_id.clone(),
@@ -954,14 +992,58 @@ async fn lifecycles(sock: PathBuf, kubelet: PathBuf, client: u8, cycles: u8, mut
             async move { c.controller.delete_snapshot(request).await.map(drop) }
         })
         .await;
-        until_ok(&sock, &mut csi, "DeleteVolume", |mut c| {
-            let request = csi::DeleteVolumeRequest {
-                volume_id: id.clone(),
+        volume.delete(&sock, &mut csi).await;
+    }
+}
+
+/// A client taking group snapshots of two published volumes, round after round: every
+/// group is whole, and writes go on after each (nothing is left frozen by a kill).
+async fn group_snapshots(sock: PathBuf, kubelet: PathBuf, rounds: u8) {
+    let mut csi = connect(&Endpoint::Unix(sock.clone())).await.unwrap();
+    let mut volumes = vec![];
+    for name in ["group-a", "group-b"] {
+        volumes.push(Usable::new(&sock, &mut csi, &kubelet, name, &ext4()).await);
+    }
+    let ids: Vec<String> = volumes.iter().map(|v| v.id.clone()).collect();
+    for n in 0..rounds {
+        let group = until_ok(&sock, &mut csi, "CreateVolumeGroupSnapshot", |mut c| {
+            let request = csi::CreateVolumeGroupSnapshotRequest {
+                name: format!("group-{n}"),
+                source_volume_ids: ids.clone(),
                 ..Default::default()
             };
-            async move { c.controller.delete_volume(request).await.map(drop) }
+            async move {
+                let r = c.groups.create_volume_group_snapshot(request).await?;
+                Ok(r.into_inner().group_snapshot.unwrap_or_default())
+            }
         })
         .await;
+        assert_eq!(group.snapshots.len(), 2, "{group:?}");
+        for v in &volumes {
+            let data = payload(n, 64 * 1024);
+            write_synced(format!("{}/after-{n}", v.target), data, false).await;
+        }
+        until_ok(&sock, &mut csi, "DeleteVolumeGroupSnapshot", |mut c| {
+            let request = csi::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: group.group_snapshot_id.clone(),
+                snapshot_ids: group
+                    .snapshots
+                    .iter()
+                    .map(|s| s.snapshot_id.clone())
+                    .collect(),
+                ..Default::default()
+            };
+            async move {
+                c.groups
+                    .delete_volume_group_snapshot(request)
+                    .await
+                    .map(drop)
+            }
+        })
+        .await;
+    }
+    for v in volumes {
+        v.delete(&sock, &mut csi).await;
     }
 }
 
@@ -995,12 +1077,14 @@ async fn random_kills(pool_image: bool) {
     let mut rng = seed;
     let mut host = Host::new(pool_image);
     host.start().await;
-    let clients: Vec<_> = (0..3u8)
+    let (sock, kubelet) = (host.socket(), host.host().join("kubelet"));
+    let mut clients: Vec<_> = (0..3u8)
         .map(|client| {
-            let (sock, kubelet) = (host.socket(), host.host().join("kubelet"));
+            let (sock, kubelet) = (sock.clone(), kubelet.clone());
             tokio::spawn(lifecycles(sock, kubelet, client, 16, xorshift(&mut rng)))
         })
         .collect();
+    clients.push(tokio::spawn(group_snapshots(sock, kubelet, 8)));
     let mut kills = 0;
     while !clients.iter().all(|c| c.is_finished()) {
         tokio::time::sleep(Duration::from_millis(20 + xorshift(&mut rng) % 250)).await;
@@ -1025,7 +1109,7 @@ async fn random_kills(pool_image: bool) {
     host.start().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left: Vec<_> = ["volumes", "snapshots"]
+        let left: Vec<_> = ["volumes", "snapshots", "groups"]
             .iter()
             .flat_map(|d| fs::read_dir(host.pool().join(d)).into_iter().flatten())
             .flatten()
