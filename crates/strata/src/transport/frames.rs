@@ -1,9 +1,11 @@
 //! Rewrites the HTTP/2 byte stream a client sends so that every request's `:authority` is
 //! one hyper accepts.
 //!
-//! On a unix socket the authority means nothing, but clients fill it in: grpc-go and tonic
-//! send `localhost`; grpc-core (Python, Ruby, C++, PHP...) since 1.57, grpc-java and
-//! grpc-swift send the percent-encoded socket path, which `h2` rejects as a malformed
+//! On a unix socket the authority means nothing, but clients fill it in: tonic, and grpc-go
+//! with a `unix:` target it resolves itself, send `localhost`; grpc-go dialled with the
+//! socket path as its target and a custom dialer (as the kubelet dials), grpc-core (Python,
+//! Ruby, C++, PHP...) since 1.57, grpc-java and grpc-swift send the socket path (some
+//! percent-encoded), which `h2` rejects as a malformed
 //! authority with a stream reset (PROTOCOL_ERROR) before any handler runs, and which no
 //! option of `h2`, hyper or tonic relaxes. So the stream is rewritten before `h2` reads it:
 //! frames pass through untouched, except HEADERS (and their CONTINUATIONs), whose block is
