@@ -1047,6 +1047,44 @@ async fn group_snapshots(sock: PathBuf, kubelet: PathBuf, rounds: u8) {
     }
 }
 
+/// A kubelet-like client for inline ephemeral volumes: the publish makes the volume and the
+/// unpublish deletes it, each retried until OK; data written in between stays while it is
+/// published.
+async fn ephemeral_volumes(sock: PathBuf, kubelet: PathBuf, cycles: u8) {
+    let mut csi = connect(&Endpoint::Unix(sock.clone())).await.unwrap();
+    for n in 0..cycles {
+        // The kubelet's handle: "csi-" and a sha256 in hex.
+        let handle = format!("csi-{:064x}", 0x5eed_0000 + u64::from(n));
+        let target = s(&kubelet.join(format!("inline-{n}")));
+        until_ok(&sock, &mut csi, "NodePublishVolume (inline)", |mut c| {
+            let request = csi::NodePublishVolumeRequest {
+                volume_id: handle.clone(),
+                target_path: target.clone(),
+                volume_capability: Some(mount_cap("", Mode::SingleNodeWriter)),
+                volume_context: [
+                    ("csi.storage.k8s.io/ephemeral", "true"),
+                    ("csi.storage.k8s.io/pod.name", "inline-pod"),
+                    ("size", "32Mi"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+                ..Default::default()
+            };
+            async move { c.node.node_publish_volume(request).await.map(drop) }
+        })
+        .await;
+        let (file, data) = (format!("{target}/data"), payload(n, 64 * 1024));
+        write_synced(file.clone(), data.clone(), false).await;
+        assert!(read_block(&file, 0, data.len()) == data, "{handle}");
+        until_ok(&sock, &mut csi, "NodeUnpublishVolume (inline)", |mut c| {
+            let (handle, target) = (handle.clone(), target.clone());
+            async move { node_unpublish(&mut c, &handle, &target).await }
+        })
+        .await;
+    }
+}
+
 /// The server killed at random instants (SIGKILL, so mid-mkfs, mid-rename, mid-fsync
 /// alike) and restarted each time in a new mount namespace while kubelet-like clients run
 /// whole lifecycles and retry every call: every lifecycle completes, fsynced data survives
@@ -1084,7 +1122,12 @@ async fn random_kills(pool_image: bool) {
             tokio::spawn(lifecycles(sock, kubelet, client, 16, xorshift(&mut rng)))
         })
         .collect();
-    clients.push(tokio::spawn(group_snapshots(sock, kubelet, 8)));
+    clients.push(tokio::spawn(group_snapshots(
+        sock.clone(),
+        kubelet.clone(),
+        8,
+    )));
+    clients.push(tokio::spawn(ephemeral_volumes(sock, kubelet, 12)));
     let mut kills = 0;
     while !clients.iter().all(|c| c.is_finished()) {
         tokio::time::sleep(Duration::from_millis(20 + xorshift(&mut rng) % 250)).await;
