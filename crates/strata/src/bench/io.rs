@@ -93,6 +93,40 @@ const JOBS: [(&str, Job); 4] = [
 struct Figures {
     iops: f64,
     mib_per_second: f64,
+    /// How busy the machine's CPUs were during the job (all of them, 100 = every one).
+    cpu_busy_percent: f64,
+    /// CPU time the machine spent per I/O (the job's process, the kernel, the loop worker).
+    cpu_us_per_io: f64,
+}
+
+/// The machine's CPU time from /proc/stat, in clock ticks: (busy, all).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let all: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((all - idle, all))
+}
+
+/// Adds the CPU figures of a job that ran `seconds` between the readings `before` and now.
+fn with_cpu(mut f: Figures, before: Option<(u64, u64)>, seconds: f64) -> Figures {
+    // SAFETY: sysconf has no memory effects.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    if let (Some((busy0, all0)), Some((busy1, all1))) = (before, cpu_ticks()) {
+        let (busy, all) = (busy1.saturating_sub(busy0), all1.saturating_sub(all0));
+        f.cpu_busy_percent = 100.0 * busy as f64 / all.max(1) as f64;
+        let ios = f.iops * seconds;
+        if ios > 0.0 {
+            f.cpu_us_per_io = busy as f64 / ticks_per_second / ios * 1e6;
+        }
+    }
+    f
 }
 
 #[derive(Serialize)]
@@ -158,6 +192,7 @@ fn with_fio(path: &Path, size: u64, name: &str, job: Job, seconds: f64) -> Resul
     Ok(Figures {
         iops: side["iops"].as_f64().unwrap_or_default(),
         mib_per_second: side["bw_bytes"].as_f64().unwrap_or_default() / (1 << 20) as f64,
+        ..Figures::default()
     })
 }
 
@@ -187,6 +222,7 @@ fn fill(path: &Path, size: u64, block: bool) -> std::io::Result<()> {
 fn run_jobs(path: &Path, size: u64, seconds: f64, fio: bool) -> Result<Vec<Figures>, String> {
     let mut out = vec![];
     for (name, job) in JOBS {
+        let (before, start) = (cpu_ticks(), std::time::Instant::now());
         let f = if fio {
             with_fio(path, size, name, job, seconds)?
         } else {
@@ -197,9 +233,10 @@ fn run_jobs(path: &Path, size: u64, seconds: f64, fio: bool) -> Result<Vec<Figur
             Figures {
                 iops: done.ios as f64 / done.seconds,
                 mib_per_second: done.bytes as f64 / done.seconds / (1 << 20) as f64,
+                ..Figures::default()
             }
         };
-        out.push(f);
+        out.push(with_cpu(f, before, start.elapsed().as_secs_f64()));
     }
     Ok(out)
 }
@@ -287,7 +324,7 @@ pub async fn io(mut csi: Csi, run: &Run, args: IoArgs) -> Result<Outcome, String
         rows,
     };
     let mut table = format!(
-        "{} bytes, {} s per job, {}, {}\n{:<20} {:>12} {:>10} {:>12} {:>10} {:>7}\n",
+        "{} bytes, {} s per job, {}, {}\n{:<20} {:>12} {:>10} {:>12} {:>10} {:>7} {:>17}\n",
         report.file_bytes,
         report.seconds_per_job,
         if block {
@@ -301,24 +338,31 @@ pub async fn io(mut csi: Csi, run: &Run, args: IoArgs) -> Result<Outcome, String
         "MiB/s",
         "NATIVE IOPS",
         "MiB/s",
-        "RATIO"
+        "RATIO",
+        "CPU us/IO VOL/NAT"
     );
     let mut figures = vec![];
     for r in &report.rows {
-        let (ni, nm) = r.native.map_or(("-".into(), "-".into()), |n| {
-            (format!("{:.0}", n.iops), format!("{:.1}", n.mib_per_second))
+        let (ni, nm, nc) = r.native.map_or(("-".into(), "-".into(), "-".into()), |n| {
+            (
+                format!("{:.0}", n.iops),
+                format!("{:.1}", n.mib_per_second),
+                format!("{:.1}", n.cpu_us_per_io),
+            )
         });
         table.push_str(&format!(
-            "{:<20} {:>12.0} {:>10.1} {:>12} {:>10} {:>7}\n",
+            "{:<20} {:>12.0} {:>10.1} {:>12} {:>10} {:>7} {:>17}\n",
             r.job,
             r.volume.iops,
             r.volume.mib_per_second,
             ni,
             nm,
-            r.ratio.map_or("-".into(), |x| format!("{:.0}%", x * 100.0))
+            r.ratio.map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
+            format!("{:.1}/{nc}", r.volume.cpu_us_per_io)
         ));
         figures.push((format!("{} IOPS", r.job), r.volume.iops));
         figures.push((format!("{} MiB/s", r.job), r.volume.mib_per_second));
+        figures.push((format!("{} CPU us/IO", r.job), r.volume.cpu_us_per_io));
     }
     Ok(Outcome::measured(&report, table, figures))
 }
