@@ -17,6 +17,51 @@ struct Outcome {
     message: String,
 }
 
+/// A call's outcome as a client printed it.
+trait Called: std::fmt::Debug {
+    fn call(&self) -> &str;
+    /// The length of the status message.
+    fn length(&self) -> usize;
+}
+
+impl Called for Outcome {
+    fn call(&self) -> &str {
+        &self.call
+    }
+    fn length(&self) -> usize {
+        self.length
+    }
+}
+
+impl Called for GoOutcome {
+    fn call(&self) -> &str {
+        &self.call
+    }
+    fn length(&self) -> usize {
+        self.length
+    }
+}
+
+/// What a client that exited successfully printed: one JSON object per call.
+fn outcomes<T: serde::de::DeserializeOwned>(out: &std::process::Output) -> Vec<T> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the client failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The outcome of `call`, whose message must be short.
+fn find<'a, T: Called>(outcomes: &'a [T], call: &str) -> &'a T {
+    let o = outcomes
+        .iter()
+        .find(|o| o.call() == call)
+        .unwrap_or_else(|| panic!("{call} not called: {outcomes:?}"));
+    assert!(o.length() < 512, "{call}: a {}-byte message", o.length());
+    o
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_core_client_with_default_options_is_served() {
     let env = TestEnv::start().await;
@@ -34,17 +79,9 @@ async fn a_grpc_core_client_with_default_options_is_served() {
         !stderr.contains("No module named 'grpc'"),
         "this test needs grpcio: pip install grpcio (.ci/run installs it)"
     );
-    assert!(out.status.success(), "the client failed: {stderr}");
-    let outcomes: Vec<Outcome> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let outcomes: Vec<Outcome> = outcomes(&out);
     let code_of = |call: &str| {
-        let o = outcomes
-            .iter()
-            .find(|o| o.call == call)
-            .unwrap_or_else(|| panic!("{call} not called: {outcomes:?}"));
-        assert!(o.length < 512, "{call}: a {}-byte message", o.length);
+        let o = find(&outcomes, call);
         (o.code.as_str(), o.message.as_str())
     };
     assert_eq!(code_of("GetPluginInfo").0, "OK");
@@ -109,18 +146,9 @@ async fn grpc_go_dialled_as_the_kubelet_and_the_sidecars_is_served() {
         .args([&staging, &target])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the client failed: {stderr}");
-    let outcomes: Vec<GoOutcome> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let outcomes: Vec<GoOutcome> = outcomes(&out);
     let code_of = |call: &str| {
-        let o = outcomes
-            .iter()
-            .find(|o| o.call == call)
-            .unwrap_or_else(|| panic!("{call} not called: {outcomes:?}"));
-        assert!(o.length < 512, "{call}: a {}-byte message", o.length);
+        let o = find(&outcomes, call);
         (
             tonic::Code::from_i32(o.code),
             o.dial.as_str(),
