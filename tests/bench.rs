@@ -200,6 +200,35 @@ async fn every_scenario_runs_and_cleans_up() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The data path beside a native directory: every job on both sides, nothing left there.
+    let native = env.path("native");
+    std::fs::create_dir_all(&native).unwrap();
+    let r = bench(
+        &env,
+        &[
+            "io",
+            "--size",
+            "4Mi",
+            "--seconds",
+            "0.2",
+            "--engine",
+            "builtin",
+            "--native-dir",
+            &native,
+        ],
+    );
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{r}");
+    for row in rows {
+        assert!(row["native"]["iops"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ratio"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(
+            row["volume"]["cpu_busy_percent"].as_f64().is_some(),
+            "{row}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&native).unwrap().count(), 0);
+
     env.assert_clean();
     assert!(env.pool_entries().is_empty(), "{:?}", env.pool_entries());
     assert!(

@@ -1,7 +1,8 @@
 //! `strata bench io`: the data path. A fixed set of fio-style jobs (4 KiB random read and
 //! write at queue depth 32, 1 MiB sequential read and write at depth 8, direct I/O) on a file
 //! in a published volume and, in the same run, on a file in a directory of the pool's own
-//! filesystem, with the ratio. fio runs the jobs where it is installed; otherwise the
+//! filesystem, with the ratio (each job in the order volume, native, native, volume, so that
+//! drift weighs on both sides alike). fio runs the jobs where it is installed; otherwise the
 //! built-in native-AIO engine does.
 
 use std::fs::{self, File, OpenOptions};
@@ -30,7 +31,7 @@ pub struct IoArgs {
     /// Size of the file the jobs run on.
     #[arg(long, default_value = "1Gi", value_parser = parse_size)]
     pub size: u64,
-    /// Seconds per job.
+    /// Seconds per run of a job (with --native-dir, each job runs twice on each side).
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// A directory on the pool's filesystem, for the native figures (e.g. the pool).
@@ -219,26 +220,67 @@ fn fill(path: &Path, size: u64, block: bool) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn run_jobs(path: &Path, size: u64, seconds: f64, fio: bool) -> Result<Vec<Figures>, String> {
-    let mut out = vec![];
-    for (name, job) in JOBS {
-        let (before, start) = (cpu_ticks(), std::time::Instant::now());
-        let f = if fio {
-            with_fio(path, size, name, job, seconds)?
-        } else {
-            let file =
-                open_direct(path, false).map_err(|e| format!("open {}: {e}", path.display()))?;
-            let done = aio::run(&file, size, Job { seconds, ..job })
-                .map_err(|e| format!("{name} on {}: {e}", path.display()))?;
-            Figures {
-                iops: done.ios as f64 / done.seconds,
-                mib_per_second: done.bytes as f64 / done.seconds / (1 << 20) as f64,
-                ..Figures::default()
-            }
-        };
-        out.push(with_cpu(f, before, start.elapsed().as_secs_f64()));
+/// Runs one job on `path` (fio, or the built-in engine), with the CPU it cost.
+fn run_job(
+    path: &Path,
+    size: u64,
+    seconds: f64,
+    fio: bool,
+    index: usize,
+) -> Result<Figures, String> {
+    let (name, job) = JOBS[index];
+    let (before, start) = (cpu_ticks(), std::time::Instant::now());
+    let f = if fio {
+        with_fio(path, size, name, job, seconds)?
+    } else {
+        let file = open_direct(path, false).map_err(|e| format!("open {}: {e}", path.display()))?;
+        let done = aio::run(&file, size, Job { seconds, ..job })
+            .map_err(|e| format!("{name} on {}: {e}", path.display()))?;
+        Figures {
+            iops: done.ios as f64 / done.seconds,
+            mib_per_second: done.bytes as f64 / done.seconds / (1 << 20) as f64,
+            ..Figures::default()
+        }
+    };
+    Ok(with_cpu(f, before, start.elapsed().as_secs_f64()))
+}
+
+fn mean(runs: &[Figures]) -> Figures {
+    let n = runs.len().max(1) as f64;
+    let sum = |f: fn(&Figures) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    Figures {
+        iops: sum(|f| f.iops),
+        mib_per_second: sum(|f| f.mib_per_second),
+        cpu_busy_percent: sum(|f| f.cpu_busy_percent),
+        cpu_us_per_io: sum(|f| f.cpu_us_per_io),
     }
-    Ok(out)
+}
+
+/// Every job on the volume's file and, when there is one, on the native file. With both,
+/// each job runs in the order volume, native, native, volume and each side is the mean of
+/// its two runs: whatever drifts during a run (the host's caches, a virtual disk's burst
+/// allowance) then weighs on both sides alike, which running all of one side first did not.
+fn run_all(
+    volume: &Path,
+    native: Option<&Path>,
+    size: u64,
+    seconds: f64,
+    fio: bool,
+) -> Result<(Vec<Figures>, Option<Vec<Figures>>), String> {
+    let (mut on_volume, mut on_native) = (vec![], vec![]);
+    for i in 0..JOBS.len() {
+        let Some(native) = native else {
+            on_volume.push(run_job(volume, size, seconds, fio, i)?);
+            continue;
+        };
+        let v1 = run_job(volume, size, seconds, fio, i)?;
+        let n1 = run_job(native, size, seconds, fio, i)?;
+        let n2 = run_job(native, size, seconds, fio, i)?;
+        let v2 = run_job(volume, size, seconds, fio, i)?;
+        on_volume.push(mean(&[v1, v2]));
+        on_native.push(mean(&[n1, n2]));
+    }
+    Ok((on_volume, native.map(|_| on_native)))
 }
 
 pub async fn io(mut csi: Csi, run: &Run, args: IoArgs) -> Result<Outcome, String> {
@@ -278,18 +320,18 @@ pub async fn io(mut csi: Csi, run: &Run, args: IoArgs) -> Result<Outcome, String
         let (target, native) = (target.clone(), native.clone());
         move || -> Result<(Vec<Figures>, Option<Vec<Figures>>), String> {
             fill(&target, size, block).map_err(|e| format!("fill {}: {e}", target.display()))?;
-            let volume = run_jobs(&target, size, seconds, fio)?;
-            let native = match &native {
+            let filled = match &native {
                 Some(path) => {
-                    let r = fill(path, size, false)
-                        .map_err(|e| format!("fill {}: {e}", path.display()))
-                        .and_then(|()| run_jobs(path, size, seconds, fio));
-                    let _ = fs::remove_file(path);
-                    Some(r?)
+                    fill(path, size, false).map_err(|e| format!("fill {}: {e}", path.display()))
                 }
-                None => None,
+                None => Ok(()),
             };
-            Ok((volume, native))
+            let measured =
+                filled.and_then(|()| run_all(&target, native.as_deref(), size, seconds, fio));
+            if let Some(path) = &native {
+                let _ = fs::remove_file(path);
+            }
+            measured
         }
     })
     .await
