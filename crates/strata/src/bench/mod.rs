@@ -112,7 +112,7 @@ pub enum BenchCommand {
     /// machine hits both alike): every figure side by side, with the ratio B/A. The
     /// scenario's own options follow `--`.
     Compare {
-        /// lifecycle, churn, snapshot, group, fsgroup or scale.
+        /// lifecycle, churn, snapshot, group, fsgroup, io or scale.
         scenario: String,
         /// A, then B.
         #[arg(long = "endpoint", required = true)]
