@@ -10,6 +10,17 @@ use common::*;
 #[path = "common/minimal_csi.rs"]
 mod minimal_csi;
 
+/// `bench io` made short: a small file and a fraction of a second per job.
+const QUICK_IO: [&str; 7] = [
+    "io",
+    "--size",
+    "4Mi",
+    "--seconds",
+    "0.2",
+    "--engine",
+    "builtin",
+];
+
 fn bench(env: &TestEnv, args: &[&str]) -> serde_json::Value {
     bench_at(&env.path("csi.sock"), &env.path("bench"), args)
 }
@@ -203,20 +214,7 @@ async fn every_scenario_runs_and_cleans_up() {
     // The data path beside a native directory: every job on both sides, nothing left there.
     let native = env.path("native");
     std::fs::create_dir_all(&native).unwrap();
-    let r = bench(
-        &env,
-        &[
-            "io",
-            "--size",
-            "4Mi",
-            "--seconds",
-            "0.2",
-            "--engine",
-            "builtin",
-            "--native-dir",
-            &native,
-        ],
-    );
+    let r = bench(&env, &[&QUICK_IO[..], &["--native-dir", &native]].concat());
     let rows = r["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "{r}");
     for row in rows {
@@ -294,19 +292,7 @@ async fn every_scenario_adapts_to_what_the_driver_offers() {
             "{scenario}: {r}"
         );
     }
-    let r = bench_at(
-        &mini_socket,
-        &workdir,
-        &[
-            "io",
-            "--size",
-            "4Mi",
-            "--seconds",
-            "0.2",
-            "--engine",
-            "builtin",
-        ],
-    );
+    let r = bench_at(&mini_socket, &workdir, &QUICK_IO);
     assert_eq!(r["rows"].as_array().unwrap().len(), 4, "{r}");
     let r = bench_at(&mini_socket, &workdir, &["scale", "--volumes", "5"]);
     assert_eq!(calls(&r, "CreateVolume"), 5, "{r}");
