@@ -184,20 +184,8 @@ pub async fn group(mut csi: Csi, run: &Run, args: GroupArgs) -> Result<Outcome, 
         }
         None => true,
     };
-    for g in groups {
-        let step = group_step(&g);
-        timed(
-            run,
-            "DeleteVolumeGroupSnapshot",
-            csi.groups
-                .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-                    group_snapshot_id: g.group_snapshot_id,
-                    snapshot_ids: g.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
-                    secrets: Default::default(),
-                }),
-        )
-        .await?;
-        run.undone(&step);
+    for g in &groups {
+        run.undo_timed(&mut csi, group_step(g)).await?;
     }
     for m in mounted {
         tear_down(&mut csi, run, &offer, m).await?;

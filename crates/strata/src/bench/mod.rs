@@ -344,6 +344,15 @@ impl Run {
         first
     }
 
+    /// Undoes `step` as part of the measured run: timed under its RPC, then forgotten.
+    pub(crate) async fn undo_timed(&self, csi: &mut Csi, step: Step) -> Result<(), String> {
+        let start = Instant::now();
+        undo_step(csi, &step).await?;
+        self.record(step.undoing_rpc(), start.elapsed());
+        self.undone(&step);
+        Ok(())
+    }
+
     /// Undoes, newest first, everything the run made and did not undo itself; returns what
     /// could not be undone.
     pub(crate) async fn undo(&self, csi: &mut Csi) -> Vec<String> {
@@ -384,18 +393,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Step {
+    /// The RPC that undoes this step.
+    fn undoing_rpc(&self) -> &'static str {
+        match self {
+            Step::Published { .. } => "NodeUnpublishVolume",
+            Step::Staged { .. } => "NodeUnstageVolume",
+            Step::ControllerPublished { .. } => "ControllerUnpublishVolume",
+            Step::Volume(_) => "DeleteVolume",
+            Step::Snapshot(_) => "DeleteSnapshot",
+            Step::Group { .. } => "DeleteVolumeGroupSnapshot",
+        }
+    }
+}
+
+/// Calls the RPC that undoes `step` (and removes the staging directory an unstage leaves).
 async fn undo_step(csi: &mut Csi, step: &Step) -> Result<(), String> {
-    let (rpc, r) = match step.clone() {
-        Step::Published { volume_id, path } => (
-            "NodeUnpublishVolume",
-            csi.node
-                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                    volume_id,
-                    target_path: path,
-                })
-                .await
-                .map(drop),
-        ),
+    let r = match step.clone() {
+        Step::Published { volume_id, path } => csi
+            .node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id,
+                target_path: path,
+            })
+            .await
+            .map(drop),
         Step::Staged { volume_id, path } => {
             let r = csi
                 .node
@@ -405,53 +427,47 @@ async fn undo_step(csi: &mut Csi, step: &Step) -> Result<(), String> {
                 })
                 .await
                 .map(drop);
-            let _ = fs::remove_dir(&path);
-            ("NodeUnstageVolume", r)
+            if r.is_ok() {
+                let _ = fs::remove_dir(&path);
+            }
+            r
         }
-        Step::ControllerPublished { volume_id, node_id } => (
-            "ControllerUnpublishVolume",
-            csi.controller
-                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                    volume_id,
-                    node_id,
-                    secrets: Default::default(),
-                })
-                .await
-                .map(drop),
-        ),
-        Step::Volume(volume_id) => (
-            "DeleteVolume",
-            csi.controller
-                .delete_volume(csi::DeleteVolumeRequest {
-                    volume_id,
-                    secrets: Default::default(),
-                })
-                .await
-                .map(drop),
-        ),
-        Step::Snapshot(snapshot_id) => (
-            "DeleteSnapshot",
-            csi.controller
-                .delete_snapshot(csi::DeleteSnapshotRequest {
-                    snapshot_id,
-                    secrets: Default::default(),
-                })
-                .await
-                .map(drop),
-        ),
-        Step::Group { id, snapshot_ids } => (
-            "DeleteVolumeGroupSnapshot",
-            csi.groups
-                .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-                    group_snapshot_id: id,
-                    snapshot_ids,
-                    secrets: Default::default(),
-                })
-                .await
-                .map(drop),
-        ),
+        Step::ControllerPublished { volume_id, node_id } => csi
+            .controller
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id,
+                node_id,
+                secrets: Default::default(),
+            })
+            .await
+            .map(drop),
+        Step::Volume(volume_id) => csi
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id,
+                secrets: Default::default(),
+            })
+            .await
+            .map(drop),
+        Step::Snapshot(snapshot_id) => csi
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id,
+                secrets: Default::default(),
+            })
+            .await
+            .map(drop),
+        Step::Group { id, snapshot_ids } => csi
+            .groups
+            .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: id,
+                snapshot_ids,
+                secrets: Default::default(),
+            })
+            .await
+            .map(drop),
     };
-    r.map_err(|s| status_error(rpc, s))
+    r.map_err(|s| status_error(step.undoing_rpc(), s))
 }
 
 #[derive(Serialize)]
@@ -702,18 +718,7 @@ pub(crate) async fn create_volume(
 }
 
 pub(crate) async fn delete_volume(csi: &mut Csi, run: &Run, id: String) -> Result<(), String> {
-    let step = Step::Volume(id.clone());
-    timed(
-        run,
-        "DeleteVolume",
-        csi.controller.delete_volume(csi::DeleteVolumeRequest {
-            volume_id: id,
-            secrets: Default::default(),
-        }),
-    )
-    .await?;
-    run.undone(&step);
-    Ok(())
+    run.undo_timed(csi, Step::Volume(id)).await
 }
 
 /// CreateVolume of `size` bytes for `cap`, restored from `snapshot_id` when given.
@@ -826,21 +831,11 @@ pub(crate) async fn tear_down(
 ) -> Result<(), String> {
     unmount(csi, run, &m).await?;
     if offer.controller_publish {
-        timed(
-            run,
-            "ControllerUnpublishVolume",
-            csi.controller
-                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                    volume_id: m.id.clone(),
-                    node_id: offer.node_id.clone(),
-                    secrets: Default::default(),
-                }),
-        )
-        .await?;
-        run.undone(&Step::ControllerPublished {
+        let step = Step::ControllerPublished {
             volume_id: m.id.clone(),
             node_id: offer.node_id.clone(),
-        });
+        };
+        run.undo_timed(csi, step).await?;
     }
     delete_volume(csi, run, m.id).await
 }
@@ -869,51 +864,22 @@ pub(crate) async fn create_snapshot(
 }
 
 pub(crate) async fn delete_snapshot(csi: &mut Csi, run: &Run, id: String) -> Result<(), String> {
-    let step = Step::Snapshot(id.clone());
-    timed(
-        run,
-        "DeleteSnapshot",
-        csi.controller.delete_snapshot(csi::DeleteSnapshotRequest {
-            snapshot_id: id,
-            secrets: Default::default(),
-        }),
-    )
-    .await?;
-    run.undone(&step);
-    Ok(())
+    run.undo_timed(csi, Step::Snapshot(id)).await
 }
 
 /// Unpublishes and unstages a volume made usable by [`mount_existing`]; the volume stays.
 pub(crate) async fn unmount(csi: &mut Csi, run: &Run, m: &Mounted) -> Result<(), String> {
-    timed(
-        run,
-        "NodeUnpublishVolume",
-        csi.node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: m.id.clone(),
-                target_path: m.target.clone(),
-            }),
-    )
-    .await?;
-    run.undone(&Step::Published {
+    let published = Step::Published {
         volume_id: m.id.clone(),
         path: m.target.clone(),
-    });
+    };
+    run.undo_timed(csi, published).await?;
     if let Some(staging) = &m.staging {
-        timed(
-            run,
-            "NodeUnstageVolume",
-            csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: m.id.clone(),
-                staging_target_path: staging.clone(),
-            }),
-        )
-        .await?;
-        run.undone(&Step::Staged {
+        let staged = Step::Staged {
             volume_id: m.id.clone(),
             path: staging.clone(),
-        });
-        let _ = fs::remove_dir(staging);
+        };
+        run.undo_timed(csi, staged).await?;
     }
     Ok(())
 }
