@@ -198,18 +198,8 @@ async fn every_scenario_runs_and_cleans_up() {
     assert_eq!(r["files"], 300);
     assert!(r["second_stage_and_publish_ms"].as_f64().unwrap() > 0.0);
     // More files than the volume has inodes: the run fails and leaves no volume behind.
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["bench", "fsgroup", "--files", "20000", "--size", "32Mi"])
-        .args(["--workdir", &env.path("bench")])
-        .env("CSI_ENDPOINT", format!("unix://{}", env.path("csi.sock")))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("create 20000 files"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = failing_bench(&env, &["fsgroup", "--files", "20000", "--size", "32Mi"]);
+    assert!(err.contains("create 20000 files"), "{err}");
 
     // The data path beside a native directory: every job on both sides, nothing left there.
     let native = env.path("native");
