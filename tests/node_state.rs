@@ -857,13 +857,6 @@ where
     }
 }
 
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 /// A volume made usable as the kubelet does, every call retried until OK.
 struct Usable {
     id: String,

@@ -196,10 +196,7 @@ async fn overlapping_clients_get_spec_answers_and_leave_a_consistent_pool() {
             let mut codes: BTreeMap<String, usize> = BTreeMap::new();
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (client as u64 * 0x1234_5678);
             for _ in 0..OPS_PER_CLIENT {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let n = (rng % NAMES as u64) as usize;
+                let n = (xorshift(&mut rng) % NAMES as u64) as usize;
                 let name = format!("shared-{n}");
                 // Resolve the name to its current id, if any (another client may delete it).
                 let id = csi

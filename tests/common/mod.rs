@@ -600,6 +600,15 @@ pub fn node_expand_req(
 }
 
 /// Deterministic test data: `len` bytes that differ with `seed`.
+/// The next number of a xorshift64 sequence (seeded with anything but 0): cheap, repeatable
+/// randomness for tests.
+pub fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 pub fn payload(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)

@@ -123,10 +123,7 @@ pub fn run(file: &File, span: u64, job: Job) -> std::io::Result<Done> {
     let mut next_seq = 0u64;
     let mut offset = |rng: &mut u64| -> i64 {
         let block = if job.random {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            *rng % blocks
+            super::xorshift(rng) % blocks
         } else {
             let b = next_seq % blocks;
             next_seq += 1;

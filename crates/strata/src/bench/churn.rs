@@ -11,7 +11,7 @@ use crate::client::output::Format;
 
 use super::{
     LifecycleArgs, Mounted, Outcome, Report, Run, bring_up, create_snapshot, delete_snapshot,
-    offer, progress, tear_down, timed, write_data,
+    offer, progress, tear_down, timed, write_data, xorshift,
 };
 
 /// A mixed workload for `seconds`: each client creates, uses, snapshots and deletes its own
@@ -47,10 +47,7 @@ pub async fn churn(
             let mut n = 0;
             let result = async {
                 while Instant::now() < deadline && !run.stopped() {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    match rng % 4 {
+                    match xorshift(&mut rng) % 4 {
                         // Grow the working set up to 4 volumes per client.
                         0 | 1 if mine.len() < 4 => {
                             n += 1;

@@ -389,6 +389,15 @@ impl Run {
     }
 }
 
+/// The next number of a xorshift64 sequence (seeded with anything but 0): cheap, repeatable
+/// randomness for the workloads.
+pub(crate) fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
