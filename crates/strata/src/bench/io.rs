@@ -247,12 +247,12 @@ fn run_job(
 
 fn mean(runs: &[Figures]) -> Figures {
     let n = runs.len().max(1) as f64;
-    let sum = |f: fn(&Figures) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    let avg = |f: fn(&Figures) -> f64| runs.iter().map(f).sum::<f64>() / n;
     Figures {
-        iops: sum(|f| f.iops),
-        mib_per_second: sum(|f| f.mib_per_second),
-        cpu_busy_percent: sum(|f| f.cpu_busy_percent),
-        cpu_us_per_io: sum(|f| f.cpu_us_per_io),
+        iops: avg(|f| f.iops),
+        mib_per_second: avg(|f| f.mib_per_second),
+        cpu_busy_percent: avg(|f| f.cpu_busy_percent),
+        cpu_us_per_io: avg(|f| f.cpu_us_per_io),
     }
 }
 
