@@ -364,8 +364,12 @@ fn owner(path: &str) -> (u32, u32) {
     (m.gid(), m.mode())
 }
 
+/// Kubernetes' default fsGroupChangePolicy is `Always`, and the kubelet hands the group to
+/// Strata (VOLUME_MOUNT_GROUP) without saying which policy a pod has: the group is applied
+/// at every stage and publish, except when no pod can have changed the files since it last
+/// was (no read-write publish in between). Symlinks are never followed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pods_fsgroup_is_applied_once_per_group_and_never_through_a_symlink() {
+async fn the_pods_fsgroup_is_applied_whenever_a_pod_may_have_changed_the_files() {
     let mut env = TestEnv::start().await;
     let id = env.create("grouped", 32 * MIB, ext4()).await.volume_id;
     let (staging, target) = (env.path("staging"), env.path("target"));
@@ -380,26 +384,46 @@ async fn the_pods_fsgroup_is_applied_once_per_group_and_never_through_a_symlink(
     let (gid, mode) = owner(&target);
     assert_eq!(gid, 4321);
     assert_eq!(mode & 0o2070, 0o2070, "setgid and group rwx: {mode:o}");
-    // New files inherit the group (setgid); one given back to root stays so while the group
-    // does not change: the tree is not walked at every mount.
+    // The first pod: new files inherit the group (setgid); it gives one to another group
+    // (the e2e suite's `chgrp 2000 file1`) and makes a symlink to a host file.
     fs::write(format!("{target}/file"), b"x").unwrap();
     assert_eq!(owner(&format!("{target}/file")).0, 4321);
-    std::os::unix::fs::chown(format!("{target}/file"), Some(0), Some(0)).unwrap();
-    // A file outside the volume, reachable through a symlink the workload made.
+    std::os::unix::fs::chown(format!("{target}/file"), None, Some(2000)).unwrap();
     let outside = env.path("outside");
     fs::write(&outside, b"host file").unwrap();
     std::os::unix::fs::symlink(&outside, format!("{target}/link")).unwrap();
     env.unpublish(&id, &target).await.unwrap();
     env.unstage(&id, &staging).await.unwrap();
+    // The next pod with the same fsGroup: the pod may have changed the files, so they are
+    // walked again, as the kubelet's `Always` would.
+    env.stage(&id, &staging, with_group("4321")).await.unwrap();
+    assert_eq!(owner(&format!("{staging}/file")).0, 4321, "walked again");
+    assert_eq!(owner(&format!("{staging}/link")).0, 4321, "the link itself");
+    assert_eq!(owner(&outside).0, 0, "never through the symlink");
+    // No read-write publish since: a stage with the same group does not walk (the node's
+    // root changing a file by hand is not a pod).
+    std::os::unix::fs::chown(format!("{staging}/file"), None, Some(0)).unwrap();
+    env.unstage(&id, &staging).await.unwrap();
     env.stage(&id, &staging, with_group("4321")).await.unwrap();
     assert_eq!(owner(&format!("{staging}/file")).0, 0, "not walked again");
+    // A read-only publish lets no pod change anything: still not walked.
+    env.publish(&id, &staging, &target, with_group("4321"), true)
+        .await
+        .unwrap();
+    env.unpublish(&id, &target).await.unwrap();
+    env.unstage(&id, &staging).await.unwrap();
+    env.stage(&id, &staging, with_group("4321")).await.unwrap();
+    assert_eq!(
+        owner(&format!("{staging}/file")).0,
+        0,
+        "not walked after a ro publish"
+    );
     // Another group: walked once more.
     env.unstage(&id, &staging).await.unwrap();
     env.stage(&id, &staging, with_group("5678")).await.unwrap();
     let (gid, mode) = owner(&format!("{staging}/file"));
     assert_eq!(gid, 5678);
     assert_eq!(mode & 0o060, 0o060, "group read-write");
-    assert_eq!(owner(&format!("{staging}/link")).0, 5678, "the link itself");
     assert_eq!(owner(&outside).0, 0, "never through the symlink");
     env.unstage(&id, &staging).await.unwrap();
     env.assert_clean();

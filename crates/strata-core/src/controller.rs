@@ -187,6 +187,7 @@ impl Driver {
                 // A copy's files keep their groups, but nothing records which: the first
                 // stage with a group walks the tree once.
                 mount_group: None,
+                mount_group_current: false,
             };
             self.store.commit_create(&staging, record)
         });

@@ -249,6 +249,11 @@ pub struct VolumeRecord {
     /// done once per group change, not at every mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_group: Option<u32>,
+    /// The files still carry `mount_group` as it was applied: no read-write publish has let
+    /// a pod change them since. Only then may a stage or publish skip the walk (Kubernetes'
+    /// default fsGroupChangePolicy, `Always`). Records written before it read as false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mount_group_current: bool,
 }
 
 /// What a new volume's data is copied from.
@@ -419,6 +424,7 @@ mod tests {
             content_source: None,
             resize_pending: false,
             mount_group: None,
+            mount_group_current: false,
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert!(

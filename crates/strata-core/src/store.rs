@@ -568,6 +568,7 @@ mod tests {
             content_source: None,
             resize_pending: false,
             mount_group: None,
+            mount_group_current: false,
         }
     }
 

@@ -122,6 +122,18 @@ fn is_id(prefix: &str, id: &str) -> bool {
     })
 }
 
+/// Whether `handle` could name an inline ephemeral volume (the kubelet's handle, which
+/// Strata keeps as the volume's name): 1 to 128 bytes of letters, digits, '-', '_' and '.',
+/// starting with a letter or digit. The kubelet's are `csi-` and 64 hex digits.
+pub fn is_inline_handle(handle: &str) -> bool {
+    !handle.is_empty()
+        && handle.len() <= MAX_STRING_BYTES
+        && handle.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && handle
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 pub fn new_volume_id() -> String {
     new_id(VOLUME_ID_PREFIX)
 }

@@ -47,6 +47,12 @@ pub fn is_ephemeral(context: &BTreeMap<String, String>) -> bool {
 impl Driver {
     pub fn publish_ephemeral(&self, req: EphemeralVolume) -> Result<()> {
         let handle = validate::required_str("volume_id", &req.handle)?;
+        if !validate::is_inline_handle(handle) {
+            return Err(Error::InvalidArgument(format!(
+                "volume_id {} cannot name an inline volume: use letters, digits, '-', '_' and '.', starting with a letter or digit",
+                echo(handle)
+            )));
+        }
         // Checked before anything is made.
         let target = self.node_path("target_path", &req.target_path)?;
         if req.read_only {
@@ -54,7 +60,12 @@ impl Driver {
                 "a read-only inline volume would always be empty: drop readOnly, or use a PersistentVolumeClaim".into(),
             ));
         }
-        let AccessType::Mount { mount_flags, .. } = &req.capability.access_type else {
+        let AccessType::Mount {
+            mount_flags,
+            volume_mount_group,
+            ..
+        } = &req.capability.access_type
+        else {
             return Err(Error::InvalidArgument(
                 "inline volumes are filesystems; a raw block inline volume is not offered".into(),
             ));
@@ -84,7 +95,8 @@ impl Driver {
             access_type: AccessType::Mount {
                 fs_type,
                 mount_flags: mount_flags.clone(),
-                volume_mount_group: String::new(),
+                // The pod's fsGroup: a fresh filesystem's root must be writable to it.
+                volume_mount_group: volume_mount_group.clone(),
             },
             access_mode: AccessMode::SingleNodeWriter,
         };

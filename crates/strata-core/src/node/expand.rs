@@ -18,6 +18,8 @@ impl Driver {
         volume_path: &str,
         range: CapacityRange,
     ) -> Result<u64> {
+        crate::validate::required_str("volume_id", volume_id)?;
+        super::required_volume_path(volume_path)?;
         let record = self.volume(volume_id)?;
         let volume_path = self.volume_path(volume_id, volume_path)?;
         let _guard = self.guard(volume_id)?;

@@ -55,9 +55,7 @@ impl Driver {
     /// cannot hold the volume: NOT_FOUND, as the spec's tables say for a volume that is not
     /// at the path.
     pub(crate) fn volume_path(&self, volume_id: &str, raw: &str) -> Result<CheckedPath> {
-        if raw.is_empty() {
-            return Err(Error::InvalidArgument("volume_path is required".into()));
-        }
+        required_volume_path(raw)?;
         self.node_path("volume_path", raw)
             .map_err(|_| not_at(volume_id, raw))
     }
@@ -98,6 +96,15 @@ impl Driver {
             }
         }
     }
+}
+
+/// The argument checks of NodeGetVolumeStats and NodeExpandVolume, made before the volume
+/// is looked up: both fields are required.
+pub(crate) fn required_volume_path(raw: &str) -> Result<()> {
+    if raw.is_empty() {
+        return Err(Error::InvalidArgument("volume_path is required".into()));
+    }
+    Ok(())
 }
 
 pub(crate) fn not_at(volume_id: &str, path: &str) -> Error {
@@ -361,5 +368,133 @@ mod tests {
         let groups: Vec<u32> = f.fake.lock().groups.iter().map(|(_, g)| *g).collect();
         assert_eq!(groups, vec![100, 200]);
         assert_eq!(f.driver.volume(&id).unwrap().mount_group, Some(200));
+        // A read-write publish may let a pod change the files: every stage or publish with
+        // a group walks again after it (fsGroupChangePolicy `Always`), even the same group.
+        let publish_as = |target: &str, gid: &str, read_only: bool| {
+            f.driver.publish_volume(PublishVolume {
+                volume_id: id.clone(),
+                staging_path: "/stage".into(),
+                target_path: target.into(),
+                capability: grouped(gid),
+                read_only,
+            })
+        };
+        let walks = || f.fake.lock().groups.len();
+        publish_as("/t1", "200", true).unwrap();
+        assert_eq!(
+            walks(),
+            2,
+            "current, and a read-only publish changes nothing"
+        );
+        f.driver.unpublish_volume(&id, "/t1").unwrap();
+        publish_as("/t1", "200", false).unwrap();
+        assert_eq!(
+            walks(),
+            2,
+            "still current when the read-write publish starts"
+        );
+        assert!(!f.driver.volume(&id).unwrap().mount_group_current);
+        f.driver.unpublish_volume(&id, "/t1").unwrap();
+        publish_as("/t2", "200", false).unwrap();
+        assert_eq!(walks(), 3, "a pod may have written since: walked again");
+        f.driver.unpublish_volume(&id, "/t2").unwrap();
+        f.driver.unstage_volume(&id, "/stage").unwrap();
+        stage_as("200").unwrap();
+        assert_eq!(walks(), 4);
+        stage_as("200").unwrap();
+        assert_eq!(walks(), 4, "nothing could write in between");
+    }
+
+    #[test]
+    fn node_calls_check_their_arguments_before_looking_the_volume_up() {
+        let f = fixture();
+        let missing = "vol-000000000000000000000000";
+        // NodeGetVolumeStats and NodeExpandVolume: both fields are required.
+        assert!(matches!(
+            f.driver.volume_stats(missing, ""),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            f.driver.volume_stats("", "/stage"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            f.driver
+                .node_expand_volume(missing, "", crate::model::CapacityRange::default()),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            f.driver.volume_stats(missing, "/stage"),
+            Err(Error::NotFound(_))
+        ));
+        // Stage and publish: a bad path, group or capability before the lookup.
+        let bad_group = {
+            let mut cap = mount(AccessMode::SingleNodeWriter);
+            if let crate::model::AccessType::Mount {
+                volume_mount_group, ..
+            } = &mut cap.access_type
+            {
+                *volume_mount_group = "staff".into();
+            }
+            cap
+        };
+        for (staging, cap) in [
+            ("", mount(AccessMode::SingleNodeWriter)),
+            ("relative", mount(AccessMode::SingleNodeWriter)),
+            ("/stage", bad_group.clone()),
+        ] {
+            let r = f.driver.stage_volume(StageVolume {
+                volume_id: missing.into(),
+                staging_path: staging.into(),
+                capability: cap.clone(),
+            });
+            assert!(
+                matches!(r, Err(Error::InvalidArgument(_))),
+                "{staging}: {r:?}"
+            );
+            let r = f.driver.publish_volume(PublishVolume {
+                volume_id: missing.into(),
+                staging_path: "/stage".into(),
+                target_path: if staging == "/stage" { "/t" } else { staging }.into(),
+                capability: cap,
+                read_only: false,
+            });
+            assert!(
+                matches!(r, Err(Error::InvalidArgument(_))),
+                "{staging}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_id_strata_could_never_have_issued_is_not_found_at_unpublish() {
+        let f = fixture();
+        for id in ["../../etc/passwd", "a/b", "/", ".", "..", "-x", "a b"] {
+            assert!(
+                matches!(f.driver.unpublish_volume(id, "/t"), Err(Error::NotFound(_))),
+                "{id}"
+            );
+        }
+        // Well-formed ids at paths Strata never used stay OK (the kubelet retries):
+        // a finished inline volume's handle, and a volume id outside the allowed paths.
+        f.driver
+            .unpublish_volume("csi-0123456789abcdef", "/t")
+            .unwrap();
+        let id = create(&f.driver);
+        f.driver.unpublish_volume(&id, "/t").unwrap();
+        // An inline publish refuses such a handle before making anything.
+        let r = f.driver.publish_ephemeral(EphemeralVolume {
+            handle: "../x".into(),
+            target_path: "/t".into(),
+            attributes: [(
+                super::ephemeral::EPHEMERAL_KEY.to_owned(),
+                "true".to_owned(),
+            )]
+            .into(),
+            capability: mount(AccessMode::SingleNodeWriter),
+            read_only: false,
+        });
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        assert_eq!(f.driver.volume_count(), 1);
     }
 }

@@ -2,50 +2,53 @@
 
 use crate::attachment::{is_device_node_mount, is_node_bind, shows};
 use crate::backend::Attachment;
-use crate::driver::Driver;
+use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
-use crate::model::AccessType;
+use crate::model::{AccessType, VolumeRecord};
 use crate::os::{Create, MountEntry, MountOptions, NodePath};
 use crate::validate::bounded_display;
 
 use super::PublishVolume;
 
 impl Driver {
+    /// NodePublishVolume: the request's own fields are checked first, then the volume is
+    /// looked up; one guard covers the bind and the group walk.
     pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
-        let group = super::stage::mount_group(&req.capability)?;
-        let (volume_id, staging) = (req.volume_id.clone(), req.staging_path.clone());
-        self.bind_published(req)?;
-        // The kubelet passes the pod's fsGroup here too: a group changed since the stage is
-        // applied on the staged filesystem, which the publish shows.
-        match group {
-            Some(gid) => {
-                let staging = self.node_path("staging_target_path", &staging)?;
-                self.ensure_mount_group(&volume_id, &staging, gid)
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// NodePublishVolume's work, before any group is applied.
-    fn bind_published(&self, req: PublishVolume) -> Result<()> {
+        crate::validate::required_str("volume_id", &req.volume_id)?;
         let target = self.node_path("target_path", &req.target_path)?;
         let staging = match req.staging_path.as_str() {
             "" => None,
             raw => Some(self.node_path("staging_target_path", raw)?),
         };
-        let _guard = self.guard(&req.volume_id)?;
-        let _path = self.path_guard(&target)?;
-        let record = self.volume(&req.volume_id)?;
+        let group = super::stage::mount_group(&req.capability)?;
         self.check_node_capability(&req.capability)?;
+        let requested = match &req.capability.access_type {
+            AccessType::Mount { mount_flags, .. } => MountOptions::parse(mount_flags)?,
+            AccessType::Block => MountOptions::default(),
+        };
         let Some(staging) = &staging else {
             return Err(Error::FailedPrecondition(
                 "staging_target_path is required: call NodeStageVolume first".into(),
             ));
         };
-        let requested = match &req.capability.access_type {
-            AccessType::Mount { mount_flags, .. } => MountOptions::parse(mount_flags)?,
-            AccessType::Block => MountOptions::default(),
-        };
+        let _guard = self.guard(&req.volume_id)?;
+        let _path = self.path_guard(&target)?;
+        let record = self.volume(&req.volume_id)?;
+        self.bind_published(&req, record, &target, staging, requested, group)
+    }
+
+    /// NodePublishVolume's work; the caller holds the guards. The pod's fsGroup (the
+    /// kubelet passes it here too) is applied on the staged filesystem before the bind, and
+    /// a read-write bind is recorded as one through which the files may change.
+    fn bind_published(
+        &self,
+        req: &PublishVolume,
+        record: VolumeRecord,
+        target: &CheckedPath,
+        staging: &CheckedPath,
+        requested: MountOptions,
+        group: Option<u32>,
+    ) -> Result<()> {
         let dir = self.store.dir(&record.id);
         let not_staged = || {
             Error::FailedPrecondition(format!(
@@ -55,7 +58,7 @@ impl Driver {
             ))
         };
         // Opened first: a target that passes through a symlink is refused before anything.
-        let at_target = self.mount_at(&target)?.and_then(|(_, m)| m);
+        let at_target = self.mount_at(target)?.and_then(|(_, m)| m);
         let owners = self.owners(&dir)?;
         let att = owners.attachment.clone().ok_or_else(not_staged)?;
         // One read of the mount table: every mount of the volume, its read-only devices too.
@@ -145,7 +148,7 @@ impl Driver {
                 };
                 self.host.loops.hold(dev)?.ok_or_else(not_staged)?
             };
-            let target_node = self.create_node(&target, Create::File)?;
+            let target_node = self.create_node(target, Create::File)?;
             self.crash.reach("publish:before-bind");
             let bound = self.host.mounter.bind(
                 &NodePath::trusted(&device.device.path),
@@ -160,7 +163,13 @@ impl Driver {
         let (staged_node, staged) = staged_mount.ok_or_else(not_staged)?;
         // The stage's own flags (noexec...) stay on every publish of it.
         let flags = flags.with(&MountOptions::from_names(&staged.options));
-        let target_node = self.create_node(&target, Create::Directory)?;
+        if let Some(gid) = group {
+            self.apply_mount_group(&record.id, staging, gid)?;
+        }
+        if !read_only {
+            self.may_be_written(&record.id)?;
+        }
+        let target_node = self.create_node(target, Create::Directory)?;
         self.crash.reach("publish:before-bind");
         self.host.mounter.bind(&staged_node, &target_node, &flags)
     }
@@ -168,11 +177,20 @@ impl Driver {
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &str) -> Result<()> {
         // An inline volume is named by the kubelet's handle, never a Strata id.
         if !volume_id.is_empty() && !crate::validate::is_volume_id(volume_id) {
+            crate::validate::absolute_path("target_path", target_path)?;
+            if !crate::validate::is_inline_handle(volume_id) {
+                // Neither an id Strata issues nor a handle it accepts for an inline volume
+                // (`..`, `a/b`, `/`...): no such volume can exist.
+                return Err(Error::NotFound(format!(
+                    "volume {} does not exist: it is neither a Strata volume id nor an inline volume handle",
+                    crate::validate::echo(volume_id)
+                )));
+            }
             return match self.ephemeral_record(volume_id) {
                 Some(record) => self.unpublish_ephemeral(&record, target_path),
                 // No Strata volume has such an id, and no inline volume that handle: an
                 // inline volume whose unpublish finished already (the kubelet retries).
-                None => crate::validate::absolute_path("target_path", target_path).map(drop),
+                None => Ok(()),
             };
         }
         let Some(target) = self.undo_path("target_path", volume_id, target_path)? else {

@@ -31,17 +31,19 @@ pub(crate) fn mount_group(cap: &Capability) -> Result<Option<u32>> {
 }
 
 impl Driver {
-    /// Gives the volume's files to `gid` where it is mounted at `path`, unless the record
-    /// says that was done last (the walk costs time with every file a volume holds).
-    pub(crate) fn ensure_mount_group(
+    /// Gives the volume's files to `gid` where it is mounted at `path`. The caller holds the
+    /// volume's guard. Kubernetes' default fsGroupChangePolicy is `Always` and the kubelet
+    /// does not say which policy a pod has, so the walk is skipped only when the record
+    /// shows it is provably unneeded: the same group was applied last, and no read-write
+    /// publish has let a pod change the files since (see [`Driver::may_be_written`]).
+    pub(crate) fn apply_mount_group(
         &self,
         volume_id: &str,
         path: &CheckedPath,
         gid: u32,
     ) -> Result<()> {
-        let _guard = self.guard(volume_id)?;
         let mut record = self.volume(volume_id)?;
-        if record.mount_group == Some(gid) {
+        if record.mount_group == Some(gid) && record.mount_group_current {
             return Ok(());
         }
         let Some((node, Some(mount))) = self.mount_at(path)? else {
@@ -60,31 +62,50 @@ impl Driver {
             .filesystems
             .apply_group(&root.kernel_path(), gid)?;
         record.mount_group = Some(gid);
+        record.mount_group_current = true;
         self.store.update(record)?;
         tracing::info!(volume_id, gid, changed, "volume mount group applied");
         Ok(())
     }
 
+    /// Records, before a read-write publish hands the volume to a pod, that its files may
+    /// change from now on: the next stage or publish with a group walks them again.
+    pub(crate) fn may_be_written(&self, volume_id: &str) -> Result<()> {
+        let mut record = self.volume(volume_id)?;
+        if record.mount_group_current {
+            record.mount_group_current = false;
+            self.store.update(record)?;
+        }
+        Ok(())
+    }
+
+    /// NodeStageVolume: the request's own fields are checked first, then the volume is
+    /// looked up; one guard covers the whole stage, the group walk included, so a racing
+    /// unstage waits (ABORTED) instead of pulling the mount from under the walk.
     pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
-        let group = mount_group(&req.capability)?;
-        let volume_id = req.volume_id.clone();
+        crate::validate::required_str("volume_id", &req.volume_id)?;
         let staging = self.node_path("staging_target_path", &req.staging_path)?;
-        self.stage_filesystem(req)?;
+        let group = mount_group(&req.capability)?;
+        self.check_node_capability(&req.capability)?;
+        let _guard = self.guard(&req.volume_id)?;
+        let _path = self.path_guard(&staging)?;
+        let record = self.volume(&req.volume_id)?;
+        self.stage_filesystem(record, &req.capability, &staging)?;
         match group {
-            Some(gid) => self.ensure_mount_group(&volume_id, &staging, gid),
+            Some(gid) => self.apply_mount_group(&req.volume_id, &staging, gid),
             None => Ok(()),
         }
     }
 
-    /// NodeStageVolume's work, before any group is applied.
-    fn stage_filesystem(&self, req: StageVolume) -> Result<()> {
-        let staging = self.node_path("staging_target_path", &req.staging_path)?;
-        let _guard = self.guard(&req.volume_id)?;
-        let _path = self.path_guard(&staging)?;
-        let record = self.volume(&req.volume_id)?;
-        self.check_node_capability(&req.capability)?;
+    /// NodeStageVolume's work, before any group is applied; the caller holds the guards.
+    fn stage_filesystem(
+        &self,
+        record: VolumeRecord,
+        capability: &Capability,
+        staging: &CheckedPath,
+    ) -> Result<()> {
         let dir = self.store.dir(&record.id);
-        let existing = self.mount_at(&staging)?.and_then(|(_, m)| m);
+        let existing = self.mount_at(staging)?.and_then(|(_, m)| m);
 
         // Checked before attaching, so a refused stage leaves no loop device behind.
         let current = self.backend.attachment(&dir)?;
@@ -99,7 +120,7 @@ impl Driver {
                 bounded_display(Path::new(&other.source))
             )));
         }
-        let for_mount = !req.capability.is_block();
+        let for_mount = !capability.is_block();
         // Held from here until the mount holds the device: nobody can detach it and hand it
         // to another volume while it is probed, formatted and mounted.
         let attached = self.backend.attach(&dir, for_mount)?;
@@ -109,7 +130,7 @@ impl Driver {
             fs_type,
             mount_flags,
             ..
-        } = &req.capability.access_type
+        } = &capability.access_type
         else {
             // Raw block: staged means attached; publish binds the device node.
             if let Some(m) = &existing {
@@ -153,7 +174,7 @@ impl Driver {
         let dev = match &att {
             Attachment::Device(dev) => dev.clone(),
             Attachment::Directory(src) => {
-                let target = self.create_node(&staging, Create::Directory)?;
+                let target = self.create_node(staging, Create::Directory)?;
                 return self.host.mounter.bind(
                     &NodePath::trusted(&src.path),
                     &target,
@@ -169,7 +190,7 @@ impl Driver {
                 "xfs" => Ok(()),
                 _ => self.grow_if_pending(&id, &dev.path, None, fs_type),
             })
-            .and_then(|()| self.create_node(&staging, Create::Directory))
+            .and_then(|()| self.create_node(staging, Create::Directory))
             .and_then(|target| {
                 self.host
                     .mounter

@@ -15,6 +15,8 @@ pub enum Usage {
 
 impl Driver {
     pub fn volume_stats(&self, volume_id: &str, volume_path: &str) -> Result<VolumeStats> {
+        crate::validate::required_str("volume_id", volume_id)?;
+        super::required_volume_path(volume_path)?;
         let record = self.volume(volume_id)?;
         let volume_path = self.volume_path(volume_id, volume_path)?;
         let dir = self.store.dir(&record.id);
