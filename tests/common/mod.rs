@@ -69,7 +69,7 @@ pub fn kernel_state_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
 /// slowed-down copies of mkfs or resize2fs there).
 pub const TOOLS_DIR: &str = "slow-bin";
 
-fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
+pub fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -217,6 +217,29 @@ impl TestEnv {
         let mut child = spawn(self.dir.path(), &self.args, crash_at);
         self.csi = wait_for(&self.dir.path().join("csi.sock"), &mut child).await;
         self.child = Some(child);
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts a second server on the same socket and pool, with the same arguments, while
+    /// the first may still run (as a rolling update does); see [`TestEnv::adopt`].
+    pub fn spawn_successor(&self, extra: &[&str]) -> Child {
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        spawn(self.dir.path(), &args, None)
+    }
+
+    /// Makes `child` the server this environment stops and cleans up after, once the
+    /// previous one has exited.
+    pub async fn adopt(&mut self, mut child: Child) {
+        self.csi = wait_for(&self.dir.path().join("csi.sock"), &mut child).await;
+        if let Some(mut old) = self.child.replace(child) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
     }
 
     /// Kills the server with SIGKILL, as a crash does.

@@ -95,6 +95,11 @@ pub struct ServeOptions {
     /// Serve a liveness check at http://ADDRESS/healthz (may equal --metrics-address).
     #[arg(long)]
     pub health_address: Option<SocketAddr>,
+    /// How long a starting server waits, in seconds, for the pool's lock while another
+    /// server holds it (the previous one finishing its in-flight calls after SIGTERM, as in
+    /// a rolling update); past it the server exits with an error. 0: do not wait.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub pool_lock_timeout: u64,
     /// Test-only crash point (environment STRATA_CRASH_AT).
     #[arg(skip)]
     pub crash_at: Option<String>,
@@ -145,6 +150,9 @@ impl ServeOptions {
                 self.driver_name
             ));
         }
+        if let Endpoint::Unix(path) = &self.endpoint {
+            check_socket_path(path)?;
+        }
         if self.max_volumes < 0 {
             return Err("--max-volumes must be 0 (no limit) or more".into());
         }
@@ -188,27 +196,130 @@ impl ServeOptions {
     }
 }
 
+/// The longest unix socket path: `sun_path` holds 108 bytes, the last one its NUL.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// Checks, before anything is made, that a unix socket can be bound at `path`: short
+/// enough for `sun_path`, in a directory that exists and that this process may write.
+fn check_socket_path(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH_BYTES {
+        return Err(format!(
+            "--endpoint: the socket path is {len} bytes; a unix socket path may be at most {MAX_SOCKET_PATH_BYTES} bytes (sun_path): choose a shorter one"
+        ));
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| "--endpoint: the socket path names no directory".to_owned())?;
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(format!("--endpoint: {} is not a directory", dir.display()));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "--endpoint: the socket's directory {} does not exist; create it first",
+                dir.display()
+            ));
+        }
+        Err(e) => return Err(format!("--endpoint: {}: {e}", dir.display())),
+    }
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| "--endpoint: the socket path contains NUL".to_owned())?;
+    // SAFETY: access(2) on a NUL-terminated path we own.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(format!(
+            "--endpoint: the socket's directory {} is not writable: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// The pool directory, locked (`flock`) for the life of the process: one server per pool.
 pub struct PoolLock {
     _dir: fs::File,
 }
 
-/// Takes the pool's lock, or fails at once when another server holds it.
-pub fn lock_pool(dir: &Path) -> Result<PoolLock, String> {
+/// Tries the pool's lock once: `None` when another process holds it.
+fn try_lock(dir: &Path) -> Result<Option<PoolLock>, String> {
     let file = fs::File::open(dir).map_err(|e| format!("open pool {}: {e}", dir.display()))?;
     // SAFETY: flock on a descriptor we own; LOCK_NB makes it fail instead of waiting.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            format!(
-                "pool {} is in use by another strata server; stop it first (one server per pool)",
-                dir.display()
-            )
+        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
         } else {
-            format!("lock pool {}: {e}", dir.display())
-        });
+            Err(format!("lock pool {}: {e}", dir.display()))
+        };
     }
-    Ok(PoolLock { _dir: file })
+    Ok(Some(PoolLock { _dir: file }))
+}
+
+/// Who holds the pool's lock, as the kernel's lock table (`/proc/locks`) tells it: the
+/// process id, in this process's pid namespace, if it is visible there.
+fn lock_holder(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).ok()?;
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let table = fs::read_to_string("/proc/locks").ok()?;
+    table.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" before FLOCK.
+        let fields: Vec<&str> = line.split_whitespace().take(6).collect();
+        let [_, "FLOCK", _, _, pid, file] = fields.as_slice() else {
+            return None;
+        };
+        let mut id = file.split(':');
+        let ours = u32::from_str_radix(id.next()?, 16).ok()? == major
+            && u32::from_str_radix(id.next()?, 16).ok()? == minor
+            && id.next()?.parse::<u64>().ok()? == meta.ino();
+        ours.then(|| pid.parse().ok()).flatten()
+    })
+}
+
+fn pool_in_use(dir: &Path, holder: Option<u32>) -> String {
+    format!(
+        "pool {} is in use by another strata server{}; stop it first (one server per pool)",
+        dir.display(),
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )
+}
+
+/// Takes the pool's lock, or fails at once when another server holds it.
+pub fn lock_pool(dir: &Path) -> Result<PoolLock, String> {
+    try_lock(dir)?.ok_or_else(|| pool_in_use(dir, lock_holder(dir)))
+}
+
+/// Takes the pool's lock, waiting up to `timeout` while another server holds it: a new
+/// server started while the previous one finishes its in-flight calls serves as soon as
+/// that one is gone, instead of exiting and leaving the node unserved.
+pub fn lock_pool_waiting(dir: &Path, timeout: Duration) -> Result<PoolLock, String> {
+    let deadline = Instant::now() + timeout;
+    let mut logged = false;
+    loop {
+        if let Some(lock) = try_lock(dir)? {
+            if logged {
+                tracing::info!(pool = %dir.display(), "the other server is gone; pool locked");
+            }
+            return Ok(lock);
+        }
+        let holder = lock_holder(dir);
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{}; waited {} s (--pool-lock-timeout)",
+                pool_in_use(dir, holder),
+                timeout.as_secs()
+            ));
+        }
+        if !logged {
+            tracing::warn!(pool = %dir.display(), holder_pid = holder, timeout_s = timeout.as_secs(),
+                "another strata server holds the pool (finishing its calls?); waiting for it to exit");
+            logged = true;
+        }
+        std::thread::sleep(Duration::from_millis(50).min(deadline - Instant::now()));
+    }
 }
 
 /// `strata pool release`: with the pool locked (no server on it), unmounts its image's
@@ -252,7 +363,7 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), S
         .map_err(|e| format!("create pool {}: {e}", opts.pool.display()))?;
     let dir = fs::canonicalize(&opts.pool)
         .map_err(|e| format!("resolve pool {}: {e}", opts.pool.display()))?;
-    let lock = lock_pool(&dir)?;
+    let lock = lock_pool_waiting(&dir, Duration::from_secs(opts.pool_lock_timeout))?;
     let host = Host::linux();
     let pool = match opts.pool_image {
         Some(size) => mount_pool_image(&host, &dir, size)
@@ -390,9 +501,12 @@ fn bind_socket(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnedSo
     let parent = path
         .parent()
         .ok_or_else(|| format!("{} has no parent directory", path.display()))?;
-    fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
-    let private = parent.join(format!(".strata-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&private);
+    // A name no other process uses: only what this process made is removed below.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let private = parent.join(format!(".strata-{}-{nanos:08x}", std::process::id()));
     fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
@@ -460,6 +574,16 @@ pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<(), String> {
+    opts.validate()?;
+    // A TCP address that cannot be bound fails now, before the pool is touched.
+    let tcp = match &opts.endpoint {
+        Endpoint::Tcp(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| format!("--endpoint: cannot listen on tcp://{addr}: {e}"))?,
+        ),
+        Endpoint::Unix(_) => None,
+    };
     let (driver, startup, _pool_lock) = open_driver(&opts)?;
     let driver = Arc::new(driver);
     let metrics = Metrics::new(&opts.driver_name);
@@ -480,9 +604,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             result
         }
         Endpoint::Tcp(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("bind {addr}: {e}"))?;
+            let listener = tcp
+                .map(TcpListener::from_std)
+                .transpose()
+                .map_err(|e| format!("listen on {addr}: {e}"))?
+                .ok_or_else(|| format!("no listener for {addr}"))?;
             serve_until_stopped(router, TcpListenerStream::new(listener)).await
         }
     };
