@@ -388,3 +388,73 @@ async fn an_attacker_flipping_the_target_never_gets_a_mount_outside() {
     env.unstage(&id, &staging).await.unwrap();
     env.assert_clean();
 }
+
+/// The header block of the HPACK amplification attack: a 4,000-byte literal entered into
+/// the dynamic table, then a million one-byte references to it (about 1 MB on the wire,
+/// 4 GB decoded), as HEADERS and CONTINUATION frames of the protocol's size, after the
+/// client preface and an empty SETTINGS.
+fn amplifying_connection() -> Vec<u8> {
+    let mut block = vec![0x40, 0x01, b'x', 0x7f];
+    // 4000 - 127 as an HPACK integer continuation (7-bit prefix all ones).
+    let mut rest = 4000 - 127;
+    while rest >= 0x80 {
+        block.push((rest & 0x7f) as u8 | 0x80);
+        rest >>= 7;
+    }
+    block.push(rest as u8);
+    block.extend(std::iter::repeat_n(b'v', 4000));
+    block.extend(std::iter::repeat_n(0xbe, 1_000_000));
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    wire.extend([0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    let chunks: Vec<&[u8]> = block.chunks(16_384).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let kind = if i == 0 { 0x1 } else { 0x9 };
+        let flags = if i + 1 == chunks.len() { 0x4 } else { 0 };
+        let len = chunk.len();
+        wire.extend([(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+        wire.extend(1u32.to_be_bytes());
+        wire.extend_from_slice(chunk);
+    }
+    wire
+}
+
+/// The server's peak resident memory, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_that_expands_without_bound_ends_the_connection_not_the_server() {
+    use std::io::{Read, Write};
+    let mut env = TestEnv::start().await;
+    let pid = env.pid().unwrap();
+    let wire = amplifying_connection();
+    for _ in 0..3 {
+        let mut s = std::os::unix::net::UnixStream::connect(env.path("csi.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // The server may hang up before it has read everything: that is the point.
+        let _ = s.write_all(&wire);
+        let mut answer = Vec::new();
+        let ended = s.read_to_end(&mut answer);
+        assert!(
+            ended.is_ok()
+                || ended
+                    .as_ref()
+                    .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+            "the connection is closed, not left hanging: {ended:?}"
+        );
+    }
+    let peak = peak_rss_kib(pid);
+    assert!(peak < 50 * 1024, "peak RSS {peak} KiB");
+    env.csi
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .expect("the server still serves");
+    assert_eq!(env.pid(), Some(pid));
+}

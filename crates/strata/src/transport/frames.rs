@@ -29,9 +29,10 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// Every HTTP/2 peer accepts frames of this size (the protocol's minimum maximum).
 const MAX_FRAME: usize = 16_384;
-/// The largest header block (all its frames) the rewriter holds; hyper's own limit on a
-/// request's headers is far below it.
-const MAX_BLOCK: usize = 1 << 20;
+/// The largest header block (all its frames) the rewriter holds: what the largest header
+/// list it decodes ([`MAX_HEADER_LIST_SIZE`](super::hpack::MAX_HEADER_LIST_SIZE)) can take
+/// when Huffman-coded, with room for padding. A larger block goes to h2 as it is.
+const MAX_BLOCK: usize = 256 << 10;
 /// What replaces an authority hyper would refuse.
 const PLACEHOLDER_AUTHORITY: &[u8] = b"localhost";
 
@@ -446,6 +447,36 @@ mod tests {
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, END_HEADERS | PADDED, 1, &[9, 0x83]));
         assert_eq!(rewrite(&input, 6).0, input);
+    }
+
+    #[test]
+    fn a_block_that_decodes_past_the_bound_goes_to_h2_unchanged() {
+        use super::super::hpack::tests::amplifying_block;
+        // About 1 MB on the wire, 4 GB decoded: sent in frames of the protocol's size.
+        let block = amplifying_block(4000, 1_000_000);
+        let mut input = PREFACE.to_vec();
+        let mut chunks = block.chunks(MAX_FRAME).peekable();
+        let mut kind = HEADERS;
+        while let Some(chunk) = chunks.next() {
+            let flags = if chunks.peek().is_none() {
+                END_HEADERS
+            } else {
+                0
+            };
+            input.extend(frame(kind, flags, 1, chunk));
+            kind = CONTINUATION;
+        }
+        let (out, r) = rewrite(&input, 4096);
+        assert_eq!(out, input, "passed on as sent, for h2 to refuse");
+        assert!(matches!(r.stage, Stage::Raw));
+        // A block small enough to gather but decoding past the bound: the same.
+        let block = amplifying_block(4000, 60);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        input.extend(frame(0x0, 0, 1, b"rest"));
+        let (out, r) = rewrite(&input, 777);
+        assert_eq!(out, input);
+        assert!(matches!(r.stage, Stage::Raw));
     }
 
     proptest::proptest! {

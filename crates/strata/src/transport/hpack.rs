@@ -3,14 +3,22 @@
 //! literal (never indexed, never Huffman-coded), so that what it writes needs no table state
 //! on the receiving side.
 //!
-//! Every input is untrusted: each read is bounds-checked, integers are bounded, and the
-//! dynamic table never grows beyond [`MAX_TABLE_SIZE`].
+//! Every input is untrusted: each read is bounds-checked, integers are bounded, the dynamic
+//! table never grows beyond [`MAX_TABLE_SIZE`], and a block never decodes to more than
+//! [`MAX_HEADER_LIST_SIZE`] (so a one-byte reference to a large table entry, repeated, cannot
+//! make the decoder allocate more than that).
 
 use std::collections::VecDeque;
 
-/// The largest dynamic table a client may ask for. hyper advertises the protocol's default
-/// (4096); this leaves room for a client that assumes more, and bounds memory.
-pub const MAX_TABLE_SIZE: usize = 1 << 16;
+/// The largest dynamic table a client may use: the protocol's default, which is what the
+/// server (hyper's h2) allows, since it never advertises SETTINGS_HEADER_TABLE_SIZE. A
+/// client asking for more is refused here as h2 would refuse it.
+pub const MAX_TABLE_SIZE: usize = 4096;
+
+/// The most one header block may decode to, counted as HTTP/2 counts a header list (each
+/// field's name and value plus 32 bytes). Real CSI clients send well under 4 KiB, and hyper
+/// itself refuses lists over 16 KiB; this leaves room and bounds memory.
+pub const MAX_HEADER_LIST_SIZE: usize = 64 << 10;
 
 /// Why a header block could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,7 +262,7 @@ fn entry_size(name: &[u8], value: &[u8]) -> usize {
 
 impl Decoder {
     fn max_size(&self) -> usize {
-        self.max_size.unwrap_or(4096)
+        self.max_size.unwrap_or(MAX_TABLE_SIZE)
     }
 
     fn evict_to(&mut self, max: usize) {
@@ -279,17 +287,18 @@ impl Decoder {
         self.table.push_front((name, value));
     }
 
-    fn entry(&self, index: usize) -> Result<(Vec<u8>, Vec<u8>), HpackError> {
+    /// The entry at `index`, borrowed: copied only once the header list has room for it.
+    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
         match index {
             0 => Err(HpackError("index 0")),
             1..=61 => {
                 let (n, v) = STATIC_TABLE[index - 1];
-                Ok((n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                Ok((n.as_bytes(), v.as_bytes()))
             }
             _ => self
                 .table
                 .get(index - 62)
-                .cloned()
+                .map(|(n, v)| (n.as_slice(), v.as_slice()))
                 .ok_or(HpackError("index past the dynamic table")),
         }
     }
@@ -302,13 +311,24 @@ impl Decoder {
             pos: 0,
         };
         let mut fields = Vec::new();
+        let mut list_size = 0;
+        // Counts a field against the header list's bound before it is copied.
+        let mut room_for = |name: &[u8], value: &[u8]| {
+            list_size += entry_size(name, value);
+            if list_size > MAX_HEADER_LIST_SIZE {
+                Err(HpackError("header list over the limit"))
+            } else {
+                Ok(())
+            }
+        };
         while let Some(first) = r.peek() {
             if first & 0x80 != 0 {
                 // Indexed field.
                 let (name, value) = self.entry(r.integer(7)?)?;
+                room_for(name, value)?;
                 fields.push(Field {
-                    name,
-                    value,
+                    name: name.to_vec(),
+                    value: value.to_vec(),
                     sensitive: false,
                 });
             } else if first & 0xe0 == 0x20 {
@@ -331,9 +351,10 @@ impl Decoder {
                 let name = if index == 0 {
                     r.string()?
                 } else {
-                    self.entry(index)?.0
+                    self.entry(index)?.0.to_vec()
                 };
                 let value = r.string()?;
+                room_for(&name, &value)?;
                 if indexing {
                     self.insert(name.clone(), value.clone());
                 }
@@ -502,6 +523,51 @@ pub(crate) mod tests {
         assert!(huffman_decode(&[0xff], &mut Vec::new()).is_err());
         // 'a' (00011) padded with zeros.
         assert!(huffman_decode(&[0x18], &mut Vec::new()).is_err());
+    }
+
+    /// A literal of `len` bytes entered into the dynamic table, then `refs` one-byte
+    /// references to it: a small block that decodes to `len * refs` bytes.
+    pub(crate) fn amplifying_block(len: usize, refs: usize) -> Vec<u8> {
+        let mut block = vec![0x40, 0x01, b'x'];
+        encode_integer(&mut block, 0, 7, len);
+        block.extend(std::iter::repeat_n(b'v', len));
+        block.extend(std::iter::repeat_n(0xbe, refs));
+        block
+    }
+
+    #[test]
+    fn a_block_that_would_decode_past_the_bound_is_refused() {
+        // Within the bound: decoded.
+        let fits = MAX_HEADER_LIST_SIZE / (4000 + 1 + 32) - 1;
+        let fields = Decoder::default()
+            .decode(&amplifying_block(4000, fits))
+            .unwrap();
+        assert_eq!(fields.len(), fits + 1);
+        // A million references to a 4,000-byte entry would be 4 GB: refused at the bound.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            Decoder::default().decode(&amplifying_block(4000, 1_000_000)),
+            Err(HpackError("header list over the limit"))
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // Many small fields count their 32-byte overhead too.
+        let empties = vec![0x81; MAX_HEADER_LIST_SIZE / 32];
+        assert!(Decoder::default().decode(&empties).is_err());
+    }
+
+    #[test]
+    fn the_dynamic_table_is_bounded_by_what_the_server_allows() {
+        let mut d = Decoder::default();
+        let mut update = Vec::new();
+        encode_integer(&mut update, 0x20, 5, MAX_TABLE_SIZE);
+        assert!(d.decode(&update).is_ok());
+        update.clear();
+        encode_integer(&mut update, 0x20, 5, MAX_TABLE_SIZE + 1);
+        assert!(d.decode(&update).is_err(), "more than SETTINGS allows");
+        // An entry larger than the table empties it and is not kept.
+        let mut d = Decoder::default();
+        d.decode(&amplifying_block(MAX_TABLE_SIZE, 0)).unwrap();
+        assert!(d.table.is_empty() && d.size == 0);
     }
 
     #[test]
