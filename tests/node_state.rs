@@ -357,10 +357,18 @@ async fn a_restart_in_a_new_mount_namespace_is_a_non_event_on_a_pool_image() {
 async fn one_server_per_pool_and_one_owner_per_socket() {
     let mut env = TestEnv::start().await;
     let bin = env!("CARGO_BIN_EXE_strata");
-    // A second server on the same pool (another socket) is refused at once.
+    // A second server on the same pool (another socket) told not to wait for it is refused
+    // at once (a successor's wait is in server_lifecycle.rs).
     let other_sock = env.path("other.sock");
     let out = Command::new(bin)
-        .args(["serve", "--node-id", "n", "--endpoint"])
+        .args([
+            "serve",
+            "--pool-lock-timeout",
+            "0",
+            "--node-id",
+            "n",
+            "--endpoint",
+        ])
         .arg(format!("unix://{other_sock}"))
         .arg("--pool")
         .arg(env.dir.path().join("pool"))

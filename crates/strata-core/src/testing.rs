@@ -17,6 +17,11 @@ pub(crate) struct Fixture {
 
 /// A driver with the image backend over the fake host; node paths anywhere.
 pub(crate) fn fixture() -> Fixture {
+    fixture_with(FaultPoints::default())
+}
+
+/// [`fixture`] with fault points armed (a delay point holds an operation in flight).
+pub(crate) fn fixture_with(faults: FaultPoints) -> Fixture {
     let pool = tempfile::tempdir().unwrap();
     let fake = FakeHost::new();
     let host = fake.host();
@@ -31,7 +36,7 @@ pub(crate) fn fixture() -> Fixture {
         freeze_limit: std::time::Duration::from_secs(10),
     };
     let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
-    let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
+    let (driver, _) = Driver::open(config, host, backend, faults).unwrap();
     Fixture {
         _pool: pool,
         fake,

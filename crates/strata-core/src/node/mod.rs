@@ -406,6 +406,40 @@ mod tests {
     }
 
     #[test]
+    fn an_unstage_racing_a_stage_waits_for_its_group_walk() {
+        let f = crate::testing::fixture_with(
+            crate::fault::FaultPoints::default().with_delay(Some("stage:before-group=400".into())),
+        );
+        let id = create(&f.driver);
+        let mut cap = mount(AccessMode::SingleNodeWriter);
+        if let crate::model::AccessType::Mount {
+            volume_mount_group, ..
+        } = &mut cap.access_type
+        {
+            *volume_mount_group = "300".into();
+        }
+        std::thread::scope(|s| {
+            let staging = s.spawn(|| {
+                f.driver.stage_volume(StageVolume {
+                    volume_id: id.clone(),
+                    staging_path: "/stage".into(),
+                    capability: cap.clone(),
+                })
+            });
+            // The stage has mounted and is about to walk: the volume is still its own.
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            assert!(matches!(
+                f.driver.unstage_volume(&id, "/stage"),
+                Err(Error::Aborted(_))
+            ));
+            staging.join().unwrap().unwrap();
+        });
+        assert_eq!(f.fake.lock().groups.len(), 1);
+        assert_eq!(f.fake.lock().mounts.len(), 1);
+        f.driver.unstage_volume(&id, "/stage").unwrap();
+    }
+
+    #[test]
     fn node_calls_check_their_arguments_before_looking_the_volume_up() {
         let f = fixture();
         let missing = "vol-000000000000000000000000";

@@ -91,6 +91,7 @@ impl Driver {
         let _path = self.path_guard(&staging)?;
         let record = self.volume(&req.volume_id)?;
         self.stage_filesystem(record, &req.capability, &staging)?;
+        self.crash.reach("stage:before-group");
         match group {
             Some(gid) => self.apply_mount_group(&req.volume_id, &staging, gid),
             None => Ok(()),
