@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
-use super::frames::Rewriter;
+use strata_h2::frames::Rewriter;
 
 /// How much is read from the socket at once.
 const READ_CHUNK: usize = 16 * 1024;

@@ -303,6 +303,11 @@ impl Decoder {
         }
     }
 
+    /// The dynamic table's size, as RFC 7541 counts it: never more than [`MAX_TABLE_SIZE`].
+    pub fn table_size(&self) -> usize {
+        self.size
+    }
+
     /// Decodes one complete header block, updating the dynamic table as the client's
     /// encoder did.
     pub fn decode(&mut self, block: &[u8]) -> Result<Vec<Field>, HpackError> {
@@ -332,7 +337,11 @@ impl Decoder {
                     sensitive: false,
                 });
             } else if first & 0xe0 == 0x20 {
-                // Dynamic table size update.
+                // Dynamic table size update: only before the block's first field (RFC 7541
+                // section 4.2; h2 refuses one anywhere else).
+                if !fields.is_empty() {
+                    return Err(HpackError("dynamic table size update after a field"));
+                }
                 let size = r.integer(5)?;
                 if size > MAX_TABLE_SIZE {
                     return Err(HpackError("dynamic table size over the limit"));

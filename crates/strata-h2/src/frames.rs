@@ -16,8 +16,8 @@
 //! oversized header block) ends the rewriting: the rest of the stream, from the first byte
 //! not yet passed on, goes to `h2` unchanged, which then refuses it as it would have anyway.
 
-use super::hpack::{Decoder, Field, encode};
-use tonic::codegen::http::uri::Authority;
+use crate::hpack::{Decoder, Field, encode};
+use http::uri::Authority;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
@@ -30,7 +30,7 @@ const PRIORITY: u8 = 0x20;
 /// Every HTTP/2 peer accepts frames of this size (the protocol's minimum maximum).
 const MAX_FRAME: usize = 16_384;
 /// The largest header block (all its frames) the rewriter holds: what the largest header
-/// list it decodes ([`MAX_HEADER_LIST_SIZE`](super::hpack::MAX_HEADER_LIST_SIZE)) can take
+/// list it decodes ([`MAX_HEADER_LIST_SIZE`](crate::hpack::MAX_HEADER_LIST_SIZE)) can take
 /// when Huffman-coded, with room for padding. A larger block goes to h2 as it is.
 const MAX_BLOCK: usize = 256 << 10;
 /// What replaces an authority hyper would refuse.
@@ -279,8 +279,8 @@ fn repair_authority(fields: &mut [Field]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::hpack::tests::huffman_encode;
     use super::*;
+    use crate::hpack::tests::huffman_encode;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len();
@@ -451,7 +451,7 @@ mod tests {
 
     #[test]
     fn a_block_that_decodes_past_the_bound_goes_to_h2_unchanged() {
-        use super::super::hpack::tests::amplifying_block;
+        use crate::hpack::tests::amplifying_block;
         // About 1 MB on the wire, 4 GB decoded: sent in frames of the protocol's size.
         let block = amplifying_block(4000, 1_000_000);
         let mut input = PREFACE.to_vec();
