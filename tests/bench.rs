@@ -197,6 +197,7 @@ async fn every_scenario_runs_and_cleans_up() {
     );
     assert_eq!(r["files"], 300);
     assert!(r["second_stage_and_publish_ms"].as_f64().unwrap() > 0.0);
+    assert!(r["without_group_stage_and_publish_ms"].as_f64().unwrap() > 0.0);
     // More files than the volume has inodes: the run fails and leaves no volume behind.
     let err = failing_bench(&env, &["fsgroup", "--files", "20000", "--size", "32Mi"]);
     assert!(err.contains("create 20000 files"), "{err}");
