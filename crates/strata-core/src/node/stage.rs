@@ -313,6 +313,7 @@ impl Driver {
     }
 
     pub fn unstage_volume(&self, volume_id: &str, staging_path: &str) -> Result<()> {
+        crate::validate::required_str("volume_id", volume_id)?;
         let Some(staging) = self.undo_path("staging_target_path", volume_id, staging_path)? else {
             return Ok(());
         };
