@@ -16,6 +16,8 @@ pub mod node;
 pub mod os;
 pub mod pool_image;
 pub mod reaper;
+#[cfg(test)]
+mod rollback_tests;
 pub mod snapshot;
 pub mod store;
 #[cfg(test)]

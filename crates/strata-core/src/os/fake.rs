@@ -1,5 +1,7 @@
 //! An in-memory host for unit tests: a mount table, loop devices and filesystems that behave
-//! like the kernel's for the operations the driver uses, and count what was done.
+//! like the kernel's for the operations the driver uses, and count what was done. Any
+//! operation can be made to fail ([`FakeHost::fail_next`]), so every rollback branch has a
+//! test. Compiled only for tests (the `fake` feature, which the integration tests enable).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,25 @@ use crate::error::{Error, Result};
 
 const LOOP_MAJOR: u32 = 7;
 const DEVTMPFS: (u32, u32) = (0, 5);
+
+/// The host operations a test can make fail, one call at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Attach,
+    Detach,
+    Mount,
+    Bind,
+    Unmount,
+    Probe,
+    Format,
+    Grow,
+    RefreshCapacity,
+    CloneFile,
+    CopyTree,
+    Freeze,
+    Thaw,
+    ApplyGroup,
+}
 
 #[derive(Default)]
 pub struct FakeState {
@@ -28,8 +49,12 @@ pub struct FakeState {
     pub grows: usize,
     /// Paths the driver created (mount points).
     pub paths: std::collections::HashSet<PathBuf>,
+    /// Those of them created as files (mount points for device nodes).
+    pub files: std::collections::HashSet<PathBuf>,
     /// Every group applied to a tree, in order.
     pub groups: Vec<(PathBuf, u32)>,
+    /// Failures armed by [`FakeHost::fail_next`], each used by the next call of its op.
+    failures: Vec<(Op, Error)>,
     next_mount_id: u32,
 }
 
@@ -54,6 +79,26 @@ impl FakeHost {
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the next call of `op` fail with `error` (and do nothing); arming several
+    /// failures of one op fails that many calls in turn.
+    pub fn fail_next(&self, op: Op, error: Error) {
+        self.lock().failures.push((op, error));
+    }
+
+    /// Whether every armed failure was used.
+    pub fn failures_left(&self) -> usize {
+        self.lock().failures.len()
+    }
+
+    /// The failure armed for `op`, used up.
+    fn injected(&self, op: Op) -> Result<()> {
+        let mut s = self.lock();
+        match s.failures.iter().position(|(o, _)| *o == op) {
+            Some(i) => Err(s.failures.remove(i).1),
+            None => Ok(()),
+        }
     }
 
     /// Forgets every mount and loop device, as a reboot does.
@@ -91,10 +136,13 @@ impl Mounter for FakeHost {
         if create == Create::Nothing && !known {
             return Ok(None);
         }
-        if create != Create::Nothing {
-            self.lock().paths.insert(path.to_owned());
+        let mut s = self.lock();
+        if create != Create::Nothing && s.paths.insert(path.to_owned()) && create == Create::File {
+            s.files.insert(path.to_owned());
         }
-        Ok(Some(NodePath::trusted(path)))
+        let mut node = NodePath::trusted(path);
+        node.is_dir = !s.files.contains(path);
+        Ok(Some(node))
     }
 
     fn mount_at(&self, path: &NodePath) -> Result<Option<MountEntry>> {
@@ -116,6 +164,7 @@ impl Mounter for FakeHost {
             return Ok(false);
         }
         s.paths.remove(&path.path);
+        s.files.remove(&path.path);
         Ok(true)
     }
 
@@ -126,6 +175,7 @@ impl Mounter for FakeHost {
         fs_type: &str,
         options: &MountOptions,
     ) -> Result<()> {
+        self.injected(Op::Mount)?;
         let target = &target.path;
         let mut s = self.lock();
         let dev = s
@@ -153,6 +203,7 @@ impl Mounter for FakeHost {
     }
 
     fn bind(&self, source: &NodePath, target: &NodePath, options: &MountOptions) -> Result<()> {
+        self.injected(Op::Bind)?;
         let (source, target) = (&source.path, &target.path);
         let mut s = self.lock();
         let options = options.names();
@@ -185,6 +236,7 @@ impl Mounter for FakeHost {
     }
 
     fn unmount(&self, target: &mut NodePath) -> Result<()> {
+        self.injected(Op::Unmount)?;
         let target = &target.path;
         let mut s = self.lock();
         if let Some(i) = s.mounts.iter().rposition(|m| m.mount_point == *target) {
@@ -206,6 +258,7 @@ impl LoopDevices for FakeHost {
     }
 
     fn attach(&self, backing_file: &Path, options: AttachOptions) -> Result<HeldLoop> {
+        self.injected(Op::Attach)?;
         let backing = FileId::of(backing_file)
             .map_err(|e| Error::io(format!("open {}", backing_file.display()), e))?;
         let mut s = self.lock();
@@ -245,10 +298,12 @@ impl LoopDevices for FakeHost {
     }
 
     fn refresh_capacity(&self, _: &HeldLoop) -> Result<()> {
+        self.injected(Op::RefreshCapacity)?;
         Ok(())
     }
 
     fn detach(&self, device: &LoopDevice) -> Result<()> {
+        self.injected(Op::Detach)?;
         self.lock()
             .loops
             .retain(|l| l.path != device.path || l.backing != device.backing);
@@ -258,6 +313,7 @@ impl LoopDevices for FakeHost {
 
 impl Filesystems for FakeHost {
     fn probe(&self, device: &Path) -> Result<Probe> {
+        self.injected(Op::Probe)?;
         let mut s = self.lock();
         s.probes += 1;
         let backing = Self::backing_of(&s, device)
@@ -269,6 +325,7 @@ impl Filesystems for FakeHost {
     }
 
     fn format(&self, device: &Path, fs_type: &str) -> Result<()> {
+        self.injected(Op::Format)?;
         let mut s = self.lock();
         let backing = Self::backing_of(&s, device)
             .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
@@ -298,6 +355,7 @@ impl Filesystems for FakeHost {
     }
 
     fn clone_file(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
+        self.injected(Op::CloneFile)?;
         std::fs::copy(src, dst).map_err(|e| Error::io("copy", e))?;
         let mut s = self.lock();
         if let Some(fs) = s.filesystems.get(src).cloned() {
@@ -307,6 +365,7 @@ impl Filesystems for FakeHost {
     }
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
+        self.injected(Op::CopyTree)?;
         super::tree::copy_tree(src, dst)
     }
 
@@ -324,6 +383,7 @@ impl Filesystems for FakeHost {
     }
 
     fn apply_group(&self, root: &Path, gid: u32) -> Result<u64> {
+        self.injected(Op::ApplyGroup)?;
         self.lock().groups.push((root.to_owned(), gid));
         Ok(1)
     }
@@ -354,16 +414,19 @@ impl Filesystems for FakeHost {
     }
 
     fn freeze(&self, fs: &MountedFs) -> Result<()> {
+        self.injected(Op::Freeze)?;
         self.lock().frozen.push(fs.mount_point.clone());
         Ok(())
     }
 
     fn thaw(&self, fs: &MountedFs) -> Result<()> {
+        self.injected(Op::Thaw)?;
         self.lock().frozen.retain(|p| *p != fs.mount_point);
         Ok(())
     }
 
     fn grow(&self, _: &Path, _: Option<&Path>, _: &str) -> Result<()> {
+        self.injected(Op::Grow)?;
         self.lock().grows += 1;
         Ok(())
     }
