@@ -173,14 +173,14 @@ impl TestEnv {
                 },
             )
             .unwrap();
-        LinuxHost
-            .mount_device(
-                &attached.device.path,
-                &NodePath::trusted(&pool),
-                fs_type,
-                &Default::default(),
-            )
+        // The pool's own filesystem (btrfs too, which Strata never formats a volume with).
+        let mounted = Command::new("mount")
+            .args(["-t", fs_type])
+            .arg(&attached.device.path)
+            .arg(&pool)
+            .status()
             .unwrap();
+        assert!(mounted.success(), "mount the {fs_type} pool");
         // Auto-clearing: the device goes with the pool's unmount.
         drop(attached);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();

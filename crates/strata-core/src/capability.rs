@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
-use crate::model::{AccessType, Capability, FormatState, fs_type_of, min_filesystem_bytes};
+use crate::filesystem::Filesystem;
+use crate::model::{AccessType, Capability, FormatState};
 use crate::os::MountOptions;
 use crate::validate;
 
@@ -36,7 +37,7 @@ impl Driver {
                 ..
             } => {
                 if !self.backend.serves_directories() {
-                    fs_type_of(fs_type)?;
+                    Filesystem::requested(fs_type)?;
                 }
                 MountOptions::parse(mount_flags).map(drop)
             }
@@ -78,10 +79,10 @@ impl Driver {
         let mut floor: Option<(String, u64)> = None;
         for cap in caps {
             if let AccessType::Mount { fs_type, .. } = &cap.access_type {
-                let fs = fs_type_of(fs_type)?;
-                let min = min_filesystem_bytes(fs);
+                let fs = Filesystem::requested(fs_type)?;
+                let min = fs.min_bytes();
                 if min > floor.as_ref().map_or(0, |(_, m)| *m) {
-                    floor = Some((fs.to_owned(), min));
+                    floor = Some((fs.name().to_owned(), min));
                 }
             }
         }
@@ -104,7 +105,7 @@ impl Driver {
         }
         for cap in caps {
             if let AccessType::Mount { fs_type, .. } = &cap.access_type
-                && fs_type_of(fs_type)? != source_fs
+                && Filesystem::requested(fs_type)?.name() != source_fs
             {
                 return Err(Error::InvalidArgument(format!(
                     "the source holds a {source_fs} filesystem; request fs_type {source_fs} (or a raw block volume) to restore or clone it"

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod driver;
 pub mod error;
 pub mod fault;
+pub mod filesystem;
 pub mod group;
 pub mod group_commit;
 pub mod inflight;

@@ -100,36 +100,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs", "ext3", "ext2"];
-pub const DEFAULT_FS: &str = "ext4";
-
-/// The smallest device each filesystem's mkfs accepts (mkfs.xfs: "must be larger than
-/// 300MB"); ext2/3/4 format anything the volume size policy allows.
-pub fn min_filesystem_bytes(fs_type: &str) -> u64 {
-    match fs_type {
-        "xfs" => 300 * MIB,
-        _ => 0,
-    }
-}
-
-/// The filesystem type a mount capability asks for, defaulted and checked.
-pub fn fs_type_of(fs_type: &str) -> Result<&str> {
-    let fs = if fs_type.is_empty() {
-        DEFAULT_FS
-    } else {
-        fs_type
-    };
-    if SUPPORTED_FS.contains(&fs) {
-        Ok(fs)
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "fs_type {} is not supported; use one of {}",
-            crate::validate::echo(fs_type),
-            SUPPORTED_FS.join(", ")
-        )))
-    }
-}
-
 /// `required_bytes` and `limit_bytes` of a CSI capacity range; zero means unset.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CapacityRange {
@@ -402,13 +372,6 @@ mod tests {
             CapacityRange::from_signed(-1, 0),
             Err(Error::InvalidArgument(_))
         ));
-    }
-
-    #[test]
-    fn fs_types_default_and_check() {
-        assert_eq!(fs_type_of("").unwrap(), "ext4");
-        assert_eq!(fs_type_of("xfs").unwrap(), "xfs");
-        assert!(fs_type_of("ntfs").is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
+use crate::filesystem::Filesystem;
 use crate::os::{AttachOptions, FileId, Host, MountOptions, NodePath, Probe};
 
 pub const POOL_IMAGE_FILE: &str = "pool.img";
@@ -66,8 +67,8 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
     let in_use = mounts.iter().any(|m| m.device() == (dev.major, dev.minor));
     if !in_use {
         match host.filesystems.probe(&dev.path)? {
-            Probe::Empty => host.filesystems.format(&dev.path, "xfs")?,
-            Probe::Filesystem(fs) if fs == "xfs" => {}
+            Probe::Empty => host.filesystems.format(&dev.path, Filesystem::Xfs)?,
+            Probe::Filesystem(fs) if fs == Filesystem::Xfs.name() => {}
             other => {
                 return Err(Error::FailedPrecondition(format!(
                     "{} holds {other:?}, not the pool's xfs filesystem; move it away",
@@ -95,7 +96,7 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
         host.mounter.mount_device(
             &dev.path,
             &NodePath::trusted(&mount_point),
-            "xfs",
+            Filesystem::Xfs,
             &MountOptions::default(),
         )?;
         // Found attached from an earlier run: free it when the pool is unmounted. (A fresh
@@ -108,7 +109,7 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
     drop(device);
     if grow {
         host.filesystems
-            .grow(&dev_path, Some(&mount_point), "xfs")?;
+            .grow(&dev_path, Some(&mount_point), Filesystem::Xfs)?;
     }
     tracing::info!(image = %image.display(), mount_point = %mount_point.display(), size, fresh,
         "pool image mounted");

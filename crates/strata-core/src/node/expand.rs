@@ -5,7 +5,8 @@ use std::path::Path;
 use crate::attachment::is_device_node_mount;
 use crate::backend::Attachment;
 use crate::driver::Driver;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::filesystem::Filesystem;
 use crate::model::CapacityRange;
 
 impl Driver {
@@ -36,12 +37,15 @@ impl Driver {
         self.crash.reach("node-expand:before-grow");
         match &att {
             // A raw block volume: the refreshed device is all there is to grow.
-            Attachment::Device(dev) if !is_device_node_mount(&here, &att) => self.grow_if_pending(
-                &record.id,
-                &dev.path,
-                Some(&here.mount_point),
-                &here.fs_type,
-            )?,
+            Attachment::Device(dev) if !is_device_node_mount(&here, &att) => {
+                let fs = Filesystem::parse(&here.fs_type).ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "volume {} is mounted as {}, which Strata cannot grow",
+                        record.id, here.fs_type
+                    ))
+                })?;
+                self.grow_if_pending(&record.id, &dev.path, Some(&here.mount_point), fs)?
+            }
             _ => {}
         }
         Ok(record.capacity_bytes)
@@ -54,16 +58,16 @@ impl Driver {
         id: &str,
         device: &Path,
         mount_point: Option<&Path>,
-        fs_type: &str,
+        fs: Filesystem,
     ) -> Result<()> {
         let mut record = self.volume(id)?;
         if !record.resize_pending {
             return Ok(());
         }
-        self.host.filesystems.grow(device, mount_point, fs_type)?;
+        self.host.filesystems.grow(device, mount_point, fs)?;
         record.resize_pending = false;
         self.store.update(record)?;
-        tracing::info!(volume_id = %id, fs_type, online = mount_point.is_some(), "filesystem grown");
+        tracing::info!(volume_id = %id, fs_type = fs.name(), online = mount_point.is_some(), "filesystem grown");
         Ok(())
     }
 }

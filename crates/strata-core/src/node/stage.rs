@@ -6,7 +6,8 @@ use crate::attachment::{is_device_node_mount, shows};
 use crate::backend::Attachment;
 use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
-use crate::model::{AccessType, Capability, FormatState, VolumeRecord, fs_type_of};
+use crate::filesystem::Filesystem;
+use crate::model::{AccessType, Capability, FormatState, VolumeRecord};
 use crate::os::{Create, MountEntry, MountOptions, NodePath, Probe};
 use crate::validate::bounded_display;
 
@@ -144,37 +145,37 @@ impl Driver {
             }
             return Ok(());
         };
-        let fs_type = if self.backend.serves_directories() {
-            fs_type.as_str()
-        } else {
-            fs_type_of(fs_type)?
-        };
         let options = MountOptions::parse(mount_flags)?;
         let att = attached.attachment.clone();
-
+        // A directory volume has the pool's filesystem, whatever was asked; a device is
+        // formatted with the requested one.
+        let fs = match &att {
+            Attachment::Device(_) => Some(Filesystem::requested(fs_type)?),
+            Attachment::Directory(_) => None,
+        };
         if let Some(m) = existing {
-            // A bind-mounted directory has the pool's filesystem type, whatever was asked.
-            let fs_differs = matches!(att, Attachment::Device(_)) && m.fs_type != fs_type;
+            let fs_differs = fs.is_some_and(|fs| m.fs_type != fs.name());
             if fs_differs || m.read_only() != options.read_only() {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {} is staged at {} as {} ({}), incompatible with {fs_type} ({})",
+                    "volume {} is staged at {} as {} ({}), incompatible with {} ({})",
                     record.id,
                     bounded_display(&staging.path),
                     m.fs_type,
                     if m.read_only() { "ro" } else { "rw" },
+                    fs.map_or(fs_type.as_str(), |fs| fs.name()),
                     if options.read_only() { "ro" } else { "rw" },
                 )));
             }
             // A retried stage whose online grow failed last time.
-            if let Attachment::Device(dev) = &att {
-                self.grow_if_pending(&record.id, &dev.path, Some(&m.mount_point), fs_type)?;
+            if let (Attachment::Device(dev), Some(fs)) = (&att, fs) {
+                self.grow_if_pending(&record.id, &dev.path, Some(&m.mount_point), fs)?;
             }
             return Ok(());
         }
 
-        let dev = match &att {
-            Attachment::Device(dev) => dev.clone(),
-            Attachment::Directory(src) => {
+        let (dev, fs) = match (&att, fs) {
+            (Attachment::Device(dev), Some(fs)) => (dev.clone(), fs),
+            (Attachment::Directory(src), _) => {
                 let target = self.create_node(staging, Create::Directory)?;
                 return self.host.mounter.bind(
                     &NodePath::trusted(&src.path),
@@ -182,20 +183,21 @@ impl Driver {
                     &options.per_mount(),
                 );
             }
+            (Attachment::Device(_), None) => unreachable!("a device always has a filesystem"),
         };
         let id = record.id.clone();
         let staged = self
-            .ensure_filesystem(record, &dev.path, fs_type)
-            // ext2/3/4 grow before mounting (online growth may be refused by the kernel).
-            .and_then(|()| match fs_type {
-                "xfs" => Ok(()),
-                _ => self.grow_if_pending(&id, &dev.path, None, fs_type),
+            .ensure_filesystem(record, &dev.path, fs)
+            // What can grow offline grows before mounting (online growth may be refused).
+            .and_then(|()| match fs.growth().offline {
+                true => self.grow_if_pending(&id, &dev.path, None, fs),
+                false => Ok(()),
             })
             .and_then(|()| self.create_node(staging, Create::Directory))
             .and_then(|target| {
                 self.host
                     .mounter
-                    .mount_device(&dev.path, &target, fs_type, &options)?;
+                    .mount_device(&dev.path, &target, fs, &options)?;
                 Ok(target)
             });
         match staged {
@@ -203,13 +205,13 @@ impl Driver {
                 // From now on the kernel frees the loop device when the last mount goes.
                 self.backend.release_on_unmount(&attached)?;
                 drop(attached);
-                // xfs grows only while mounted; xfs_growfs finds the filesystem by its mount
-                // point as the mount table names it.
+                // What grows only while mounted (xfs) grows now; xfs_growfs finds the
+                // filesystem by its mount point as the mount table names it.
                 let mount_point = match self.host.mounter.reopen(&target)? {
                     Some(node) => self.host.mounter.mount_at(&node)?.map(|m| m.mount_point),
                     None => None,
                 };
-                self.grow_if_pending(&id, &dev.path, mount_point.as_deref(), fs_type)
+                self.grow_if_pending(&id, &dev.path, mount_point.as_deref(), fs)
             }
             Err(e) => {
                 drop(attached);
@@ -252,8 +254,9 @@ impl Driver {
         &self,
         mut record: VolumeRecord,
         device: &Path,
-        fs_type: &str,
+        fs: Filesystem,
     ) -> Result<()> {
+        let fs_type = fs.name();
         let interrupted = matches!(record.format, FormatState::Formatting(_));
         let dir = self.store.dir(&record.id);
         // Whether the image holds data, asked once: up front for a volume never formatted.
@@ -304,7 +307,7 @@ impl Driver {
         }
         record.format = FormatState::Formatting(fs_type.to_owned());
         self.store.update(record.clone())?;
-        self.host.filesystems.format(device, fs_type)?;
+        self.host.filesystems.format(device, fs)?;
         self.crash.reach("stage:after-format");
         record.format = FormatState::Formatted(fs_type.to_owned());
         self.store.update(record)?;

@@ -12,6 +12,7 @@ use super::{
     LoopDevices, MountEntry, MountOptions, MountedFs, Mounter, NodePath, Probe,
 };
 use crate::error::{Error, Result};
+use crate::filesystem::Filesystem;
 
 const LOOP_MAJOR: u32 = 7;
 const DEVTMPFS: (u32, u32) = (0, 5);
@@ -172,9 +173,10 @@ impl Mounter for FakeHost {
         &self,
         device: &Path,
         target: &NodePath,
-        fs_type: &str,
+        fs: Filesystem,
         options: &MountOptions,
     ) -> Result<()> {
+        let fs_type = fs.name();
         self.injected(Op::Mount)?;
         let target = &target.path;
         let mut s = self.lock();
@@ -324,7 +326,8 @@ impl Filesystems for FakeHost {
         })
     }
 
-    fn format(&self, device: &Path, fs_type: &str) -> Result<()> {
+    fn format(&self, device: &Path, fs: Filesystem) -> Result<()> {
+        let fs_type = fs.name();
         self.injected(Op::Format)?;
         let mut s = self.lock();
         let backing = Self::backing_of(&s, device)
@@ -425,7 +428,7 @@ impl Filesystems for FakeHost {
         Ok(())
     }
 
-    fn grow(&self, _: &Path, _: Option<&Path>, _: &str) -> Result<()> {
+    fn grow(&self, _: &Path, _: Option<&Path>, _: Filesystem) -> Result<()> {
         self.injected(Op::Grow)?;
         self.lock().grows += 1;
         Ok(())

@@ -16,6 +16,7 @@ use super::{
     nodepath,
 };
 use crate::error::{Error, IoContext, Result};
+use crate::filesystem::Filesystem;
 
 /// The host as the kernel sees it. Stateless: every query goes to the kernel.
 pub struct LinuxHost;
@@ -170,13 +171,15 @@ impl Mounter for LinuxHost {
         &self,
         device: &Path,
         target: &NodePath,
-        fs_type: &str,
+        fs: Filesystem,
         options: &MountOptions,
     ) -> Result<()> {
+        let fs_type = fs.name();
         let mut data = options.data.clone();
-        // Clones and snapshots share the filesystem UUID; xfs refuses duplicates without this.
-        if fs_type == "xfs" && !data.iter().any(|d| d == "nouuid") {
-            data.push("nouuid".into());
+        for needed in fs.mount_data() {
+            if !data.iter().any(|d| d == needed) {
+                data.push((*needed).to_owned());
+            }
         }
         let data = data.join(",");
         sys_mount(
@@ -801,26 +804,11 @@ impl Filesystems for LinuxHost {
         }
     }
 
-    fn format(&self, device: &Path, fs_type: &str) -> Result<()> {
-        let mut cmd = Command::new(format!("mkfs.{fs_type}"));
-        match fs_type {
-            // Skip discard (the image is sparse already) and lazy-init for a fast mkfs; no
-            // resize inode (its reserved descriptor blocks are half of mkfs's writes): growth
-            // works without it, offline (resize2fs) and online (the kernel moves to meta_bg).
-            "ext4" | "ext3" | "ext2" => cmd.args([
-                "-q",
-                "-F",
-                "-O",
-                "^resize_inode",
-                "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-            ]),
-            // -f: the caller has already established that nothing but an interrupted mkfs is there.
-            "xfs" => cmd.args(["-q", "-K", "-f"]),
-            other => {
-                return Err(Error::InvalidArgument(format!("cannot format {other}")));
-            }
-        };
+    fn format(&self, device: &Path, fs: Filesystem) -> Result<()> {
+        let fs_type = fs.name();
+        let (tool, args) = fs.mkfs();
+        let mut cmd = Command::new(tool);
+        cmd.args(args);
         let out = run(cmd.arg(device))?;
         if out.status.success() {
             return Ok(());
@@ -829,8 +817,9 @@ impl Filesystems for LinuxHost {
         let lower = said.to_lowercase();
         if lower.contains("too small") || lower.contains("must be larger") {
             Err(Error::FailedPrecondition(format!(
-                "mkfs.{fs_type} refused {}: {said}; create a larger volume (xfs needs at least 300 MiB)",
-                device.display()
+                "mkfs.{fs_type} refused {}: {said}; create a larger volume ({fs_type} needs at least {} MiB)",
+                device.display(),
+                fs.min_bytes().max(crate::model::MIB) >> 20
             )))
         } else {
             Err(Error::Internal(format!(
@@ -968,7 +957,8 @@ impl Filesystems for LinuxHost {
         }
     }
 
-    fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()> {
+    fn grow(&self, device: &Path, mount_point: Option<&Path>, fs: Filesystem) -> Result<()> {
+        let fs_type = fs.name();
         let failed = |tool: &str, out: &std::process::Output| {
             let text = format!(
                 "{} {}",
@@ -984,39 +974,34 @@ impl Filesystems for LinuxHost {
                 Error::Internal(format!("{tool} {}: {}", device.display(), tool_says(out)))
             }
         };
-        match (fs_type, mount_point) {
-            ("ext4" | "ext3" | "ext2", mount_point) => {
-                if mount_point.is_none() {
-                    // resize2fs wants a freshly checked filesystem when it is not mounted.
-                    let out = run(Command::new("e2fsck").args(["-f", "-p"]).arg(device))?;
-                    // 0: clean, 1: errors corrected.
-                    if !matches!(out.status.code(), Some(0) | Some(1)) {
+        let growth = fs.growth();
+        let target = match mount_point {
+            Some(mp) if growth.by_mount_point => mp,
+            Some(_) => device,
+            None if !growth.offline => {
+                return Err(Error::Internal(format!(
+                    "{fs_type} grows only while mounted"
+                )));
+            }
+            None => {
+                if let Some((check, args, sound)) = growth.check_first {
+                    let out = run(Command::new(check).args(args).arg(device))?;
+                    if !out.status.code().is_some_and(|c| sound.contains(&c)) {
                         return Err(Error::FailedPrecondition(format!(
-                            "e2fsck {} found errors it could not fix: {}; repair the filesystem by hand",
+                            "{check} {} found errors it could not fix: {}; repair the filesystem by hand",
                             device.display(),
                             tool_says(&out)
                         )));
                     }
                 }
-                let out = run(Command::new("resize2fs").arg(device))?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(failed("resize2fs", &out))
-                }
+                device
             }
-            ("xfs", Some(mp)) => {
-                let out = run(Command::new("xfs_growfs").arg(mp))?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(failed("xfs_growfs", &out))
-                }
-            }
-            ("xfs", None) => Err(Error::Internal("xfs grows only while mounted".into())),
-            (other, _) => Err(Error::FailedPrecondition(format!(
-                "cannot grow a {other} filesystem"
-            ))),
+        };
+        let out = run(Command::new(growth.tool).arg(target))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(failed(growth.tool, &out))
         }
     }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::filesystem::Filesystem;
 use crate::model::CopyMethod;
 pub use mountinfo::MountEntry;
 pub use nodepath::{Create, NodePath};
@@ -32,7 +33,7 @@ pub trait Mounter: Send + Sync {
         &self,
         device: &Path,
         target: &NodePath,
-        fs_type: &str,
+        fs: Filesystem,
         options: &MountOptions,
     ) -> Result<()>;
     /// Bind-mounts `source` (a mounted directory or a device node) onto `target`, with the
@@ -186,7 +187,7 @@ pub struct FsUsage {
 /// Filesystem tools and queries.
 pub trait Filesystems: Send + Sync {
     fn probe(&self, device: &Path) -> Result<Probe>;
-    fn format(&self, device: &Path, fs_type: &str) -> Result<()>;
+    fn format(&self, device: &Path, fs: Filesystem) -> Result<()>;
     fn usage(&self, path: &Path) -> Result<FsUsage>;
     /// Size in bytes of a block device.
     fn device_size(&self, device: &Path) -> Result<u64>;
@@ -207,7 +208,7 @@ pub trait Filesystems: Send + Sync {
     fn thaw(&self, fs: &MountedFs) -> Result<()>;
     /// Grows the filesystem on `device` to fill it: offline when `mount_point` is `None`
     /// (ext2/3/4 only), online at `mount_point` otherwise.
-    fn grow(&self, device: &Path, mount_point: Option<&Path>, fs_type: &str) -> Result<()>;
+    fn grow(&self, device: &Path, mount_point: Option<&Path>, fs: Filesystem) -> Result<()>;
     /// Whether the file holds any data (an allocated range), so a fresh image is told from
     /// one that holds something. Filesystems that cannot say answer `true`: nothing is ever
     /// formatted over data on a guess.
