@@ -2,6 +2,7 @@
 //! logic run against the real kernel ([`linux`]) or an in-memory fake ([`fake`]).
 
 pub mod btrfs;
+pub mod clone;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod linux;

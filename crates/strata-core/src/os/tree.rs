@@ -132,7 +132,7 @@ impl Copier {
                     libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
                     0o600,
                 )?;
-                if super::linux::clone_or_copy(&from, &to, st.st_size as u64)?
+                if super::clone::clone_or_copy(&from, &to, st.st_size as u64)?
                     == CopyMethod::SparseCopy
                 {
                     self.method = CopyMethod::SparseCopy;
