@@ -1,0 +1,132 @@
+//! `strata serve`: opens the pool, binds the endpoint and serves the three CSI services until
+//! SIGTERM or SIGINT, letting in-flight requests finish.
+
+mod listen;
+mod options;
+mod pool;
+
+pub use options::{BackendKind, MAX_SOCKET_PATH_BYTES, ServeOptions};
+pub use pool::{PoolLock, lock_pool, lock_pool_waiting, open_driver, release_pool};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use csi_proto::{
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
+};
+use strata_core::Driver;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tower::layer::util::{Identity, Stack};
+
+use crate::decode_errors::DecodeErrorLayer;
+use crate::endpoint::Endpoint;
+use crate::http;
+use crate::metrics::{Metrics, MetricsLayer};
+use crate::service::{
+    ControllerService, GroupControllerService, IdentityService, NodeService, Services,
+};
+use crate::transport::Normalized;
+
+use listen::{bind_socket, serve_until_stopped};
+
+/// Starts the metrics and health endpoints (one listener when they share an address).
+async fn serve_http(
+    opts: &ServeOptions,
+    driver: &Arc<Driver>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), String> {
+    let mut addresses: Vec<(SocketAddr, bool, bool)> = vec![];
+    if let Some(a) = opts.metrics_address {
+        addresses.push((a, true, false));
+    }
+    if let Some(a) = opts.health_address {
+        match addresses.iter_mut().find(|(addr, _, _)| *addr == a) {
+            Some(entry) => entry.2 = true,
+            None => addresses.push((a, false, true)),
+        }
+    }
+    for (addr, serves_metrics, health) in addresses {
+        let listener = http::bind(addr).await?;
+        tracing::info!(%addr, metrics = serves_metrics, health, "serving HTTP");
+        tokio::spawn(http::serve(
+            listener,
+            http::Endpoints {
+                driver: driver.clone(),
+                metrics: serves_metrics.then(|| metrics.clone()),
+                health,
+            },
+        ));
+    }
+    Ok(())
+}
+
+/// The gRPC router: the three CSI services over `driver`, behind the metrics and
+/// decode-error layers.
+pub type CsiRouter = Router<Stack<DecodeErrorLayer, Stack<MetricsLayer, Identity>>>;
+
+pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
+    let services = Services {
+        driver,
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    // Outermost: metrics record the status the caller finally sees.
+    Server::builder()
+        .layer(MetricsLayer(metrics))
+        .layer(DecodeErrorLayer)
+        .add_service(IdentityServer::new(IdentityService(services.clone())))
+        .add_service(ControllerServer::new(ControllerService(services.clone())))
+        .add_service(GroupControllerServer::new(GroupControllerService(
+            services.clone(),
+        )))
+        .add_service(NodeServer::new(NodeService(services)))
+}
+
+pub async fn serve(opts: ServeOptions) -> Result<(), String> {
+    opts.validate()?;
+    // A TCP address that cannot be bound fails now, before the pool is touched.
+    let tcp = match &opts.endpoint {
+        Endpoint::Tcp(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| format!("--endpoint: cannot listen on tcp://{addr}: {e}"))?,
+        ),
+        Endpoint::Unix(_) => None,
+    };
+    let (driver, startup, _pool_lock) = open_driver(&opts)?;
+    let driver = Arc::new(driver);
+    let metrics = Metrics::new(&opts.driver_name);
+    metrics.record_startup(&startup);
+    serve_http(&opts, &driver, &metrics).await?;
+    let router = csi_router(driver.clone(), metrics);
+    tracing::info!(endpoint = ?opts.endpoint, node_id = %opts.node_id, driver = %opts.driver_name,
+        backend = driver.backend_kind(), "serving CSI");
+    let result = match &opts.endpoint {
+        Endpoint::Unix(path) => {
+            let (listener, socket) = bind_socket(path)?;
+            let listener = UnixListener::from_std(listener)
+                .map_err(|e| format!("listen on {}: {e}", path.display()))?;
+            // Clients put anything in `:authority` on a unix socket; see `transport`.
+            let incoming = UnixListenerStream::new(listener).map(|c| c.map(Normalized::new));
+            let result = serve_until_stopped(router, incoming).await;
+            drop(socket);
+            result
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tcp
+                .map(TcpListener::from_std)
+                .transpose()
+                .map_err(|e| format!("listen on {addr}: {e}"))?
+                .ok_or_else(|| format!("no listener for {addr}"))?;
+            serve_until_stopped(router, TcpListenerStream::new(listener)).await
+        }
+    };
+    // Let queued removals of deleted volumes finish before exiting.
+    driver.shut_down();
+    tracing::info!("stopped");
+    result
+}
