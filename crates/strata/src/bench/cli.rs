@@ -1,0 +1,247 @@
+//! The `strata bench` command line: one subcommand per scenario, and running it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::client::Csi;
+use crate::client::output::Format;
+use crate::client::shared::CapabilityArgs;
+use crate::client::{ClientArgs, connect};
+use crate::endpoint::Endpoint;
+use crate::units::parse_size;
+
+use super::report::Outcome;
+use super::run::Run;
+use super::steps::LifecycleArgs;
+use super::{churn, compare, fsgroup, group, io, lifecycle, scale, snapshot};
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Full lifecycle per volume: create, stage, publish, write+fsync, unpublish, unstage, delete.
+    Lifecycle {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 100)]
+        volumes: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+        size: u64,
+        /// Bytes written and fsynced per volume.
+        #[arg(long, default_value = "1Mi", value_parser = parse_size)]
+        data: u64,
+        /// Directory for staging and target paths.
+        #[arg(long, default_value = "/tmp/strata-bench")]
+        workdir: PathBuf,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
+    /// A mixed workload (create, publish, write, snapshot, list, delete) for a fixed time.
+    Churn {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+        size: u64,
+        /// Bytes written and fsynced per write.
+        #[arg(long, default_value = "1Mi", value_parser = parse_size)]
+        data: u64,
+        #[arg(long, default_value = "/tmp/strata-bench")]
+        workdir: PathBuf,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
+    /// Snapshot and restore volumes holding each data size, written and read back through
+    /// the published volumes; verifies the restored data.
+    Snapshot {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Data sizes, comma separated.
+        #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64Mi,512Mi,2Gi")]
+        sizes: Vec<u64>,
+        /// Directory for staging and target paths.
+        #[arg(long, default_value = "/tmp/strata-bench")]
+        workdir: PathBuf,
+        #[command(flatten)]
+        capability: CapabilityArgs,
+    },
+    /// Group snapshots of volumes holding data while a writer runs: time per group, the
+    /// longest write stall (the freeze window a workload sees), members restored and checked.
+    Group {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: group::GroupArgs,
+    },
+    /// A pod's fsGroup on a volume holding many files: stage and publish with the group the
+    /// first and the second time, against the kubelet's recursive walk.
+    Fsgroup {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: fsgroup::FsGroupArgs,
+    },
+    /// The data path: fio-style jobs (4 KiB random read and write at queue depth 32, 1 MiB
+    /// sequential read and write at depth 8, direct I/O) on a file in a published volume
+    /// and, with --native-dir, on a file in a directory of the pool's own filesystem.
+    Io {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: io::IoArgs,
+    },
+    /// The same scenario against two endpoints, interleaved round by round (so noise on the
+    /// machine hits both alike): every figure side by side, with the ratio B/A. The
+    /// scenario's own options follow `--`.
+    Compare {
+        /// lifecycle, churn, snapshot, group, fsgroup, io or scale.
+        scenario: String,
+        /// A, then B.
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<Endpoint>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Format::Table)]
+        output: Format,
+        /// The scenario's options (after `--`), e.g. `-- --volumes 50`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Create N volumes, list them all, delete them (unless --keep).
+    Scale {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, default_value_t = 10_000)]
+        volumes: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// ListVolumes page size (0: one page).
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        /// Keep the volumes (to measure startup or RSS with a full pool).
+        #[arg(long)]
+        keep: bool,
+        /// The driver's process id, to report its resident memory.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+}
+
+impl BenchCommand {
+    fn client(&self) -> Option<&ClientArgs> {
+        match self {
+            BenchCommand::Lifecycle { client, .. }
+            | BenchCommand::Churn { client, .. }
+            | BenchCommand::Snapshot { client, .. }
+            | BenchCommand::Group { client, .. }
+            | BenchCommand::Fsgroup { client, .. }
+            | BenchCommand::Io { client, .. }
+            | BenchCommand::Scale { client, .. } => Some(client),
+            BenchCommand::Compare { .. } => None,
+        }
+    }
+
+    pub async fn run(self) -> Result<(), String> {
+        let Some(ClientArgs { endpoint, output }) = self.client().cloned() else {
+            return match self {
+                BenchCommand::Compare {
+                    scenario,
+                    endpoints,
+                    rounds,
+                    output,
+                    args,
+                } => compare::compare(&scenario, &endpoints, rounds, &args, output).await,
+                _ => Ok(()),
+            };
+        };
+        let outcome = self.measure(connect(&endpoint).await?, output).await?;
+        outcome.print(output);
+        outcome.result()
+    }
+
+    /// Runs the scenario against `csi`; `format` only says whether progress is shown. A run
+    /// that fails part-way undoes what it made before it answers.
+    pub(crate) async fn measure(self, csi: Csi, format: Format) -> Result<Outcome, String> {
+        let run = Arc::new(Run::default());
+        let mut undo = csi.clone();
+        let result = self.scenario(csi, run.clone(), format).await;
+        let Err(e) = result else {
+            return result;
+        };
+        let left = run.undo(&mut undo).await;
+        Err(match left.len() {
+            0 => format!("{e} (what the run had made is undone)"),
+            n => format!(
+                "{e}; {n} of what the run made could not be undone, first: {}",
+                left[0]
+            ),
+        })
+    }
+
+    async fn scenario(self, csi: Csi, run: Arc<Run>, format: Format) -> Result<Outcome, String> {
+        match self {
+            BenchCommand::Lifecycle {
+                volumes,
+                concurrency,
+                size,
+                data,
+                workdir,
+                capability,
+                ..
+            } => {
+                let args = LifecycleArgs {
+                    volumes,
+                    concurrency,
+                    size,
+                    data,
+                    workdir,
+                    capability,
+                };
+                lifecycle::lifecycle(csi, run, args, format).await
+            }
+            BenchCommand::Churn {
+                seconds,
+                concurrency,
+                size,
+                data,
+                workdir,
+                capability,
+                ..
+            } => {
+                let args = LifecycleArgs {
+                    volumes: 0,
+                    concurrency,
+                    size,
+                    data,
+                    workdir,
+                    capability,
+                };
+                churn::churn(csi, run, args, seconds, format).await
+            }
+            BenchCommand::Snapshot {
+                sizes,
+                workdir,
+                capability,
+                ..
+            } => snapshot::snapshot(csi, &run, sizes, workdir, capability).await,
+            BenchCommand::Group { args, .. } => group::group(csi, &run, args).await,
+            BenchCommand::Fsgroup { args, .. } => fsgroup::fsgroup(csi, &run, args).await,
+            BenchCommand::Io { args, .. } => io::io(csi, &run, args).await,
+            BenchCommand::Scale {
+                volumes,
+                concurrency,
+                page_size,
+                keep,
+                pid,
+                ..
+            } => scale::scale(csi, run, volumes, concurrency, page_size, keep, pid).await,
+            BenchCommand::Compare { .. } => {
+                Err("compare runs scenarios; it is not one itself".into())
+            }
+        }
+    }
+}
