@@ -6,11 +6,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::ids::{is_volume_id, new_volume_id};
 use crate::model::{
     Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VOLUME_RECORD_VERSION,
     VolumeRecord,
 };
-use crate::validate::{self, is_volume_id, new_volume_id};
+use crate::validate;
 
 /// The StorageClass parameters Strata understands (documented in docs/configuration.md).
 pub const STORAGE_CLASS_PARAMETERS: &[&str] = &[

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
-use crate::group::FreezeStats;
+use crate::freeze::FreezeStats;
 use crate::inflight::{Guard, InFlight};
 use crate::model::{Topology, VolumeRecord};
 use crate::os::{Create, FileId, Host, NodePath};
@@ -84,7 +84,7 @@ impl Driver {
         let interrupted_groups = GroupStore::interrupted(&config.pool)?;
         let (snapshots, snapshot_report) = SnapshotStore::open(&config.pool, backend.as_ref())?;
         let released_group_members =
-            crate::group::release_members(&snapshots, &interrupted_groups, backend.as_ref())?;
+            snapshots.release_group_members(&interrupted_groups, backend.as_ref())?;
         let (groups, group_report) = GroupStore::open(&config.pool, backend.as_ref())?;
         let mut report = Startup {
             volumes,

@@ -10,22 +10,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::attachment::{Frozen, thaw_together};
-use crate::backend::{Backend, GroupConsistency};
+use crate::backend::GroupConsistency;
 use crate::capability::K8S_PARAMETER_PREFIX;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::freeze::FreezeFigures;
+use crate::ids::{is_group_id, new_group_id, new_snapshot_id};
 use crate::inflight::Guard;
 use crate::model::{CopyMethod, GROUP_RECORD_VERSION, GroupMember, GroupSnapshotRecord};
 use crate::model::{SnapshotRecord, VolumeRecord};
 use crate::os::MountedFs;
 use crate::snapshot::{now, snapshot_record};
-use crate::store::{SnapshotStore, remove_object_dir};
-use crate::validate::{self, echo, is_group_id, new_group_id, new_snapshot_id};
+use crate::store::remove_object_dir;
+use crate::validate::{self, echo};
 
 /// The most volumes one group snapshot may name.
 pub const MAX_GROUP_VOLUMES: usize = 128;
@@ -38,58 +40,6 @@ const COPIES_AT_ONCE: usize = 8;
 pub struct GroupSnapshot {
     pub record: GroupSnapshotRecord,
     pub members: Vec<SnapshotRecord>,
-}
-
-/// Freeze windows of group snapshots since the server started, read by the metrics.
-#[derive(Debug, Default)]
-pub struct FreezeStats {
-    groups: AtomicU64,
-    last_micros: AtomicU64,
-    max_micros: AtomicU64,
-    over_limit: AtomicU64,
-}
-
-/// A copy of [`FreezeStats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FreezeFigures {
-    /// Group snapshots that froze their sources (successful or not).
-    pub groups: u64,
-    pub last_micros: u64,
-    pub max_micros: u64,
-    /// Freeze windows cut short by the limit.
-    pub over_limit: u64,
-}
-
-impl FreezeStats {
-    fn record(&self, window: Duration, over: bool) {
-        let micros = window.as_micros() as u64;
-        self.groups.fetch_add(1, Ordering::Relaxed);
-        self.last_micros.store(micros, Ordering::Relaxed);
-        self.max_micros.fetch_max(micros, Ordering::Relaxed);
-        if over {
-            self.over_limit.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Removes the member snapshots of groups whose creation or deletion a crash interrupted
-/// (`interrupted` read from `groups/` before the group store completes it). Members of a
-/// group with no trace at all are kept and reported: nothing proves they are not wanted.
-pub(crate) fn release_members(
-    snapshots: &SnapshotStore,
-    interrupted: &[String],
-    backend: &dyn Backend,
-) -> Result<Vec<String>> {
-    let members = snapshots
-        .filter(|s| !s.group_snapshot_id.is_empty() && interrupted.contains(&s.group_snapshot_id));
-    let mut released = vec![];
-    for m in members {
-        tracing::warn!(snapshot_id = %m.id, group = %m.group_snapshot_id,
-            "removing a member of a group snapshot a crash interrupted");
-        snapshots.delete(&m.id, backend)?;
-        released.push(m.id);
-    }
-    Ok(released)
 }
 
 /// Checks the volume ids of a group: present, distinct, not too many. Returns them sorted
@@ -155,13 +105,7 @@ impl Driver {
     }
 
     pub fn freeze_figures(&self) -> FreezeFigures {
-        let f = &self.freezes;
-        FreezeFigures {
-            groups: f.groups.load(Ordering::Relaxed),
-            last_micros: f.last_micros.load(Ordering::Relaxed),
-            max_micros: f.max_micros.load(Ordering::Relaxed),
-            over_limit: f.over_limit.load(Ordering::Relaxed),
-        }
+        self.freezes.figures()
     }
 
     pub fn create_group_snapshot(

@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::ids::{is_snapshot_id, new_snapshot_id};
 use crate::model::{
     CopyMethod, PLAIN_SNAPSHOT_RECORD_VERSION, SNAPSHOT_RECORD_VERSION, SnapshotRecord,
     VolumeRecord,
 };
-use crate::validate::{self, is_snapshot_id, new_snapshot_id};
+use crate::validate;
 
 /// Now, as a time since the epoch: the creation time of a snapshot.
 pub(crate) fn now() -> Duration {

@@ -7,7 +7,7 @@
 //! `.creating-<id>` is an object not yet committed, `.deleting-<id>` one being removed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -15,40 +15,16 @@ use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backend;
+use crate::durable::{GroupCommit, sync_dir, write_atomic};
 use crate::error::{Error, IoContext, Result};
-use crate::group_commit::GroupCommit;
+use crate::ids::{is_group_id, is_snapshot_id, is_volume_id};
 use crate::model::{
     FormatState, GROUP_RECORD_VERSION, GroupSnapshotRecord, SNAPSHOT_RECORD_VERSION,
     SnapshotRecord, VOLUME_RECORD_VERSION, VolumeRecord,
 };
-use crate::validate::{is_group_id, is_snapshot_id, is_volume_id};
+
 const CREATING: &str = ".creating-";
 const DELETING: &str = ".deleting-";
-
-/// Writes `bytes` to `dir/name` so that after a crash the file holds either the old or the
-/// new content, never a mix.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let target = dir.join(name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .ctx(|| format!("create {}", tmp.display()))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .ctx(|| format!("write {}", tmp.display()))?;
-    fs::rename(&tmp, &target).ctx(|| format!("rename {} into place", tmp.display()))?;
-    sync_dir(dir)
-}
-
-/// Makes a directory's entries (creations, renames, removals) durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx(|| format!("sync directory {}", dir.display()))
-}
 
 /// What the store keeps: a versioned JSON record with an id and a unique name (an empty name
 /// is no name: such records are found by id only).
@@ -545,12 +521,35 @@ impl<R: Record> Store<R> {
     }
 }
 
+impl SnapshotStore {
+    /// Removes the member snapshots of groups whose creation or deletion a crash interrupted
+    /// (`interrupted` read from `groups/` before the group store completes it). Members of a
+    /// group with no trace at all are kept and reported: nothing proves they are not wanted.
+    pub(crate) fn release_group_members(
+        &self,
+        interrupted: &[String],
+        backend: &dyn Backend,
+    ) -> Result<Vec<String>> {
+        let members = self.filter(|s| {
+            !s.group_snapshot_id.is_empty() && interrupted.contains(&s.group_snapshot_id)
+        });
+        let mut released = vec![];
+        for m in members {
+            tracing::warn!(snapshot_id = %m.id, group = %m.group_snapshot_id,
+                "removing a member of a group snapshot a crash interrupted");
+            self.delete(&m.id, backend)?;
+            released.push(m.id);
+        }
+        Ok(released)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::image::ImageBackend;
+    use crate::ids::new_volume_id;
     use crate::os::fake::FakeHost;
-    use crate::validate::new_volume_id;
 
     fn backend(pool: &Path) -> ImageBackend {
         ImageBackend::new(pool.to_owned(), FakeHost::new().host())

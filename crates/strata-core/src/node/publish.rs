@@ -177,7 +177,7 @@ impl Driver {
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &str) -> Result<()> {
         crate::validate::required_str("volume_id", volume_id)?;
         // An inline volume is named by the kubelet's handle, never a Strata id.
-        if !crate::validate::is_volume_id(volume_id) {
+        if !crate::ids::is_volume_id(volume_id) {
             crate::validate::absolute_path("target_path", target_path)?;
             if !crate::validate::is_inline_handle(volume_id) {
                 // Neither an id Strata issues nor a handle it accepts for an inline volume

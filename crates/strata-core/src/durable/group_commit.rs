@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use super::sync_dir;
 use crate::error::Result;
-use crate::store::sync_dir;
 
 pub struct GroupCommit {
     dir: PathBuf,
