@@ -7,6 +7,8 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+pub mod mount_options;
+
 /// The general CSI size limit of a string field.
 pub const MAX_STRING_BYTES: usize = 128;
 /// The general CSI size limit of a map field (keys and values together).
