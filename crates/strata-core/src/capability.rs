@@ -3,8 +3,9 @@
 //! checks it here, each with the code its own error table names.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::driver::Driver;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::filesystem::Filesystem;
 use crate::model::{AccessType, Capability, FormatState};
@@ -14,7 +15,16 @@ use crate::validate;
 /// StorageClass parameters Kubernetes adds on its own (`csi.storage.k8s.io/...`).
 pub const K8S_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
 
-impl Driver {
+/// The capabilities of this node's backend.
+pub struct Capabilities {
+    backend: Arc<dyn Backend>,
+}
+
+impl Capabilities {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Capabilities { backend }
+    }
+
     /// Whether this driver can serve `cap`; the error says why not.
     pub fn check_capability(&self, cap: &Capability) -> Result<()> {
         if cap.access_mode.is_multi_node() {

@@ -2,16 +2,24 @@
 //! layer converts requests into these types and the results back.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::driver::Driver;
+use crate::backend::Backend;
+use crate::capability::Capabilities;
 use crate::error::{Error, Result};
+use crate::fault::FaultPoints;
+use crate::freezer::Freezer;
 use crate::ids::{is_volume_id, new_volume_id};
+use crate::inflight::InFlight;
 use crate::model::{
     Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VOLUME_RECORD_VERSION,
     VolumeRecord,
 };
+use crate::reaper::Reaper;
+use crate::snapshot::Snapshots;
 use crate::validate;
+use crate::volumes::Volumes;
 
 /// The StorageClass parameters Strata understands (documented in docs/configuration.md).
 pub const STORAGE_CLASS_PARAMETERS: &[&str] = &[
@@ -48,7 +56,66 @@ pub struct Capacity {
     pub minimum_volume_bytes: u64,
 }
 
-impl Driver {
+/// Where this node's volumes are reachable from: the topology segment that names it.
+#[derive(Debug, Clone)]
+pub struct NodeTopology {
+    pub key: String,
+    pub node_id: String,
+}
+
+impl NodeTopology {
+    /// The topology of every volume: this node.
+    pub fn topology(&self) -> Topology {
+        [(self.key.clone(), self.node_id.clone())].into()
+    }
+
+    /// Whether `t` names this node.
+    pub(crate) fn is_this_node(&self, t: &Topology) -> bool {
+        t.get(&self.key) == Some(&self.node_id)
+    }
+}
+
+/// The controller service's work: CreateVolume (empty, restored, cloned), DeleteVolume,
+/// ControllerExpandVolume, ValidateVolumeCapabilities, ControllerGetVolume, ListVolumes,
+/// GetCapacity.
+pub struct Controller {
+    volumes: Arc<Volumes>,
+    snapshots: Arc<Snapshots>,
+    capabilities: Arc<Capabilities>,
+    freezer: Arc<Freezer>,
+    backend: Arc<dyn Backend>,
+    reaper: Arc<Reaper>,
+    inflight: Arc<InFlight>,
+    topology: NodeTopology,
+    crash: FaultPoints,
+}
+
+impl Controller {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        volumes: Arc<Volumes>,
+        snapshots: Arc<Snapshots>,
+        capabilities: Arc<Capabilities>,
+        freezer: Arc<Freezer>,
+        backend: Arc<dyn Backend>,
+        reaper: Arc<Reaper>,
+        inflight: Arc<InFlight>,
+        topology: NodeTopology,
+        crash: FaultPoints,
+    ) -> Self {
+        Controller {
+            volumes,
+            snapshots,
+            capabilities,
+            freezer,
+            backend,
+            reaper,
+            inflight,
+            topology,
+            crash,
+        }
+    }
+
     pub fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord> {
         let name = validate::required_str("name", &req.name)?;
         if req.capabilities.is_empty() {
@@ -57,18 +124,19 @@ impl Driver {
             ));
         }
         for cap in &req.capabilities {
-            self.check_capability(cap)?;
+            self.capabilities.check_capability(cap)?;
         }
-        self.check_parameters(&req.parameters)?;
-        if !req.requisite.is_empty() && !req.requisite.iter().any(|t| self.is_this_node(t)) {
+        self.capabilities.check_parameters(&req.parameters)?;
+        if !req.requisite.is_empty() && !req.requisite.iter().any(|t| self.topology.is_this_node(t))
+        {
             return Err(Error::ResourceExhausted(format!(
                 "none of the requisite topologies is node {:?} ({}); this driver provisions only on its own node",
-                self.config.node_id, self.config.topology_key
+                self.topology.node_id, self.topology.key
             )));
         }
-        let _guard = self.guard(&format!("name {name:?}"))?;
+        let _guard = self.inflight.acquire(format!("name {name:?}"))?;
 
-        if let Some(existing) = self.store.find_by_name(name) {
+        if let Some(existing) = self.volumes.store.find_by_name(name) {
             if !req.capacity.contains(existing.capacity_bytes) {
                 return Err(Error::AlreadyExists(format!(
                     "volume {name:?} exists with {} bytes, outside the requested capacity range",
@@ -96,9 +164,8 @@ impl Driver {
                 // Pinned for the copy: a concurrent DeleteSnapshot waits (ABORTED, retried)
                 // instead of pulling the data away mid-copy; looked up after the pin, so a
                 // snapshot deleted just before is NOT_FOUND.
-                self.snapshot(id)?;
-                let guard = self.guard_shared(id)?;
-                let snap = self.snapshot(id)?;
+                self.snapshots.get(id)?;
+                let (snap, guard) = self.snapshots.pin(id)?;
                 (
                     Some(self.snapshots.dir(&snap.id)),
                     snap.size_bytes,
@@ -107,26 +174,27 @@ impl Driver {
                 )
             }
             Some(ContentSource::Volume(id)) => {
-                let vol = self.volume(id)?;
+                let vol = self.volumes.get(id)?;
                 // The source must not change while it is copied (other clones and snapshots
                 // of it may run alongside).
-                let guard = self.guard_shared(&vol.id)?;
+                let guard = self.volumes.guard_shared(&vol.id)?;
                 (
-                    Some(self.store.dir(&vol.id)),
+                    Some(self.volumes.dir(&vol.id)),
                     vol.capacity_bytes,
                     vol.format,
                     Some(guard),
                 )
             }
         };
-        self.check_source_filesystem(&req.capabilities, &format)?;
+        self.capabilities
+            .check_source_filesystem(&req.capabilities, &format)?;
         if req.capacity.limit != 0 && req.capacity.limit < source_size {
             return Err(Error::OutOfRange(format!(
                 "limit_bytes {} is below the source's {source_size} bytes",
                 req.capacity.limit
             )));
         }
-        let floor = self.filesystem_floor(&req.capabilities)?;
+        let floor = self.capabilities.filesystem_floor(&req.capabilities)?;
         if let Some((fs, min)) = floor
             .as_ref()
             .filter(|(_, min)| req.capacity.limit != 0 && req.capacity.limit < *min)
@@ -154,13 +222,15 @@ impl Driver {
         }
 
         let id = new_volume_id();
-        let staging = self.store.begin_create(&id)?;
+        let staging = self.volumes.store.begin_create(&id)?;
         let filled = match &source_dir {
             None => self.backend.create(&staging, size),
             Some(src) => {
                 // A failed freeze is a failed create: rolled back below like any other.
                 let frozen = match &req.content_source {
-                    Some(ContentSource::Volume(source)) => self.freeze_if_mounted(source, src),
+                    Some(ContentSource::Volume(source)) => {
+                        self.freezer.freeze_if_mounted(source, src)
+                    }
                     _ => Ok(None),
                 };
                 frozen.and_then(|frozen| {
@@ -190,7 +260,7 @@ impl Driver {
                 mount_group: None,
                 mount_group_current: false,
             };
-            self.store.commit_create(&staging, record)
+            self.volumes.store.commit_create(&staging, record)
         });
         match created {
             Ok(record) => {
@@ -198,7 +268,9 @@ impl Driver {
                 Ok(record)
             }
             Err(e) => {
-                self.store.abort_create(&staging, self.backend.as_ref());
+                self.volumes
+                    .store
+                    .abort_create(&staging, self.backend.as_ref());
                 Err(e)
             }
         }
@@ -210,17 +282,17 @@ impl Driver {
             // Not an id this driver could have made, so it does not exist: deleted already.
             return Ok(());
         }
-        let _guard = self.guard(id)?;
-        if self.store.get(id).is_none() {
+        let _guard = self.volumes.guard(id)?;
+        if self.volumes.store.get(id).is_none() {
             return Ok(());
         }
-        let dir = self.store.dir(id);
+        let dir = self.volumes.dir(id);
         if let Some(att) = self.backend.attachment(&dir)? {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is in use on this node ({att}): unpublish and unstage it first"
             )));
         }
-        if let Some(doomed) = self.store.retire(id)? {
+        if let Some(doomed) = self.volumes.store.retire(id)? {
             self.crash.reach("delete:after-retire");
             self.reaper.remove(doomed);
         }
@@ -231,45 +303,10 @@ impl Driver {
     /// Grows a volume to the requested capacity; returns the new capacity and whether the
     /// node must grow the filesystem (NodeExpandVolume). Never shrinks.
     pub fn expand_volume(&self, id: &str, range: CapacityRange) -> Result<(u64, bool)> {
-        let record = self.volume(id)?;
-        let _guard = self.guard(&record.id)?;
-        let record = self.grow_volume(record, range)?;
+        let record = self.volumes.get(id)?;
+        let _guard = self.volumes.guard(&record.id)?;
+        let record = self.volumes.grow(record, range)?;
         Ok((record.capacity_bytes, record.resize_pending))
-    }
-
-    /// Grows the volume's storage to `range` (the caller holds the volume's guard) and
-    /// records the new size, with the filesystem marked for growth. A range it already
-    /// satisfies changes nothing; one below its size is OUT_OF_RANGE.
-    pub(crate) fn grow_volume(
-        &self,
-        mut record: VolumeRecord,
-        range: CapacityRange,
-    ) -> Result<VolumeRecord> {
-        let id = &record.id;
-        if range.limit != 0 && range.limit < record.capacity_bytes {
-            return Err(Error::OutOfRange(format!(
-                "volume {id} is {} bytes, above limit_bytes {}: volumes cannot shrink",
-                record.capacity_bytes, range.limit
-            )));
-        }
-        if range.required <= record.capacity_bytes {
-            return Ok(record);
-        }
-        let size = self.backend.size_policy().size_for(range)?;
-        let growth = size - record.capacity_bytes;
-        let free = self.backend.pool_usage()?.available_bytes;
-        if growth > free {
-            return Err(Error::ResourceExhausted(format!(
-                "the pool has {free} bytes free, less than the {growth} bytes this expansion adds"
-            )));
-        }
-        self.backend.expand(&self.store.dir(id), size)?;
-        self.crash.reach("expand:after-grow");
-        record.capacity_bytes = size;
-        record.resize_pending = matches!(record.format, FormatState::Formatted(_));
-        self.store.update(record.clone())?;
-        tracing::info!(volume_id = %record.id, size, "volume expanded");
-        Ok(record)
     }
 
     /// `Ok(None)` when every capability is supported; `Ok(Some(reason))` when one is not.
@@ -279,7 +316,7 @@ impl Driver {
         capabilities: &[Capability],
         parameters: &BTreeMap<String, String>,
     ) -> Result<Option<String>> {
-        let record = self.volume(id)?;
+        let record = self.volumes.get(id)?;
         if capabilities.is_empty() {
             return Err(Error::InvalidArgument(
                 "volume_capabilities is required".into(),
@@ -292,19 +329,19 @@ impl Driver {
         }
         Ok(capabilities
             .iter()
-            .find_map(|cap| self.check_capability(cap).err())
+            .find_map(|cap| self.capabilities.check_capability(cap).err())
             .map(|e| e.to_string()))
     }
 
     fn status(&self, record: VolumeRecord) -> VolumeStatus {
         let abnormal = self
             .backend
-            .condition(&self.store.dir(&record.id), record.capacity_bytes);
+            .condition(&self.volumes.dir(&record.id), record.capacity_bytes);
         VolumeStatus { record, abnormal }
     }
 
     pub fn get_volume(&self, id: &str) -> Result<VolumeStatus> {
-        Ok(self.status(self.volume(id)?))
+        Ok(self.status(self.volumes.get(id)?))
     }
 
     /// A page of volumes after `starting_token` and the token of the next page, if any.
@@ -314,7 +351,7 @@ impl Driver {
         starting_token: &str,
     ) -> Result<(Vec<VolumeStatus>, Option<String>)> {
         let (after, max) = validate::paging(max_entries, starting_token, is_volume_id)?;
-        let (page, more) = self.store.page(after, max);
+        let (page, more) = self.volumes.store.page(after, max);
         let next = more.then(|| page.last().map(|r| r.id.clone())).flatten();
         Ok((page.into_iter().map(|r| self.status(r)).collect(), next))
     }
@@ -328,9 +365,9 @@ impl Driver {
         let policy = self.backend.size_policy();
         let unusable = capabilities
             .iter()
-            .any(|c| self.check_capability(c).is_err())
-            || self.check_parameters(parameters).is_err()
-            || topology.is_some_and(|t| !self.is_this_node(t));
+            .any(|c| self.capabilities.check_capability(c).is_err())
+            || self.capabilities.check_parameters(parameters).is_err()
+            || topology.is_some_and(|t| !self.topology.is_this_node(t));
         if unusable {
             return Ok(Capacity {
                 available_bytes: 0,
@@ -341,6 +378,7 @@ impl Driver {
         let free = self.backend.pool_usage()?.available_bytes;
         let granular = free - free % policy.granularity;
         let floor = self
+            .capabilities
             .filesystem_floor(capabilities)?
             .map_or(0, |(_, min)| min);
         Ok(Capacity {
@@ -376,15 +414,17 @@ mod tests {
         let cap = mount(AccessMode::SingleNodeWriter);
         let a = f
             .driver
+            .controller
             .create_volume(req("a", 16 * MIB, cap.clone()))
             .unwrap();
         let again = f
             .driver
+            .controller
             .create_volume(req("a", 16 * MIB, cap.clone()))
             .unwrap();
         assert_eq!(a.id, again.id);
         assert!(matches!(
-            f.driver.create_volume(req("a", 64 * MIB, cap)),
+            f.driver.controller.create_volume(req("a", 64 * MIB, cap)),
             Err(Error::AlreadyExists(_))
         ));
     }
@@ -395,13 +435,14 @@ mod tests {
         let xfs = mount_fs("xfs", AccessMode::SingleNodeWriter);
         let v = f
             .driver
+            .controller
             .create_volume(req("x", 16 * MIB, xfs.clone()))
             .unwrap();
         assert_eq!(v.capacity_bytes, 300 * MIB);
         let mut capped = req("y", 16 * MIB, xfs);
         capped.capacity.limit = 100 * MIB;
         assert!(matches!(
-            f.driver.create_volume(capped),
+            f.driver.controller.create_volume(capped),
             Err(Error::OutOfRange(_))
         ));
     }
@@ -412,20 +453,22 @@ mod tests {
         let cap = mount(AccessMode::SingleNodeWriter);
         let src = f
             .driver
+            .controller
             .create_volume(req("src", 16 * MIB, cap.clone()))
             .unwrap();
         f.driver
+            .node
             .stage_volume(StageVolume {
                 volume_id: src.id.clone(),
                 staging_path: "/stage".into(),
                 capability: cap.clone(),
             })
             .unwrap();
-        f.driver.unstage_volume(&src.id, "/stage").unwrap();
+        f.driver.node.unstage_volume(&src.id, "/stage").unwrap();
         let clone = |name: &str, cap: Capability| {
             let mut r = req(name, 16 * MIB, cap);
             r.content_source = Some(ContentSource::Volume(src.id.clone()));
-            f.driver.create_volume(r)
+            f.driver.controller.create_volume(r)
         };
         // The source holds ext4 now: an xfs clone is refused before any copy.
         assert!(matches!(
@@ -433,14 +476,14 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         // A clone while another reader holds the source goes through; a delete does not.
-        let reading = f.driver.guard_shared(&src.id).unwrap();
+        let reading = f.driver.volumes.guard_shared(&src.id).unwrap();
         let c = clone("c", cap).unwrap();
         assert!(matches!(
-            f.driver.delete_volume(&src.id),
+            f.driver.controller.delete_volume(&src.id),
             Err(Error::Aborted(_))
         ));
         drop(reading);
         assert_eq!(c.format, FormatState::Formatted("ext4".into()));
-        f.driver.delete_volume(&src.id).unwrap();
+        f.driver.controller.delete_volume(&src.id).unwrap();
     }
 }

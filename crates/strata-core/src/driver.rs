@@ -1,49 +1,29 @@
-//! The driver: configuration, the pool's store and backend, the host, and the in-flight
-//! guards. Controller and node operations are implemented on it in their own modules.
+//! The driver: the configuration, and the features the CSI services call (controller,
+//! snapshots, group snapshots, node) composed from the parts they share (volumes, node
+//! paths, mounts, the freezer, capabilities), each in a module of its own.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::Backend;
+use crate::capability::Capabilities;
+pub use crate::config::Config;
+use crate::controller::{Controller, NodeTopology};
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
-use crate::freeze::FreezeStats;
-use crate::inflight::{Guard, InFlight};
-use crate::model::{Topology, VolumeRecord};
-use crate::os::{Create, FileId, Host, NodePath};
+use crate::freezer::Freezer;
+use crate::group::Groups;
+use crate::inflight::InFlight;
+use crate::model::Topology;
+use crate::mounts::Mounts;
+use crate::node::Node;
+use crate::os::{FileId, Host};
+use crate::paths::NodePaths;
 use crate::reaper::Reaper;
+use crate::snapshot::Snapshots;
 use crate::store::{GroupStore, Reconciliation, SnapshotStore, VolumeStore};
-use crate::validate::bounded_display;
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// CSI driver name, e.g. `strata.csi.dev`.
-    pub driver_name: String,
-    pub node_id: String,
-    /// Canonical path of the pool directory.
-    pub pool: PathBuf,
-    /// Reported as max_volumes_per_node; 0 means no limit.
-    pub max_volumes_per_node: i64,
-    /// Topology segment key naming this node; defaults to `<driver_name>/node`.
-    pub topology_key: String,
-    /// Staging and target paths must lie under one of these directories (each as given and
-    /// as resolved at startup); no symlink is followed below them.
-    pub allowed_path_prefixes: Vec<PathBuf>,
-    /// Directories no node path may lie in: the `--pool` directory (which holds the pool
-    /// image and its mount) and the pool itself.
-    pub forbidden_paths: Vec<PathBuf>,
-    /// The longest a group snapshot may keep its volumes' filesystems frozen; past it they
-    /// are thawed and the group snapshot fails (ABORTED), keeping nothing.
-    pub freeze_limit: std::time::Duration,
-}
-
-impl Config {
-    pub fn default_topology_key(driver_name: &str) -> String {
-        format!("{driver_name}/node")
-    }
-}
+use crate::volumes::Volumes;
 
 /// What reconciling the pool found at startup.
 #[derive(Debug, Default, Clone)]
@@ -58,17 +38,21 @@ pub struct Startup {
     pub detached_orphan_loops: Vec<String>,
 }
 
+/// The driver: the features the CSI services call, composed from the shared parts they
+/// hold (see docs/architecture.md). Opening it reconciles the pool with what a previous run
+/// left behind.
 pub struct Driver {
     pub config: Config,
-    pub(crate) store: VolumeStore,
-    pub(crate) snapshots: SnapshotStore,
-    pub(crate) groups: GroupStore,
-    pub(crate) freezes: FreezeStats,
-    pub(crate) reaper: Reaper,
-    pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) host: Host,
-    inflight: Arc<InFlight>,
-    pub(crate) crash: FaultPoints,
+    pub controller: Arc<Controller>,
+    pub snapshots: Arc<Snapshots>,
+    pub groups: Groups,
+    pub node: Node,
+    pub capabilities: Arc<Capabilities>,
+    pub(crate) volumes: Arc<Volumes>,
+    freezer: Arc<Freezer>,
+    reaper: Arc<Reaper>,
+    backend: Arc<dyn Backend>,
+    host: Host,
 }
 
 impl Driver {
@@ -79,33 +63,99 @@ impl Driver {
         backend: Arc<dyn Backend>,
         crash: FaultPoints,
     ) -> Result<(Self, Startup)> {
-        let (store, volumes) = VolumeStore::open(&config.pool, backend.as_ref())?;
+        let (store, volume_report) = VolumeStore::open(&config.pool, backend.as_ref())?;
         // Group evidence is read before the group store completes (and so removes) it.
         let interrupted_groups = GroupStore::interrupted(&config.pool)?;
-        let (snapshots, snapshot_report) = SnapshotStore::open(&config.pool, backend.as_ref())?;
+        let (snapshot_store, snapshot_report) =
+            SnapshotStore::open(&config.pool, backend.as_ref())?;
         let released_group_members =
-            snapshots.release_group_members(&interrupted_groups, backend.as_ref())?;
-        let (groups, group_report) = GroupStore::open(&config.pool, backend.as_ref())?;
+            snapshot_store.release_group_members(&interrupted_groups, backend.as_ref())?;
+        let (group_store, group_report) = GroupStore::open(&config.pool, backend.as_ref())?;
         let mut report = Startup {
-            volumes,
+            volumes: volume_report,
             snapshots: snapshot_report,
             groups: group_report,
             released_group_members,
             detached_orphan_loops: vec![],
         };
+
+        let inflight = InFlight::new();
+        let reaper = Arc::new(Reaper::start(backend.clone()));
+        let volumes = Arc::new(Volumes::new(
+            store,
+            backend.clone(),
+            host.loops.clone(),
+            inflight.clone(),
+            crash.clone(),
+        ));
+        let mounts = Arc::new(Mounts::new(host.clone(), backend.clone()));
+        let freezer = Arc::new(Freezer::new(
+            host.clone(),
+            backend.clone(),
+            mounts.clone(),
+            inflight.clone(),
+        ));
+        let capabilities = Arc::new(Capabilities::new(backend.clone()));
+        let group_store = Arc::new(group_store);
+        let snapshots = Arc::new(Snapshots::new(
+            snapshot_store,
+            group_store.clone(),
+            volumes.clone(),
+            freezer.clone(),
+            backend.clone(),
+            reaper.clone(),
+            inflight.clone(),
+            crash.clone(),
+        ));
+        let controller = Arc::new(Controller::new(
+            volumes.clone(),
+            snapshots.clone(),
+            capabilities.clone(),
+            freezer.clone(),
+            backend.clone(),
+            reaper.clone(),
+            inflight.clone(),
+            NodeTopology {
+                key: config.topology_key.clone(),
+                node_id: config.node_id.clone(),
+            },
+            crash.clone(),
+        ));
+        let groups = Groups::new(
+            group_store,
+            snapshots.clone(),
+            volumes.clone(),
+            freezer.clone(),
+            backend.clone(),
+            reaper.clone(),
+            inflight.clone(),
+            config.freeze_limit,
+            crash.clone(),
+        );
+        let node = Node::new(
+            volumes.clone(),
+            NodePaths::new(&config, host.mounter.clone(), inflight),
+            mounts,
+            capabilities.clone(),
+            controller.clone(),
+            host.clone(),
+            backend.clone(),
+            crash,
+        );
         let driver = Driver {
             config,
-            reaper: Reaper::start(backend.clone()),
-            store,
+            controller,
             snapshots,
             groups,
-            freezes: FreezeStats::default(),
+            node,
+            capabilities,
+            volumes,
+            freezer,
+            reaper,
             backend,
             host,
-            inflight: InFlight::new(),
-            crash,
         };
-        driver.thaw_all()?;
+        driver.freezer.thaw_all(&driver.volumes)?;
         report.detached_orphan_loops = driver.detach_orphan_loops()?;
         Ok((driver, report))
     }
@@ -116,39 +166,11 @@ impl Driver {
 
     /// The topology of every volume: this node.
     pub fn topology(&self) -> Topology {
-        [(
-            self.config.topology_key.clone(),
-            self.config.node_id.clone(),
-        )]
-        .into()
-    }
-
-    /// Whether `t` names this node.
-    pub(crate) fn is_this_node(&self, t: &Topology) -> bool {
-        t.get(&self.config.topology_key) == Some(&self.config.node_id)
-    }
-
-    /// The loop devices (major, minor) serving this pool's volumes, matched by the
-    /// identity (device and inode) of each volume's image: one listing of the devices, one
-    /// stat per volume.
-    pub(crate) fn volume_devices(&self) -> Result<HashSet<(u32, u32)>> {
-        let loops = self.host.loops.list()?;
-        if loops.is_empty() {
-            return Ok(HashSet::new());
+        NodeTopology {
+            key: self.config.topology_key.clone(),
+            node_id: self.config.node_id.clone(),
         }
-        let by_file: HashMap<FileId, (u32, u32)> = loops
-            .iter()
-            .map(|l| (l.backing, (l.major, l.minor)))
-            .collect();
-        let mut ours = HashSet::new();
-        for record in self.store.filter(|_| true) {
-            if let Some(id) = self.backend.identity(&self.store.dir(&record.id))?
-                && let Some(dev) = by_file.get(&id)
-            {
-                ours.insert(*dev);
-            }
-        }
-        Ok(ours)
+        .topology()
     }
 
     /// Detaches loop devices left on images that startup moved to `lost+found` (a volume it
@@ -211,51 +233,13 @@ impl Driver {
         Ok(())
     }
 
-    pub(crate) fn guard(&self, key: &str) -> Result<Guard> {
-        self.inflight.acquire(key)
-    }
-
-    /// A guard for an operation that only reads the object (see [`InFlight`]).
-    pub(crate) fn guard_shared(&self, key: &str) -> Result<Guard> {
-        self.inflight.acquire_shared(key)
-    }
-
-    /// Waits until `deadline` for `key`: for the short sections readers of one object must
-    /// take in turn, such as freezing its filesystem.
-    pub(crate) fn guard_waiting_until(
-        &self,
-        key: &str,
-        deadline: std::time::Instant,
-    ) -> Result<Guard> {
-        loop {
-            match self.inflight.acquire(key) {
-                Err(Error::Aborted(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// The record of an existing volume, or NOT_FOUND.
-    pub(crate) fn volume(&self, id: &str) -> Result<VolumeRecord> {
-        crate::validate::required_str("volume_id", id)?;
-        self.store
-            .get(id)
-            .ok_or_else(|| Error::NotFound(format!("volume {id:?} does not exist")))
-    }
-
     /// Waits for background removals of deleted volumes to finish.
     pub fn shut_down(&self) {
         self.reaper.shut_down();
     }
 
-    pub fn snapshot_count(&self) -> usize {
-        self.snapshots.len()
-    }
-
-    pub fn group_snapshot_count(&self) -> usize {
-        self.groups.len()
+    pub fn volume_count(&self) -> usize {
+        self.volumes.count()
     }
 
     /// Space of the pool.
@@ -263,75 +247,8 @@ impl Driver {
         self.backend.pool_usage()
     }
 
-    pub fn volume_count(&self) -> usize {
-        self.store.len()
+    /// The freeze windows of group snapshots so far.
+    pub fn freeze_figures(&self) -> crate::freezer::FreezeFigures {
+        self.freezer.figures()
     }
-
-    /// Checks a staging or target path as a request gives it: required, absolute and clean,
-    /// below an allowed directory and not in the pool. The path is later opened from that
-    /// directory without following symlinks ([`NodePath`]).
-    pub(crate) fn node_path(&self, field: &str, raw: &str) -> Result<CheckedPath> {
-        let path = crate::validate::absolute_path(field, raw)?;
-        self.allowed_node_path(field, &path)
-    }
-
-    /// [`Driver::node_path`] for a path already absolute and clean.
-    pub(crate) fn allowed_node_path(&self, field: &str, path: &Path) -> Result<CheckedPath> {
-        let prefix = self
-            .config
-            .allowed_path_prefixes
-            .iter()
-            .filter(|p| path.starts_with(p) && path != p.as_path())
-            .max_by_key(|p| p.as_os_str().len());
-        let Some(prefix) = prefix else {
-            let prefixes: Vec<String> = self
-                .config
-                .allowed_path_prefixes
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            return Err(Error::InvalidArgument(format!(
-                "{field} {} is outside the allowed directories ({}); start strata with --allowed-path-prefix to allow another",
-                bounded_display(path),
-                prefixes.join(", ")
-            )));
-        };
-        if let Some(pool) = self
-            .config
-            .forbidden_paths
-            .iter()
-            .chain([&self.config.pool])
-            .find(|p| path.starts_with(p) || p.starts_with(path))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "{field} {} is inside or above the pool; use a path outside {}",
-                bounded_display(path),
-                pool.display()
-            )));
-        }
-        Ok(CheckedPath {
-            prefix: prefix.clone(),
-            path: path.to_owned(),
-        })
-    }
-
-    /// Opens a checked node path without following symlinks.
-    pub(crate) fn open_node(&self, path: &CheckedPath, create: Create) -> Result<Option<NodePath>> {
-        self.host
-            .mounter
-            .open_path(&path.prefix, &path.path, create)
-    }
-
-    /// Claims a node path for the operation, so two volumes are never mounted at one path.
-    pub(crate) fn path_guard(&self, path: &CheckedPath) -> Result<Guard> {
-        self.inflight
-            .acquire(format!("path {}", path.path.display()))
-    }
-}
-
-/// A node path that passed [`Driver::node_path`], with the allowed directory it lies in.
-#[derive(Debug, Clone)]
-pub struct CheckedPath {
-    pub prefix: PathBuf,
-    pub path: PathBuf,
 }

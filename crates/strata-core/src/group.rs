@@ -10,24 +10,26 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::attachment::{Frozen, thaw_together};
-use crate::backend::GroupConsistency;
+use crate::backend::{Backend, GroupConsistency};
 use crate::capability::K8S_PARAMETER_PREFIX;
-use crate::driver::Driver;
 use crate::error::{Error, Result};
-use crate::freeze::FreezeFigures;
+use crate::fault::FaultPoints;
+use crate::freezer::{FreezeFigures, Freezer, Frozen, thaw_together};
 use crate::ids::{is_group_id, new_group_id, new_snapshot_id};
-use crate::inflight::Guard;
+use crate::inflight::{Guard, InFlight};
 use crate::model::{CopyMethod, GROUP_RECORD_VERSION, GroupMember, GroupSnapshotRecord};
 use crate::model::{SnapshotRecord, VolumeRecord};
 use crate::os::MountedFs;
-use crate::snapshot::{now, snapshot_record};
-use crate::store::remove_object_dir;
+use crate::reaper::Reaper;
+use crate::snapshot::{Snapshots, now, snapshot_record};
+use crate::store::{GroupStore, remove_object_dir};
 use crate::validate::{self, echo};
+use crate::volumes::Volumes;
 
 /// The most volumes one group snapshot may name.
 pub const MAX_GROUP_VOLUMES: usize = 128;
@@ -98,14 +100,58 @@ struct Source {
     staging: PathBuf,
 }
 
-impl Driver {
+/// Group snapshots: CreateVolumeGroupSnapshot, DeleteVolumeGroupSnapshot,
+/// GetVolumeGroupSnapshot.
+pub struct Groups {
+    pub(crate) store: Arc<GroupStore>,
+    snapshots: Arc<Snapshots>,
+    volumes: Arc<Volumes>,
+    freezer: Arc<Freezer>,
+    backend: Arc<dyn Backend>,
+    reaper: Arc<Reaper>,
+    inflight: Arc<InFlight>,
+    /// The longest the sources may stay frozen.
+    freeze_limit: Duration,
+    crash: FaultPoints,
+}
+
+impl Groups {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<GroupStore>,
+        snapshots: Arc<Snapshots>,
+        volumes: Arc<Volumes>,
+        freezer: Arc<Freezer>,
+        backend: Arc<dyn Backend>,
+        reaper: Arc<Reaper>,
+        inflight: Arc<InFlight>,
+        freeze_limit: Duration,
+        crash: FaultPoints,
+    ) -> Self {
+        Groups {
+            store,
+            snapshots,
+            volumes,
+            freezer,
+            backend,
+            reaper,
+            inflight,
+            freeze_limit,
+            crash,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.store.len()
+    }
+
     /// Whether this backend offers group snapshots at all.
     pub fn supports_group_snapshots(&self) -> bool {
         self.backend.group_consistency() != GroupConsistency::None
     }
 
     pub fn freeze_figures(&self) -> FreezeFigures {
-        self.freezes.figures()
+        self.freezer.figures()
     }
 
     pub fn create_group_snapshot(
@@ -141,8 +187,10 @@ impl Driver {
                 )));
             }
         }
-        let _name_guard = self.guard(&format!("group snapshot name {name:?}"))?;
-        if let Some(existing) = self.groups.find_by_name(name) {
+        let _name_guard = self
+            .inflight
+            .acquire(format!("group snapshot name {name:?}"))?;
+        if let Some(existing) = self.store.find_by_name(name) {
             return if existing.sources() == ids {
                 self.with_members(existing)
             } else {
@@ -156,19 +204,19 @@ impl Driver {
         }
         let volumes = ids
             .iter()
-            .map(|id| self.volume(id))
+            .map(|id| self.volumes.get(id))
             .collect::<Result<Vec<_>>>()?;
         let id = new_group_id();
-        let staging = self.groups.begin_create(&id)?;
+        let staging = self.store.begin_create(&id)?;
         let mut sources = Vec::with_capacity(volumes.len());
         let taken = volumes
             .into_iter()
             .try_for_each(|volume| {
                 // The sources must not change while they are copied; snapshots and clones
                 // of them may run alongside.
-                let guard = self.guard_shared(&volume.id)?;
+                let guard = self.inflight.acquire_shared(&volume.id)?;
                 let snapshot_id = new_snapshot_id();
-                let member_staging = self.snapshots.begin_create(&snapshot_id)?;
+                let member_staging = self.snapshots.store.begin_create(&snapshot_id)?;
                 sources.push(Source {
                     volume,
                     _guard: guard,
@@ -191,8 +239,11 @@ impl Driver {
                 let mut left = false;
                 for s in &sources {
                     // Committed members go with the group they were for.
-                    if self.snapshots.get(&s.snapshot_id).is_some() {
-                        if let Err(e) = self.snapshots.delete(&s.snapshot_id, self.backend.as_ref())
+                    if self.snapshots.store.get(&s.snapshot_id).is_some() {
+                        if let Err(e) = self
+                            .snapshots
+                            .store
+                            .delete(&s.snapshot_id, self.backend.as_ref())
                         {
                             left = true;
                             tracing::error!(snapshot_id = %s.snapshot_id, error = %e,
@@ -200,13 +251,14 @@ impl Driver {
                         }
                     } else {
                         self.snapshots
+                            .store
                             .abort_create(&s.staging, self.backend.as_ref());
                     }
                 }
                 // The group's `.creating-` directory is what tells startup to remove members
                 // left behind: it goes only when none is.
                 if !left {
-                    self.groups.abort_create(&staging, self.backend.as_ref());
+                    self.store.abort_create(&staging, self.backend.as_ref());
                 }
                 Err(e)
             }
@@ -217,18 +269,21 @@ impl Driver {
     /// thaws them all after the last copy. Returns the copy methods, the instant the group
     /// shows, and how long the filesystems were frozen.
     fn copy_frozen(&self, sources: &[Source]) -> Result<(Vec<CopyMethod>, Duration, Duration)> {
-        let limit = self.config.freeze_limit;
+        let limit = self.freeze_limit;
         // Turns are taken in volume-id order (two groups sharing volumes never wait on each
         // other in a cycle), bounded by the limit too; then every filesystem is frozen at once.
         let deadline = Instant::now() + limit;
         let turns = sources
             .iter()
-            .map(|s| self.freeze_turn(&s.volume.id, &self.store.dir(&s.volume.id), deadline))
+            .map(|s| {
+                self.freezer
+                    .freeze_turn(&s.volume.id, &self.volumes.dir(&s.volume.id), deadline)
+            })
             .filter_map(Result::transpose)
             .collect::<Result<Vec<_>>>()?;
         // The window opens with the first freeze (which flushes that filesystem).
         let started = Instant::now();
-        let mut frozen = self.freeze_all(turns)?;
+        let mut frozen = self.freezer.freeze_all(turns)?;
         let instant = now();
         if !frozen.is_empty() {
             self.crash.reach("group:frozen");
@@ -257,7 +312,7 @@ impl Driver {
         thaw_together(frozen);
         let window = started.elapsed();
         if volumes > 0 {
-            self.freezes.record(window, over);
+            self.freezer.record(window, over);
             tracing::info!(
                 volumes,
                 freeze_micros = window.as_micros() as u64,
@@ -282,7 +337,7 @@ impl Driver {
         let copy = |i: usize| -> Result<CopyMethod> {
             let s = &sources[i];
             let method = self.backend.copy_from(
-                &self.store.dir(&s.volume.id),
+                &self.volumes.dir(&s.volume.id),
                 &s.staging,
                 s.volume.capacity_bytes,
                 true,
@@ -343,7 +398,7 @@ impl Driver {
                 "a group snapshot outlasted the freeze limit: thawing its filesystems"
             );
             for fs in filesystems {
-                if let Err(e) = self.host.filesystems.thaw(fs) {
+                if let Err(e) = self.freezer.thaw(fs) {
                     tracing::error!(mount_point = %fs.mount_point.display(), error = %e, "could not thaw");
                 }
             }
@@ -366,12 +421,12 @@ impl Driver {
         // Held until the group is committed: no member can be deleted on its own before.
         let mut _member_guards = Vec::with_capacity(sources.len());
         for (s, method) in sources.iter().zip(methods) {
-            _member_guards.push(self.guard(&s.snapshot_id)?);
+            _member_guards.push(self.inflight.acquire(&s.snapshot_id)?);
             let record = snapshot_record(&s.snapshot_id, "", &s.volume, method, instant, id);
-            members.push(self.snapshots.commit_create(&s.staging, record)?);
+            members.push(self.snapshots.store.commit_create(&s.staging, record)?);
         }
         self.crash.reach("group:before-commit");
-        let record = self.groups.commit_create(
+        let record = self.store.commit_create(
             staging,
             GroupSnapshotRecord {
                 version: GROUP_RECORD_VERSION,
@@ -397,7 +452,7 @@ impl Driver {
             .members
             .iter()
             .map(|m| {
-                self.snapshots.get(&m.snapshot_id).ok_or_else(|| {
+                self.snapshots.store.get(&m.snapshot_id).ok_or_else(|| {
                     Error::Internal(format!(
                         "group snapshot {} lists snapshot {}, which is missing; delete the group and take it again",
                         record.id, m.snapshot_id
@@ -410,7 +465,7 @@ impl Driver {
 
     pub fn group_snapshot(&self, id: &str, snapshot_ids: &[String]) -> Result<GroupSnapshot> {
         validate::required_str("group_snapshot_id", id)?;
-        let record = self.groups.get(id).ok_or_else(|| {
+        let record = self.store.get(id).ok_or_else(|| {
             Error::NotFound(format!("group snapshot {} does not exist", echo(id)))
         })?;
         check_snapshot_ids(&record, snapshot_ids)?;
@@ -424,8 +479,8 @@ impl Driver {
         if !is_group_id(id) {
             return Ok(());
         }
-        let _guard = self.guard(id)?;
-        let Some(record) = self.groups.get(id) else {
+        let _guard = self.inflight.acquire(id)?;
+        let Some(record) = self.store.get(id) else {
             return Ok(());
         };
         check_snapshot_ids(&record, snapshot_ids)?;
@@ -433,14 +488,14 @@ impl Driver {
         let _members = record
             .members
             .iter()
-            .map(|m| self.guard(&m.snapshot_id))
+            .map(|m| self.inflight.acquire(&m.snapshot_id))
             .collect::<Result<Vec<_>>>()?;
-        let Some(doomed) = self.groups.retire(id)? else {
+        let Some(doomed) = self.store.retire(id)? else {
             return Ok(());
         };
         self.crash.reach("group:after-retire");
         for m in &record.members {
-            if let Some(data) = self.snapshots.retire(&m.snapshot_id)? {
+            if let Some(data) = self.snapshots.store.retire(&m.snapshot_id)? {
                 self.reaper.remove(data);
             }
         }
@@ -462,6 +517,7 @@ mod tests {
             .iter()
             .map(|n| {
                 f.driver
+                    .controller
                     .create_volume(CreateVolume {
                         name: (*n).into(),
                         capabilities: vec![mount(AccessMode::SingleNodeWriter)],
@@ -483,6 +539,7 @@ mod tests {
         let ids = volumes(&f, &["a", "b"]);
         let g = f
             .driver
+            .groups
             .create_group_snapshot("g", &ids, &BTreeMap::new())
             .unwrap();
         (f, g)
@@ -493,51 +550,61 @@ mod tests {
         let f = fixture();
         let ids = volumes(&f, &["a", "b"]);
         let none = BTreeMap::new();
-        let g = f.driver.create_group_snapshot("g", &ids, &none).unwrap();
+        let g = f
+            .driver
+            .groups
+            .create_group_snapshot("g", &ids, &none)
+            .unwrap();
         assert_eq!(g.members.len(), 2);
         assert!(g.members.iter().all(|m| m.group_snapshot_id == g.record.id));
         // The same sources in another order are the same group; other sources are not.
         let reversed: Vec<String> = ids.iter().rev().cloned().collect();
         assert_eq!(
             f.driver
+                .groups
                 .create_group_snapshot("g", &reversed, &none)
                 .unwrap(),
             g
         );
         assert!(matches!(
-            f.driver.create_group_snapshot("g", &ids[..1], &none),
+            f.driver.groups.create_group_snapshot("g", &ids[..1], &none),
             Err(Error::AlreadyExists(_))
         ));
         let member = g.members[0].id.clone();
         assert!(matches!(
-            f.driver.delete_snapshot(&member),
+            f.driver.snapshots.delete_snapshot(&member),
             Err(Error::InvalidArgument(_))
         ));
         let snapshot_ids: Vec<String> = g.members.iter().map(|m| m.id.clone()).collect();
         assert!(matches!(
             f.driver
+                .groups
                 .delete_group_snapshot(&g.record.id, &snapshot_ids[..1]),
             Err(Error::InvalidArgument(_))
         ));
         assert_eq!(
             f.driver
+                .groups
                 .group_snapshot(&g.record.id, &snapshot_ids)
                 .unwrap(),
             g
         );
         f.driver
+            .groups
             .delete_group_snapshot(&g.record.id, &snapshot_ids)
             .unwrap();
-        assert!(f.driver.snapshot(&member).is_err());
+        assert!(f.driver.snapshots.get(&member).is_err());
         assert!(matches!(
-            f.driver.group_snapshot(&g.record.id, &snapshot_ids),
+            f.driver.groups.group_snapshot(&g.record.id, &snapshot_ids),
             Err(Error::NotFound(_))
         ));
         // Deleting what is gone, or was never a group, succeeds.
         f.driver
+            .groups
             .delete_group_snapshot(&g.record.id, &snapshot_ids)
             .unwrap();
         f.driver
+            .groups
             .delete_group_snapshot("not-a-group", &snapshot_ids)
             .unwrap();
     }
@@ -561,24 +628,26 @@ mod tests {
         for (name, sources, params) in cases {
             assert!(
                 matches!(
-                    f.driver.create_group_snapshot(name, &sources, &params),
+                    f.driver
+                        .groups
+                        .create_group_snapshot(name, &sources, &params),
                     Err(Error::InvalidArgument(_))
                 ),
                 "{name:?} {sources:?} {params:?}"
             );
         }
         assert!(matches!(
-            f.driver.create_group_snapshot(
+            f.driver.groups.create_group_snapshot(
                 "g",
                 &["vol-0123456789abcdef01234567".to_owned()],
                 &none
             ),
             Err(Error::NotFound(_))
         ));
-        assert!(f.driver.groups.is_empty());
-        assert_eq!(f.driver.snapshot_count(), 0);
+        assert!(f.driver.groups.store.is_empty());
+        assert_eq!(f.driver.snapshots.count(), 0);
         assert!(matches!(
-            f.driver.group_snapshot("", &[]),
+            f.driver.groups.group_snapshot("", &[]),
             Err(Error::InvalidArgument(_))
         ));
     }
@@ -586,29 +655,35 @@ mod tests {
     #[test]
     fn members_are_seen_only_while_their_group_is_committed() {
         let (f, g) = group_of_two();
-        let listed =
-            |f: &crate::testing::Fixture| f.driver.list_snapshots(0, "", "", "").unwrap().0;
+        let listed = |f: &crate::testing::Fixture| {
+            f.driver.snapshots.list_snapshots(0, "", "", "").unwrap().0
+        };
         assert_eq!(listed(&f).len(), 2);
         // As while a delete is between retiring the group and its members.
-        f.driver.groups.retire(&g.record.id).unwrap();
+        f.driver.groups.store.retire(&g.record.id).unwrap();
         assert!(listed(&f).is_empty());
         for m in &g.members {
-            assert!(matches!(f.driver.snapshot(&m.id), Err(Error::NotFound(_))));
+            assert!(matches!(
+                f.driver.snapshots.get(&m.id),
+                Err(Error::NotFound(_))
+            ));
             let by_source = f
                 .driver
+                .snapshots
                 .list_snapshots(0, "", "", &m.source_volume_id)
                 .unwrap()
                 .0;
             assert!(by_source.is_empty());
             assert!(
                 f.driver
+                    .snapshots
                     .list_snapshots(0, "", &m.id, "")
                     .unwrap()
                     .0
                     .is_empty()
             );
             // With no group left, a member is an ordinary snapshot to delete.
-            f.driver.delete_snapshot(&m.id).unwrap();
+            f.driver.snapshots.delete_snapshot(&m.id).unwrap();
         }
     }
 
@@ -616,13 +691,16 @@ mod tests {
     fn a_member_being_restored_holds_off_the_group_delete() {
         let (f, g) = group_of_two();
         let snapshot_ids: Vec<String> = g.members.iter().map(|m| m.id.clone()).collect();
-        let restoring = f.driver.guard_shared(&snapshot_ids[1]).unwrap();
+        let restoring = f.driver.volumes.guard_shared(&snapshot_ids[1]).unwrap();
         assert!(matches!(
-            f.driver.delete_group_snapshot(&g.record.id, &snapshot_ids),
+            f.driver
+                .groups
+                .delete_group_snapshot(&g.record.id, &snapshot_ids),
             Err(Error::Aborted(_))
         ));
         drop(restoring);
         f.driver
+            .groups
             .delete_group_snapshot(&g.record.id, &snapshot_ids)
             .unwrap();
     }

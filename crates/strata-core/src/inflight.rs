@@ -47,6 +47,23 @@ impl InFlight {
         self.claim(key.into(), true)
     }
 
+    /// Claims `key` exclusively, waiting until `deadline` while others hold it: for the short
+    /// sections readers of one object must take in turn, such as freezing its filesystem.
+    pub fn acquire_waiting_until(
+        self: &Arc<Self>,
+        key: &str,
+        deadline: std::time::Instant,
+    ) -> Result<Guard> {
+        loop {
+            match self.acquire(key) {
+                Err(Error::Aborted(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn claim(self: &Arc<Self>, key: String, shared: bool) -> Result<Guard> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let busy = match keys.entry(key.clone()) {

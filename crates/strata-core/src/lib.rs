@@ -1,22 +1,24 @@
 //! Strata's domain core: volumes, backends, the metadata store and host access. Nothing here
 //! knows about gRPC; the `strata` crate converts between CSI messages and these types.
 
-pub mod attachment;
 pub mod backend;
 pub mod capability;
+pub mod config;
 pub mod controller;
 pub mod driver;
 pub mod durable;
 pub mod error;
 pub mod fault;
 pub mod filesystem;
-pub mod freeze;
+pub mod freezer;
 pub mod group;
 pub mod ids;
 pub mod inflight;
 pub mod model;
+pub mod mounts;
 pub mod node;
 pub mod os;
+pub mod paths;
 pub mod pool_image;
 pub mod reaper;
 #[cfg(test)]
@@ -26,6 +28,7 @@ pub mod store;
 #[cfg(test)]
 mod testing;
 pub mod validate;
+pub mod volumes;
 
 pub use driver::{Config, Driver};
 pub use error::{Error, Result};

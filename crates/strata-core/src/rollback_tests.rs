@@ -21,6 +21,7 @@ fn injected() -> Error {
 
 fn create(f: &Fixture, name: &str, source: Option<ContentSource>) -> Result<String> {
     f.driver
+        .controller
         .create_volume(CreateVolume {
             name: name.into(),
             capabilities: vec![mount(AccessMode::SingleNodeWriter)],
@@ -53,7 +54,7 @@ fn with_group(gid: &str) -> Capability {
 }
 
 fn stage(d: &Driver, id: &str, capability: Capability) -> Result<()> {
-    d.stage_volume(StageVolume {
+    d.node.stage_volume(StageVolume {
         volume_id: id.into(),
         staging_path: "/stage".into(),
         capability,
@@ -61,7 +62,7 @@ fn stage(d: &Driver, id: &str, capability: Capability) -> Result<()> {
 }
 
 fn publish(d: &Driver, id: &str, capability: Capability, read_only: bool) -> Result<()> {
-    d.publish_volume(PublishVolume {
+    d.node.publish_volume(PublishVolume {
         volume_id: id.into(),
         staging_path: "/stage".into(),
         target_path: "/target".into(),
@@ -104,7 +105,7 @@ fn a_stage_whose_mkfs_fails_detaches_and_the_retry_formats() {
     });
     assert_eq!(counts(&f), (0, 0), "no loop device, no mount");
     // The record says an mkfs was under way: the retry formats again, never probes it away.
-    let record = f.driver.volume(&id).unwrap();
+    let record = f.driver.volumes.get(&id).unwrap();
     assert_eq!(record.format, FormatState::Formatting("ext4".into()));
     stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter)).unwrap();
     assert_eq!(counts(&f), (1, 1));
@@ -119,7 +120,7 @@ fn a_stage_whose_mount_or_probe_fails_detaches_and_formats_nothing_again() {
     });
     assert_eq!(counts(&f), (0, 0));
     assert_eq!(
-        f.driver.volume(&id).unwrap().format,
+        f.driver.volumes.get(&id).unwrap().format,
         FormatState::Formatted("ext4".into())
     );
     // Formatted now, so the next stage probes first; a failing probe leaves nothing either.
@@ -156,11 +157,11 @@ fn a_stage_whose_group_walk_fails_walks_at_the_retry() {
     failing(&f, Op::ApplyGroup, || {
         stage(&f.driver, &id, with_group("700"))
     });
-    assert!(!f.driver.volume(&id).unwrap().mount_group_current);
+    assert!(!f.driver.volumes.get(&id).unwrap().mount_group_current);
     // The filesystem stays staged (the kubelet retries the stage); the retry walks.
     stage(&f.driver, &id, with_group("700")).unwrap();
     assert_eq!(f.fake.lock().groups.len(), 1);
-    assert!(f.driver.volume(&id).unwrap().mount_group_current);
+    assert!(f.driver.volumes.get(&id).unwrap().mount_group_current);
 }
 
 #[test]
@@ -168,8 +169,9 @@ fn a_stage_whose_offline_growth_fails_detaches_and_grows_at_the_retry() {
     let f = fixture();
     let id = create(&f, "v", None).unwrap();
     stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter)).unwrap();
-    f.driver.unstage_volume(&id, "/stage").unwrap();
+    f.driver.node.unstage_volume(&id, "/stage").unwrap();
     f.driver
+        .controller
         .expand_volume(
             &id,
             CapacityRange {
@@ -182,9 +184,9 @@ fn a_stage_whose_offline_growth_fails_detaches_and_grows_at_the_retry() {
         stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter))
     });
     assert_eq!(counts(&f), (0, 0));
-    assert!(f.driver.volume(&id).unwrap().resize_pending);
+    assert!(f.driver.volumes.get(&id).unwrap().resize_pending);
     stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter)).unwrap();
-    assert!(!f.driver.volume(&id).unwrap().resize_pending);
+    assert!(!f.driver.volumes.get(&id).unwrap().resize_pending);
     assert_eq!(f.fake.lock().grows, 1);
 }
 
@@ -198,7 +200,7 @@ fn a_publish_whose_bind_fails_mounts_nothing_and_the_retry_binds() {
     });
     assert_eq!(counts(&f), (1, 1), "only the stage's mount");
     // The failed bind may have been the one a pod writes through: the next walk is owed.
-    assert!(!f.driver.volume(&id).unwrap().mount_group_current);
+    assert!(!f.driver.volumes.get(&id).unwrap().mount_group_current);
     publish(&f.driver, &id, mount(AccessMode::SingleNodeWriter), false).unwrap();
     assert_eq!(counts(&f), (1, 2));
 }
@@ -220,7 +222,7 @@ fn a_read_only_block_publish_whose_bind_fails_releases_its_device() {
 fn a_restore_whose_copy_fails_leaves_no_volume() {
     let f = fixture();
     let id = create(&f, "v", None).unwrap();
-    let snap = f.driver.create_snapshot("s", &id).unwrap().id;
+    let snap = f.driver.snapshots.create_snapshot("s", &id).unwrap().id;
     let from = || Some(ContentSource::Snapshot(snap.clone()));
     failing(&f, Op::CloneFile, || create(&f, "restored", from()));
     assert_eq!(f.driver.volume_count(), 1);
@@ -255,13 +257,13 @@ fn a_snapshot_whose_freeze_or_copy_fails_leaves_no_snapshot_and_nothing_frozen()
     let id = create(&f, "v", None).unwrap();
     stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter)).unwrap();
     for op in [Op::Freeze, Op::CloneFile] {
-        failing(&f, op, || f.driver.create_snapshot("s", &id));
+        failing(&f, op, || f.driver.snapshots.create_snapshot("s", &id));
         assert!(f.fake.lock().frozen.is_empty(), "{op:?}");
-        assert_eq!(f.driver.snapshot_count(), 0, "{op:?}");
+        assert_eq!(f.driver.snapshots.count(), 0, "{op:?}");
         assert!(half_made(&f, "snapshots").is_empty(), "{op:?}");
     }
-    f.driver.create_snapshot("s", &id).unwrap();
-    assert_eq!(f.driver.snapshot_count(), 1);
+    f.driver.snapshots.create_snapshot("s", &id).unwrap();
+    assert_eq!(f.driver.snapshots.count(), 1);
 }
 
 #[test]
@@ -273,9 +275,11 @@ fn an_expansion_whose_device_refresh_fails_is_not_recorded_and_the_retry_complet
         required: 32 * MIB,
         limit: 0,
     };
-    failing(&f, Op::RefreshCapacity, || f.driver.expand_volume(&id, to));
-    assert_eq!(f.driver.volume(&id).unwrap().capacity_bytes, 16 * MIB);
-    let (size, node_grows) = f.driver.expand_volume(&id, to).unwrap();
+    failing(&f, Op::RefreshCapacity, || {
+        f.driver.controller.expand_volume(&id, to)
+    });
+    assert_eq!(f.driver.volumes.get(&id).unwrap().capacity_bytes, 16 * MIB);
+    let (size, node_grows) = f.driver.controller.expand_volume(&id, to).unwrap();
     assert_eq!((size, node_grows), (32 * MIB, true));
 }
 
@@ -289,16 +293,18 @@ fn a_node_expansion_whose_filesystem_growth_fails_grows_at_the_retry() {
         limit: 0,
     };
     let here = "/stage";
-    failing(&f, Op::Grow, || f.driver.node_expand_volume(&id, here, to));
-    let record = f.driver.volume(&id).unwrap();
+    failing(&f, Op::Grow, || {
+        f.driver.node.node_expand_volume(&id, here, to)
+    });
+    let record = f.driver.volumes.get(&id).unwrap();
     assert_eq!(record.capacity_bytes, 32 * MIB, "the image grew");
     assert!(
         record.resize_pending,
         "the filesystem still owes its growth"
     );
     assert_eq!(
-        f.driver.node_expand_volume(&id, here, to).unwrap(),
+        f.driver.node.node_expand_volume(&id, here, to).unwrap(),
         32 * MIB
     );
-    assert!(!f.driver.volume(&id).unwrap().resize_pending);
+    assert!(!f.driver.volumes.get(&id).unwrap().resize_pending);
 }

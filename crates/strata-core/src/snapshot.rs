@@ -2,16 +2,24 @@
 //! that shares extents (xfs with reflink, btrfs) a snapshot costs O(1) whatever the volume
 //! holds; elsewhere it copies the allocated data.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::driver::Driver;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::fault::FaultPoints;
+use crate::freezer::Freezer;
 use crate::ids::{is_snapshot_id, new_snapshot_id};
+use crate::inflight::{Guard, InFlight};
 use crate::model::{
     CopyMethod, PLAIN_SNAPSHOT_RECORD_VERSION, SNAPSHOT_RECORD_VERSION, SnapshotRecord,
     VolumeRecord,
 };
+use crate::reaper::Reaper;
+use crate::store::{GroupStore, SnapshotStore};
 use crate::validate;
+use crate::volumes::Volumes;
 
 /// Now, as a time since the epoch: the creation time of a snapshot.
 pub(crate) fn now() -> Duration {
@@ -47,12 +55,64 @@ pub(crate) fn snapshot_record(
     }
 }
 
-impl Driver {
+/// The snapshots of this pool: CreateSnapshot, DeleteSnapshot, ListSnapshots, GetSnapshot.
+pub struct Snapshots {
+    pub(crate) store: SnapshotStore,
+    /// Group records decide whether a group's member is seen.
+    groups: Arc<GroupStore>,
+    volumes: Arc<Volumes>,
+    freezer: Arc<Freezer>,
+    backend: Arc<dyn Backend>,
+    reaper: Arc<Reaper>,
+    inflight: Arc<InFlight>,
+    crash: FaultPoints,
+}
+
+impl Snapshots {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: SnapshotStore,
+        groups: Arc<GroupStore>,
+        volumes: Arc<Volumes>,
+        freezer: Arc<Freezer>,
+        backend: Arc<dyn Backend>,
+        reaper: Arc<Reaper>,
+        inflight: Arc<InFlight>,
+        crash: FaultPoints,
+    ) -> Self {
+        Snapshots {
+            store,
+            groups,
+            volumes,
+            freezer,
+            backend,
+            reaper,
+            inflight,
+            crash,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.store.len()
+    }
+
+    /// The snapshot's directory in the pool.
+    pub(crate) fn dir(&self, id: &str) -> PathBuf {
+        self.store.dir(id)
+    }
+
+    /// An existing, visible snapshot pinned for reading (a restore from it): it cannot be
+    /// deleted until the guard goes.
+    pub(crate) fn pin(&self, id: &str) -> Result<(SnapshotRecord, Guard)> {
+        let guard = self.inflight.acquire_shared(id)?;
+        Ok((self.get(id)?, guard))
+    }
+
     pub fn create_snapshot(&self, name: &str, source_volume_id: &str) -> Result<SnapshotRecord> {
         let name = validate::required_str("name", name)?;
         validate::required_str("source_volume_id", source_volume_id)?;
-        let _guard = self.guard(&format!("snapshot name {name:?}"))?;
-        if let Some(existing) = self.snapshots.find_by_name(name) {
+        let _guard = self.inflight.acquire(format!("snapshot name {name:?}"))?;
+        if let Some(existing) = self.store.find_by_name(name) {
             return if existing.source_volume_id == source_volume_id {
                 Ok(existing)
             } else {
@@ -62,14 +122,15 @@ impl Driver {
                 )))
             };
         }
-        let source = self.volume(source_volume_id)?;
+        let source = self.volumes.get(source_volume_id)?;
         // The source must not be staged, expanded or deleted while it is copied; other
         // snapshots and clones of it may run alongside.
-        let _source_guard = self.guard_shared(&source.id)?;
+        let _source_guard = self.volumes.guard_shared(&source.id)?;
         let id = new_snapshot_id();
-        let staging = self.snapshots.begin_create(&id)?;
-        let source_dir = self.store.dir(&source.id);
+        let staging = self.store.begin_create(&id)?;
+        let source_dir = self.volumes.dir(&source.id);
         let taken = self
+            .freezer
             .freeze_if_mounted(&source.id, &source_dir)
             .and_then(|frozen| {
                 if frozen.is_some() {
@@ -84,7 +145,7 @@ impl Driver {
             })
             .and_then(|(method, now)| {
                 self.crash.reach("snapshot:after-copy");
-                self.snapshots.commit_create(
+                self.store.commit_create(
                     &staging,
                     snapshot_record(&id, name, &source, method, now, ""),
                 )
@@ -95,7 +156,7 @@ impl Driver {
                 Ok(record)
             }
             Err(e) => {
-                self.snapshots.abort_create(&staging, self.backend.as_ref());
+                self.store.abort_create(&staging, self.backend.as_ref());
                 Err(e)
             }
         }
@@ -106,8 +167,8 @@ impl Driver {
         if !is_snapshot_id(id) {
             return Ok(());
         }
-        let _guard = self.guard(id)?;
-        if let Some(member) = self.snapshots.get(id)
+        let _guard = self.inflight.acquire(id)?;
+        if let Some(member) = self.store.get(id)
             && self.groups.get(&member.group_snapshot_id).is_some()
         {
             return Err(Error::InvalidArgument(format!(
@@ -115,16 +176,16 @@ impl Driver {
                 member.group_snapshot_id
             )));
         }
-        if let Some(doomed) = self.snapshots.retire(id)? {
+        if let Some(doomed) = self.store.retire(id)? {
             self.reaper.remove(doomed);
             tracing::info!(snapshot_id = %id, "snapshot deleted");
         }
         Ok(())
     }
 
-    pub fn snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+    pub fn get(&self, id: &str) -> Result<SnapshotRecord> {
         validate::required_str("snapshot_id", id)?;
-        self.snapshots
+        self.store
             .get(id)
             .filter(|s| self.visible(s))
             .ok_or_else(|| Error::NotFound(format!("snapshot {id:?} does not exist")))
@@ -148,20 +209,20 @@ impl Driver {
         let (after, max) = validate::paging(max_entries, starting_token, is_snapshot_id)?;
         if !snapshot_id.is_empty() {
             // Filtering on an id that does not exist is an empty list, not an error.
-            let found = self.snapshots.get(snapshot_id).filter(|s| {
+            let found = self.store.get(snapshot_id).filter(|s| {
                 self.visible(s)
                     && (source_volume_id.is_empty() || s.source_volume_id == source_volume_id)
             });
             return Ok((found.into_iter().collect(), None));
         }
         if source_volume_id.is_empty() {
-            let (mut page, more) = self.snapshots.page(after, max);
+            let (mut page, more) = self.store.page(after, max);
             // The token follows the page as stored; a page may hold fewer than `max`.
             let next = more.then(|| page.last().map(|r| r.id.clone())).flatten();
             page.retain(|s| self.visible(s));
             return Ok((page, next));
         }
-        let mut all = self.snapshots.filter(|s| {
+        let mut all = self.store.filter(|s| {
             s.source_volume_id == source_volume_id
                 && after.is_none_or(|a| s.id.as_str() > a)
                 && self.visible(s)
@@ -186,6 +247,7 @@ mod tests {
         let cap = mount(AccessMode::SingleNodeWriter);
         let vol = f
             .driver
+            .controller
             .create_volume(CreateVolume {
                 name: "v".into(),
                 capabilities: vec![cap.clone()],
@@ -196,21 +258,23 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        let s = f.driver.create_snapshot("s", &vol.id).unwrap();
-        assert_eq!(f.driver.create_snapshot("s", &vol.id).unwrap(), s);
+        let s = f.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
+        assert_eq!(f.driver.snapshots.create_snapshot("s", &vol.id).unwrap(), s);
         assert!(matches!(
             f.driver
+                .snapshots
                 .create_snapshot("s", "vol-0123456789abcdef01234567"),
             Err(Error::AlreadyExists(_))
         ));
         // A restore holds the snapshot shared: its delete waits, another restore does not.
-        let restoring = f.driver.guard_shared(&s.id).unwrap();
+        let restoring = f.driver.volumes.guard_shared(&s.id).unwrap();
         assert!(matches!(
-            f.driver.delete_snapshot(&s.id),
+            f.driver.snapshots.delete_snapshot(&s.id),
             Err(Error::Aborted(_))
         ));
         let restored = f
             .driver
+            .controller
             .create_volume(CreateVolume {
                 name: "r".into(),
                 capabilities: vec![cap],
@@ -224,7 +288,7 @@ mod tests {
             .unwrap();
         drop(restoring);
         assert_eq!(restored.capacity_bytes, 16 * MIB);
-        f.driver.delete_snapshot(&s.id).unwrap();
-        assert!(f.driver.snapshots.get(&s.id).is_none());
+        f.driver.snapshots.delete_snapshot(&s.id).unwrap();
+        assert!(f.driver.snapshots.store.get(&s.id).is_none());
     }
 }

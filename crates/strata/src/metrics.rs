@@ -235,8 +235,8 @@ impl Metrics {
             self.pool_used.set(u.used_bytes as i64);
         }
         self.volumes.set(driver.volume_count() as i64);
-        self.snapshots.set(driver.snapshot_count() as i64);
-        self.groups.set(driver.group_snapshot_count() as i64);
+        self.snapshots.set(driver.snapshots.count() as i64);
+        self.groups.set(driver.groups.count() as i64);
         let f = driver.freeze_figures();
         self.freeze.groups.set(f.groups as i64);
         self.freeze.last_seconds.set(f.last_micros as f64 / 1e6);

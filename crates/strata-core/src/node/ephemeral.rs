@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use crate::controller::CreateVolume;
-use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::model::{
     AccessMode, AccessType, Capability, CapacityRange, GIB, VolumeRecord, parse_size,
@@ -17,6 +16,7 @@ use crate::model::{
 use crate::os::Create;
 use crate::validate::{self, echo};
 
+use super::Node;
 use super::StageVolume;
 
 /// The volume-context key the kubelet sets for an inline volume.
@@ -44,7 +44,7 @@ pub fn is_ephemeral(context: &BTreeMap<String, String>) -> bool {
     context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true")
 }
 
-impl Driver {
+impl Node {
     pub fn publish_ephemeral(&self, req: EphemeralVolume) -> Result<()> {
         let handle = validate::required_str("volume_id", &req.handle)?;
         if !validate::is_inline_handle(handle) {
@@ -54,7 +54,7 @@ impl Driver {
             )));
         }
         // Checked before anything is made.
-        let target = self.node_path("target_path", &req.target_path)?;
+        let target = self.paths.check("target_path", &req.target_path)?;
         if req.read_only {
             return Err(Error::InvalidArgument(
                 "a read-only inline volume would always be empty: drop readOnly, or use a PersistentVolumeClaim".into(),
@@ -100,7 +100,7 @@ impl Driver {
             },
             access_mode: AccessMode::SingleNodeWriter,
         };
-        let record = self.create_volume(CreateVolume {
+        let record = self.controller.create_volume(CreateVolume {
             name: handle.to_owned(),
             capacity: CapacityRange {
                 required: size,
@@ -121,7 +121,8 @@ impl Driver {
 
     /// The inline volume the kubelet's handle names, if it is one.
     pub(crate) fn ephemeral_record(&self, handle: &str) -> Option<VolumeRecord> {
-        self.store
+        self.volumes
+            .store
             .find_by_name(handle)
             .filter(|r| r.parameters.get(EPHEMERAL_KEY).is_some_and(|v| v == "true"))
     }
@@ -135,11 +136,11 @@ impl Driver {
     ) -> Result<()> {
         self.unstage_volume(&record.id, target_path)?;
         if let Some(target) = self.undo_path("target_path", &record.id, target_path)?
-            && let Some(node) = self.open_node(&target, Create::Nothing)?
+            && let Some(node) = self.paths.open(&target, Create::Nothing)?
         {
             self.host.mounter.remove_if_created(&node)?;
         }
         self.crash.reach("ephemeral:before-delete");
-        self.delete_volume(&record.id)
+        self.controller.delete_volume(&record.id)
     }
 }

@@ -2,14 +2,15 @@
 
 use std::path::Path;
 
-use crate::attachment::is_device_node_mount;
 use crate::backend::Attachment;
-use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::filesystem::Filesystem;
 use crate::model::CapacityRange;
+use crate::mounts::is_device_node_mount;
 
-impl Driver {
+use super::Node;
+
+impl Node {
     /// NodeExpandVolume: grows the volume to `range` if it is larger (expansion happens on
     /// the node that holds the volume; see docs/architecture.md), lets the device see the new
     /// size, and grows the filesystem mounted at `volume_path` online. Returns the capacity.
@@ -21,14 +22,14 @@ impl Driver {
     ) -> Result<u64> {
         crate::validate::required_str("volume_id", volume_id)?;
         super::required_volume_path(volume_path)?;
-        let record = self.volume(volume_id)?;
+        let record = self.volumes.get(volume_id)?;
         let volume_path = self.volume_path(volume_id, volume_path)?;
-        let _guard = self.guard(volume_id)?;
-        let dir = self.store.dir(&record.id);
-        let owners = self.owners(&dir)?;
+        let _guard = self.volumes.guard(volume_id)?;
+        let dir = self.volumes.store.dir(&record.id);
+        let owners = self.mounts.owners(&dir)?;
         let (_, here, att) = self.visible_at(volume_id, &volume_path, &owners)?;
         let before = record.capacity_bytes;
-        let record = self.grow_volume(record, range)?;
+        let record = self.volumes.grow(record, range)?;
         if record.capacity_bytes == before {
             // Nothing grew now, so nothing refreshed the device either: let it see the
             // image's size, which a call cut short after the growth may have left unseen.
@@ -60,13 +61,13 @@ impl Driver {
         mount_point: Option<&Path>,
         fs: Filesystem,
     ) -> Result<()> {
-        let mut record = self.volume(id)?;
+        let mut record = self.volumes.get(id)?;
         if !record.resize_pending {
             return Ok(());
         }
         self.host.filesystems.grow(device, mount_point, fs)?;
         record.resize_pending = false;
-        self.store.update(record)?;
+        self.volumes.store.update(record)?;
         tracing::info!(volume_id = %id, fs_type = fs.name(), online = mount_point.is_some(), "filesystem grown");
         Ok(())
     }

@@ -13,16 +13,63 @@ mod publish;
 mod stage;
 mod stats;
 
-use crate::attachment::Owners;
-use crate::backend::Attachment;
-use crate::driver::{CheckedPath, Driver};
+use std::sync::Arc;
+
+use crate::backend::{Attachment, Backend};
+use crate::capability::Capabilities;
+use crate::controller::Controller;
 use crate::error::{Error, Result};
+use crate::fault::FaultPoints;
 use crate::model::Capability;
+use crate::mounts::{Mounts, Owners};
+use crate::os::Host;
 use crate::os::{MountEntry, NodePath};
+use crate::paths::{CheckedPath, NodePaths};
 use crate::validate::{absolute_path, bounded_display, echo};
+use crate::volumes::Volumes;
 
 pub use ephemeral::{EphemeralVolume, is_ephemeral};
 pub use stats::Usage;
+
+/// The node service's work: NodeStageVolume, NodeUnstageVolume, NodePublishVolume (inline
+/// volumes too), NodeUnpublishVolume, NodeGetVolumeStats, NodeExpandVolume. One operation
+/// per file of this module.
+pub struct Node {
+    volumes: Arc<Volumes>,
+    paths: NodePaths,
+    mounts: Arc<Mounts>,
+    capabilities: Arc<Capabilities>,
+    /// Inline volumes are created and deleted as CreateVolume and DeleteVolume would.
+    controller: Arc<Controller>,
+    host: Host,
+    backend: Arc<dyn Backend>,
+    crash: FaultPoints,
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        volumes: Arc<Volumes>,
+        paths: NodePaths,
+        mounts: Arc<Mounts>,
+        capabilities: Arc<Capabilities>,
+        controller: Arc<Controller>,
+        host: Host,
+        backend: Arc<dyn Backend>,
+        crash: FaultPoints,
+    ) -> Self {
+        Node {
+            volumes,
+            paths,
+            mounts,
+            capabilities,
+            controller,
+            host,
+            backend,
+            crash,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct StageVolume {
@@ -49,14 +96,15 @@ pub struct VolumeStats {
     pub abnormal: Option<String>,
 }
 
-impl Driver {
+impl Node {
     /// The `volume_path` of NodeGetVolumeStats or NodeExpandVolume. Empty is invalid; a path
     /// Strata never mounts on (relative, outside the allowed directories, in the pool)
     /// cannot hold the volume: NOT_FOUND, as the spec's tables say for a volume that is not
     /// at the path.
     pub(crate) fn volume_path(&self, volume_id: &str, raw: &str) -> Result<CheckedPath> {
         required_volume_path(raw)?;
-        self.node_path("volume_path", raw)
+        self.paths
+            .check("volume_path", raw)
             .map_err(|_| not_at(volume_id, raw))
     }
 
@@ -71,7 +119,7 @@ impl Driver {
     ) -> Result<(NodePath, MountEntry, Attachment)> {
         let not_here = || not_at(volume_id, &path.path.to_string_lossy());
         let att = owners.attachment.clone().ok_or_else(not_here)?;
-        match self.mount_at(path)? {
+        match self.paths.mount_at(path)? {
             Some((node, Some(entry))) if owners.show(&entry) => Ok((node, entry, att)),
             _ => Err(not_here()),
         }
@@ -87,10 +135,10 @@ impl Driver {
         raw: &str,
     ) -> Result<Option<CheckedPath>> {
         let path = absolute_path(field, raw)?;
-        match self.allowed_node_path(field, &path) {
+        match self.paths.check_clean(field, &path) {
             Ok(checked) => Ok(Some(checked)),
             Err(e) => {
-                self.volume(volume_id)?;
+                self.volumes.get(volume_id)?;
                 tracing::warn!(volume_id, error = %e, "nothing to undo: Strata never mounts there");
                 Ok(None)
             }
@@ -125,6 +173,7 @@ pub(crate) fn still_published(volume_id: &str, m: &MountEntry) -> Error {
 mod tests {
     use super::*;
     use crate::controller::CreateVolume;
+    use crate::driver::Driver;
     use crate::model::{AccessMode, FormatState, MIB};
 
     use crate::testing::{fixture, mount};
@@ -134,21 +183,22 @@ mod tests {
     }
 
     fn create_named(d: &Driver, name: &str) -> String {
-        d.create_volume(CreateVolume {
-            name: name.into(),
-            capabilities: vec![mount(AccessMode::SingleNodeWriter)],
-            capacity: crate::model::CapacityRange {
-                required: 16 * MIB,
-                limit: 0,
-            },
-            ..Default::default()
-        })
-        .unwrap()
-        .id
+        d.controller
+            .create_volume(CreateVolume {
+                name: name.into(),
+                capabilities: vec![mount(AccessMode::SingleNodeWriter)],
+                capacity: crate::model::CapacityRange {
+                    required: 16 * MIB,
+                    limit: 0,
+                },
+                ..Default::default()
+            })
+            .unwrap()
+            .id
     }
 
     fn stage(d: &Driver, id: &str) -> Result<()> {
-        d.stage_volume(StageVolume {
+        d.node.stage_volume(StageVolume {
             volume_id: id.into(),
             staging_path: "/stage".into(),
             capability: mount(AccessMode::SingleNodeWriter),
@@ -162,7 +212,7 @@ mod tests {
         read_only: bool,
         mode: AccessMode,
     ) -> Result<()> {
-        d.publish_volume(PublishVolume {
+        d.node.publish_volume(PublishVolume {
             volume_id: id.into(),
             staging_path: "/stage".into(),
             target_path: target.into(),
@@ -180,7 +230,7 @@ mod tests {
         assert_eq!(f.fake.lock().formats, 1);
         assert_eq!(f.fake.lock().mounts.len(), 1);
         assert_eq!(
-            f.driver.store.get(&id).unwrap().format,
+            f.driver.volumes.store.get(&id).unwrap().format,
             FormatState::Formatted("ext4".into())
         );
         f.fake.reboot();
@@ -190,7 +240,7 @@ mod tests {
             1,
             "an existing filesystem is mounted, not reformatted"
         );
-        f.driver.unstage_volume(&id, "/stage").unwrap();
+        f.driver.node.unstage_volume(&id, "/stage").unwrap();
         assert!(f.fake.lock().mounts.is_empty());
         assert!(f.fake.lock().loops.is_empty());
     }
@@ -207,14 +257,14 @@ mod tests {
         let fresh = create(&f.driver);
         stage(&f.driver, &fresh).unwrap();
         assert_eq!(probes_and_formats(&f), (0, 1));
-        f.driver.unstage_volume(&fresh, "/stage").unwrap();
+        f.driver.node.unstage_volume(&fresh, "/stage").unwrap();
         // Formatted: probed (the filesystem is checked), not formatted again.
         stage(&f.driver, &fresh).unwrap();
         assert_eq!(probes_and_formats(&f), (1, 1));
-        f.driver.unstage_volume(&fresh, "/stage").unwrap();
+        f.driver.node.unstage_volume(&fresh, "/stage").unwrap();
         // Never formatted but written (as a raw block device would be): probed, and refused.
         let written = create_named(&f.driver, "written");
-        let image = f.driver.store.dir(&written).join("image");
+        let image = f.driver.volumes.store.dir(&written).join("image");
         std::os::unix::fs::FileExt::write_all_at(
             &std::fs::OpenOptions::new()
                 .write(true)
@@ -236,11 +286,11 @@ mod tests {
     fn an_mkfs_cut_short_by_a_crash_is_redone() {
         let f = fixture();
         let id = create(&f.driver);
-        let mut rec = f.driver.store.get(&id).unwrap();
+        let mut rec = f.driver.volumes.store.get(&id).unwrap();
         rec.format = FormatState::Formatting("ext4".into());
-        f.driver.store.update(rec).unwrap();
+        f.driver.volumes.store.update(rec).unwrap();
         // The partial mkfs left a signature behind.
-        let image = f.driver.store.dir(&id).join("image");
+        let image = f.driver.volumes.store.dir(&id).join("image");
         f.fake.lock().filesystems.insert(image, "ext4".into());
         stage(&f.driver, &id).unwrap();
         assert_eq!(f.fake.lock().formats, 1);
@@ -270,17 +320,17 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            f.driver.unstage_volume(&id, "/stage"),
+            f.driver.node.unstage_volume(&id, "/stage"),
             Err(Error::FailedPrecondition(_))
         ));
         assert!(matches!(
-            f.driver.delete_volume(&id),
+            f.driver.controller.delete_volume(&id),
             Err(Error::FailedPrecondition(_))
         ));
-        f.driver.unpublish_volume(&id, "/t1").unwrap();
-        f.driver.unpublish_volume(&id, "/t2").unwrap();
-        f.driver.unstage_volume(&id, "/stage").unwrap();
-        f.driver.delete_volume(&id).unwrap();
+        f.driver.node.unpublish_volume(&id, "/t1").unwrap();
+        f.driver.node.unpublish_volume(&id, "/t2").unwrap();
+        f.driver.node.unstage_volume(&id, "/stage").unwrap();
+        f.driver.controller.delete_volume(&id).unwrap();
     }
 
     #[test]
@@ -289,10 +339,10 @@ mod tests {
         let id = create(&f.driver);
         stage(&f.driver, &id).unwrap();
         // Staged at /stage; an unstage at another path is a no-op (the spec's rule).
-        f.driver.unstage_volume(&id, "/elsewhere").unwrap();
+        f.driver.node.unstage_volume(&id, "/elsewhere").unwrap();
         assert_eq!(f.fake.lock().mounts.len(), 1);
         assert_eq!(f.fake.lock().loops.len(), 1);
-        f.driver.unstage_volume(&id, "/stage").unwrap();
+        f.driver.node.unstage_volume(&id, "/stage").unwrap();
         assert!(f.fake.lock().mounts.is_empty());
     }
 
@@ -300,10 +350,10 @@ mod tests {
     fn a_concurrent_operation_on_the_same_volume_is_aborted() {
         let f = fixture();
         let id = create(&f.driver);
-        let _busy = f.driver.guard(&id).unwrap();
+        let _busy = f.driver.volumes.guard(&id).unwrap();
         assert!(matches!(stage(&f.driver, &id), Err(Error::Aborted(_))));
         assert!(matches!(
-            f.driver.delete_volume(&id),
+            f.driver.controller.delete_volume(&id),
             Err(Error::Aborted(_))
         ));
     }
@@ -317,24 +367,24 @@ mod tests {
         for elsewhere in ["/proc", "/var/lib/kubelet/other", "some/path", "/etc/x"] {
             assert!(
                 matches!(
-                    f.driver.volume_stats(&id, elsewhere),
+                    f.driver.node.volume_stats(&id, elsewhere),
                     Err(Error::NotFound(_))
                 ),
                 "{elsewhere}"
             );
         }
         assert!(matches!(
-            f.driver.volume_stats(&id, ""),
+            f.driver.node.volume_stats(&id, ""),
             Err(Error::InvalidArgument(_))
         ));
         let here = "/var/lib/kubelet/stage";
         f.fake.lock().mounts[0].mount_point = here.into();
-        let s = f.driver.volume_stats(&id, here).unwrap();
+        let s = f.driver.node.volume_stats(&id, here).unwrap();
         assert!(matches!(s.usage, Some(Usage::Filesystem(_))));
         assert_eq!(s.abnormal, None);
         // The filesystem remounted itself read-only after errors.
         f.fake.lock().mounts[0].super_options = vec!["ro".into()];
-        let s = f.driver.volume_stats(&id, here).unwrap();
+        let s = f.driver.node.volume_stats(&id, here).unwrap();
         assert!(s.abnormal.unwrap().contains("read-only after errors"));
     }
 
@@ -353,7 +403,7 @@ mod tests {
             cap
         };
         let stage_as = |gid: &str| {
-            f.driver.stage_volume(StageVolume {
+            f.driver.node.stage_volume(StageVolume {
                 volume_id: id.clone(),
                 staging_path: "/stage".into(),
                 capability: grouped(gid),
@@ -363,15 +413,15 @@ mod tests {
         stage_as("100").unwrap();
         stage_as("100").unwrap();
         assert_eq!(f.fake.lock().groups.len(), 1, "once for one group");
-        f.driver.unstage_volume(&id, "/stage").unwrap();
+        f.driver.node.unstage_volume(&id, "/stage").unwrap();
         stage_as("200").unwrap();
         let groups: Vec<u32> = f.fake.lock().groups.iter().map(|(_, g)| *g).collect();
         assert_eq!(groups, vec![100, 200]);
-        assert_eq!(f.driver.volume(&id).unwrap().mount_group, Some(200));
+        assert_eq!(f.driver.volumes.get(&id).unwrap().mount_group, Some(200));
         // A read-write publish may let a pod change the files: every stage or publish with
         // a group walks again after it (fsGroupChangePolicy `Always`), even the same group.
         let publish_as = |target: &str, gid: &str, read_only: bool| {
-            f.driver.publish_volume(PublishVolume {
+            f.driver.node.publish_volume(PublishVolume {
                 volume_id: id.clone(),
                 staging_path: "/stage".into(),
                 target_path: target.into(),
@@ -386,19 +436,19 @@ mod tests {
             2,
             "current, and a read-only publish changes nothing"
         );
-        f.driver.unpublish_volume(&id, "/t1").unwrap();
+        f.driver.node.unpublish_volume(&id, "/t1").unwrap();
         publish_as("/t1", "200", false).unwrap();
         assert_eq!(
             walks(),
             2,
             "still current when the read-write publish starts"
         );
-        assert!(!f.driver.volume(&id).unwrap().mount_group_current);
-        f.driver.unpublish_volume(&id, "/t1").unwrap();
+        assert!(!f.driver.volumes.get(&id).unwrap().mount_group_current);
+        f.driver.node.unpublish_volume(&id, "/t1").unwrap();
         publish_as("/t2", "200", false).unwrap();
         assert_eq!(walks(), 3, "a pod may have written since: walked again");
-        f.driver.unpublish_volume(&id, "/t2").unwrap();
-        f.driver.unstage_volume(&id, "/stage").unwrap();
+        f.driver.node.unpublish_volume(&id, "/t2").unwrap();
+        f.driver.node.unstage_volume(&id, "/stage").unwrap();
         stage_as("200").unwrap();
         assert_eq!(walks(), 4);
         stage_as("200").unwrap();
@@ -420,7 +470,7 @@ mod tests {
         }
         std::thread::scope(|s| {
             let staging = s.spawn(|| {
-                f.driver.stage_volume(StageVolume {
+                f.driver.node.stage_volume(StageVolume {
                     volume_id: id.clone(),
                     staging_path: "/stage".into(),
                     capability: cap.clone(),
@@ -429,14 +479,14 @@ mod tests {
             // The stage has mounted and is about to walk: the volume is still its own.
             std::thread::sleep(std::time::Duration::from_millis(150));
             assert!(matches!(
-                f.driver.unstage_volume(&id, "/stage"),
+                f.driver.node.unstage_volume(&id, "/stage"),
                 Err(Error::Aborted(_))
             ));
             staging.join().unwrap().unwrap();
         });
         assert_eq!(f.fake.lock().groups.len(), 1);
         assert_eq!(f.fake.lock().mounts.len(), 1);
-        f.driver.unstage_volume(&id, "/stage").unwrap();
+        f.driver.node.unstage_volume(&id, "/stage").unwrap();
     }
 
     #[test]
@@ -445,20 +495,21 @@ mod tests {
         let missing = "vol-000000000000000000000000";
         // NodeGetVolumeStats and NodeExpandVolume: both fields are required.
         assert!(matches!(
-            f.driver.volume_stats(missing, ""),
+            f.driver.node.volume_stats(missing, ""),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            f.driver.volume_stats("", "/stage"),
+            f.driver.node.volume_stats("", "/stage"),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
             f.driver
+                .node
                 .node_expand_volume(missing, "", crate::model::CapacityRange::default()),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            f.driver.volume_stats(missing, "/stage"),
+            f.driver.node.volume_stats(missing, "/stage"),
             Err(Error::NotFound(_))
         ));
         // Stage and publish: a bad path, group or capability before the lookup.
@@ -477,7 +528,7 @@ mod tests {
             ("relative", mount(AccessMode::SingleNodeWriter)),
             ("/stage", bad_group.clone()),
         ] {
-            let r = f.driver.stage_volume(StageVolume {
+            let r = f.driver.node.stage_volume(StageVolume {
                 volume_id: missing.into(),
                 staging_path: staging.into(),
                 capability: cap.clone(),
@@ -486,7 +537,7 @@ mod tests {
                 matches!(r, Err(Error::InvalidArgument(_))),
                 "{staging}: {r:?}"
             );
-            let r = f.driver.publish_volume(PublishVolume {
+            let r = f.driver.node.publish_volume(PublishVolume {
                 volume_id: missing.into(),
                 staging_path: "/stage".into(),
                 target_path: if staging == "/stage" { "/t" } else { staging }.into(),
@@ -505,19 +556,23 @@ mod tests {
         let f = fixture();
         for id in ["../../etc/passwd", "a/b", "/", ".", "..", "-x", "a b"] {
             assert!(
-                matches!(f.driver.unpublish_volume(id, "/t"), Err(Error::NotFound(_))),
+                matches!(
+                    f.driver.node.unpublish_volume(id, "/t"),
+                    Err(Error::NotFound(_))
+                ),
                 "{id}"
             );
         }
         // Well-formed ids at paths Strata never used stay OK (the kubelet retries):
         // a finished inline volume's handle, and a volume id outside the allowed paths.
         f.driver
+            .node
             .unpublish_volume("csi-0123456789abcdef", "/t")
             .unwrap();
         let id = create(&f.driver);
-        f.driver.unpublish_volume(&id, "/t").unwrap();
+        f.driver.node.unpublish_volume(&id, "/t").unwrap();
         // An inline publish refuses such a handle before making anything.
-        let r = f.driver.publish_ephemeral(EphemeralVolume {
+        let r = f.driver.node.publish_ephemeral(EphemeralVolume {
             handle: "../x".into(),
             target_path: "/t".into(),
             attributes: [(

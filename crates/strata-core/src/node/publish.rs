@@ -1,27 +1,28 @@
 //! NodePublishVolume and NodeUnpublishVolume: bind the staged volume (or its device) onto the target with the requested flags, and undo.
 
-use crate::attachment::{is_device_node_mount, is_node_bind, shows};
 use crate::backend::Attachment;
-use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
 use crate::model::{AccessType, VolumeRecord};
+use crate::mounts::{is_device_node_mount, is_node_bind, shows};
 use crate::os::{Create, MountEntry, MountOptions, NodePath};
+use crate::paths::CheckedPath;
 use crate::validate::bounded_display;
 
+use super::Node;
 use super::PublishVolume;
 
-impl Driver {
+impl Node {
     /// NodePublishVolume: the request's own fields are checked first, then the volume is
     /// looked up; one guard covers the bind and the group walk.
     pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
         crate::validate::required_str("volume_id", &req.volume_id)?;
-        let target = self.node_path("target_path", &req.target_path)?;
+        let target = self.paths.check("target_path", &req.target_path)?;
         let staging = match req.staging_path.as_str() {
             "" => None,
-            raw => Some(self.node_path("staging_target_path", raw)?),
+            raw => Some(self.paths.check("staging_target_path", raw)?),
         };
         let group = super::stage::mount_group(&req.capability)?;
-        self.check_node_capability(&req.capability)?;
+        self.capabilities.check_node_capability(&req.capability)?;
         let requested = match &req.capability.access_type {
             AccessType::Mount { mount_flags, .. } => MountOptions::parse(mount_flags)?,
             AccessType::Block => MountOptions::default(),
@@ -31,9 +32,9 @@ impl Driver {
                 "staging_target_path is required: call NodeStageVolume first".into(),
             ));
         };
-        let _guard = self.guard(&req.volume_id)?;
-        let _path = self.path_guard(&target)?;
-        let record = self.volume(&req.volume_id)?;
+        let _guard = self.volumes.guard(&req.volume_id)?;
+        let _path = self.paths.claim(&target)?;
+        let record = self.volumes.get(&req.volume_id)?;
         self.bind_published(&req, record, &target, staging, requested, group)
     }
 
@@ -49,7 +50,7 @@ impl Driver {
         requested: MountOptions,
         group: Option<u32>,
     ) -> Result<()> {
-        let dir = self.store.dir(&record.id);
+        let dir = self.volumes.store.dir(&record.id);
         let not_staged = || {
             Error::FailedPrecondition(format!(
                 "volume {} is not staged at {}: call NodeStageVolume first",
@@ -58,8 +59,8 @@ impl Driver {
             ))
         };
         // Opened first: a target that passes through a symlink is refused before anything.
-        let at_target = self.mount_at(target)?.and_then(|(_, m)| m);
-        let owners = self.owners(&dir)?;
+        let at_target = self.paths.mount_at(target)?.and_then(|(_, m)| m);
+        let owners = self.mounts.owners(&dir)?;
         let att = owners.attachment.clone().ok_or_else(not_staged)?;
         // One read of the mount table: every mount of the volume, its read-only devices too.
         let mounts: Vec<MountEntry> = self
@@ -99,7 +100,7 @@ impl Driver {
         let staged_mount = if block {
             None
         } else {
-            let (node, mount) = self.mount_at(staging)?.ok_or_else(not_staged)?;
+            let (node, mount) = self.paths.mount_at(staging)?.ok_or_else(not_staged)?;
             let mount = mount
                 .filter(|m| shows(m, &att) && !is_device_node_mount(m, &att))
                 .ok_or_else(not_staged)?;
@@ -148,7 +149,7 @@ impl Driver {
                 };
                 self.host.loops.hold(dev)?.ok_or_else(not_staged)?
             };
-            let target_node = self.create_node(target, Create::File)?;
+            let target_node = self.paths.create(target, Create::File)?;
             self.crash.reach("publish:before-bind");
             let bound = self.host.mounter.bind(
                 &NodePath::trusted(&device.device.path),
@@ -156,7 +157,7 @@ impl Driver {
                 &flags,
             );
             if bound.is_err() && device.device.read_only {
-                self.release_read_only_devices(&dir)?;
+                self.mounts.release_read_only_devices(&dir)?;
             }
             return bound;
         }
@@ -169,7 +170,7 @@ impl Driver {
         if !read_only {
             self.may_be_written(&record.id)?;
         }
-        let target_node = self.create_node(target, Create::Directory)?;
+        let target_node = self.paths.create(target, Create::Directory)?;
         self.crash.reach("publish:before-bind");
         self.host.mounter.bind(&staged_node, &target_node, &flags)
     }
@@ -197,17 +198,17 @@ impl Driver {
         let Some(target) = self.undo_path("target_path", volume_id, target_path)? else {
             return Ok(());
         };
-        let _guard = self.guard(volume_id)?;
-        let _path = self.path_guard(&target)?;
-        let record = self.volume(volume_id)?;
-        let dir = self.store.dir(&record.id);
-        let owners = self.owners(&dir)?;
-        let Some(node) = self.open_node(&target, Create::Nothing)? else {
+        let _guard = self.volumes.guard(volume_id)?;
+        let _path = self.paths.claim(&target)?;
+        let record = self.volumes.get(volume_id)?;
+        let dir = self.volumes.store.dir(&record.id);
+        let owners = self.mounts.owners(&dir)?;
+        let Some(node) = self.paths.open(&target, Create::Nothing)? else {
             return Ok(());
         };
-        let node = self.unmount_ours(node, &owners)?;
+        let node = self.mounts.unmount_ours(node, &owners)?;
         self.crash.reach("unpublish:after-unmount");
-        self.release_read_only_devices(&dir)?;
+        self.mounts.release_read_only_devices(&dir)?;
         // Only what a publish creates is removed: an empty directory or an empty file.
         if let Some(node) = node
             && !self.host.mounter.remove_if_created(&node)?

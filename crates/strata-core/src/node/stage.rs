@@ -2,16 +2,16 @@
 
 use std::path::Path;
 
-use crate::attachment::{is_device_node_mount, shows};
 use crate::backend::Attachment;
-use crate::driver::{CheckedPath, Driver};
 use crate::error::{Error, Result};
 use crate::filesystem::Filesystem;
 use crate::model::{AccessType, Capability, FormatState, VolumeRecord};
+use crate::mounts::{is_device_node_mount, shows};
 use crate::os::{Create, MountEntry, MountOptions, NodePath, Probe};
+use crate::paths::CheckedPath;
 use crate::validate::bounded_display;
 
-use super::{StageVolume, still_published};
+use super::{Node, StageVolume, still_published};
 
 /// The group a capability asks the volume's files to be given (`volume_mount_group`, the
 /// pod's fsGroup): a numeric group id, or nothing.
@@ -31,7 +31,7 @@ pub(crate) fn mount_group(cap: &Capability) -> Result<Option<u32>> {
     }
 }
 
-impl Driver {
+impl Node {
     /// Gives the volume's files to `gid` where it is mounted at `path`. The caller holds the
     /// volume's guard. Kubernetes' default fsGroupChangePolicy is `Always` and the kubelet
     /// does not say which policy a pod has, so the walk is skipped only when the record
@@ -43,11 +43,11 @@ impl Driver {
         path: &CheckedPath,
         gid: u32,
     ) -> Result<()> {
-        let mut record = self.volume(volume_id)?;
+        let mut record = self.volumes.get(volume_id)?;
         if record.mount_group == Some(gid) && record.mount_group_current {
             return Ok(());
         }
-        let Some((node, Some(mount))) = self.mount_at(path)? else {
+        let Some((node, Some(mount))) = self.paths.mount_at(path)? else {
             return Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is not mounted at {}: stage it again",
                 bounded_display(&path.path)
@@ -64,7 +64,7 @@ impl Driver {
             .apply_group(&root.kernel_path(), gid)?;
         record.mount_group = Some(gid);
         record.mount_group_current = true;
-        self.store.update(record)?;
+        self.volumes.store.update(record)?;
         tracing::info!(volume_id, gid, changed, "volume mount group applied");
         Ok(())
     }
@@ -72,10 +72,10 @@ impl Driver {
     /// Records, before a read-write publish hands the volume to a pod, that its files may
     /// change from now on: the next stage or publish with a group walks them again.
     pub(crate) fn may_be_written(&self, volume_id: &str) -> Result<()> {
-        let mut record = self.volume(volume_id)?;
+        let mut record = self.volumes.get(volume_id)?;
         if record.mount_group_current {
             record.mount_group_current = false;
-            self.store.update(record)?;
+            self.volumes.store.update(record)?;
         }
         Ok(())
     }
@@ -85,12 +85,12 @@ impl Driver {
     /// unstage waits (ABORTED) instead of pulling the mount from under the walk.
     pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
         crate::validate::required_str("volume_id", &req.volume_id)?;
-        let staging = self.node_path("staging_target_path", &req.staging_path)?;
+        let staging = self.paths.check("staging_target_path", &req.staging_path)?;
         let group = mount_group(&req.capability)?;
-        self.check_node_capability(&req.capability)?;
-        let _guard = self.guard(&req.volume_id)?;
-        let _path = self.path_guard(&staging)?;
-        let record = self.volume(&req.volume_id)?;
+        self.capabilities.check_node_capability(&req.capability)?;
+        let _guard = self.volumes.guard(&req.volume_id)?;
+        let _path = self.paths.claim(&staging)?;
+        let record = self.volumes.get(&req.volume_id)?;
         self.stage_filesystem(record, &req.capability, &staging)?;
         self.crash.reach("stage:before-group");
         match group {
@@ -106,8 +106,8 @@ impl Driver {
         capability: &Capability,
         staging: &CheckedPath,
     ) -> Result<()> {
-        let dir = self.store.dir(&record.id);
-        let existing = self.mount_at(staging)?.and_then(|(_, m)| m);
+        let dir = self.volumes.store.dir(&record.id);
+        let existing = self.paths.mount_at(staging)?.and_then(|(_, m)| m);
 
         // Checked before attaching, so a refused stage leaves no loop device behind.
         let current = self.backend.attachment(&dir)?;
@@ -176,7 +176,7 @@ impl Driver {
         let (dev, fs) = match (&att, fs) {
             (Attachment::Device(dev), Some(fs)) => (dev.clone(), fs),
             (Attachment::Directory(src), _) => {
-                let target = self.create_node(staging, Create::Directory)?;
+                let target = self.paths.create(staging, Create::Directory)?;
                 return self.host.mounter.bind(
                     &NodePath::trusted(&src.path),
                     &target,
@@ -193,7 +193,7 @@ impl Driver {
                 true => self.grow_if_pending(&id, &dev.path, None, fs),
                 false => Ok(()),
             })
-            .and_then(|()| self.create_node(staging, Create::Directory))
+            .and_then(|()| self.paths.create(staging, Create::Directory))
             .and_then(|target| {
                 self.host
                     .mounter
@@ -215,38 +215,12 @@ impl Driver {
             }
             Err(e) => {
                 drop(attached);
-                if self.mounts_of(&att)?.is_empty() {
+                if self.mounts.mounts_of(&att)?.is_empty() {
                     let _ = self.backend.detach(&dir);
                 }
                 Err(e)
             }
         }
-    }
-
-    /// Opens (creating) a checked node path of the given kind.
-    pub(crate) fn create_node(&self, path: &CheckedPath, create: Create) -> Result<NodePath> {
-        let node = self
-            .open_node(path, create)?
-            .ok_or_else(|| Error::Internal(format!("{} vanished", path.path.display())))?;
-        let want_dir = create == Create::Directory;
-        if node.is_dir != want_dir {
-            return Err(Error::InvalidArgument(format!(
-                "{} is {}; a {} volume needs {}",
-                bounded_display(&path.path),
-                if node.is_dir {
-                    "a directory"
-                } else {
-                    "not a directory"
-                },
-                if want_dir { "filesystem" } else { "raw block" },
-                if want_dir {
-                    "a directory"
-                } else {
-                    "a file to bind the device onto"
-                }
-            )));
-        }
-        Ok(node)
     }
 
     /// Formats the device if it holds nothing yet; never formats over data.
@@ -258,7 +232,7 @@ impl Driver {
     ) -> Result<()> {
         let fs_type = fs.name();
         let interrupted = matches!(record.format, FormatState::Formatting(_));
-        let dir = self.store.dir(&record.id);
+        let dir = self.volumes.store.dir(&record.id);
         // Whether the image holds data, asked once: up front for a volume never formatted.
         let holds_data = match record.format {
             FormatState::Unformatted => Some(self.backend.has_data(&dir)?),
@@ -306,11 +280,11 @@ impl Driver {
             _ => {}
         }
         record.format = FormatState::Formatting(fs_type.to_owned());
-        self.store.update(record.clone())?;
+        self.volumes.store.update(record.clone())?;
         self.host.filesystems.format(device, fs)?;
         self.crash.reach("stage:after-format");
         record.format = FormatState::Formatted(fs_type.to_owned());
-        self.store.update(record)?;
+        self.volumes.store.update(record)?;
         tracing::info!(device = %device.display(), fs_type, "formatted a new volume");
         Ok(())
     }
@@ -320,16 +294,17 @@ impl Driver {
         let Some(staging) = self.undo_path("staging_target_path", volume_id, staging_path)? else {
             return Ok(());
         };
-        let _guard = self.guard(volume_id)?;
-        let _path = self.path_guard(&staging)?;
-        let record = self.volume(volume_id)?;
-        let dir = self.store.dir(&record.id);
-        let owners = self.owners(&dir)?;
+        let _guard = self.volumes.guard(volume_id)?;
+        let _path = self.paths.claim(&staging)?;
+        let record = self.volumes.get(volume_id)?;
+        let dir = self.volumes.store.dir(&record.id);
+        let owners = self.mounts.owners(&dir)?;
         let Some(att) = &owners.attachment else {
             // Not attached, so nothing of this volume can be mounted: not staged.
             return Ok(());
         };
         let here = self
+            .paths
             .mount_at(&staging)?
             .and_then(|(node, m)| m.filter(|m| shows(m, att)).map(|m| (node, m)));
         let others: Vec<MountEntry> = self
@@ -355,7 +330,7 @@ impl Driver {
         if let Some(m) = others.first() {
             return Err(still_published(volume_id, m));
         }
-        self.unmount_ours(node, &owners)?;
+        self.mounts.unmount_ours(node, &owners)?;
         self.crash.reach("unstage:after-unmount");
         self.backend.detach(&dir)
     }

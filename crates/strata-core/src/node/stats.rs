@@ -1,10 +1,10 @@
 //! NodeGetVolumeStats: usage and condition of the volume where it is staged or published.
 
-use crate::attachment::is_node_bind;
 use crate::backend::Attachment;
-use crate::driver::Driver;
 use crate::error::Result;
+use crate::mounts::is_node_bind;
 
+use super::Node;
 use super::VolumeStats;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,15 +13,15 @@ pub enum Usage {
     Block { total_bytes: u64 },
 }
 
-impl Driver {
+impl Node {
     pub fn volume_stats(&self, volume_id: &str, volume_path: &str) -> Result<VolumeStats> {
         crate::validate::required_str("volume_id", volume_id)?;
         super::required_volume_path(volume_path)?;
-        let record = self.volume(volume_id)?;
+        let record = self.volumes.get(volume_id)?;
         let volume_path = self.volume_path(volume_id, volume_path)?;
-        let dir = self.store.dir(&record.id);
+        let dir = self.volumes.store.dir(&record.id);
         let abnormal_backend = self.backend.condition(&dir, record.capacity_bytes);
-        let owners = self.owners(&dir)?;
+        let owners = self.mounts.owners(&dir)?;
         let (node, entry, att) = self.visible_at(volume_id, &volume_path, &owners)?;
         let abnormal_backend = abnormal_backend.or_else(|| {
             entry.failed_read_only().then(|| {

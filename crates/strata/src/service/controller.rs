@@ -64,7 +64,7 @@ impl Controller for ControllerService {
                     .map(convert::content_source)
                     .transpose()?,
             };
-            let record = driver.create_volume(create)?;
+            let record = driver.controller.create_volume(create)?;
             Ok(csi::CreateVolumeResponse {
                 volume: Some(convert::volume(driver.topology(), &record)),
             })
@@ -80,7 +80,7 @@ impl Controller for ControllerService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("DeleteVolume", &id, move || {
-            driver.delete_volume(&req.volume_id)?;
+            driver.controller.delete_volume(&req.volume_id)?;
             Ok(csi::DeleteVolumeResponse {})
         })
         .await
@@ -110,7 +110,10 @@ impl Controller for ControllerService {
         run("ValidateVolumeCapabilities", &id, move || {
             let caps = capabilities(&req.volume_capabilities)?;
             let params = ordered(&req.parameters);
-            let refusal = driver.validate_capabilities(&req.volume_id, &caps, &params)?;
+            let refusal =
+                driver
+                    .controller
+                    .validate_capabilities(&req.volume_id, &caps, &params)?;
             Ok(match refusal {
                 None => csi::ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
@@ -137,7 +140,9 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let driver = self.0.driver.clone();
         run("ListVolumes", "", move || {
-            let (page, next) = driver.list_volumes(req.max_entries, &req.starting_token)?;
+            let (page, next) = driver
+                .controller
+                .list_volumes(req.max_entries, &req.starting_token)?;
             let topology = driver.topology();
             Ok(csi::ListVolumesResponse {
                 entries: page
@@ -165,7 +170,10 @@ impl Controller for ControllerService {
         run("GetCapacity", "", move || {
             let caps = capabilities(&req.volume_capabilities)?;
             let topology = req.accessible_topology.as_ref().map(convert::topology);
-            let cap = driver.capacity(&caps, &ordered(&req.parameters), topology.as_ref())?;
+            let cap =
+                driver
+                    .controller
+                    .capacity(&caps, &ordered(&req.parameters), topology.as_ref())?;
             Ok(csi::GetCapacityResponse {
                 available_capacity: cap.available_bytes as i64,
                 maximum_volume_size: Some(cap.maximum_volume_bytes as i64),
@@ -202,7 +210,9 @@ impl Controller for ControllerService {
         let driver = self.0.driver.clone();
         let source = req.source_volume_id.clone();
         run("CreateSnapshot", &source, move || {
-            let record = driver.create_snapshot(&req.name, &req.source_volume_id)?;
+            let record = driver
+                .snapshots
+                .create_snapshot(&req.name, &req.source_volume_id)?;
             Ok(csi::CreateSnapshotResponse {
                 snapshot: Some(convert::snapshot(&record)),
             })
@@ -218,7 +228,7 @@ impl Controller for ControllerService {
         let driver = self.0.driver.clone();
         let id = req.snapshot_id.clone();
         run("DeleteSnapshot", &id, move || {
-            driver.delete_snapshot(&req.snapshot_id)?;
+            driver.snapshots.delete_snapshot(&req.snapshot_id)?;
             Ok(csi::DeleteSnapshotResponse {})
         })
         .await
@@ -231,7 +241,7 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let driver = self.0.driver.clone();
         run("ListSnapshots", "", move || {
-            let (page, next) = driver.list_snapshots(
+            let (page, next) = driver.snapshots.list_snapshots(
                 req.max_entries,
                 &req.starting_token,
                 &req.snapshot_id,
@@ -258,7 +268,7 @@ impl Controller for ControllerService {
         let driver = self.0.driver.clone();
         let id = req.snapshot_id.clone();
         run("GetSnapshot", &id, move || {
-            let record = driver.snapshot(&req.snapshot_id)?;
+            let record = driver.snapshots.get(&req.snapshot_id)?;
             Ok(csi::GetSnapshotResponse {
                 snapshot: Some(convert::snapshot(&record)),
             })
@@ -278,11 +288,13 @@ impl Controller for ControllerService {
                 .capacity_range
                 .ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
             if let Some(cap) = &req.volume_capability {
-                driver.check_capability(&convert::capability(cap)?)?;
+                driver
+                    .capabilities
+                    .check_capability(&convert::capability(cap)?)?;
             }
             let range = CapacityRange::from_signed(range.required_bytes, range.limit_bytes)?;
             let (capacity, node_expansion_required) =
-                driver.expand_volume(&req.volume_id, range)?;
+                driver.controller.expand_volume(&req.volume_id, range)?;
             Ok(csi::ControllerExpandVolumeResponse {
                 capacity_bytes: capacity as i64,
                 node_expansion_required,
@@ -299,7 +311,7 @@ impl Controller for ControllerService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("ControllerGetVolume", &id, move || {
-            let status = driver.get_volume(&req.volume_id)?;
+            let status = driver.controller.get_volume(&req.volume_id)?;
             Ok(csi::ControllerGetVolumeResponse {
                 volume: Some(convert::volume(driver.topology(), &status.record)),
                 status: Some(csi::controller_get_volume_response::VolumeStatus {

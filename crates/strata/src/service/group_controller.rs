@@ -16,7 +16,7 @@ impl GroupControllerService {
     /// The driver, when its backend offers group snapshots.
     fn driver(&self, method: &str) -> strata_core::Result<std::sync::Arc<strata_core::Driver>> {
         let driver = self.0.driver.clone();
-        if driver.supports_group_snapshots() {
+        if driver.groups.supports_group_snapshots() {
             Ok(driver)
         } else {
             Err(Error::Unimplemented(format!(
@@ -33,7 +33,7 @@ impl GroupController for GroupControllerService {
         &self,
         _: Request<csi::GroupControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
-        let supported = self.0.driver.supports_group_snapshots();
+        let supported = self.0.driver.groups.supports_group_snapshots();
         run("GroupControllerGetCapabilities", "", move || {
             Ok(csi::GroupControllerGetCapabilitiesResponse {
                 capabilities: supported
@@ -57,7 +57,7 @@ impl GroupController for GroupControllerService {
         let driver = self.driver("CreateVolumeGroupSnapshot");
         let name = req.name.clone();
         run("CreateVolumeGroupSnapshot", &name, move || {
-            let group = driver?.create_group_snapshot(
+            let group = driver?.groups.create_group_snapshot(
                 &req.name,
                 &req.source_volume_ids,
                 &ordered(&req.parameters),
@@ -77,7 +77,9 @@ impl GroupController for GroupControllerService {
         let driver = self.driver("DeleteVolumeGroupSnapshot");
         let id = req.group_snapshot_id.clone();
         run("DeleteVolumeGroupSnapshot", &id, move || {
-            driver?.delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
+            driver?
+                .groups
+                .delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
             Ok(csi::DeleteVolumeGroupSnapshotResponse {})
         })
         .await
@@ -91,7 +93,9 @@ impl GroupController for GroupControllerService {
         let driver = self.driver("GetVolumeGroupSnapshot");
         let id = req.group_snapshot_id.clone();
         run("GetVolumeGroupSnapshot", &id, move || {
-            let group = driver?.group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
+            let group = driver?
+                .groups
+                .group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)?;
             Ok(csi::GetVolumeGroupSnapshotResponse {
                 group_snapshot: Some(convert::group_snapshot(&group)),
             })

@@ -40,7 +40,7 @@ impl Identity for IdentityService {
         &self,
         _: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        let groups = self.0.driver.supports_group_snapshots();
+        let groups = self.0.driver.groups.supports_group_snapshots();
         run("GetPluginCapabilities", "", move || {
             let mut capabilities = vec![
                 service(ServiceType::ControllerService),

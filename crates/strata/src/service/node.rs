@@ -37,7 +37,7 @@ impl Node for NodeService {
                 capability: required_capability(req.volume_capability.as_ref())?,
                 volume_id: req.volume_id,
             };
-            driver.stage_volume(stage)?;
+            driver.node.stage_volume(stage)?;
             Ok(csi::NodeStageVolumeResponse {})
         })
         .await
@@ -51,7 +51,9 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeUnstageVolume", &id, move || {
-            driver.unstage_volume(&req.volume_id, &req.staging_target_path)?;
+            driver
+                .node
+                .unstage_volume(&req.volume_id, &req.staging_target_path)?;
             Ok(csi::NodeUnstageVolumeResponse {})
         })
         .await
@@ -67,7 +69,7 @@ impl Node for NodeService {
         run("NodePublishVolume", &id, move || {
             let context = ordered(&req.volume_context);
             if is_ephemeral(&context) {
-                driver.publish_ephemeral(EphemeralVolume {
+                driver.node.publish_ephemeral(EphemeralVolume {
                     handle: req.volume_id,
                     target_path: req.target_path,
                     attributes: context,
@@ -83,7 +85,7 @@ impl Node for NodeService {
                 read_only: req.readonly,
                 volume_id: req.volume_id,
             };
-            driver.publish_volume(publish)?;
+            driver.node.publish_volume(publish)?;
             Ok(csi::NodePublishVolumeResponse {})
         })
         .await
@@ -97,7 +99,9 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeUnpublishVolume", &id, move || {
-            driver.unpublish_volume(&req.volume_id, &req.target_path)?;
+            driver
+                .node
+                .unpublish_volume(&req.volume_id, &req.target_path)?;
             Ok(csi::NodeUnpublishVolumeResponse {})
         })
         .await
@@ -111,7 +115,7 @@ impl Node for NodeService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("NodeGetVolumeStats", &id, move || {
-            let stats = driver.volume_stats(&req.volume_id, &req.volume_path)?;
+            let stats = driver.node.volume_stats(&req.volume_id, &req.volume_path)?;
             Ok(csi::NodeGetVolumeStatsResponse {
                 usage: convert::usage(stats.usage),
                 volume_condition: Some(convert::volume_condition(stats.abnormal)),
@@ -129,14 +133,19 @@ impl Node for NodeService {
         let id = req.volume_id.clone();
         run("NodeExpandVolume", &id, move || {
             if let Some(cap) = &req.volume_capability {
-                driver.check_capability(&convert::capability(cap)?)?;
+                driver
+                    .capabilities
+                    .check_capability(&convert::capability(cap)?)?;
             }
             let range = req
                 .capacity_range
                 .map(|r| CapacityRange::from_signed(r.required_bytes, r.limit_bytes))
                 .transpose()?
                 .unwrap_or_default();
-            let capacity = driver.node_expand_volume(&req.volume_id, &req.volume_path, range)?;
+            let capacity =
+                driver
+                    .node
+                    .node_expand_volume(&req.volume_id, &req.volume_path, range)?;
             Ok(csi::NodeExpandVolumeResponse {
                 capacity_bytes: capacity as i64,
             })
