@@ -60,6 +60,29 @@ impl Error {
     }
 }
 
+/// What a host failure means for the caller when the call site gives it no particular
+/// meaning: a full pool is RESOURCE_EXHAUSTED, a path the host will not act on
+/// INVALID_ARGUMENT, a changed object FAILED_PRECONDITION, a moving one ABORTED, a missing
+/// tool or driver UNAVAILABLE, and anything else INTERNAL, with what the host said.
+impl From<crate::os::HostError> for Error {
+    fn from(e: crate::os::HostError) -> Self {
+        use crate::os::HostError as H;
+        let msg = e.to_string();
+        if e.is_no_space() {
+            return Error::ResourceExhausted(format!(
+                "{msg}; the pool is full: free space or delete volumes, then retry"
+            ));
+        }
+        match e {
+            H::Path(_) => Error::InvalidArgument(msg),
+            H::Mismatch(_) => Error::FailedPrecondition(msg),
+            H::Changing(_) => Error::Aborted(msg),
+            H::Missing { .. } | H::Unsupported(_) => Error::Unavailable(msg),
+            H::Sys { .. } | H::Io { .. } | H::Tool { .. } => Error::Internal(msg),
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.message())

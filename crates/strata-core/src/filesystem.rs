@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::MIB;
+use crate::os::HostError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Filesystem {
@@ -129,6 +130,40 @@ impl Filesystem {
     }
 }
 
+impl Filesystem {
+    /// What a failed mkfs means: a device too small for this filesystem is the request's to
+    /// fix (FAILED_PRECONDITION, naming the minimum); anything else is the host's.
+    pub fn format_error(self, e: HostError) -> Error {
+        if e.tool_said("too small") || e.tool_said("must be larger") {
+            Error::FailedPrecondition(format!(
+                "{e}; create a larger volume ({self} needs at least {} MiB)",
+                self.min_bytes().max(MIB) >> 20
+            ))
+        } else {
+            e.into()
+        }
+    }
+
+    /// What a failed growth means: a check that found errors it could not fix, or an online
+    /// growth the kernel refused for want of a privilege (ext4 needs CAP_SYS_RESOURCE), are
+    /// FAILED_PRECONDITION with what to do; anything else is the host's.
+    pub fn grow_error(self, e: HostError, online: bool) -> Error {
+        let growth = self.growth();
+        let checked = matches!((&e, growth.check_first), (HostError::Tool { tool, .. }, Some((check, _, _))) if tool == check);
+        if checked {
+            Error::FailedPrecondition(format!(
+                "{e}: the check found errors it could not fix; repair the filesystem by hand"
+            ))
+        } else if online && e.is_permission() {
+            Error::FailedPrecondition(format!(
+                "{e}: growing the mounted {self} filesystem was refused (EPERM): it needs CAP_SYS_RESOURCE (run strata privileged) and a kernel that grows {self} online; or unstage and stage the volume again to grow it offline"
+            ))
+        } else {
+            e.into()
+        }
+    }
+}
+
 impl std::fmt::Display for Filesystem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -150,5 +185,69 @@ mod tests {
         for fs in Filesystem::ALL {
             assert_eq!(Filesystem::parse(fs.name()), Some(fs));
         }
+    }
+
+    fn tool(tool: &str, code: i32, output: &str) -> HostError {
+        HostError::Tool {
+            tool: tool.into(),
+            target: "/dev/loop3".into(),
+            code: Some(code),
+            said: output.lines().next().unwrap_or_default().into(),
+            output: output.into(),
+        }
+    }
+
+    #[test]
+    fn the_core_decides_what_a_failed_tool_means() {
+        // mkfs.xfs on a small device: the request's to fix.
+        let small = tool(
+            "mkfs.xfs",
+            1,
+            "Filesystem must be larger than 300MB.\nUsage: ...",
+        );
+        assert!(matches!(
+            Filesystem::Xfs.format_error(small),
+            Error::FailedPrecondition(m) if m.contains("at least 300 MiB")
+        ));
+        assert!(matches!(
+            Filesystem::Ext4.format_error(tool("mkfs.ext4", 1, "Input/output error")),
+            Error::Internal(_)
+        ));
+        // resize2fs refused online (its first line is a version banner): a privilege.
+        let refused = tool(
+            "resize2fs",
+            1,
+            "resize2fs 1.47.0 (5-Feb-2023)\nresize2fs: Operation not permitted While trying to add group #1",
+        );
+        assert!(matches!(
+            Filesystem::Ext4.grow_error(refused.clone(), true),
+            Error::FailedPrecondition(m) if m.contains("CAP_SYS_RESOURCE")
+        ));
+        assert!(matches!(
+            Filesystem::Ext4.grow_error(refused, false),
+            Error::Internal(_)
+        ));
+        // e2fsck before an offline growth found what it could not fix.
+        assert!(matches!(
+            Filesystem::Ext4.grow_error(tool("e2fsck", 4, "UNEXPECTED INCONSISTENCY"), false),
+            Error::FailedPrecondition(m) if m.contains("repair the filesystem by hand")
+        ));
+        // By default: a full pool, a path, a moving object, a missing tool.
+        let full = HostError::io("write", std::io::Error::from_raw_os_error(libc::EDQUOT));
+        assert!(matches!(Error::from(full), Error::ResourceExhausted(_)));
+        assert!(matches!(
+            Error::from(HostError::Path("a symlink".into())),
+            Error::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            Error::from(HostError::Changing("moved".into())),
+            Error::Aborted(_)
+        ));
+        assert!(matches!(
+            Error::from(HostError::Missing {
+                tool: "mkfs.xfs".into()
+            }),
+            Error::Unavailable(m) if m.contains("install")
+        ));
     }
 }

@@ -51,7 +51,7 @@ impl Freezer {
 
     /// Thaws a filesystem a watchdog found still frozen past its limit.
     pub(crate) fn thaw(&self, fs: &MountedFs) -> Result<()> {
-        self.host.filesystems.thaw(fs)
+        Ok(self.host.filesystems.thaw(fs)?)
     }
 
     /// Thaws every mounted volume filesystem: a crash while a snapshot had one frozen must not

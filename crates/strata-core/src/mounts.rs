@@ -108,7 +108,16 @@ impl Mounts {
                     bounded_display(Path::new(&top.source))
                 )));
             }
-            self.host.mounter.unmount(current)?;
+            self.host.mounter.unmount(current).map_err(|e| {
+                if e.is_busy() {
+                    Error::FailedPrecondition(format!(
+                        "{} is busy: stop the processes using it, then retry",
+                        bounded_display(&current.path)
+                    ))
+                } else {
+                    e.into()
+                }
+            })?;
             node = self.host.mounter.reopen(current)?;
         }
         Err(Error::Internal(format!(

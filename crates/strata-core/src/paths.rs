@@ -89,7 +89,7 @@ impl NodePaths {
     /// Opens a checked path without following symlinks; `None` when it does not exist and
     /// `create` is `Nothing`.
     pub(crate) fn open(&self, path: &CheckedPath, create: Create) -> Result<Option<NodePath>> {
-        self.mounter.open_path(&path.prefix, &path.path, create)
+        Ok(self.mounter.open_path(&path.prefix, &path.path, create)?)
     }
 
     /// Opens (creating) a checked path of the given kind: a directory for a filesystem, a

@@ -12,11 +12,12 @@ use crate::model::{
     AccessMode, AccessType, Capability, CapacityRange, ContentSource, FormatState, MIB,
 };
 use crate::node::{PublishVolume, StageVolume};
+use crate::os::HostError;
 use crate::os::fake::Op;
 use crate::testing::{Fixture, fixture, mount};
 
-fn injected() -> Error {
-    Error::Internal("injected host failure".into())
+fn injected() -> HostError {
+    HostError::other("injected host failure")
 }
 
 fn create(f: &Fixture, name: &str, source: Option<ContentSource>) -> Result<String> {
@@ -92,7 +93,7 @@ fn counts(f: &Fixture) -> (usize, usize) {
 fn failing<T: std::fmt::Debug>(f: &Fixture, op: Op, call: impl FnOnce() -> Result<T>) {
     f.fake.fail_next(op, injected());
     let r = call();
-    assert_eq!(r.unwrap_err(), injected(), "{op:?}");
+    assert_eq!(r.unwrap_err(), Error::from(injected()), "{op:?}");
     assert_eq!(f.fake.failures_left(), 0, "{op:?} was reached");
 }
 

@@ -72,10 +72,10 @@ impl DirectoryKind for Subvolumes {
     }
 
     fn resize(&self, data: &Path, size: u64) -> Result<()> {
-        self.btrfs.set_limit(data, size)
+        Ok(self.btrfs.set_limit(data, size)?)
     }
 
     fn used(&self, data: &Path) -> Result<(u64, Option<u64>)> {
-        self.btrfs.usage(data)
+        Ok(self.btrfs.usage(data)?)
     }
 }

@@ -50,7 +50,7 @@ impl DirectoryKind for PlainDirectories {
         _size: u64,
         _snapshot: bool,
     ) -> Result<CopyMethod> {
-        host.filesystems.copy_tree(source, data)
+        Ok(host.filesystems.copy_tree(source, data)?)
     }
 
     fn resize(&self, _data: &Path, _size: u64) -> Result<()> {

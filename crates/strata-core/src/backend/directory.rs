@@ -79,7 +79,7 @@ impl<K: DirectoryKind> Backend for DirectoryBackend<K> {
     }
 
     fn pool_usage(&self) -> Result<FsUsage> {
-        self.host.filesystems.usage(&self.pool)
+        Ok(self.host.filesystems.usage(&self.pool)?)
     }
 
     fn create(&self, dir: &Path, size: u64) -> Result<()> {

@@ -37,7 +37,7 @@ impl ImageBackend {
     /// Whether the pool shares extents, tried on two scratch files: decides whether snapshots
     /// cost O(1) or O(data).
     pub fn detect_copy_method(&self) -> Result<CopyMethod> {
-        self.host.filesystems.copy_method_in(&self.pool)
+        Ok(self.host.filesystems.copy_method_in(&self.pool)?)
     }
 
     /// Extends an image to `size` bytes (never shrinks it), durably.
@@ -84,7 +84,7 @@ impl Backend for ImageBackend {
     }
 
     fn pool_usage(&self) -> Result<FsUsage> {
-        self.host.filesystems.usage(&self.pool)
+        Ok(self.host.filesystems.usage(&self.pool)?)
     }
 
     fn create(&self, dir: &Path, size: u64) -> Result<()> {
@@ -179,7 +179,7 @@ impl Backend for ImageBackend {
     }
 
     fn has_data(&self, dir: &Path) -> Result<bool> {
-        self.host.filesystems.has_data(&Self::image(dir))
+        Ok(self.host.filesystems.has_data(&Self::image(dir))?)
     }
 
     fn attachment(&self, dir: &Path) -> Result<Option<Attachment>> {
@@ -224,7 +224,7 @@ impl Backend for ImageBackend {
 
     fn release_on_unmount(&self, attached: &Attached) -> Result<()> {
         match &attached.held {
-            Some(held) if !held.device.auto_clear => self.host.loops.set_auto_clear(held),
+            Some(held) if !held.device.auto_clear => Ok(self.host.loops.set_auto_clear(held)?),
             _ => Ok(()),
         }
     }
@@ -237,7 +237,7 @@ impl Backend for ImageBackend {
     }
 
     fn identity(&self, dir: &Path) -> Result<Option<FileId>> {
-        FileId::find(&Self::image(dir))
+        Ok(FileId::find(&Self::image(dir))?)
     }
 
     fn devices(&self, dir: &Path) -> Result<Vec<LoopDevice>> {

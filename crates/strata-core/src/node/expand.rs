@@ -65,7 +65,10 @@ impl Node {
         if !record.resize_pending {
             return Ok(());
         }
-        self.host.filesystems.grow(device, mount_point, fs)?;
+        self.host
+            .filesystems
+            .grow(device, mount_point, fs)
+            .map_err(|e| fs.grow_error(e, mount_point.is_some()))?;
         record.resize_pending = false;
         self.volumes.store.update(record)?;
         tracing::info!(volume_id = %id, fs_type = fs.name(), online = mount_point.is_some(), "filesystem grown");

@@ -159,7 +159,7 @@ impl Node {
             if bound.is_err() && device.device.read_only {
                 self.mounts.release_read_only_devices(&dir)?;
             }
-            return bound;
+            return Ok(bound?);
         }
         let (staged_node, staged) = staged_mount.ok_or_else(not_staged)?;
         // The stage's own flags (noexec...) stay on every publish of it.
@@ -172,7 +172,7 @@ impl Node {
         }
         let target_node = self.paths.create(target, Create::Directory)?;
         self.crash.reach("publish:before-bind");
-        self.host.mounter.bind(&staged_node, &target_node, &flags)
+        Ok(self.host.mounter.bind(&staged_node, &target_node, &flags)?)
     }
 
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &str) -> Result<()> {

@@ -177,11 +177,11 @@ impl Node {
             (Attachment::Device(dev), Some(fs)) => (dev.clone(), fs),
             (Attachment::Directory(src), _) => {
                 let target = self.paths.create(staging, Create::Directory)?;
-                return self.host.mounter.bind(
+                return Ok(self.host.mounter.bind(
                     &NodePath::trusted(&src.path),
                     &target,
                     &options.per_mount(),
-                );
+                )?);
             }
             (Attachment::Device(_), None) => unreachable!("a device always has a filesystem"),
         };
@@ -281,7 +281,10 @@ impl Node {
         }
         record.format = FormatState::Formatting(fs_type.to_owned());
         self.volumes.store.update(record.clone())?;
-        self.host.filesystems.format(device, fs)?;
+        self.host
+            .filesystems
+            .format(device, fs)
+            .map_err(|e| fs.format_error(e))?;
         self.crash.reach("stage:after-format");
         record.format = FormatState::Formatted(fs_type.to_owned());
         self.volumes.store.update(record)?;

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::error::{Error, Result};
+use crate::os::error::{HostError, Result};
 
 /// What the btrfs backend needs from btrfs.
 pub trait Btrfs: Send + Sync {
@@ -33,19 +33,12 @@ fn btrfs(args: &[&str], paths: &[&Path]) -> Result<String> {
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    let msg = format!(
-        "btrfs {} {}: {}",
-        args.join(" "),
+    Err(super::linux::tools::failed(
+        &format!("btrfs {}", args.join(" ")),
         paths.join(" "),
-        super::linux::tool_says(&out)
-    );
-    if stderr.contains("No space left") || stderr.contains("Disk quota exceeded") {
-        Err(Error::ResourceExhausted(msg))
-    } else {
-        Err(Error::Internal(msg))
-    }
+        &out,
+    ))
 }
 
 /// Referenced bytes and limit of the qgroup in `btrfs qgroup show -rf --raw` output.
@@ -60,11 +53,11 @@ fn parse_qgroup(text: &str) -> Option<(u64, Option<u64>)> {
 impl Btrfs for BtrfsTool {
     fn is_btrfs(&self, path: &Path) -> Result<bool> {
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::InvalidArgument("path contains NUL".into()))?;
+            .map_err(|_| HostError::Path("path contains NUL".into()))?;
         // SAFETY: statfs writes into the zeroed struct; c is a valid path.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-            return Err(Error::io(
+            return Err(HostError::io(
                 format!("statfs {}", path.display()),
                 std::io::Error::last_os_error(),
             ));
@@ -100,7 +93,7 @@ impl Btrfs for BtrfsTool {
     fn usage(&self, path: &Path) -> Result<(u64, Option<u64>)> {
         let text = btrfs(&["qgroup", "show", "-rf", "--raw"], &[path])?;
         parse_qgroup(&text).ok_or_else(|| {
-            Error::Internal(format!(
+            HostError::other(format!(
                 "unexpected btrfs qgroup output: {}",
                 crate::validate::bounded(&text, 200)
             ))

@@ -11,8 +11,8 @@ use super::{
     AttachOptions, CopyMethod, Create, FileId, Filesystems, FsUsage, HeldLoop, Host, LoopDevice,
     LoopDevices, MountEntry, MountOptions, MountedFs, Mounter, NodePath, Probe,
 };
-use crate::error::{Error, Result};
 use crate::filesystem::Filesystem;
+use crate::os::error::{HostError, Result};
 
 const LOOP_MAJOR: u32 = 7;
 const DEVTMPFS: (u32, u32) = (0, 5);
@@ -55,7 +55,7 @@ pub struct FakeState {
     /// Every group applied to a tree, in order.
     pub groups: Vec<(PathBuf, u32)>,
     /// Failures armed by [`FakeHost::fail_next`], each used by the next call of its op.
-    failures: Vec<(Op, Error)>,
+    failures: Vec<(Op, HostError)>,
     next_mount_id: u32,
 }
 
@@ -84,7 +84,7 @@ impl FakeHost {
 
     /// Makes the next call of `op` fail with `error` (and do nothing); arming several
     /// failures of one op fails that many calls in turn.
-    pub fn fail_next(&self, op: Op, error: Error) {
+    pub fn fail_next(&self, op: Op, error: HostError) {
         self.lock().failures.push((op, error));
     }
 
@@ -185,9 +185,9 @@ impl Mounter for FakeHost {
             .iter()
             .find(|l| l.path == device)
             .cloned()
-            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+            .ok_or_else(|| HostError::other(format!("no device {}", device.display())))?;
         if s.filesystems.get(&dev.backing_file).map(String::as_str) != Some(fs_type) {
-            return Err(Error::Internal(format!("wrong fs type {fs_type}")));
+            return Err(HostError::other(format!("wrong fs type {fs_type}")));
         }
         let entry = MountEntry {
             mount_id: 0,
@@ -228,7 +228,7 @@ impl Mounter for FakeHost {
                 super_options: vec!["rw".into()],
             }
         } else {
-            return Err(Error::Internal(format!(
+            return Err(HostError::other(format!(
                 "bind source {} unknown",
                 source.display()
             )));
@@ -262,7 +262,7 @@ impl LoopDevices for FakeHost {
     fn attach(&self, backing_file: &Path, options: AttachOptions) -> Result<HeldLoop> {
         self.injected(Op::Attach)?;
         let backing = FileId::of(backing_file)
-            .map_err(|e| Error::io(format!("open {}", backing_file.display()), e))?;
+            .map_err(|e| HostError::io(format!("open {}", backing_file.display()), e))?;
         let mut s = self.lock();
         let minor = (0..)
             .find(|n| !s.loops.iter().any(|l| l.minor == *n))
@@ -319,7 +319,7 @@ impl Filesystems for FakeHost {
         let mut s = self.lock();
         s.probes += 1;
         let backing = Self::backing_of(&s, device)
-            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+            .ok_or_else(|| HostError::other(format!("no device {}", device.display())))?;
         Ok(match s.filesystems.get(&backing) {
             Some(fs) => Probe::Filesystem(fs.clone()),
             None => Probe::Empty,
@@ -331,7 +331,7 @@ impl Filesystems for FakeHost {
         self.injected(Op::Format)?;
         let mut s = self.lock();
         let backing = Self::backing_of(&s, device)
-            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+            .ok_or_else(|| HostError::other(format!("no device {}", device.display())))?;
         s.filesystems.insert(backing, fs_type.into());
         s.formats += 1;
         Ok(())
@@ -351,15 +351,15 @@ impl Filesystems for FakeHost {
     fn device_size(&self, device: &Path) -> Result<u64> {
         let s = self.lock();
         let backing = Self::backing_of(&s, device)
-            .ok_or_else(|| Error::Internal(format!("no device {}", device.display())))?;
+            .ok_or_else(|| HostError::other(format!("no device {}", device.display())))?;
         std::fs::metadata(&backing)
             .map(|m| m.len())
-            .map_err(|e| Error::io("stat", e))
+            .map_err(|e| HostError::io("stat", e))
     }
 
     fn clone_file(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
         self.injected(Op::CloneFile)?;
-        std::fs::copy(src, dst).map_err(|e| Error::io("copy", e))?;
+        std::fs::copy(src, dst).map_err(|e| HostError::io("copy", e))?;
         let mut s = self.lock();
         if let Some(fs) = s.filesystems.get(src).cloned() {
             s.filesystems.insert(dst.to_owned(), fs);
@@ -395,7 +395,7 @@ impl Filesystems for FakeHost {
         let probe = dir.join(format!(".probe-{:?}", std::thread::current().id()));
         std::fs::write(&probe, b"ok")
             .and_then(|_| std::fs::remove_file(&probe))
-            .map_err(|e| Error::io(format!("write {}", probe.display()), e))
+            .map_err(|e| HostError::io(format!("write {}", probe.display()), e))
     }
 
     fn open_mounted(&self, mount_point: &Path, device: (u32, u32)) -> Result<MountedFs> {
@@ -405,7 +405,7 @@ impl Filesystems for FakeHost {
             .iter()
             .any(|m| m.mount_point == mount_point && m.device() == device);
         if !shown {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(HostError::Mismatch(format!(
                 "{} is not the volume's filesystem any more",
                 mount_point.display()
             )));
@@ -460,6 +460,6 @@ impl super::btrfs::Btrfs for FakeHost {
     }
 }
 
-fn no_btrfs() -> Error {
-    Error::FailedPrecondition("the fake host has no btrfs".into())
+fn no_btrfs() -> HostError {
+    HostError::Unsupported("the fake host has no btrfs".into())
 }

@@ -3,6 +3,7 @@
 
 pub mod btrfs;
 pub mod clone;
+pub mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod linux;
@@ -13,10 +14,11 @@ pub mod tree;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
 use crate::filesystem::Filesystem;
 use crate::model::CopyMethod;
 pub use crate::validate::mount_options::MountOptions;
+pub use error::HostError;
+use error::Result;
 pub use mountinfo::MountEntry;
 pub use nodepath::{Create, NodePath};
 
@@ -78,7 +80,7 @@ impl FileId {
         match FileId::of(path) {
             Ok(id) => Ok(Some(id)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+            Err(e) => Err(HostError::io(format!("stat {}", path.display()), e)),
         }
     }
 }
@@ -158,7 +160,7 @@ pub trait LoopDevices: Send + Sync {
                 return Ok(Some(held));
             }
         }
-        Err(Error::Aborted(
+        Err(HostError::Changing(
             "the loop device of this volume keeps changing; retry".into(),
         ))
     }
@@ -308,7 +310,7 @@ impl Host {
             .iter()
             .filter(|m| path.starts_with(&m.mount_point))
             .max_by_key(|m| m.mount_point.as_os_str().len())
-            .ok_or_else(|| Error::Internal(format!("no mount contains {}", path.display())))?;
+            .ok_or_else(|| HostError::other(format!("no mount contains {}", path.display())))?;
         let rel = path.strip_prefix(&m.mount_point).unwrap_or(Path::new(""));
         let root = if rel.as_os_str().is_empty() {
             m.root.clone()

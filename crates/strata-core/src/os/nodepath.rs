@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::{Error, IoContext, Result};
+use crate::os::error::{HostError, IoContext, Result};
 
 /// What to make when the path's last component is missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +82,8 @@ impl NodePath {
     }
 }
 
-fn nul(path: &Path) -> Error {
-    Error::InvalidArgument(format!("path {} contains NUL", path.display()))
+fn nul(path: &Path) -> HostError {
+    HostError::Path(format!("path {} contains NUL", path.display()))
 }
 
 fn cstring(s: &std::ffi::OsStr, path: &Path) -> Result<CString> {
@@ -111,8 +111,8 @@ fn fstat(fd: RawFd) -> io::Result<libc::stat> {
 
 const O_LOOKUP: libc::c_int = libc::O_PATH | libc::O_NOFOLLOW;
 
-fn refused(path: &Path, what: &str) -> Error {
-    Error::InvalidArgument(format!(
+fn refused(path: &Path, what: &str) -> HostError {
+    HostError::Path(format!(
         "{} {what}; Strata does not follow symlinks below the allowed directories",
         crate::validate::bounded_display(path)
     ))
@@ -123,7 +123,7 @@ fn refused(path: &Path, what: &str) -> Error {
 /// refused. Returns `None` when the path does not exist and `create` is `Nothing`.
 pub fn open(prefix: &Path, path: &Path, create: Create) -> Result<Option<NodePath>> {
     let rel = path.strip_prefix(prefix).map_err(|_| {
-        Error::Internal(format!(
+        HostError::other(format!(
             "{} is not below {}",
             path.display(),
             prefix.display()
@@ -133,19 +133,19 @@ pub fn open(prefix: &Path, path: &Path, create: Create) -> Result<Option<NodePat
         .components()
         .map(|c| match c {
             Component::Normal(p) => Ok(p),
-            _ => Err(Error::InvalidArgument(format!(
+            _ => Err(HostError::Path(format!(
                 "{} must be a clean absolute path",
                 crate::validate::bounded_display(path)
             ))),
         })
         .collect::<Result<_>>()?;
     let Some((last, dirs)) = parts.split_last() else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(HostError::Path(format!(
             "{} is an allowed directory itself; use a path below it",
             prefix.display()
         )));
     };
-    let io_err = |what: &str, e: io::Error| Error::io(format!("{what} {}", path.display()), e);
+    let io_err = |what: &str, e: io::Error| HostError::io(format!("{what} {}", path.display()), e);
     let prefix_c = cstring(prefix.as_os_str(), prefix)?;
     // The prefix itself may be reached through a symlink the administrator configured.
     let mut dir = openat(libc::AT_FDCWD, &prefix_c, libc::O_PATH | libc::O_DIRECTORY)
@@ -215,13 +215,13 @@ fn mkdirat(dir: RawFd, name: &CString) -> io::Result<()> {
     Ok(())
 }
 
-fn lookup_error(path: &Path, e: io::Error) -> Error {
+fn lookup_error(path: &Path, e: io::Error) -> HostError {
     match e.raw_os_error() {
         // O_NOFOLLOW|O_DIRECTORY on a symlink, or a file where a directory was expected.
         Some(libc::ENOTDIR) | Some(libc::ELOOP) => {
             refused(path, "passes through a symlink or a file")
         }
-        _ => Error::io(format!("open {}", path.display()), e),
+        _ => HostError::io(format!("open {}", path.display()), e),
     }
 }
 
@@ -245,7 +245,7 @@ pub fn mount_of(node: &NodePath) -> Result<Option<(u32, bool)>> {
         )
     };
     if r < 0 {
-        return Err(Error::io(
+        return Err(HostError::io(
             format!("statx {}", node.path.display()),
             io::Error::last_os_error(),
         ));
@@ -273,7 +273,7 @@ pub fn reopen(node: &NodePath) -> Result<Option<NodePath>> {
     // SAFETY: dup of a valid descriptor we own.
     let parent_copy = unsafe { libc::fcntl(parent, libc::F_DUPFD_CLOEXEC, 0) };
     if parent_copy < 0 {
-        return Err(Error::io("dup", io::Error::last_os_error()));
+        return Err(HostError::io("dup", io::Error::last_os_error()));
     }
     Ok(Some(NodePath {
         path: node.path.clone(),
@@ -299,7 +299,7 @@ pub fn remove_if_created(node: &NodePath) -> Result<bool> {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
             Some(libc::ENOENT) => Ok(true),
-            _ => Err(Error::io(format!("stat {}", node.path.display()), e)),
+            _ => Err(HostError::io(format!("stat {}", node.path.display()), e)),
         };
     }
     let flags = match st.st_mode & libc::S_IFMT {
@@ -314,7 +314,7 @@ pub fn remove_if_created(node: &NodePath) -> Result<bool> {
         return match e.raw_os_error() {
             Some(libc::ENOENT) => Ok(true),
             Some(libc::ENOTEMPTY) | Some(libc::EEXIST) | Some(libc::EBUSY) => Ok(false),
-            _ => Err(Error::io(format!("remove {}", node.path.display()), e)),
+            _ => Err(HostError::io(format!("remove {}", node.path.display()), e)),
         };
     }
     Ok(true)

@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use crate::error::{Error, Result};
 use crate::model::CopyMethod;
+use crate::os::error::{HostError, Result};
 
 /// Deeper trees are refused rather than risk the thread's stack.
 const MAX_DEPTH: usize = 1024;
@@ -205,12 +205,13 @@ fn reopen(found: &File, flags: libc::c_int) -> io::Result<Option<File>> {
 
 fn cstring(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidArgument(format!("path {} contains NUL", path.display())))
+        .map_err(|_| HostError::Path(format!("path {} contains NUL", path.display())))
 }
 
 /// See [`crate::os::Filesystems::copy_tree`].
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyMethod> {
-    let fail = |e: io::Error| Error::io(format!("copy {} to {}", src.display(), dst.display()), e);
+    let fail =
+        |e: io::Error| HostError::io(format!("copy {} to {}", src.display(), dst.display()), e);
     let from = open_at(
         libc::AT_FDCWD,
         &cstring(src)?,
@@ -306,7 +307,7 @@ impl Grouper {
 /// See [`crate::os::Filesystems::apply_group`]. `root` is the mounted volume's root (a
 /// `/proc/self/fd` path to the checked mount point is fine: it is opened as it is).
 pub fn apply_group(root: &Path, gid: u32) -> Result<u64> {
-    let fail = |e: io::Error| Error::io(format!("set group {gid} on {}", root.display()), e);
+    let fail = |e: io::Error| HostError::io(format!("set group {gid} on {}", root.display()), e);
     let top = open_at(
         libc::AT_FDCWD,
         &cstring(root)?,

@@ -7,11 +7,11 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use crate::error::{Error, IoContext, Result};
 use crate::filesystem::Filesystem;
+use crate::os::error::{HostError, IoContext, Result};
 use crate::os::{CopyMethod, Filesystems, FsUsage, MountedFs, Probe};
 
-use super::tools::{run, tool_says};
+use super::tools::{failed, run};
 use super::{LinuxHost, check, cstr};
 use crate::os::clone::clone_or_copy;
 
@@ -21,7 +21,7 @@ const FITHAW: libc::c_ulong = 0xC004_5878;
 
 fn freeze_ioctl(fs: &MountedFs, request: libc::c_ulong, what: &str) -> Result<()> {
     let Some(root) = &fs.root else {
-        return Err(Error::Internal(format!(
+        return Err(HostError::other(format!(
             "{} was not opened for a {what}",
             fs.mount_point.display()
         )));
@@ -31,7 +31,10 @@ fn freeze_ioctl(fs: &MountedFs, request: libc::c_ulong, what: &str) -> Result<()
         Ok(_) => Ok(()),
         // Thawing a filesystem that is not frozen is fine.
         Err(e) if request == FITHAW && e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-        Err(e) => Err(Error::io(format!("{what} {}", fs.mount_point.display()), e)),
+        Err(e) => Err(HostError::io(
+            format!("{what} {}", fs.mount_point.display()),
+            e,
+        )),
     }
 }
 
@@ -65,37 +68,19 @@ impl Filesystems for LinuxHost {
             Some(0) => Ok(parse_blkid(&String::from_utf8_lossy(&out.stdout))),
             // blkid's "nothing found".
             Some(2) => Ok(Probe::Empty),
-            _ => Err(Error::Internal(format!(
-                "blkid {}: {}",
-                device.display(),
-                tool_says(&out)
-            ))),
+            _ => Err(failed("blkid", device.display(), &out)),
         }
     }
 
     fn format(&self, device: &Path, fs: Filesystem) -> Result<()> {
-        let fs_type = fs.name();
         let (tool, args) = fs.mkfs();
-        let mut cmd = Command::new(tool);
+        let mut cmd = Command::new(&tool);
         cmd.args(args);
         let out = run(cmd.arg(device))?;
         if out.status.success() {
             return Ok(());
         }
-        let said = tool_says(&out);
-        let lower = said.to_lowercase();
-        if lower.contains("too small") || lower.contains("must be larger") {
-            Err(Error::FailedPrecondition(format!(
-                "mkfs.{fs_type} refused {}: {said}; create a larger volume ({fs_type} needs at least {} MiB)",
-                device.display(),
-                fs.min_bytes().max(crate::model::MIB) >> 20
-            )))
-        } else {
-            Err(Error::Internal(format!(
-                "mkfs.{fs_type} {}: {said}",
-                device.display()
-            )))
-        }
+        Err(failed(&tool, device.display(), &out))
     }
 
     fn usage(&self, path: &Path) -> Result<FsUsage> {
@@ -147,7 +132,7 @@ impl Filesystems for LinuxHost {
             .ctx(|| format!("stat {}", mount_point.display()))?
             .dev();
         if (libc::major(dev), libc::minor(dev)) != device {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(HostError::Mismatch(format!(
                 "{} is no longer the volume's filesystem (it changed under the call); retry",
                 mount_point.display()
             )));
@@ -219,7 +204,7 @@ impl Filesystems for LinuxHost {
                     .and_then(|_| fs::remove_file(&probe))
                     .ctx(|| format!("write {}", probe.display()))
             }
-            Err(e) => Err(Error::io(
+            Err(e) => Err(HostError::io(
                 format!("create a scratch file in {}", dir.display()),
                 e,
             )),
@@ -228,27 +213,12 @@ impl Filesystems for LinuxHost {
 
     fn grow(&self, device: &Path, mount_point: Option<&Path>, fs: Filesystem) -> Result<()> {
         let fs_type = fs.name();
-        let failed = |tool: &str, out: &std::process::Output| {
-            let text = format!(
-                "{} {}",
-                String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
-            );
-            if text.contains("Operation not permitted") || text.contains("Permission denied") {
-                Error::FailedPrecondition(format!(
-                    "{tool} {}: growing the mounted {fs_type} filesystem was refused (EPERM): it needs CAP_SYS_RESOURCE (run strata privileged) and a kernel that grows {fs_type} online; or unstage and stage the volume again to grow it offline",
-                    device.display()
-                ))
-            } else {
-                Error::Internal(format!("{tool} {}: {}", device.display(), tool_says(out)))
-            }
-        };
         let growth = fs.growth();
         let target = match mount_point {
             Some(mp) if growth.by_mount_point => mp,
             Some(_) => device,
             None if !growth.offline => {
-                return Err(Error::Internal(format!(
+                return Err(HostError::other(format!(
                     "{fs_type} grows only while mounted"
                 )));
             }
@@ -256,11 +226,7 @@ impl Filesystems for LinuxHost {
                 if let Some((check, args, sound)) = growth.check_first {
                     let out = run(Command::new(check).args(args).arg(device))?;
                     if !out.status.code().is_some_and(|c| sound.contains(&c)) {
-                        return Err(Error::FailedPrecondition(format!(
-                            "{check} {} found errors it could not fix: {}; repair the filesystem by hand",
-                            device.display(),
-                            tool_says(&out)
-                        )));
+                        return Err(failed(check, device.display(), &out));
                     }
                 }
                 device
@@ -270,7 +236,7 @@ impl Filesystems for LinuxHost {
         if out.status.success() {
             Ok(())
         } else {
-            Err(failed(growth.tool, &out))
+            Err(failed(growth.tool, target.display(), &out))
         }
     }
 
@@ -295,7 +261,7 @@ mod tests {
         // Another device: refused, never frozen.
         assert!(matches!(
             LinuxHost.open_mounted(dir.path(), (major, minor + 1000)),
-            Err(Error::FailedPrecondition(_))
+            Err(HostError::Mismatch(_))
         ));
         // A symlink where the mount point was: refused, not followed.
         let link = dir.path().join("link");

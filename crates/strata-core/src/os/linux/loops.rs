@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, IoContext, Result};
+use crate::os::error::{HostError, IoContext, Result};
 use crate::os::{AttachOptions, FileId, HeldLoop, LoopDevice, LoopDevices};
 
 use super::{LinuxHost, check};
@@ -163,7 +163,7 @@ impl LoopDevices for LinuxHost {
     fn list(&self) -> Result<Vec<LoopDevice>> {
         let dir = match fs::read_dir("/sys/block") {
             Ok(d) => d,
-            Err(e) => return Err(Error::io("list /sys/block", e)),
+            Err(e) => return Err(HostError::io("list /sys/block", e)),
         };
         let mut devices = vec![];
         for entry in dir.filter_map(|e| e.ok()) {
@@ -189,7 +189,7 @@ impl LoopDevices for LinuxHost {
             .open(backing_file)
             .ctx(|| format!("open {}", backing_file.display()))?;
         let control = File::open("/dev/loop-control").map_err(|e| {
-            Error::Unavailable(format!(
+            HostError::Unsupported(format!(
                 "open /dev/loop-control: {e}; load the loop module (modprobe loop) and run Strata privileged"
             ))
         })?;
@@ -221,13 +221,13 @@ impl LoopDevices for LinuxHost {
                             handle: Some(device),
                         })
                         .ok_or_else(|| {
-                            Error::Internal(format!("{name} vanished right after it was attached"))
+                            HostError::other(format!("{name} vanished right after it was attached"))
                         });
                 }
                 // Somebody else took this device between GET_FREE and CONFIGURE.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
                 Err(e) => {
-                    return Err(Error::io(
+                    return Err(HostError::io(
                         format!(
                             "attach {} to {}",
                             backing_file.display(),
@@ -238,7 +238,7 @@ impl LoopDevices for LinuxHost {
                 }
             }
         }
-        Err(Error::Aborted(
+        Err(HostError::Changing(
             "every free loop device was taken by another process; retry".into(),
         ))
     }
@@ -270,7 +270,7 @@ impl LoopDevices for LinuxHost {
         let path = &device.device.path;
         let mut info = loop_status(file)
             .ctx(|| format!("read status of {}", path.display()))?
-            .ok_or_else(|| Error::Internal(format!("{} was detached", path.display())))?;
+            .ok_or_else(|| HostError::other(format!("{} was detached", path.display())))?;
         info.flags |= LO_FLAGS_AUTOCLEAR;
         // SAFETY: LOOP_SET_STATUS64 reads a struct loop_info64.
         check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_SET_STATUS64, &info) })
@@ -301,7 +301,12 @@ impl LoopDevices for LinuxHost {
         match check(unsafe { libc::ioctl(file.as_raw_fd(), LOOP_CLR_FD, 0) }) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
-            Err(e) => return Err(Error::io(format!("detach {}", device.path.display()), e)),
+            Err(e) => {
+                return Err(HostError::io(
+                    format!("detach {}", device.path.display()),
+                    e,
+                ));
+            }
         }
         drop(held);
         wait_released(device);

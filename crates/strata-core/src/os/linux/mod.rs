@@ -14,14 +14,14 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::os::error::{HostError, Result};
 
 /// The host as the kernel sees it. Stateless: every query goes to the kernel.
 pub struct LinuxHost;
 
 fn cstr(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidArgument(format!("path {} contains NUL", path.display())))
+        .map_err(|_| HostError::Path(format!("path {} contains NUL", path.display())))
 }
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {

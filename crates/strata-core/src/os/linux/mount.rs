@@ -8,8 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::error::{Error, IoContext, Result};
 use crate::filesystem::Filesystem;
+use crate::os::error::{HostError, IoContext, Result};
 use crate::os::{Create, MountEntry, MountOptions, Mounter, NodePath, mountinfo, nodepath};
 
 use super::{LinuxHost, check, cstr};
@@ -113,7 +113,7 @@ fn owned_fd(ret: libc::c_long) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
 }
 
-fn mount_error(what: String, e: io::Error) -> Error {
+fn mount_error(what: String, e: io::Error) -> HostError {
     let hint = match e.raw_os_error() {
         Some(libc::EINVAL) | Some(libc::EUCLEAN) => {
             "; the filesystem may be damaged or of another type: check it with fsck"
@@ -121,7 +121,7 @@ fn mount_error(what: String, e: io::Error) -> Error {
         Some(libc::ENOENT) | Some(libc::ENOTDIR) => "; the mount point must be a directory",
         _ => "",
     };
-    Error::Internal(format!("{what}: {e}{hint}"))
+    HostError::other(format!("{what}: {e}{hint}"))
 }
 
 impl Mounter for LinuxHost {
@@ -206,7 +206,7 @@ impl Mounter for LinuxHost {
             }
         };
         let (Some(src), Some(dst)) = (source.handle(), target.handle()) else {
-            return Err(Error::Internal(format!("{}: not opened", what())));
+            return Err(HostError::other(format!("{}: not opened", what())));
         };
         let empty = c"";
         // SAFETY: open_tree, mount_setattr and move_mount take descriptors we own, the empty
@@ -272,13 +272,12 @@ impl Mounter for LinuxHost {
                     std::thread::sleep(delay);
                     delay *= 2;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "{} is busy: stop the processes using it, then retry",
-                        target.path.display()
-                    )));
+                Err(e) => {
+                    return Err(HostError::io(
+                        format!("unmount {}", target.path.display()),
+                        e,
+                    ));
                 }
-                Err(e) => return Err(Error::io(format!("unmount {}", target.path.display()), e)),
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::io;
 use std::process::Command;
 
-use crate::error::{Error, Result};
+use crate::os::error::{HostError, Result};
 
 /// What a failed tool said, for a status message: its first non-empty line (stderr first,
 /// else stdout), bounded; never its whole usage text.
@@ -20,6 +20,28 @@ pub fn tool_says(out: &std::process::Output) -> String {
         .or_else(|| first(&out.stdout))
         .unwrap_or_else(|| format!("exited with {}", out.status));
     crate::validate::bounded(&line, 200)
+}
+
+/// How much of what a failed tool wrote is kept for classifying its failure.
+const MAX_OUTPUT: usize = 4096;
+
+/// A tool that ran and failed, as the host reports it.
+pub fn failed(tool: &str, target: impl std::fmt::Display, out: &std::process::Output) -> HostError {
+    let mut output = String::from_utf8_lossy(&out.stderr).into_owned();
+    output.push('\n');
+    output.push_str(&String::from_utf8_lossy(&out.stdout));
+    let mut end = output.len().min(MAX_OUTPUT);
+    while !output.is_char_boundary(end) {
+        end -= 1;
+    }
+    output.truncate(end);
+    HostError::Tool {
+        tool: tool.to_owned(),
+        target: target.to_string(),
+        code: out.status.code(),
+        said: tool_says(out),
+        output,
+    }
 }
 
 /// Runs a tool to completion. The tool dies with the server (`PR_SET_PDEATHSIG`), so a
@@ -53,11 +75,11 @@ pub fn run(cmd: &mut Command) -> Result<std::process::Output> {
     cmd.stdin(std::process::Stdio::null());
     cmd.output().map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
-            Error::Unavailable(format!(
-                "{program} is not installed: install e2fsprogs, xfsprogs, btrfs-progs and util-linux"
-            ))
+            HostError::Missing {
+                tool: program.to_string(),
+            }
         } else {
-            Error::io(format!("run {program}"), e)
+            HostError::io(format!("run {program}"), e)
         }
     })
 }
