@@ -77,6 +77,37 @@ async fn the_real_server() -> Target {
     }
 }
 
+/// The rows checked on one target. A row that gives another code is recorded with its
+/// table and its name, and the rest still run; the test then fails listing every such row.
+#[derive(Default)]
+struct Rows {
+    checked: std::cell::Cell<usize>,
+    failed: std::cell::RefCell<Vec<String>>,
+}
+
+impl Rows {
+    fn check(&self, table: &str, row: &str, got: Code, want: Code) {
+        self.checked.set(self.checked.get() + 1);
+        if got != want {
+            self.failed.borrow_mut().push(format!(
+                "{table}: {row}: answered {got:?}, the spec says {want:?}"
+            ));
+        }
+    }
+
+    fn finish(self, target: &str) {
+        let failed = self.failed.into_inner();
+        assert!(
+            failed.is_empty(),
+            "{} of {} rows failed on {target}:\n{}",
+            failed.len(),
+            self.checked.get(),
+            failed.join("\n")
+        );
+        assert!(self.checked.get() > 50, "the rows ran");
+    }
+}
+
 fn cap(mode: Mode) -> csi::VolumeCapability {
     mount_cap("ext4", mode)
 }
@@ -93,7 +124,7 @@ async fn create(
 }
 
 /// Every row of the Identity and Controller tables.
-async fn controller_rows(t: &mut Target) {
+async fn controller_rows(t: &mut Target, rows: &Rows) {
     let info = t
         .csi
         .identity
@@ -107,45 +138,50 @@ async fn controller_rows(t: &mut Target) {
 
     // CreateVolume.
     let single = cap(Mode::SingleNodeWriter);
-    assert_eq!(
+    rows.check(
+        "CreateVolume",
+        "missing name",
         code(create(t, create_req("", 16 * MIB, single.clone())).await),
         Code::InvalidArgument,
-        "missing name"
     );
     let mut no_caps = create_req("a", 16 * MIB, single.clone());
     no_caps.volume_capabilities.clear();
-    assert_eq!(
+    rows.check(
+        "CreateVolume",
+        "missing capabilities",
         code(create(t, no_caps).await),
         Code::InvalidArgument,
-        "missing capabilities"
     );
-    assert_eq!(
+    rows.check(
+        "CreateVolume",
+        "unsupported capability",
         code(
             create(
                 t,
-                create_req("a", 16 * MIB, cap(Mode::MultiNodeMultiWriter))
+                create_req("a", 16 * MIB, cap(Mode::MultiNodeMultiWriter)),
             )
-            .await
+            .await,
         ),
         Code::InvalidArgument,
-        "unsupported capability"
     );
     let mut param = create_req("a", 16 * MIB, single.clone());
     param.parameters.insert("color".into(), "blue".into());
-    assert_eq!(
+    rows.check(
+        "CreateVolume",
+        "unknown parameter",
         code(create(t, param).await),
         Code::InvalidArgument,
-        "unknown parameter"
     );
     let mut inverted = create_req("a", 32 * MIB, single.clone());
     inverted.capacity_range = Some(csi::CapacityRange {
         required_bytes: 32 * MIB,
         limit_bytes: 16 * MIB,
     });
-    assert_eq!(
+    rows.check(
+        "CreateVolume",
+        "unsupported capacity_range",
         code(create(t, inverted).await),
         Code::OutOfRange,
-        "unsupported capacity_range"
     );
     let mut elsewhere = create_req("a", 16 * MIB, single.clone());
     elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
@@ -154,10 +190,11 @@ async fn controller_rows(t: &mut Target) {
         }],
         preferred: vec![],
     });
-    assert_eq!(
+    rows.check(
+        "CreateVolume",
+        "unable to provision in accessible_topology",
         code(create(t, elsewhere).await),
         Code::ResourceExhausted,
-        "unable to provision in accessible_topology"
     );
     for source in [
         csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
@@ -171,10 +208,11 @@ async fn controller_rows(t: &mut Target) {
         req.volume_content_source = Some(csi::VolumeContentSource {
             r#type: Some(source),
         });
-        assert_eq!(
+        rows.check(
+            "CreateVolume",
+            "source does not exist",
             code(create(t, req).await),
             Code::NotFound,
-            "source does not exist"
         );
     }
     let vol = create(t, create_req("a", 16 * MIB, single.clone()))
@@ -184,10 +222,11 @@ async fn controller_rows(t: &mut Target) {
         .await
         .unwrap();
     assert_eq!(again.volume_id, vol.volume_id, "idempotent");
-    assert_eq!(
+    rows.check(
+        "CreateVolume",
+        "already exists but incompatible",
         code(create(t, create_req("a", 64 * MIB, single.clone())).await),
         Code::AlreadyExists,
-        "already exists but incompatible"
     );
     let id = vol.volume_id.clone();
 
@@ -197,13 +236,17 @@ async fn controller_rows(t: &mut Target) {
         volume_id: id.into(),
         secrets: Default::default(),
     };
-    assert_eq!(
+    rows.check(
+        "DeleteVolume",
+        "missing volume_id",
         code(c.delete_volume(delete("")).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "DeleteVolume",
+        "unknown volume: deleted already",
         code(c.delete_volume(delete(UNKNOWN_VOLUME)).await),
-        Code::Ok
+        Code::Ok,
     );
     let validate =
         |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
@@ -211,16 +254,20 @@ async fn controller_rows(t: &mut Target) {
             volume_capabilities: caps,
             ..Default::default()
         };
-    assert_eq!(
+    rows.check(
+        "ValidateVolumeCapabilities",
+        "volume does not exist",
         code(
             c.validate_volume_capabilities(validate(UNKNOWN_VOLUME, vec![single.clone()]))
-                .await
+                .await,
         ),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "ValidateVolumeCapabilities",
+        "missing capabilities",
         code(c.validate_volume_capabilities(validate(&id, vec![])).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
     let confirmed = c
         .validate_volume_capabilities(validate(&id, vec![single.clone()]))
@@ -228,26 +275,32 @@ async fn controller_rows(t: &mut Target) {
         .unwrap()
         .into_inner();
     assert!(confirmed.confirmed.is_some());
-    assert_eq!(
+    rows.check(
+        "ControllerGetVolume",
+        "volume does not exist",
         code(
             c.controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: UNKNOWN_VOLUME.into()
+                volume_id: UNKNOWN_VOLUME.into(),
             })
-            .await
+            .await,
         ),
-        Code::NotFound
+        Code::NotFound,
     );
     let list = |max: i32, token: &str| csi::ListVolumesRequest {
         max_entries: max,
         starting_token: token.into(),
     };
-    assert_eq!(
+    rows.check(
+        "ListVolumes",
+        "invalid starting_token",
         code(c.list_volumes(list(0, "not-a-token")).await),
-        Code::Aborted
+        Code::Aborted,
     );
-    assert_eq!(
+    rows.check(
+        "ListVolumes",
+        "negative max_entries",
         code(c.list_volumes(list(-1, "")).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
     assert_eq!(
         c.list_volumes(list(0, ""))
@@ -258,12 +311,14 @@ async fn controller_rows(t: &mut Target) {
             .len(),
         1
     );
-    assert_eq!(
+    rows.check(
+        "ControllerPublishVolume",
+        "not implemented",
         code(
             c.controller_publish_volume(csi::ControllerPublishVolumeRequest::default())
-                .await
+                .await,
         ),
-        Code::Unimplemented
+        Code::Unimplemented,
     );
 
     // Snapshots.
@@ -272,17 +327,23 @@ async fn controller_rows(t: &mut Target) {
         name: name.into(),
         ..Default::default()
     };
-    assert_eq!(
+    rows.check(
+        "CreateSnapshot",
+        "missing name",
         code(c.create_snapshot(snap("", &id)).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "CreateSnapshot",
+        "missing source_volume_id",
         code(c.create_snapshot(snap("s", "")).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "CreateSnapshot",
+        "source volume does not exist",
         code(c.create_snapshot(snap("s", UNKNOWN_VOLUME)).await),
-        Code::NotFound
+        Code::NotFound,
     );
     let s = c
         .create_snapshot(snap("s", &id))
@@ -303,18 +364,22 @@ async fn controller_rows(t: &mut Target) {
         .await
         .unwrap();
     let c = &mut t.csi.controller;
-    assert_eq!(
+    rows.check(
+        "CreateSnapshot",
+        "already exists but incompatible",
         code(c.create_snapshot(snap("s", &other.volume_id)).await),
-        Code::AlreadyExists
+        Code::AlreadyExists,
     );
     let snapshots = |token: &str, id: &str| csi::ListSnapshotsRequest {
         starting_token: token.into(),
         snapshot_id: id.into(),
         ..Default::default()
     };
-    assert_eq!(
+    rows.check(
+        "ListSnapshots",
+        "invalid starting_token",
         code(c.list_snapshots(snapshots("bogus", "")).await),
-        Code::Aborted
+        Code::Aborted,
     );
     assert!(
         c.list_snapshots(snapshots("", UNKNOWN_SNAPSHOT))
@@ -328,21 +393,27 @@ async fn controller_rows(t: &mut Target) {
         snapshot_id: id.into(),
         secrets: Default::default(),
     };
-    assert_eq!(
+    rows.check(
+        "GetSnapshot",
+        "snapshot does not exist",
         code(c.get_snapshot(get(UNKNOWN_SNAPSHOT)).await),
-        Code::NotFound
+        Code::NotFound,
     );
     let delete_snap = |id: &str| csi::DeleteSnapshotRequest {
         snapshot_id: id.into(),
         secrets: Default::default(),
     };
-    assert_eq!(
+    rows.check(
+        "DeleteSnapshot",
+        "missing snapshot_id",
         code(c.delete_snapshot(delete_snap("")).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "DeleteSnapshot",
+        "unknown snapshot: deleted already",
         code(c.delete_snapshot(delete_snap(UNKNOWN_SNAPSHOT)).await),
-        Code::Ok
+        Code::Ok,
     );
     c.delete_snapshot(delete_snap(&s.snapshot_id))
         .await
@@ -360,34 +431,42 @@ async fn controller_rows(t: &mut Target) {
             ..Default::default()
         }
     };
-    assert_eq!(
+    rows.check(
+        "ControllerExpandVolume",
+        "missing capacity_range",
         code(c.controller_expand_volume(expand(&id, None, None)).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "ControllerExpandVolume",
+        "volume does not exist",
         code(
             c.controller_expand_volume(expand(UNKNOWN_VOLUME, Some((32 * MIB, 0)), None))
-                .await
+                .await,
         ),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "ControllerExpandVolume",
+        "unsupported capacity_range (a shrink)",
         code(
             c.controller_expand_volume(expand(&id, Some((8 * MIB, 8 * MIB)), None))
-                .await
+                .await,
         ),
-        Code::OutOfRange
+        Code::OutOfRange,
     );
-    assert_eq!(
+    rows.check(
+        "ControllerExpandVolume",
+        "exceeds capabilities",
         code(
             c.controller_expand_volume(expand(
                 &id,
                 Some((32 * MIB, 0)),
-                Some(cap(Mode::MultiNodeMultiWriter))
+                Some(cap(Mode::MultiNodeMultiWriter)),
             ))
-            .await
+            .await,
         ),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
     c.delete_volume(delete(&other.volume_id)).await.unwrap();
     c.delete_volume(delete(&id)).await.unwrap();
@@ -395,7 +474,7 @@ async fn controller_rows(t: &mut Target) {
 
 /// Every row of the GroupController tables, and the rules for group members in the
 /// snapshot RPCs.
-async fn group_rows(t: &mut Target) {
+async fn group_rows(t: &mut Target, rows: &Rows) {
     use csi::plugin_capability::service::Type as Service;
     assert!(
         plugin_services(&mut t.csi)
@@ -435,26 +514,29 @@ async fn group_rows(t: &mut Target) {
         (create_group("g", &[&a, &a]), "a volume named twice"),
         (create_group("g", &[&a, ""]), "an empty volume id"),
     ] {
-        assert_eq!(
+        rows.check(
+            "CreateVolumeGroupSnapshot",
+            why,
             code(g.create_volume_group_snapshot(req).await),
             Code::InvalidArgument,
-            "{why}"
         );
     }
     let mut param = create_group("g", &[&a, &b]);
     param.parameters.insert("color".into(), "blue".into());
-    assert_eq!(
+    rows.check(
+        "CreateVolumeGroupSnapshot",
+        "unknown parameter",
         code(g.create_volume_group_snapshot(param).await),
         Code::InvalidArgument,
-        "unknown parameter"
     );
-    assert_eq!(
+    rows.check(
+        "CreateVolumeGroupSnapshot",
+        "unknown volume",
         code(
             g.create_volume_group_snapshot(create_group("g", &[&a, UNKNOWN_VOLUME]))
-                .await
+                .await,
         ),
         Code::NotFound,
-        "unknown volume"
     );
     let mut k8s = create_group("g", &[&a, &b]);
     k8s.parameters.insert(
@@ -492,13 +574,14 @@ async fn group_rows(t: &mut Target) {
         .group_snapshot
         .unwrap();
     assert_eq!(again, group, "same name and volumes: the same group");
-    assert_eq!(
+    rows.check(
+        "CreateVolumeGroupSnapshot",
+        "same name, other volumes",
         code(
             g.create_volume_group_snapshot(create_group("g", &[&a]))
-                .await
+                .await,
         ),
         Code::AlreadyExists,
-        "same name, other volumes"
     );
 
     // Members are snapshots: listed, fetched, and not deletable alone.
@@ -534,16 +617,17 @@ async fn group_rows(t: &mut Target) {
             .filter_map(|e| e.snapshot.as_ref())
             .any(|s| s.group_snapshot_id == group.group_snapshot_id)
     );
-    assert_eq!(
+    rows.check(
+        "CreateVolumeGroupSnapshot",
+        "a member cannot be deleted alone",
         code(
             c.delete_snapshot(csi::DeleteSnapshotRequest {
                 snapshot_id: ids[1].clone(),
                 secrets: Default::default(),
             })
-            .await
+            .await,
         ),
         Code::InvalidArgument,
-        "a member cannot be deleted alone"
     );
 
     // GetVolumeGroupSnapshot.
@@ -553,18 +637,23 @@ async fn group_rows(t: &mut Target) {
         secrets: Default::default(),
     };
     let gid = group.group_snapshot_id.clone();
-    assert_eq!(
+    rows.check(
+        "GetVolumeGroupSnapshot",
+        "missing group_snapshot_id",
         code(g.get_volume_group_snapshot(get("", &ids)).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "GetVolumeGroupSnapshot",
+        "group snapshot does not exist",
         code(g.get_volume_group_snapshot(get(UNKNOWN_GROUP, &ids)).await),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "GetVolumeGroupSnapshot",
+        "snapshot list mismatch",
         code(g.get_volume_group_snapshot(get(&gid, &ids[..1])).await),
         Code::InvalidArgument,
-        "snapshot list mismatch"
     );
     let fetched = g
         .get_volume_group_snapshot(get(&gid, &ids))
@@ -581,33 +670,37 @@ async fn group_rows(t: &mut Target) {
         snapshot_ids: ids.to_vec(),
         secrets: Default::default(),
     };
-    assert_eq!(
+    rows.check(
+        "DeleteVolumeGroupSnapshot",
+        "missing group_snapshot_id",
         code(g.delete_volume_group_snapshot(delete_group("", &ids)).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "DeleteVolumeGroupSnapshot",
+        "snapshot list mismatch",
         code(
             g.delete_volume_group_snapshot(delete_group(&gid, &[UNKNOWN_SNAPSHOT.into()]))
-                .await
+                .await,
         ),
         Code::InvalidArgument,
-        "snapshot list mismatch"
     );
     for id in [gid.as_str(), gid.as_str(), UNKNOWN_GROUP, "not-ours"] {
         g.delete_volume_group_snapshot(delete_group(id, &ids))
             .await
             .unwrap();
     }
-    assert_eq!(
+    rows.check(
+        "DeleteVolumeGroupSnapshot",
+        "members go with their group",
         code(
             c.get_snapshot(csi::GetSnapshotRequest {
                 snapshot_id: ids[0].clone(),
                 secrets: Default::default(),
             })
-            .await
+            .await,
         ),
         Code::NotFound,
-        "members go with their group"
     );
     for id in [a, b] {
         c.delete_volume(csi::DeleteVolumeRequest {
@@ -620,7 +713,7 @@ async fn group_rows(t: &mut Target) {
 }
 
 /// Every row of the Node tables.
-async fn node_rows(t: &mut Target) {
+async fn node_rows(t: &mut Target, rows: &Rows) {
     let single = cap(Mode::SingleNodeSingleWriter);
     let id = create(t, create_req("n", 16 * MIB, single.clone()))
         .await
@@ -639,10 +732,11 @@ async fn node_rows(t: &mut Target) {
         (id.as_str(), "", "missing staging path"),
         (id.as_str(), "relative/path", "relative staging path"),
     ] {
-        assert_eq!(
+        rows.check(
+            "NodeStageVolume",
+            why,
             code(node_stage(csi, vid, path, single.clone()).await),
             Code::InvalidArgument,
-            "{why}"
         );
     }
     let no_cap = csi
@@ -653,15 +747,23 @@ async fn node_rows(t: &mut Target) {
             ..Default::default()
         })
         .await;
-    assert_eq!(code(no_cap), Code::InvalidArgument, "missing capability");
-    assert_eq!(
-        code(node_stage(csi, UNKNOWN_VOLUME, &staging, single.clone()).await),
-        Code::NotFound
+    rows.check(
+        "NodeStageVolume",
+        "missing capability",
+        code(no_cap),
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "NodeStageVolume",
+        "volume does not exist",
+        code(node_stage(csi, UNKNOWN_VOLUME, &staging, single.clone()).await),
+        Code::NotFound,
+    );
+    rows.check(
+        "NodeStageVolume",
+        "exceeds capabilities",
         code(node_stage(csi, &id, &staging, cap(Mode::MultiNodeMultiWriter)).await),
         Code::FailedPrecondition,
-        "exceeds capabilities"
     );
     node_stage(csi, &id, &staging, single.clone())
         .await
@@ -669,25 +771,31 @@ async fn node_rows(t: &mut Target) {
     node_stage(csi, &id, &staging, single.clone())
         .await
         .unwrap();
-    assert_eq!(
+    rows.check(
+        "NodeStageVolume",
+        "staged but incompatible",
         code(node_stage(csi, &id, &staging, block_cap(Mode::SingleNodeWriter)).await),
         Code::AlreadyExists,
-        "staged but incompatible"
     );
 
     // NodePublishVolume.
-    assert_eq!(
+    rows.check(
+        "NodePublishVolume",
+        "staging path not set",
         code(node_publish(csi, &id, "", &t1, single.clone(), false).await),
         Code::FailedPrecondition,
-        "staging path not set"
     );
-    assert_eq!(
+    rows.check(
+        "NodePublishVolume",
+        "volume does not exist",
         code(node_publish(csi, UNKNOWN_VOLUME, &staging, &t1, single.clone(), false).await),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "NodePublishVolume",
+        "missing target_path",
         code(node_publish(csi, &id, &staging, "", single.clone(), false).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
     node_publish(csi, &id, &staging, &t1, single.clone(), false)
         .await
@@ -695,15 +803,17 @@ async fn node_rows(t: &mut Target) {
     node_publish(csi, &id, &staging, &t1, single.clone(), false)
         .await
         .unwrap();
-    assert_eq!(
+    rows.check(
+        "NodePublishVolume",
+        "published but incompatible",
         code(node_publish(csi, &id, &staging, &t1, single.clone(), true).await),
         Code::AlreadyExists,
-        "published but incompatible"
     );
-    assert_eq!(
+    rows.check(
+        "NodePublishVolume",
+        "SINGLE_NODE_SINGLE_WRITER at a second target",
         code(node_publish(csi, &id, &staging, &t2, single.clone(), false).await),
         Code::FailedPrecondition,
-        "SINGLE_NODE_SINGLE_WRITER at a second target"
     );
 
     // NodeGetVolumeStats.
@@ -713,20 +823,25 @@ async fn node_rows(t: &mut Target) {
         staging_target_path: String::new(),
     };
     let n = &mut csi.node;
-    assert_eq!(
+    rows.check(
+        "NodeGetVolumeStats",
+        "missing volume_path",
         code(n.node_get_volume_stats(stats(&id, "")).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
     for path in [t2.as_str(), "some/path", "/etc"] {
-        assert_eq!(
+        rows.check(
+            "NodeGetVolumeStats",
+            &format!("not at {path}"),
             code(n.node_get_volume_stats(stats(&id, path)).await),
             Code::NotFound,
-            "{path}"
         );
     }
-    assert_eq!(
+    rows.check(
+        "NodeGetVolumeStats",
+        "volume does not exist",
         code(n.node_get_volume_stats(stats(UNKNOWN_VOLUME, &t1)).await),
-        Code::NotFound
+        Code::NotFound,
     );
     let ok = n
         .node_get_volume_stats(stats(&id, &t1))
@@ -743,27 +858,35 @@ async fn node_rows(t: &mut Target) {
             volume_capability: cap,
             ..Default::default()
         };
-    assert_eq!(
+    rows.check(
+        "NodeExpandVolume",
+        "volume does not exist",
         code(
             n.node_expand_volume(expand(UNKNOWN_VOLUME, &t1, None))
-                .await
+                .await,
         ),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "NodeExpandVolume",
+        "missing volume_path",
         code(n.node_expand_volume(expand(&id, "", None)).await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "NodeExpandVolume",
+        "volume not at volume_path",
         code(n.node_expand_volume(expand(&id, &t2, None)).await),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "NodeExpandVolume",
+        "exceeds capabilities",
         code(
             n.node_expand_volume(expand(&id, &t1, Some(cap(Mode::MultiNodeMultiWriter))))
-                .await
+                .await,
         ),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
 
     // DeleteVolume of a volume in use.
@@ -774,32 +897,45 @@ async fn node_rows(t: &mut Target) {
             secrets: Default::default(),
         })
         .await;
-    assert_eq!(code(in_use), Code::FailedPrecondition, "volume in use");
+    rows.check(
+        "DeleteVolume of a volume in use",
+        "volume in use",
+        code(in_use),
+        Code::FailedPrecondition,
+    );
 
     // NodeUnpublishVolume and NodeUnstageVolume.
-    assert_eq!(
+    rows.check(
+        "NodeUnpublishVolume",
+        "volume does not exist",
         code(node_unpublish(csi, UNKNOWN_VOLUME, &t1).await),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "NodeUnpublishVolume",
+        "missing target_path",
         code(node_unpublish(csi, &id, "").await),
-        Code::InvalidArgument
+        Code::InvalidArgument,
     );
-    assert_eq!(
+    rows.check(
+        "NodeUnpublishVolume and NodeUnstageVolume",
+        "not published there",
         code(node_unpublish(csi, &id, &t2).await),
         Code::Ok,
-        "not published there"
     );
     node_unpublish(csi, &id, &t1).await.unwrap();
     node_unpublish(csi, &id, &t1).await.unwrap();
-    assert_eq!(
+    rows.check(
+        "NodeUnstageVolume",
+        "volume does not exist",
         code(node_unstage(csi, UNKNOWN_VOLUME, &staging).await),
-        Code::NotFound
+        Code::NotFound,
     );
-    assert_eq!(
+    rows.check(
+        "NodeUnpublishVolume and NodeUnstageVolume",
+        "not staged there",
         code(node_unstage(csi, &id, &t2).await),
         Code::Ok,
-        "not staged there"
     );
     node_unstage(csi, &id, &staging).await.unwrap();
     node_unstage(csi, &id, &staging).await.unwrap();
@@ -812,18 +948,22 @@ async fn node_rows(t: &mut Target) {
         .unwrap();
 }
 
+/// Every table on one target: each group of rows in its own section, so a failing row is
+/// reported by name and the other rows still run.
+async fn all_rows(mut t: Target, target: &str) {
+    let rows = Rows::default();
+    controller_rows(&mut t, &rows).await;
+    group_rows(&mut t, &rows).await;
+    node_rows(&mut t, &rows).await;
+    rows.finish(target);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spec_tables_over_the_fake_host() {
-    let mut t = over_the_fake_host().await;
-    controller_rows(&mut t).await;
-    group_rows(&mut t).await;
-    node_rows(&mut t).await;
+    all_rows(over_the_fake_host().await, "the fake host").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spec_tables_against_the_real_server() {
-    let mut t = the_real_server().await;
-    controller_rows(&mut t).await;
-    group_rows(&mut t).await;
-    node_rows(&mut t).await;
+    all_rows(the_real_server().await, "the real server").await;
 }
