@@ -95,6 +95,16 @@ impl Rows {
         }
     }
 
+    /// A row whose outcome is a fact about the answer rather than a code.
+    fn holds(&self, table: &str, row: &str, fact: bool) {
+        self.check(
+            table,
+            row,
+            if fact { Code::Ok } else { Code::Unknown },
+            Code::Ok,
+        );
+    }
+
     fn finish(self, target: &str) {
         let failed = self.failed.into_inner();
         assert!(
@@ -106,6 +116,18 @@ impl Rows {
         );
         assert!(self.checked.get() > 50, "the rows ran");
     }
+}
+
+/// How many volumes ListVolumes shows.
+async fn volume_count(t: &mut Target) -> usize {
+    t.csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .len()
 }
 
 fn cap(mode: Mode) -> csi::VolumeCapability {
@@ -215,6 +237,115 @@ async fn controller_rows(t: &mut Target, rows: &Rows) {
             Code::NotFound,
         );
     }
+    // CreateVolume: every other malformed or unsatisfiable request, and that none of them
+    // makes anything.
+    let before = volume_count(t).await;
+    let mut no_mode = create_req("b", 16 * MIB, single.clone());
+    no_mode.volume_capabilities[0].access_mode = None;
+    let mut no_type = create_req("b", 16 * MIB, single.clone());
+    no_type.volume_capabilities[0].access_type = None;
+    let mut suid = create_req("b", 16 * MIB, single.clone());
+    if let Some(csi::volume_capability::AccessType::Mount(m)) =
+        &mut suid.volume_capabilities[0].access_type
+    {
+        m.mount_flags = vec!["suid".into()];
+    }
+    let with_source = |source: Option<csi::volume_content_source::Type>| {
+        let mut req = create_req("b", 16 * MIB, single.clone());
+        req.volume_content_source = Some(csi::VolumeContentSource { r#type: source });
+        req
+    };
+    let mut not_granular = create_req("b", 20 * MIB + 1, single.clone());
+    not_granular.capacity_range.as_mut().unwrap().limit_bytes = 20 * MIB + 2;
+    let mut below_minimum = create_req("b", 0, single.clone());
+    below_minimum.capacity_range.as_mut().unwrap().limit_bytes = MIB;
+    let mut negative = create_req("b", -1, single.clone());
+    negative.capacity_range.as_mut().unwrap().limit_bytes = 0;
+    for (row, req, want) in [
+        ("missing access mode", no_mode, Code::InvalidArgument),
+        ("missing access type", no_type, Code::InvalidArgument),
+        (
+            "name over 128 bytes",
+            create_req(&"n".repeat(129), 16 * MIB, single.clone()),
+            Code::InvalidArgument,
+        ),
+        (
+            "unsupported filesystem",
+            create_req("b", 16 * MIB, mount_cap("ntfs", Mode::SingleNodeWriter)),
+            Code::InvalidArgument,
+        ),
+        (
+            "a mount flag off the allowlist",
+            suid,
+            Code::InvalidArgument,
+        ),
+        (
+            "source volume does not exist",
+            with_source(Some(csi::volume_content_source::Type::Volume(
+                csi::volume_content_source::VolumeSource {
+                    volume_id: UNKNOWN_VOLUME.into(),
+                },
+            ))),
+            Code::NotFound,
+        ),
+        (
+            "a content source of no kind",
+            with_source(None),
+            Code::InvalidArgument,
+        ),
+        (
+            "a snapshot source without an id",
+            with_source(Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: String::new(),
+                },
+            ))),
+            Code::InvalidArgument,
+        ),
+        (
+            "no size the granularity allows between required and limit",
+            not_granular,
+            Code::OutOfRange,
+        ),
+        (
+            "limit below the minimum size",
+            below_minimum,
+            Code::OutOfRange,
+        ),
+        ("negative required_bytes", negative, Code::InvalidArgument),
+        (
+            "larger than the pool (15 TiB)",
+            create_req("b", 15 << 40, single.clone()),
+            Code::ResourceExhausted,
+        ),
+    ] {
+        rows.check("CreateVolume", row, code(create(t, req).await), want);
+    }
+    rows.holds(
+        "CreateVolume",
+        "a refused request makes nothing",
+        volume_count(t).await == before,
+    );
+    // Kubernetes' own keys are not StorageClass parameters of Strata's: accepted.
+    let mut k8s = create_req("k8s-keys", 16 * MIB, single.clone());
+    k8s.parameters = [("csi.storage.k8s.io/pvc/name".to_owned(), "data".to_owned())].into();
+    let k8s = create(t, k8s).await;
+    rows.check(
+        "CreateVolume",
+        "Kubernetes' csi.storage.k8s.io/ keys are accepted",
+        code(k8s.clone()),
+        Code::Ok,
+    );
+    if let Ok(v) = k8s {
+        t.csi
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: v.volume_id,
+                secrets: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
     let vol = create(t, create_req("a", 16 * MIB, single.clone()))
         .await
         .unwrap();
@@ -226,6 +357,15 @@ async fn controller_rows(t: &mut Target, rows: &Rows) {
         "CreateVolume",
         "already exists but incompatible",
         code(create(t, create_req("a", 64 * MIB, single.clone())).await),
+        Code::AlreadyExists,
+    );
+    let mut other_parameters = create_req("a", 16 * MIB, single.clone());
+    other_parameters.parameters =
+        [("csi.storage.k8s.io/pvc/name".to_owned(), "other".to_owned())].into();
+    rows.check(
+        "CreateVolume",
+        "already exists with other parameters",
+        code(create(t, other_parameters).await),
         Code::AlreadyExists,
     );
     let id = vol.volume_id.clone();
@@ -246,6 +386,12 @@ async fn controller_rows(t: &mut Target, rows: &Rows) {
         "DeleteVolume",
         "unknown volume: deleted already",
         code(c.delete_volume(delete(UNKNOWN_VOLUME)).await),
+        Code::Ok,
+    );
+    rows.check(
+        "DeleteVolume",
+        "an id Strata could never have issued: deleted already",
+        code(c.delete_volume(delete("../../etc")).await),
         Code::Ok,
     );
     let validate =
@@ -269,12 +415,40 @@ async fn controller_rows(t: &mut Target, rows: &Rows) {
         code(c.validate_volume_capabilities(validate(&id, vec![])).await),
         Code::InvalidArgument,
     );
+    rows.check(
+        "ValidateVolumeCapabilities",
+        "missing volume_id",
+        code(
+            c.validate_volume_capabilities(validate("", vec![single.clone()]))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
     let confirmed = c
-        .validate_volume_capabilities(validate(&id, vec![single.clone()]))
+        .validate_volume_capabilities(validate(
+            &id,
+            vec![single.clone(), block_cap(Mode::SingleNodeWriter)],
+        ))
         .await
         .unwrap()
         .into_inner();
-    assert!(confirmed.confirmed.is_some());
+    rows.holds(
+        "ValidateVolumeCapabilities",
+        "every supported capability is confirmed",
+        confirmed
+            .confirmed
+            .is_some_and(|c| c.volume_capabilities.len() == 2),
+    );
+    let refused = c
+        .validate_volume_capabilities(validate(&id, vec![cap(Mode::MultiNodeReaderOnly)]))
+        .await
+        .unwrap()
+        .into_inner();
+    rows.holds(
+        "ValidateVolumeCapabilities",
+        "an unsupported capability is not confirmed, and the message says why",
+        refused.confirmed.is_none() && !refused.message.is_empty(),
+    );
     rows.check(
         "ControllerGetVolume",
         "volume does not exist",
