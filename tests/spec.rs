@@ -898,13 +898,16 @@ async fn node_rows(t: &mut Target, rows: &Rows) {
         format!("{}/t1", t.base),
         format!("{}/t2", t.base),
     );
+    let base = t.base.clone();
     let csi = &mut t.csi;
 
     // NodeStageVolume.
+    let dotted = format!("{staging}/../x");
     for (vid, path, why) in [
         ("", staging.as_str(), "missing volume_id"),
         (id.as_str(), "", "missing staging path"),
         (id.as_str(), "relative/path", "relative staging path"),
+        (id.as_str(), dotted.as_str(), "'..' in the staging path"),
     ] {
         rows.check(
             "NodeStageVolume",
@@ -967,6 +970,25 @@ async fn node_rows(t: &mut Target, rows: &Rows) {
     );
     rows.check(
         "NodePublishVolume",
+        "missing volume_id",
+        code(node_publish(csi, "", &staging, &t1, single.clone(), false).await),
+        Code::InvalidArgument,
+    );
+    let elsewhere = format!("{base}/elsewhere");
+    rows.check(
+        "NodePublishVolume",
+        "not staged at staging_target_path",
+        code(node_publish(csi, &id, &elsewhere, &t1, single.clone(), false).await),
+        Code::FailedPrecondition,
+    );
+    rows.check(
+        "NodeUnstageVolume",
+        "not staged at this path: nothing to do",
+        code(node_unstage(csi, &id, &elsewhere).await),
+        Code::Ok,
+    );
+    rows.check(
+        "NodePublishVolume",
         "missing target_path",
         code(node_publish(csi, &id, &staging, "", single.clone(), false).await),
         Code::InvalidArgument,
@@ -989,6 +1011,43 @@ async fn node_rows(t: &mut Target, rows: &Rows) {
         code(node_publish(csi, &id, &staging, &t2, single.clone(), false).await),
         Code::FailedPrecondition,
     );
+    let t3 = format!("{base}/t3");
+    let multi = cap(Mode::SingleNodeMultiWriter);
+    rows.check(
+        "NodePublishVolume",
+        "SINGLE_NODE_MULTI_WRITER at a second target",
+        code(node_publish(csi, &id, &staging, &t3, multi, false).await),
+        Code::Ok,
+    );
+    rows.check(
+        "NodePublishVolume",
+        "a filesystem volume published as a raw block device too",
+        code(
+            node_publish(
+                csi,
+                &id,
+                &staging,
+                &format!("{base}/dev"),
+                block_cap(Mode::SingleNodeMultiWriter),
+                false,
+            )
+            .await,
+        ),
+        Code::FailedPrecondition,
+    );
+    rows.check(
+        "NodeUnpublishVolume",
+        "missing volume_id",
+        code(node_unpublish(csi, "", &t3).await),
+        Code::InvalidArgument,
+    );
+    rows.check(
+        "NodeUnpublishVolume",
+        "never published at this path: nothing to do",
+        code(node_unpublish(csi, &id, &format!("{base}/never")).await),
+        Code::Ok,
+    );
+    node_unpublish(csi, &id, &t3).await.unwrap();
 
     // NodeGetVolumeStats.
     let stats = |vid: &str, path: &str| csi::NodeGetVolumeStatsRequest {
