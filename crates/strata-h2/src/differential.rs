@@ -11,8 +11,8 @@ use proptest::prelude::*;
 use std::collections::VecDeque;
 
 use crate::frames::Rewriter;
-use crate::hpack::MAX_TABLE_SIZE;
 use crate::hpack::tests::huffman_encode;
+use crate::hpack::{MAX_TABLE_SIZE, encode_integer};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -34,28 +34,13 @@ enum Rep {
     },
 }
 
-fn integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
-    let mask = (1usize << prefix_bits) - 1;
-    if value < mask {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | mask as u8);
-    value -= mask;
-    while value >= 0x80 {
-        out.push((value & 0x7f) as u8 | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
 fn string(out: &mut Vec<u8>, s: &[u8], huffman: bool) {
     if huffman {
         let coded = huffman_encode(s);
-        integer(out, 0x80, 7, coded.len());
+        encode_integer(out, 0x80, 7, coded.len());
         out.extend_from_slice(&coded);
     } else {
-        integer(out, 0, 7, s.len());
+        encode_integer(out, 0, 7, s.len());
         out.extend_from_slice(s);
     }
 }
@@ -155,17 +140,17 @@ const STATIC_NAMES: [&str; 61] = [
 fn encode_block(table: &mut Table, size_update: Option<usize>, reps: &[Rep]) -> Vec<u8> {
     let mut out = Vec::new();
     if let Some(size) = size_update {
-        integer(&mut out, 0x20, 5, size);
+        encode_integer(&mut out, 0x20, 5, size);
         table.max = size;
         table.evict_to(size);
     }
     let fields_at = out.len();
     for rep in reps {
         match rep {
-            Rep::Static(i) => integer(&mut out, 0x80, 7, usize::from(*i)),
+            Rep::Static(i) => encode_integer(&mut out, 0x80, 7, usize::from(*i)),
             Rep::Dynamic(n) => {
                 if !table.sizes.is_empty() {
-                    integer(&mut out, 0x80, 7, 62 + n % table.sizes.len());
+                    encode_integer(&mut out, 0x80, 7, 62 + n % table.sizes.len());
                 }
             }
             Rep::Literal {
@@ -181,11 +166,11 @@ fn encode_block(table: &mut Table, size_update: Option<usize>, reps: &[Rep]) -> 
                 };
                 let name_len = match name {
                     Ok(i) => {
-                        integer(&mut out, first, prefix, usize::from(*i));
+                        encode_integer(&mut out, first, prefix, usize::from(*i));
                         STATIC_NAMES[usize::from(*i) - 1].len()
                     }
                     Err(n) => {
-                        integer(&mut out, first, prefix, 0);
+                        encode_integer(&mut out, first, prefix, 0);
                         string(&mut out, n, *huffman);
                         n.len()
                     }

@@ -378,7 +378,7 @@ impl Decoder {
     }
 }
 
-fn encode_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
+pub(crate) fn encode_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
     let mask = (1usize << prefix_bits) - 1;
     if value < mask {
         out.push(first | value as u8);
