@@ -100,7 +100,9 @@ pub fn lock_pool_waiting(dir: &Path, timeout: Duration) -> Result<PoolLock, Stri
                 "another strata server holds the pool (finishing its calls?); waiting for it to exit");
             logged = true;
         }
-        std::thread::sleep(Duration::from_millis(50).min(deadline - Instant::now()));
+        std::thread::sleep(
+            Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
+        );
     }
 }
 
