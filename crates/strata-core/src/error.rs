@@ -64,9 +64,9 @@ impl Error {
 /// meaning: a full pool is RESOURCE_EXHAUSTED, a path the host will not act on
 /// INVALID_ARGUMENT, a changed object FAILED_PRECONDITION, a moving one ABORTED, a missing
 /// tool or driver UNAVAILABLE, and anything else INTERNAL, with what the host said.
-impl From<crate::os::HostError> for Error {
-    fn from(e: crate::os::HostError) -> Self {
-        use crate::os::HostError as H;
+impl From<crate::host_error::HostError> for Error {
+    fn from(e: crate::host_error::HostError) -> Self {
+        use crate::host_error::HostError as H;
         let msg = e.to_string();
         if e.is_no_space() {
             return Error::ResourceExhausted(format!(

@@ -3,8 +3,8 @@
 //! and how each grows. Adding a filesystem touches this file only.
 
 use crate::error::{Error, Result};
+use crate::host_error::HostError;
 use crate::model::MIB;
-use crate::os::HostError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Filesystem {

@@ -12,6 +12,7 @@ pub mod fault;
 pub mod filesystem;
 pub mod freezer;
 pub mod group;
+pub mod host_error;
 pub mod ids;
 pub mod inflight;
 pub mod model;

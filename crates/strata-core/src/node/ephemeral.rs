@@ -7,14 +7,18 @@
 //! startup like any other.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::controller::CreateVolume;
+use crate::controller::{Controller, CreateVolume};
 use crate::error::{Error, Result};
+use crate::fault::FaultPoints;
 use crate::model::{
     AccessMode, AccessType, Capability, CapacityRange, GIB, VolumeRecord, parse_size,
 };
-use crate::os::Create;
+use crate::os::{Create, Mounter};
+use crate::paths::NodePaths;
 use crate::validate::{self, echo};
+use crate::volumes::Volumes;
 
 use super::Node;
 use super::StageVolume;
@@ -44,8 +48,36 @@ pub fn is_ephemeral(context: &BTreeMap<String, String>) -> bool {
     context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true")
 }
 
-impl Node {
-    pub fn publish_ephemeral(&self, req: EphemeralVolume) -> Result<()> {
+/// Inline volumes: made by their publish, staged straight at the target by the node, and
+/// deleted by their unpublish. The node whose stage and unstage they use is passed in.
+pub struct InlineVolumes {
+    controller: Arc<Controller>,
+    volumes: Arc<Volumes>,
+    paths: Arc<NodePaths>,
+    mounter: Arc<dyn Mounter>,
+    crash: FaultPoints,
+}
+
+impl InlineVolumes {
+    pub fn new(
+        controller: Arc<Controller>,
+        volumes: Arc<Volumes>,
+        paths: Arc<NodePaths>,
+        mounter: Arc<dyn Mounter>,
+        crash: FaultPoints,
+    ) -> Self {
+        InlineVolumes {
+            controller,
+            volumes,
+            paths,
+            mounter,
+            crash,
+        }
+    }
+
+    /// NodePublishVolume of an inline volume: create it (by its handle, so a retry finds it)
+    /// and stage it at the target.
+    pub(crate) fn publish(&self, node: &Node, req: EphemeralVolume) -> Result<()> {
         let handle = validate::required_str("volume_id", &req.handle)?;
         if !validate::is_inline_handle(handle) {
             return Err(Error::InvalidArgument(format!(
@@ -112,7 +144,7 @@ impl Node {
         })?;
         self.crash.reach("ephemeral:after-create");
         // Mounted straight at the target: there is no staging step for an inline volume.
-        self.stage_volume(StageVolume {
+        node.stage_volume(StageVolume {
             volume_id: record.id,
             staging_path: target.path.to_string_lossy().into_owned(),
             capability,
@@ -120,7 +152,7 @@ impl Node {
     }
 
     /// The inline volume the kubelet's handle names, if it is one.
-    pub(crate) fn ephemeral_record(&self, handle: &str) -> Option<VolumeRecord> {
+    pub(crate) fn record(&self, handle: &str) -> Option<VolumeRecord> {
         self.volumes
             .store
             .find_by_name(handle)
@@ -129,16 +161,17 @@ impl Node {
 
     /// NodeUnpublishVolume of an inline volume: unmount, remove the target the publish made,
     /// delete the volume and its data.
-    pub(crate) fn unpublish_ephemeral(
+    pub(crate) fn unpublish(
         &self,
+        node: &Node,
         record: &VolumeRecord,
         target_path: &str,
     ) -> Result<()> {
-        self.unstage_volume(&record.id, target_path)?;
-        if let Some(target) = self.undo_path("target_path", &record.id, target_path)?
-            && let Some(node) = self.paths.open(&target, Create::Nothing)?
+        node.unstage_volume(&record.id, target_path)?;
+        if let Some(target) = node.undo_path("target_path", &record.id, target_path)?
+            && let Some(opened) = self.paths.open(&target, Create::Nothing)?
         {
-            self.host.mounter.remove_if_created(&node)?;
+            self.mounter.remove_if_created(&opened)?;
         }
         self.crash.reach("ephemeral:before-delete");
         self.controller.delete_volume(&record.id)

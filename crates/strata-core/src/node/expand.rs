@@ -1,7 +1,5 @@
 //! NodeExpandVolume, and the filesystem growth a stage or an expansion finishes.
 
-use std::path::Path;
-
 use crate::backend::Attachment;
 use crate::error::{Error, Result};
 use crate::filesystem::Filesystem;
@@ -45,33 +43,11 @@ impl Node {
                         record.id, here.fs_type
                     ))
                 })?;
-                self.grow_if_pending(&record.id, &dev.path, Some(&here.mount_point), fs)?
+                self.growth
+                    .grow_if_pending(&record.id, &dev.path, Some(&here.mount_point), fs)?
             }
             _ => {}
         }
         Ok(record.capacity_bytes)
-    }
-
-    /// Grows the filesystem to its device if the volume grew since it was formatted (restored
-    /// into a larger volume, or expanded), then clears the mark.
-    pub(crate) fn grow_if_pending(
-        &self,
-        id: &str,
-        device: &Path,
-        mount_point: Option<&Path>,
-        fs: Filesystem,
-    ) -> Result<()> {
-        let mut record = self.volumes.get(id)?;
-        if !record.resize_pending {
-            return Ok(());
-        }
-        self.host
-            .filesystems
-            .grow(device, mount_point, fs)
-            .map_err(|e| fs.grow_error(e, mount_point.is_some()))?;
-        record.resize_pending = false;
-        self.volumes.store.update(record)?;
-        tracing::info!(volume_id = %id, fs_type = fs.name(), online = mount_point.is_some(), "filesystem grown");
-        Ok(())
     }
 }

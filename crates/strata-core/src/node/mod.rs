@@ -9,6 +9,8 @@
 
 mod ephemeral;
 mod expand;
+mod fsgroup;
+mod growth;
 mod publish;
 mod stage;
 mod stats;
@@ -27,6 +29,9 @@ use crate::os::{MountEntry, NodePath};
 use crate::paths::{CheckedPath, NodePaths};
 use crate::validate::{absolute_path, bounded_display, echo};
 use crate::volumes::Volumes;
+use ephemeral::InlineVolumes;
+use fsgroup::FsGroups;
+use growth::FsGrowth;
 
 pub use ephemeral::{EphemeralVolume, is_ephemeral};
 pub use stats::Usage;
@@ -36,11 +41,12 @@ pub use stats::Usage;
 /// per file of this module.
 pub struct Node {
     volumes: Arc<Volumes>,
-    paths: NodePaths,
+    paths: Arc<NodePaths>,
+    fsgroups: FsGroups,
+    growth: FsGrowth,
+    inline: InlineVolumes,
     mounts: Arc<Mounts>,
     capabilities: Arc<Capabilities>,
-    /// Inline volumes are created and deleted as CreateVolume and DeleteVolume would.
-    controller: Arc<Controller>,
     host: Host,
     backend: Arc<dyn Backend>,
     crash: FaultPoints,
@@ -58,12 +64,22 @@ impl Node {
         backend: Arc<dyn Backend>,
         crash: FaultPoints,
     ) -> Self {
+        let paths = Arc::new(paths);
         Node {
+            fsgroups: FsGroups::new(volumes.clone(), paths.clone(), host.clone()),
+            growth: FsGrowth::new(volumes.clone(), host.filesystems.clone()),
+            // Inline volumes are created and deleted as CreateVolume and DeleteVolume would.
+            inline: InlineVolumes::new(
+                controller,
+                volumes.clone(),
+                paths.clone(),
+                host.mounter.clone(),
+                crash.clone(),
+            ),
             volumes,
             paths,
             mounts,
             capabilities,
-            controller,
             host,
             backend,
             crash,

@@ -10,8 +10,15 @@ use crate::validate::bounded_display;
 
 use super::Node;
 use super::PublishVolume;
+use super::ephemeral::EphemeralVolume;
 
 impl Node {
+    /// NodePublishVolume of an inline ephemeral volume (see
+    /// [`InlineVolumes`](super::ephemeral::InlineVolumes)).
+    pub fn publish_ephemeral(&self, req: EphemeralVolume) -> Result<()> {
+        self.inline.publish(self, req)
+    }
+
     /// NodePublishVolume: the request's own fields are checked first, then the volume is
     /// looked up; one guard covers the bind and the group walk.
     pub fn publish_volume(&self, req: PublishVolume) -> Result<()> {
@@ -21,7 +28,7 @@ impl Node {
             "" => None,
             raw => Some(self.paths.check("staging_target_path", raw)?),
         };
-        let group = super::stage::mount_group(&req.capability)?;
+        let group = super::fsgroup::requested(&req.capability)?;
         self.capabilities.check_node_capability(&req.capability)?;
         let requested = match &req.capability.access_type {
             AccessType::Mount { mount_flags, .. } => MountOptions::parse(mount_flags)?,
@@ -165,10 +172,10 @@ impl Node {
         // The stage's own flags (noexec...) stay on every publish of it.
         let flags = flags.with(&MountOptions::from_names(&staged.options));
         if let Some(gid) = group {
-            self.apply_mount_group(&record.id, staging, gid)?;
+            self.fsgroups.apply(&record.id, staging, gid)?;
         }
         if !read_only {
-            self.may_be_written(&record.id)?;
+            self.fsgroups.may_be_written(&record.id)?;
         }
         let target_node = self.paths.create(target, Create::Directory)?;
         self.crash.reach("publish:before-bind");
@@ -188,8 +195,8 @@ impl Node {
                     crate::validate::echo(volume_id)
                 )));
             }
-            return match self.ephemeral_record(volume_id) {
-                Some(record) => self.unpublish_ephemeral(&record, target_path),
+            return match self.inline.record(volume_id) {
+                Some(record) => self.inline.unpublish(self, &record, target_path),
                 // No Strata volume has such an id, and no inline volume that handle: an
                 // inline volume whose unpublish finished already (the kubelet retries).
                 None => Ok(()),

@@ -11,82 +11,16 @@ use crate::os::{Create, MountEntry, MountOptions, NodePath, Probe};
 use crate::paths::CheckedPath;
 use crate::validate::bounded_display;
 
-use super::{Node, StageVolume, still_published};
-
-/// The group a capability asks the volume's files to be given (`volume_mount_group`, the
-/// pod's fsGroup): a numeric group id, or nothing.
-pub(crate) fn mount_group(cap: &Capability) -> Result<Option<u32>> {
-    match &cap.access_type {
-        AccessType::Mount {
-            volume_mount_group, ..
-        } if !volume_mount_group.is_empty() => {
-            volume_mount_group.parse::<u32>().map(Some).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "volume_mount_group {} is not a numeric group id",
-                    crate::validate::echo(volume_mount_group)
-                ))
-            })
-        }
-        _ => Ok(None),
-    }
-}
+use super::{Node, StageVolume, fsgroup, still_published};
 
 impl Node {
-    /// Gives the volume's files to `gid` where it is mounted at `path`. The caller holds the
-    /// volume's guard. Kubernetes' default fsGroupChangePolicy is `Always` and the kubelet
-    /// does not say which policy a pod has, so the walk is skipped only when the record
-    /// shows it is provably unneeded: the same group was applied last, and no read-write
-    /// publish has let a pod change the files since (see [`Driver::may_be_written`]).
-    pub(crate) fn apply_mount_group(
-        &self,
-        volume_id: &str,
-        path: &CheckedPath,
-        gid: u32,
-    ) -> Result<()> {
-        let mut record = self.volumes.get(volume_id)?;
-        if record.mount_group == Some(gid) && record.mount_group_current {
-            return Ok(());
-        }
-        let Some((node, Some(mount))) = self.paths.mount_at(path)? else {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} is not mounted at {}: stage it again",
-                bounded_display(&path.path)
-            )));
-        };
-        if mount.read_only() {
-            // A read-only filesystem keeps the groups it has.
-            return Ok(());
-        }
-        let root = self.host.mounter.reopen(&node)?.unwrap_or(node);
-        let changed = self
-            .host
-            .filesystems
-            .apply_group(&root.kernel_path(), gid)?;
-        record.mount_group = Some(gid);
-        record.mount_group_current = true;
-        self.volumes.store.update(record)?;
-        tracing::info!(volume_id, gid, changed, "volume mount group applied");
-        Ok(())
-    }
-
-    /// Records, before a read-write publish hands the volume to a pod, that its files may
-    /// change from now on: the next stage or publish with a group walks them again.
-    pub(crate) fn may_be_written(&self, volume_id: &str) -> Result<()> {
-        let mut record = self.volumes.get(volume_id)?;
-        if record.mount_group_current {
-            record.mount_group_current = false;
-            self.volumes.store.update(record)?;
-        }
-        Ok(())
-    }
-
     /// NodeStageVolume: the request's own fields are checked first, then the volume is
     /// looked up; one guard covers the whole stage, the group walk included, so a racing
     /// unstage waits (ABORTED) instead of pulling the mount from under the walk.
     pub fn stage_volume(&self, req: StageVolume) -> Result<()> {
         crate::validate::required_str("volume_id", &req.volume_id)?;
         let staging = self.paths.check("staging_target_path", &req.staging_path)?;
-        let group = mount_group(&req.capability)?;
+        let group = fsgroup::requested(&req.capability)?;
         self.capabilities.check_node_capability(&req.capability)?;
         let _guard = self.volumes.guard(&req.volume_id)?;
         let _path = self.paths.claim(&staging)?;
@@ -94,7 +28,7 @@ impl Node {
         self.stage_filesystem(record, &req.capability, &staging)?;
         self.crash.reach("stage:before-group");
         match group {
-            Some(gid) => self.apply_mount_group(&req.volume_id, &staging, gid),
+            Some(gid) => self.fsgroups.apply(&req.volume_id, &staging, gid),
             None => Ok(()),
         }
     }
@@ -168,7 +102,8 @@ impl Node {
             }
             // A retried stage whose online grow failed last time.
             if let (Attachment::Device(dev), Some(fs)) = (&att, fs) {
-                self.grow_if_pending(&record.id, &dev.path, Some(&m.mount_point), fs)?;
+                self.growth
+                    .grow_if_pending(&record.id, &dev.path, Some(&m.mount_point), fs)?;
             }
             return Ok(());
         }
@@ -190,7 +125,7 @@ impl Node {
             .ensure_filesystem(record, &dev.path, fs)
             // What can grow offline grows before mounting (online growth may be refused).
             .and_then(|()| match fs.growth().offline {
-                true => self.grow_if_pending(&id, &dev.path, None, fs),
+                true => self.growth.grow_if_pending(&id, &dev.path, None, fs),
                 false => Ok(()),
             })
             .and_then(|()| self.paths.create(staging, Create::Directory))
@@ -211,7 +146,8 @@ impl Node {
                     Some(node) => self.host.mounter.mount_at(&node)?.map(|m| m.mount_point),
                     None => None,
                 };
-                self.grow_if_pending(&id, &dev.path, mount_point.as_deref(), fs)
+                self.growth
+                    .grow_if_pending(&id, &dev.path, mount_point.as_deref(), fs)
             }
             Err(e) => {
                 drop(attached);

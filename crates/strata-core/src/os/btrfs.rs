@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::os::error::{HostError, Result};
+use crate::host_error::{HostError, Result};
 
 /// What the btrfs backend needs from btrfs.
 pub trait Btrfs: Send + Sync {

@@ -12,7 +12,7 @@ use super::{
     LoopDevices, MountEntry, MountOptions, MountedFs, Mounter, NodePath, Probe,
 };
 use crate::filesystem::Filesystem;
-use crate::os::error::{HostError, Result};
+use crate::host_error::{HostError, Result};
 
 const LOOP_MAJOR: u32 = 7;
 const DEVTMPFS: (u32, u32) = (0, 5);

@@ -3,7 +3,6 @@
 
 pub mod btrfs;
 pub mod clone;
-pub mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod linux;
@@ -15,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::filesystem::Filesystem;
+pub use crate::host_error::HostError;
+use crate::host_error::Result;
 use crate::model::CopyMethod;
 pub use crate::validate::mount_options::MountOptions;
-pub use error::HostError;
-use error::Result;
 pub use mountinfo::MountEntry;
 pub use nodepath::{Create, NodePath};
 

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::os::error::{HostError, IoContext, Result};
+use crate::host_error::{HostError, IoContext, Result};
 
 /// What to make when the path's last component is missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::host_error::{HostError, Result};
 use crate::model::CopyMethod;
-use crate::os::error::{HostError, Result};
 
 /// Deeper trees are refused rather than risk the thread's stack.
 const MAX_DEPTH: usize = 1024;

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::filesystem::Filesystem;
-use crate::os::error::{HostError, IoContext, Result};
+use crate::host_error::{HostError, IoContext, Result};
 use crate::os::{CopyMethod, Filesystems, FsUsage, MountedFs, Probe};
 
 use super::tools::{failed, run};

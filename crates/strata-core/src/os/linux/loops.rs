@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::os::error::{HostError, IoContext, Result};
+use crate::host_error::{HostError, IoContext, Result};
 use crate::os::{AttachOptions, FileId, HeldLoop, LoopDevice, LoopDevices};
 
 use super::{LinuxHost, check};

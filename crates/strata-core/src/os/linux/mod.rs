@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use crate::os::error::{HostError, Result};
+use crate::host_error::{HostError, Result};
 
 /// The host as the kernel sees it. Stateless: every query goes to the kernel.
 pub struct LinuxHost;

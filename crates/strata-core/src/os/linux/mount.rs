@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::filesystem::Filesystem;
-use crate::os::error::{HostError, IoContext, Result};
+use crate::host_error::{HostError, IoContext, Result};
 use crate::os::{Create, MountEntry, MountOptions, Mounter, NodePath, mountinfo, nodepath};
 
 use super::{LinuxHost, check, cstr};

@@ -4,7 +4,7 @@
 use std::io;
 use std::process::Command;
 
-use crate::os::error::{HostError, Result};
+use crate::host_error::{HostError, Result};
 
 /// What a failed tool said, for a status message: its first non-empty line (stderr first,
 /// else stdout), bounded; never its whole usage text.

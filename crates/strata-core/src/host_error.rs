@@ -1,7 +1,7 @@
-//! What went wrong on the host, as the host reports it. The host layer never picks a CSI
+//! What went wrong on the host, as the host layer (`os/`) reports it. The host layer never picks a CSI
 //! code: it says what happened (a system call's errno, a tool's exit code and first line, a
 //! path it will not act on), and the core decides what that means for the caller: by default
-//! through `From<HostError> for Error` (crate::error), and where a failure means something
+//! through `From<HostError>` for the core's error, and where a failure means something
 //! particular (mkfs refusing a small device, an online resize refused for want of a
 //! capability, a mount point kept busy) by classifying it at the call site.
 
