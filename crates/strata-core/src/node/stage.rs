@@ -128,6 +128,8 @@ impl Node {
                 true => self.growth.grow_if_pending(&id, &dev.path, None, fs),
                 false => Ok(()),
             })
+            // Opened again right before the mount, not reused from the first look: a
+            // symlink swapped in meanwhile is refused here (tests/attacks.rs).
             .and_then(|()| self.paths.create(staging, Create::Directory))
             .and_then(|target| {
                 self.host
