@@ -16,6 +16,12 @@ use crate::os::HostError;
 use crate::os::fake::Op;
 use crate::testing::{Fixture, fixture, mount};
 
+/// What the expansion tests grow a 16 MiB volume to.
+const GROWN: CapacityRange = CapacityRange {
+    required: 32 * MIB,
+    limit: 0,
+};
+
 fn injected() -> HostError {
     HostError::other("injected host failure")
 }
@@ -171,16 +177,7 @@ fn a_stage_whose_offline_growth_fails_detaches_and_grows_at_the_retry() {
     let id = create(&f, "v", None).unwrap();
     stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter)).unwrap();
     f.driver.node.unstage_volume(&id, "/stage").unwrap();
-    f.driver
-        .controller
-        .expand_volume(
-            &id,
-            CapacityRange {
-                required: 32 * MIB,
-                limit: 0,
-            },
-        )
-        .unwrap();
+    f.driver.controller.expand_volume(&id, GROWN).unwrap();
     failing(&f, Op::Grow, || {
         stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter))
     });
@@ -272,10 +269,7 @@ fn an_expansion_whose_device_refresh_fails_is_not_recorded_and_the_retry_complet
     let f = fixture();
     let id = create(&f, "v", None).unwrap();
     stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter)).unwrap();
-    let to = CapacityRange {
-        required: 32 * MIB,
-        limit: 0,
-    };
+    let to = GROWN;
     failing(&f, Op::RefreshCapacity, || {
         f.driver.controller.expand_volume(&id, to)
     });
@@ -289,10 +283,7 @@ fn a_node_expansion_whose_filesystem_growth_fails_grows_at_the_retry() {
     let f = fixture();
     let id = create(&f, "v", None).unwrap();
     stage(&f.driver, &id, mount(AccessMode::SingleNodeWriter)).unwrap();
-    let to = CapacityRange {
-        required: 32 * MIB,
-        limit: 0,
-    };
+    let to = GROWN;
     let here = "/stage";
     failing(&f, Op::Grow, || {
         f.driver.node.node_expand_volume(&id, here, to)
