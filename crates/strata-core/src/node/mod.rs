@@ -113,12 +113,11 @@ pub struct VolumeStats {
 }
 
 impl Node {
-    /// The `volume_path` of NodeGetVolumeStats or NodeExpandVolume. Empty is invalid; a path
-    /// Strata never mounts on (relative, outside the allowed directories, in the pool)
+    /// The `volume_path` of NodeGetVolumeStats or NodeExpandVolume, already known not to be
+    /// empty ([`required_volume_path`], checked before the lookup). A path Strata never mounts on (relative, outside the allowed directories, in the pool)
     /// cannot hold the volume: NOT_FOUND, as the spec's tables say for a volume that is not
     /// at the path.
     pub(crate) fn volume_path(&self, volume_id: &str, raw: &str) -> Result<CheckedPath> {
-        required_volume_path(raw)?;
         self.paths
             .check("volume_path", raw)
             .map_err(|_| not_at(volume_id, raw))
