@@ -50,13 +50,7 @@ impl Error {
     /// Wraps an I/O error with what was being done. ENOSPC and EDQUOT become
     /// `ResourceExhausted` so a full pool is reported as such, not as an internal fault.
     pub fn io(context: impl fmt::Display, err: io::Error) -> Self {
-        let msg = format!("{context}: {err}");
-        match err.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::ResourceExhausted(format!(
-                "{msg}; the pool is full: free space or delete volumes, then retry"
-            )),
-            _ => Error::Internal(msg),
-        }
+        crate::host_error::HostError::io(context, err).into()
     }
 }
 
