@@ -49,7 +49,7 @@ async fn over_the_fake_host() -> Target {
         freeze_limit: std::time::Duration::from_secs(10),
     };
     let backend = Arc::new(ImageBackend::new(pool, host.clone()));
-    let (driver, _) = Driver::open(config, host, backend, FaultPoints::default()).unwrap();
+    let (driver, _) = Driver::open(config, host, backend, FaultPoints::default(), None).unwrap();
     let router = strata::server::csi_router(
         Arc::new(driver),
         strata::metrics::Metrics::new("strata.csi.dev"),

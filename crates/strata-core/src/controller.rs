@@ -10,12 +10,13 @@ use crate::capability::Capabilities;
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
 use crate::freezer::Freezer;
-use crate::ids::{is_volume_id, new_volume_id};
+use crate::ids::{NodeHint, is_volume_id, new_volume_id};
 use crate::inflight::InFlight;
 use crate::model::{
     Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VOLUME_RECORD_VERSION,
     VolumeRecord,
 };
+use crate::peer::RemoteCopies;
 use crate::reaper::Reaper;
 use crate::snapshot::Snapshots;
 use crate::validate;
@@ -75,6 +76,24 @@ impl NodeTopology {
     }
 }
 
+/// Where a new volume's data comes from.
+enum Origin {
+    Empty,
+    /// A snapshot or volume of this node, pinned while it is copied.
+    Local {
+        dir: std::path::PathBuf,
+        size: u64,
+        format: FormatState,
+        _guard: crate::inflight::Guard,
+    },
+    /// A snapshot or volume another node holds.
+    Remote {
+        node: String,
+        info: crate::peer::SourceInfo,
+        remote: Arc<RemoteCopies>,
+    },
+}
+
 /// The controller service's work: CreateVolume (empty, restored, cloned), DeleteVolume,
 /// ControllerExpandVolume, ValidateVolumeCapabilities, ControllerGetVolume, ListVolumes,
 /// GetCapacity.
@@ -87,6 +106,10 @@ pub struct Controller {
     reaper: Arc<Reaper>,
     inflight: Arc<InFlight>,
     topology: NodeTopology,
+    /// The node hint new volume ids carry.
+    ids: NodeHint,
+    /// Copies from other nodes (when the peer service is configured).
+    remote: Option<Arc<RemoteCopies>>,
     crash: FaultPoints,
 }
 
@@ -101,6 +124,7 @@ impl Controller {
         reaper: Arc<Reaper>,
         inflight: Arc<InFlight>,
         topology: NodeTopology,
+        remote: Option<Arc<RemoteCopies>>,
         crash: FaultPoints,
     ) -> Self {
         Controller {
@@ -111,7 +135,9 @@ impl Controller {
             backend,
             reaper,
             inflight,
+            ids: NodeHint::of(&topology.node_id),
             topology,
+            remote,
             crash,
         }
     }
@@ -157,34 +183,12 @@ impl Controller {
             return Ok(existing);
         }
 
-        // The source, if any: its directory, size and filesystem state.
-        let (source_dir, source_size, format, _source_guard) = match &req.content_source {
-            None => (None, 0, FormatState::Unformatted, None),
-            Some(ContentSource::Snapshot(id)) => {
-                // Pinned for the copy: a concurrent DeleteSnapshot waits (ABORTED, retried)
-                // instead of pulling the data away mid-copy; looked up after the pin, so a
-                // snapshot deleted just before is NOT_FOUND.
-                self.snapshots.get(id)?;
-                let (snap, guard) = self.snapshots.pin(id)?;
-                (
-                    Some(self.snapshots.dir(&snap.id)),
-                    snap.size_bytes,
-                    snap.format,
-                    Some(guard),
-                )
-            }
-            Some(ContentSource::Volume(id)) => {
-                let vol = self.volumes.get(id)?;
-                // The source must not change while it is copied (other clones and snapshots
-                // of it may run alongside).
-                let guard = self.volumes.guard_shared(&vol.id)?;
-                (
-                    Some(self.volumes.dir(&vol.id)),
-                    vol.capacity_bytes,
-                    vol.format,
-                    Some(guard),
-                )
-            }
+        // The source, if any: here (its directory, pinned) or on another node.
+        let origin = self.origin(req.content_source.as_ref())?;
+        let (source_size, mut format) = match &origin {
+            Origin::Empty => (0, FormatState::Unformatted),
+            Origin::Local { size, format, .. } => (*size, format.clone()),
+            Origin::Remote { info, .. } => (info.size_bytes, info.format.clone()),
         };
         self.capabilities
             .check_source_filesystem(&req.capabilities, &format)?;
@@ -221,22 +225,34 @@ impl Controller {
             )));
         }
 
-        let id = new_volume_id();
+        let id = new_volume_id(&self.ids);
         let staging = self.volumes.store.begin_create(&id)?;
-        let filled = match &source_dir {
-            None => self.backend.create(&staging, size),
-            Some(src) => {
+        let filled = match &origin {
+            Origin::Empty => self.backend.create(&staging, size),
+            Origin::Local { dir, .. } => {
                 // A failed freeze is a failed create: rolled back below like any other.
                 let frozen = match &req.content_source {
                     Some(ContentSource::Volume(source)) => {
-                        self.freezer.freeze_if_mounted(source, src)
+                        self.freezer.freeze_if_mounted(source, dir)
                     }
                     _ => Ok(None),
                 };
                 frozen.and_then(|frozen| {
-                    let copied = self.backend.copy_from(src, &staging, size, false).map(drop);
+                    let copied = self.backend.copy_from(dir, &staging, size, false).map(drop);
                     drop(frozen);
                     copied
+                })
+            }
+            Origin::Remote { node, remote, .. } => {
+                let source = req.content_source.as_ref().ok_or_else(|| {
+                    Error::Internal("a remote origin without a content source".into())
+                })?;
+                tracing::info!(volume_id = %id, source = %crate::peer::Named(source), from_node = %node,
+                    "copying the source from another node");
+                self.backend.import(&staging, size).and_then(|file| {
+                    let read = remote.pull(node, source, &file, size)?;
+                    format = read.format;
+                    Ok(())
                 })
             }
         };
@@ -273,6 +289,52 @@ impl Controller {
                     .abort_create(&staging, self.backend.as_ref());
                 Err(e)
             }
+        }
+    }
+
+    /// Where a new volume's data comes from. A local source is pinned for the copy: a
+    /// concurrent DeleteSnapshot waits (ABORTED, retried) instead of pulling the data away
+    /// mid-copy, and a volume does not change while it is copied (other clones and snapshots
+    /// of it may run alongside). A source this node does not hold is looked for on the other
+    /// nodes when the peer service is configured.
+    fn origin(&self, source: Option<&ContentSource>) -> Result<Origin> {
+        let local = match source {
+            None => return Ok(Origin::Empty),
+            Some(ContentSource::Snapshot(id)) => self.snapshots.get(id).and_then(|_| {
+                // Looked up again after the pin, so a snapshot deleted just before is
+                // NOT_FOUND.
+                let (snap, guard) = self.snapshots.pin(id)?;
+                Ok(Origin::Local {
+                    dir: self.snapshots.dir(&snap.id),
+                    size: snap.size_bytes,
+                    format: snap.format,
+                    _guard: guard,
+                })
+            }),
+            Some(ContentSource::Volume(id)) => self.volumes.get(id).and_then(|vol| {
+                let guard = self.volumes.guard_shared(&vol.id)?;
+                Ok(Origin::Local {
+                    dir: self.volumes.dir(&vol.id),
+                    size: vol.capacity_bytes,
+                    format: vol.format,
+                    _guard: guard,
+                })
+            }),
+        };
+        let (Err(Error::NotFound(not_here)), Some(remote), Some(source)) =
+            (&local, &self.remote, source)
+        else {
+            return local;
+        };
+        match remote.locate(source)? {
+            Some((node, info)) => Ok(Origin::Remote {
+                node,
+                info,
+                remote: remote.clone(),
+            }),
+            None => Err(Error::NotFound(format!(
+                "{not_here}, on this node or any other this node reaches"
+            ))),
         }
     }
 

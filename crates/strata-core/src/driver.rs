@@ -14,12 +14,14 @@ use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
 use crate::freezer::Freezer;
 use crate::group::Groups;
+use crate::ids::NodeHint;
 use crate::inflight::InFlight;
 use crate::model::Topology;
 use crate::mounts::Mounts;
 use crate::node::Node;
 use crate::os::{FileId, Host};
 use crate::paths::NodePaths;
+use crate::peer::{ExportLimits, Exports, Peers, RemoteCopies};
 use crate::reaper::Reaper;
 use crate::snapshot::Snapshots;
 use crate::store::{GroupStore, Reconciliation, SnapshotStore, VolumeStore};
@@ -48,10 +50,14 @@ pub struct Driver {
     pub groups: Groups,
     pub node: Node,
     pub capabilities: Arc<Capabilities>,
+    /// What the peer service offers other nodes.
+    pub exports: Arc<Exports>,
+    /// Copies from other nodes, when the peer service is configured.
+    pub remote: Option<Arc<RemoteCopies>>,
     pub(crate) volumes: Arc<Volumes>,
-    freezer: Arc<Freezer>,
+    pub(crate) freezer: Arc<Freezer>,
     reaper: Arc<Reaper>,
-    backend: Arc<dyn Backend>,
+    pub(crate) backend: Arc<dyn Backend>,
     host: Host,
 }
 
@@ -62,6 +68,7 @@ impl Driver {
         host: Host,
         backend: Arc<dyn Backend>,
         crash: FaultPoints,
+        peers: Option<Arc<dyn Peers>>,
     ) -> Result<(Self, Startup)> {
         let (store, volume_report) = VolumeStore::open(&config.pool, backend.as_ref())?;
         // Group evidence is read before the group store completes (and so removes) it.
@@ -105,8 +112,19 @@ impl Driver {
             backend.clone(),
             reaper.clone(),
             inflight.clone(),
+            NodeHint::of(&config.node_id),
             crash.clone(),
         ));
+        let remote = peers.map(|p| Arc::new(RemoteCopies::new(p, &config.node_id)));
+        let exports = Arc::new(Exports::new(
+            config.node_id.clone(),
+            &config.pool,
+            volumes.clone(),
+            snapshots.clone(),
+            freezer.clone(),
+            backend.clone(),
+            ExportLimits::default(),
+        )?);
         let controller = Arc::new(Controller::new(
             volumes.clone(),
             snapshots.clone(),
@@ -119,6 +137,7 @@ impl Driver {
                 key: config.topology_key.clone(),
                 node_id: config.node_id.clone(),
             },
+            remote.clone(),
             crash.clone(),
         ));
         let groups = Groups::new(
@@ -149,6 +168,8 @@ impl Driver {
             groups,
             node,
             capabilities,
+            exports,
+            remote,
             volumes,
             freezer,
             reaper,

@@ -206,7 +206,7 @@ impl Groups {
             .iter()
             .map(|id| self.volumes.get(id))
             .collect::<Result<Vec<_>>>()?;
-        let id = new_group_id();
+        let id = new_group_id(&self.snapshots.ids);
         let staging = self.store.begin_create(&id)?;
         let mut sources = Vec::with_capacity(volumes.len());
         let taken = volumes
@@ -215,7 +215,7 @@ impl Groups {
                 // The sources must not change while they are copied; snapshots and clones
                 // of them may run alongside.
                 let guard = self.inflight.acquire_shared(&volume.id)?;
-                let snapshot_id = new_snapshot_id();
+                let snapshot_id = new_snapshot_id(&self.snapshots.ids);
                 let member_staging = self.snapshots.store.begin_create(&snapshot_id)?;
                 sources.push(Source {
                     volume,

@@ -20,6 +20,7 @@ pub mod mounts;
 pub mod node;
 pub mod os;
 pub mod paths;
+pub mod peer;
 pub mod pool_image;
 pub mod reaper;
 #[cfg(test)]

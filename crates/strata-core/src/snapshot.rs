@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
 use crate::freezer::Freezer;
-use crate::ids::{is_snapshot_id, new_snapshot_id};
+use crate::ids::{NodeHint, is_snapshot_id, new_snapshot_id};
 use crate::inflight::{Guard, InFlight};
 use crate::model::{
     CopyMethod, PLAIN_SNAPSHOT_RECORD_VERSION, SNAPSHOT_RECORD_VERSION, SnapshotRecord,
@@ -65,6 +65,8 @@ pub struct Snapshots {
     backend: Arc<dyn Backend>,
     reaper: Arc<Reaper>,
     inflight: Arc<InFlight>,
+    /// The node hint new snapshot ids carry.
+    pub(crate) ids: NodeHint,
     crash: FaultPoints,
 }
 
@@ -78,6 +80,7 @@ impl Snapshots {
         backend: Arc<dyn Backend>,
         reaper: Arc<Reaper>,
         inflight: Arc<InFlight>,
+        ids: NodeHint,
         crash: FaultPoints,
     ) -> Self {
         Snapshots {
@@ -88,6 +91,7 @@ impl Snapshots {
             backend,
             reaper,
             inflight,
+            ids,
             crash,
         }
     }
@@ -126,7 +130,7 @@ impl Snapshots {
         // The source must not be staged, expanded or deleted while it is copied; other
         // snapshots and clones of it may run alongside.
         let _source_guard = self.volumes.guard_shared(&source.id)?;
-        let id = new_snapshot_id();
+        let id = new_snapshot_id(&self.ids);
         let staging = self.store.begin_create(&id)?;
         let source_dir = self.volumes.dir(&source.id);
         let taken = self

@@ -22,12 +22,21 @@ pub(crate) fn fixture() -> Fixture {
 
 /// [`fixture`] with fault points armed (a delay point holds an operation in flight).
 pub(crate) fn fixture_with(faults: FaultPoints) -> Fixture {
+    node_fixture("n1", faults, None)
+}
+
+/// A driver of node `node_id`, reaching other nodes through `peers`.
+pub(crate) fn node_fixture(
+    node_id: &str,
+    faults: FaultPoints,
+    peers: Option<Arc<dyn crate::peer::Peers>>,
+) -> Fixture {
     let pool = tempfile::tempdir().unwrap();
     let fake = FakeHost::new();
     let host = fake.host();
     let config = Config {
         driver_name: "strata.csi.dev".into(),
-        node_id: "n1".into(),
+        node_id: node_id.into(),
         pool: pool.path().to_owned(),
         max_volumes_per_node: 0,
         topology_key: "strata.csi.dev/node".into(),
@@ -36,7 +45,7 @@ pub(crate) fn fixture_with(faults: FaultPoints) -> Fixture {
         freeze_limit: std::time::Duration::from_secs(10),
     };
     let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
-    let (driver, _) = Driver::open(config, host, backend, faults).unwrap();
+    let (driver, _) = Driver::open(config, host, backend, faults, peers).unwrap();
     Fixture {
         _pool: pool,
         fake,

@@ -7,6 +7,7 @@ pub mod decode_errors;
 pub mod endpoint;
 pub mod http;
 pub mod metrics;
+pub mod peer;
 pub mod server;
 pub mod service;
 pub mod transport;

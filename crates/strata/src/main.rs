@@ -54,6 +54,8 @@ enum Command {
     /// Benchmarks against any CSI endpoint.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Make the peer service's CA and certificate: print a Secret, or write the files.
+    PeerCerts(strata::peer::certs::PeerCertsArgs),
     /// Node-side pool maintenance (run as root on the node, with no server on the pool).
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -74,6 +76,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(opts) => server::serve(opts.with_defaults()).await,
         Command::Info(c) => client::info(c).await,
+        Command::PeerCerts(args) => strata::peer::certs::run(args),
         Command::Pool(PoolCommand::Release { pool }) => server::release_pool(&pool),
         Command::Volume(v) => v.run().await,
         Command::Snapshot(s) => s.run().await,

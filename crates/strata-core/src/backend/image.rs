@@ -96,6 +96,24 @@ impl Backend for ImageBackend {
             .ctx(|| format!("size {} to {size} bytes", path.display()))
     }
 
+    fn open_data(&self, dir: &Path) -> Result<File> {
+        let path = Self::image(dir);
+        File::open(&path).ctx(|| format!("open {}", path.display()))
+    }
+
+    fn import(&self, dir: &Path, size: u64) -> Result<File> {
+        let path = Self::image(dir);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx(|| format!("create {}", path.display()))?;
+        file.set_len(size)
+            .ctx(|| format!("size {} to {size} bytes", path.display()))?;
+        Ok(file)
+    }
+
     fn repair(&self, dir: &Path, capacity_bytes: u64, holds_data: bool) -> Result<Option<String>> {
         let path = Self::image(dir);
         let len = match fs::metadata(&path) {

@@ -126,6 +126,23 @@ pub trait Backend: Send + Sync {
     fn devices(&self, _dir: &Path) -> Result<Vec<LoopDevice>> {
         Ok(vec![])
     }
+    /// The volume's data opened for reading as one file, for a copy to another node (its
+    /// allocated ranges are what travels).
+    fn open_data(&self, _dir: &Path) -> Result<std::fs::File> {
+        Err(self.no_node_copies())
+    }
+    /// Creates the data of a new volume of `size` bytes in the empty directory `dir` as one
+    /// sparse file and returns it opened for writing: a copy from another node fills it.
+    fn import(&self, _dir: &Path, _size: u64) -> Result<std::fs::File> {
+        Err(self.no_node_copies())
+    }
+    /// Why this backend's volumes cannot be copied between nodes.
+    fn no_node_copies(&self) -> crate::error::Error {
+        crate::error::Error::FailedPrecondition(format!(
+            "the {} backend's volumes and snapshots cannot be copied between nodes (only image volumes can): restore or clone on the node that holds the source",
+            self.kind()
+        ))
+    }
     /// A read-only device of the volume for a read-only raw block publish, held: an existing
     /// one, or a new one attached read-only.
     fn read_only_device(&self, _dir: &Path) -> Result<HeldLoop> {

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use crate::os::CopyMethod;
+use crate::os::extents::next_data;
 
 /// Makes `target` (empty) a copy of `source`: shared extents where the filesystem can
 /// (FICLONE), else a copy of the allocated ranges only.
@@ -28,22 +29,12 @@ pub(crate) fn clone_or_copy(source: &File, target: &File, len: u64) -> io::Resul
 /// Copies the allocated ranges of `src` into `dst` (holes stay holes).
 fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on valid fds.
-        let data = unsafe { libc::lseek(sfd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole remains
-            }
-            return Err(e);
-        }
-        let hole = unsafe { libc::lseek(sfd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let (mut off_in, mut off_out) = (data, data);
+    let mut pos = 0;
+    while pos < len {
+        let Some((data, hole)) = next_data(src, pos)? else {
+            break; // only a hole remains
+        };
+        let (mut off_in, mut off_out) = (data as i64, data as i64);
         let mut left = (hole - data) as usize;
         while left > 0 {
             // SAFETY: offsets are valid pointers to i64 owned here.

@@ -359,12 +359,17 @@ impl Filesystems for FakeHost {
 
     fn clone_file(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {
         self.injected(Op::CloneFile)?;
-        std::fs::copy(src, dst).map_err(|e| HostError::io("copy", e))?;
+        // Images are real files even here: copied as the real host copies them, holes kept.
+        let copied = std::fs::File::open(src).and_then(|source| {
+            let target = std::fs::File::create_new(dst)?;
+            super::clone::clone_or_copy(&source, &target, source.metadata()?.len())
+        });
+        let method = copied.map_err(|e| HostError::io("copy", e))?;
         let mut s = self.lock();
         if let Some(fs) = s.filesystems.get(src).cloned() {
             s.filesystems.insert(dst.to_owned(), fs);
         }
-        Ok(CopyMethod::SparseCopy)
+        Ok(method)
     }
 
     fn copy_tree(&self, src: &Path, dst: &Path) -> Result<CopyMethod> {

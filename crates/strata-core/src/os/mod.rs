@@ -3,6 +3,7 @@
 
 pub mod btrfs;
 pub mod clone;
+pub mod extents;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod linux;

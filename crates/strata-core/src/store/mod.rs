@@ -388,7 +388,7 @@ mod tests {
     }
 
     fn create(store: &VolumeStore, name: &str) -> VolumeRecord {
-        let id = new_volume_id();
+        let id = new_volume_id(&crate::ids::NodeHint::of("test"));
         let dir = store.begin_create(&id).unwrap();
         store.commit_create(&dir, record(&id, name)).unwrap()
     }
@@ -401,7 +401,7 @@ mod tests {
         let a = create(&store, "a");
         let b = create(&store, "b");
         // A creation that never committed, and a deletion cut short.
-        let half = store.begin_create(&new_volume_id()).unwrap();
+        let half = store.begin_create(&new_volume_id(&crate::ids::NodeHint::of("test"))).unwrap();
         fs::write(half.join("image"), b"x").unwrap();
         fs::rename(
             store.dir(&b.id),
@@ -502,7 +502,7 @@ mod tests {
         let b = backend(pool.path());
         let (store, _) = VolumeStore::open(pool.path(), &b).unwrap();
         let mk = |name: &str| {
-            let id = new_volume_id();
+            let id = new_volume_id(&crate::ids::NodeHint::of("test"));
             let dir = store.begin_create(&id).unwrap();
             b.create(&dir, 1 << 20).unwrap();
             store.commit_create(&dir, record(&id, name)).unwrap()

@@ -30,7 +30,11 @@ use crate::metrics::{Metrics, MetricsLayer};
 use crate::service::{
     ControllerService, GroupControllerService, IdentityService, NodeService, Services,
 };
+use crate::peer::client::GrpcPeers;
+use crate::peer::service::PeerService;
+use crate::peer::tls::PeerTls;
 use crate::transport::Normalized;
+use strata_core::peer::Peers;
 
 use listen::{bind_socket, serve_until_stopped};
 
@@ -86,6 +90,38 @@ pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
         .add_service(NodeServer::new(NodeService(services)))
 }
 
+/// Most peer requests served at once on one connection.
+const PEER_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// Starts the peer service on `listener`: mutual TLS on every connection, so no call is
+/// ever served in clear text or to a caller without a certificate from the peer CA.
+fn serve_peers(
+    listener: std::net::TcpListener,
+    tls: &PeerTls,
+    driver: Arc<Driver>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("--peer-listen: {e}"))?;
+    let listener = TcpListener::from_std(listener).map_err(|e| format!("--peer-listen: {e}"))?;
+    let router = Server::builder()
+        .tls_config(tls.server())
+        .map_err(|e| format!("--peer-tls-dir: {e}"))?
+        .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(PeerService::server(driver.exports.clone()));
+    tracing::info!(%addr, "serving the peer service (mutual TLS)");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+        {
+            tracing::error!(error = %e, "the peer service stopped");
+        }
+    }))
+}
+
 pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     opts.validate()?;
     // A TCP address that cannot be bound fails now, before the pool is touched.
@@ -97,11 +133,40 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         ),
         Endpoint::Unix(_) => None,
     };
-    let (driver, startup, _pool_lock) = open_driver(&opts)?;
+    // The peer service's certificates and listener, checked before the pool is touched.
+    let peer_tls = opts
+        .peer
+        .peer_tls_dir
+        .as_deref()
+        .map(PeerTls::load)
+        .transpose()?;
+    let peer_listener = match opts.peer.peer_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| format!("--peer-listen: cannot listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let peers: Option<Arc<dyn Peers>> = match &peer_tls {
+        Some(tls) if !opts.peer.peers.is_empty() => Some(Arc::new(GrpcPeers::new(
+            &opts.node_id,
+            opts.peer.addresses()?,
+            tls.clone(),
+            opts.peer.timeout(),
+            tokio::runtime::Handle::current(),
+        ))),
+        _ => None,
+    };
+    let (driver, startup, _pool_lock) = open_driver(&opts, peers)?;
     let driver = Arc::new(driver);
     let metrics = Metrics::new(&opts.driver_name);
     metrics.record_startup(&startup);
     serve_http(&opts, &driver, &metrics).await?;
+    let peer_server = match (peer_listener, peer_tls) {
+        (Some(listener), Some(tls)) => Some(serve_peers(listener, &tls, driver.clone())?),
+        _ => None,
+    };
     let router = csi_router(driver.clone(), metrics);
     tracing::info!(endpoint = ?opts.endpoint, node_id = %opts.node_id, driver = %opts.driver_name,
         backend = driver.backend_kind(), "serving CSI");
@@ -125,6 +190,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             serve_until_stopped(router, TcpListenerStream::new(listener)).await
         }
     };
+    if let Some(task) = peer_server {
+        task.abort();
+    }
     // Let queued removals of deleted volumes finish before exiting.
     driver.shut_down();
     tracing::info!("stopped");

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::endpoint::Endpoint;
+use crate::peer::PeerOptions;
 use crate::units::parse_size;
 
 /// The storage backends `--backend` chooses from.
@@ -66,6 +67,8 @@ pub struct ServeOptions {
     /// a rolling update); past it the server exits with an error. 0: do not wait.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub pool_lock_timeout: u64,
+    #[command(flatten)]
+    pub peer: PeerOptions,
     /// Test-only crash point (environment STRATA_CRASH_AT).
     #[arg(skip)]
     pub crash_at: Option<String>,
@@ -142,6 +145,7 @@ impl ServeOptions {
                 strata_core::pool_image::MIN_POOL_IMAGE >> 20
             ));
         }
+        self.peer.validate(&self.node_id)?;
         if let Some(p) = self.allowed_path_prefixes.iter().find(|p| !p.is_absolute()) {
             return Err(format!(
                 "--allowed-path-prefix {} must be an absolute path",

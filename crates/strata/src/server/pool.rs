@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use strata_core::peer::Peers;
 use strata_core::backend::Backend;
 use strata_core::backend::btrfs::btrfs_backend;
 use strata_core::backend::dir::dir_backend;
@@ -141,7 +142,10 @@ fn add_once(mut all: Vec<PathBuf>, p: PathBuf) -> Vec<PathBuf> {
 }
 
 /// Opens (creating if needed) the pool, locks it and reconciles it.
-pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), String> {
+pub fn open_driver(
+    opts: &ServeOptions,
+    peers: Option<Arc<dyn Peers>>,
+) -> Result<(Driver, Startup, PoolLock), String> {
     opts.validate()?;
     fs::create_dir_all(&opts.pool)
         .map_err(|e| format!("create pool {}: {e}", opts.pool.display()))?;
@@ -197,6 +201,7 @@ pub fn open_driver(opts: &ServeOptions) -> Result<(Driver, Startup, PoolLock), S
         host,
         backend,
         FaultPoints::new(opts.crash_at.clone()).with_delay(opts.delay_at.clone()),
+        peers,
     )
     .map_err(|e| format!("open pool {}: {e}", opts.pool.display()))?;
     let (v, s) = (&report.volumes, &report.snapshots);

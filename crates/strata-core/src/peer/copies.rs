@@ -1,0 +1,211 @@
+//! Restore and clone from a source another node holds: find the node (the id's hint, or
+//! every node this one reaches), open a consistent read there, pull its allocated extents
+//! into the new volume's data, verifying every chunk, and release the read.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Chunk, Named, Peers, RemoteRead, SourceInfo, source_id};
+use crate::error::{Error, IoContext, Result};
+use crate::ids::NodeHint;
+use crate::model::ContentSource;
+
+/// How often a broken stream is resumed before the copy fails (UNAVAILABLE, retried by the
+/// caller with a new read).
+const RESUMES: u32 = 3;
+
+/// Counters of cross-node copies, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct CopyFigures {
+    pub bytes_pulled: AtomicU64,
+    pub copies_done: AtomicU64,
+    pub copies_failed: AtomicU64,
+    pub copies_in_flight: AtomicU64,
+    /// Total time of finished copies, in milliseconds.
+    pub copy_millis: AtomicU64,
+}
+
+/// Counts a copy in flight while it runs.
+struct InFlight<'a>(&'a CopyFigures);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.copies_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Copies from other nodes, for CreateVolume.
+pub struct RemoteCopies {
+    peers: Arc<dyn Peers>,
+    node_id: String,
+    hint: NodeHint,
+    resume_pause: Duration,
+    figures: CopyFigures,
+}
+
+impl RemoteCopies {
+    pub fn new(peers: Arc<dyn Peers>, node_id: &str) -> Self {
+        RemoteCopies {
+            peers,
+            node_id: node_id.to_owned(),
+            hint: NodeHint::of(node_id),
+            resume_pause: Duration::from_secs(1),
+            figures: CopyFigures::default(),
+        }
+    }
+
+    pub fn figures(&self) -> &CopyFigures {
+        &self.figures
+    }
+
+    /// The node that holds `source`, when this one does not, and what it holds. `None`
+    /// when no node holds it (or the id says it was made here). UNAVAILABLE when a node
+    /// that may hold it cannot be asked.
+    pub fn locate(&self, source: &ContentSource) -> Result<Option<(String, SourceInfo)>> {
+        let hint = NodeHint::in_id(source_id(source));
+        if hint.as_ref() == Some(&self.hint) {
+            return Ok(None);
+        }
+        let mut unreachable = vec![];
+        for node in self.peers.nodes() {
+            if node == self.node_id || hint.as_ref().is_some_and(|h| *h != NodeHint::of(&node)) {
+                continue;
+            }
+            match self.peers.lookup(&node, source) {
+                Ok(Some(info)) => return Ok(Some((node, info))),
+                Ok(None) => {}
+                Err(Error::Unavailable(m)) => unreachable.push(m),
+                Err(e) => return Err(e),
+            }
+        }
+        match unreachable.first() {
+            Some(first) => Err(Error::Unavailable(format!(
+                "{} is not on node {}, and {} node(s) that may hold it cannot be reached ({first}); retry once they are back",
+                Named(source),
+                self.node_id,
+                unreachable.len()
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Pulls `source` from `node` into `into` (a new volume's data, `capacity` bytes, all
+    /// holes): only allocated extents travel, each chunk checked against its CRC-32, a
+    /// broken stream resumed where it stopped. Returns what the read was a copy of.
+    pub fn pull(
+        &self,
+        node: &str,
+        source: &ContentSource,
+        into: &File,
+        capacity: u64,
+    ) -> Result<SourceInfo> {
+        let started = Instant::now();
+        self.figures
+            .copies_in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.figures);
+        let pulled = self.peers.open_read(node, source).and_then(|read| {
+            let streamed = self.stream(node, source, &read, into, capacity);
+            if let Err(e) = self.peers.release(node, &read.read_id) {
+                // The read expires on its node when idle; nothing is lost.
+                tracing::warn!(node, read_id = %read.read_id, error = %e, "could not release a peer read");
+            }
+            streamed.map(|bytes| (read, bytes))
+        });
+        let millis = started.elapsed().as_millis() as u64;
+        match pulled {
+            Ok((read, bytes)) => {
+                self.figures.copies_done.fetch_add(1, Ordering::Relaxed);
+                self.figures.copy_millis.fetch_add(millis, Ordering::Relaxed);
+                tracing::info!(source = %Named(source), from_node = node, to_node = %self.node_id,
+                    bytes, millis, "copied from another node");
+                Ok(read.source)
+            }
+            Err(e) => {
+                self.figures.copies_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(source = %Named(source), from_node = node, to_node = %self.node_id,
+                    millis, error = %e, "copy from another node failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams the read into `into`, resuming a broken stream; returns the bytes written.
+    fn stream(
+        &self,
+        node: &str,
+        source: &ContentSource,
+        read: &RemoteRead,
+        into: &File,
+        capacity: u64,
+    ) -> Result<u64> {
+        let size = read.source.size_bytes;
+        if size > capacity {
+            return Err(Error::Aborted(format!(
+                "{} on node {node} grew to {size} bytes while the copy started; retry",
+                Named(source)
+            )));
+        }
+        let mut next = 0u64;
+        let mut written = 0u64;
+        let mut resumes = 0;
+        loop {
+            let (mut bytes, mut chunks) = (0u64, 0u64);
+            let from = next;
+            let mut sink = |c: Chunk<'_>| -> Result<()> {
+                let len = c.bytes.len() as u64;
+                let end = c.offset.checked_add(len).filter(|e| *e <= size);
+                let Some(end) = end.filter(|_| c.offset >= next) else {
+                    return Err(Error::Internal(format!(
+                        "node {node} sent {len} bytes at offset {} of {}, outside what is left to copy (from {next} to {size}): run the same Strata version on every node",
+                        c.offset,
+                        Named(source)
+                    )));
+                };
+                if crc32fast::hash(c.bytes) != c.crc32 {
+                    return Err(Error::Unavailable(format!(
+                        "{len} bytes of {} from node {node} at offset {} failed their checksum",
+                        Named(source),
+                        c.offset
+                    )));
+                }
+                into.write_all_at(c.bytes, c.offset)
+                    .ctx(|| format!("write the copy of {} at {}", Named(source), c.offset))?;
+                next = end;
+                bytes += len;
+                chunks += 1;
+                Ok(())
+            };
+            let streamed = self.peers.read(node, &read.read_id, from, &mut sink);
+            written += bytes;
+            self.figures.bytes_pulled.fetch_add(bytes, Ordering::Relaxed);
+            match streamed {
+                Ok(end) if end.data_bytes == bytes && end.chunks == chunks && end.size_bytes == size => {
+                    break;
+                }
+                Ok(end) => {
+                    return Err(Error::Internal(format!(
+                        "node {node} ended the stream of {} with {} bytes in {} chunks of {} bytes, but {bytes} bytes in {chunks} chunks arrived",
+                        Named(source),
+                        end.data_bytes,
+                        end.chunks,
+                        end.size_bytes
+                    )));
+                }
+                Err(Error::Unavailable(m)) if resumes < RESUMES => {
+                    resumes += 1;
+                    tracing::warn!(source = %Named(source), from_node = node, at = next, error = %m,
+                        "the stream broke; resuming");
+                    std::thread::sleep(self.resume_pause);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        into.sync_all()
+            .ctx(|| format!("flush the copy of {}", Named(source)))?;
+        Ok(written)
+    }
+}

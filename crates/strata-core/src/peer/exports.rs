@@ -1,0 +1,388 @@
+//! What this node offers other Strata nodes: a look-up of a snapshot or a volume, a
+//! consistent read of it, its allocated extents streamed in checksummed chunks. Reads are
+//! bounded (in number, per reader and in all; streams per reader; chunk size) and expire
+//! when idle, so a reader that dies leaves nothing held for long.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Chunk, Named, ReadEnd, SourceInfo};
+use crate::backend::Backend;
+use crate::error::{Error, IoContext, Result};
+use crate::freezer::Freezer;
+use crate::ids::{is_snapshot_id, is_volume_id};
+use crate::model::ContentSource;
+use crate::os::extents::{allocated_bytes, next_data};
+use crate::snapshot::Snapshots;
+use crate::store::remove_object_dir;
+use crate::volumes::Volumes;
+
+/// Scratch directory in the pool for the instant copies of live volumes being read.
+pub const READS_DIR: &str = "peer-reads";
+
+/// The bounds of what other nodes may hold here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportLimits {
+    /// Reads open at once, from all nodes.
+    pub max_reads: usize,
+    /// Reads open at once by one node.
+    pub max_reads_per_peer: usize,
+    /// Streams running at once for one node.
+    pub max_streams_per_peer: usize,
+    /// A read not streamed or opened for this long is closed.
+    pub idle: Duration,
+    /// The largest chunk sent (the memory one stream holds, with the transport's queue).
+    pub chunk_bytes: usize,
+}
+
+impl Default for ExportLimits {
+    fn default() -> Self {
+        ExportLimits {
+            max_reads: 64,
+            max_reads_per_peer: 16,
+            max_streams_per_peer: 8,
+            idle: Duration::from_secs(300),
+            chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A read as the reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedRead {
+    pub read_id: String,
+    pub source: SourceInfo,
+    pub allocated_bytes: u64,
+    pub idle: Duration,
+}
+
+/// An open read: the data held open (a snapshot's image, or the instant copy of a volume,
+/// whose name is already gone), so nothing that happens to the source changes it.
+struct Read {
+    file: File,
+    source: SourceInfo,
+    what: String,
+    reader: String,
+    last_used: Mutex<Instant>,
+    streams: AtomicUsize,
+}
+
+impl Read {
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(*self.last_used.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Counts a stream of a read (and of its reader) while it runs.
+struct Streaming<'a> {
+    exports: &'a Exports,
+    read: Arc<Read>,
+}
+
+impl Drop for Streaming<'_> {
+    fn drop(&mut self) {
+        self.read.streams.fetch_sub(1, Ordering::SeqCst);
+        self.read.touch();
+        let mut streams = self.exports.lock_streams();
+        if let Some(n) = streams.get_mut(&self.read.reader) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.read.reader);
+            }
+        }
+    }
+}
+
+/// The peer service's work on this node.
+pub struct Exports {
+    node_id: String,
+    volumes: Arc<Volumes>,
+    snapshots: Arc<Snapshots>,
+    freezer: Arc<Freezer>,
+    backend: Arc<dyn Backend>,
+    scratch: PathBuf,
+    limits: ExportLimits,
+    reads: Mutex<HashMap<String, Arc<Read>>>,
+    streams: Mutex<HashMap<String, usize>>,
+}
+
+impl Exports {
+    /// Removes what reads of a previous run left in the scratch directory (a crash between
+    /// a volume's instant copy and the removal of its name).
+    pub fn new(
+        node_id: String,
+        pool: &std::path::Path,
+        volumes: Arc<Volumes>,
+        snapshots: Arc<Snapshots>,
+        freezer: Arc<Freezer>,
+        backend: Arc<dyn Backend>,
+        limits: ExportLimits,
+    ) -> Result<Self> {
+        let scratch = pool.join(READS_DIR);
+        fs::create_dir_all(&scratch).ctx(|| format!("create {}", scratch.display()))?;
+        for entry in fs::read_dir(&scratch).ctx(|| format!("list {}", scratch.display()))? {
+            let path = entry.ctx(|| format!("list {}", scratch.display()))?.path();
+            tracing::info!(dir = %path.display(), "removing the copy of a read a previous run left");
+            remove_object_dir(&path, backend.as_ref())?;
+        }
+        Ok(Exports {
+            node_id,
+            volumes,
+            snapshots,
+            freezer,
+            backend,
+            scratch,
+            limits,
+            reads: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn limits(&self) -> ExportLimits {
+        self.limits
+    }
+
+    fn lock_reads(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Read>>> {
+        self.reads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What this node holds under `source`'s id; `None` when it holds nothing by that id.
+    pub fn lookup(&self, source: &ContentSource) -> Result<Option<SourceInfo>> {
+        let found = match source {
+            ContentSource::Snapshot(id) if is_snapshot_id(id) => {
+                self.snapshots.get(id).map(|s| (s.size_bytes, s.format))
+            }
+            ContentSource::Volume(id) if is_volume_id(id) => {
+                self.volumes.get(id).map(|v| (v.capacity_bytes, v.format))
+            }
+            _ => return Ok(None),
+        };
+        match found {
+            Ok((size_bytes, format)) => Ok(Some(SourceInfo {
+                size_bytes,
+                format,
+                backend: self.backend.kind().to_owned(),
+            })),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a consistent read of `source` for `reader`: a snapshot as it is, a volume as an
+    /// instant copy (frozen only while the copy is made if it is mounted here).
+    pub fn open(&self, source: &ContentSource, reader: &str) -> Result<OpenedRead> {
+        self.expire();
+        {
+            let reads = self.lock_reads();
+            let by_reader = reads.values().filter(|r| r.reader == reader).count();
+            if reads.len() >= self.limits.max_reads
+                || by_reader >= self.limits.max_reads_per_peer
+            {
+                return Err(Error::ResourceExhausted(format!(
+                    "node {} has {} reads open ({by_reader} by node {reader}); retry when some finish",
+                    self.node_id,
+                    reads.len()
+                )));
+            }
+        }
+        let (file, info) = match source {
+            ContentSource::Snapshot(id) => self.open_snapshot(id)?,
+            ContentSource::Volume(id) => self.open_volume(id)?,
+        };
+        let allocated = allocated_bytes(&file).ctx(|| format!("stat {}", Named(source)))?;
+        let read_id = format!("read-{}", crate::ids::random_hex(12));
+        let read = Arc::new(Read {
+            file,
+            source: info.clone(),
+            what: Named(source).to_string(),
+            reader: reader.to_owned(),
+            last_used: Mutex::new(Instant::now()),
+            streams: AtomicUsize::new(0),
+        });
+        tracing::info!(read_id, reader, source = %read.what, allocated, "peer read opened");
+        self.lock_reads().insert(read_id.clone(), read);
+        Ok(OpenedRead {
+            read_id,
+            source: info,
+            allocated_bytes: allocated,
+            idle: self.limits.idle,
+        })
+    }
+
+    fn open_snapshot(&self, id: &str) -> Result<(File, SourceInfo)> {
+        self.snapshots.get(id)?;
+        // Pinned only while it is opened: the open file is the read, whatever happens next.
+        let (snap, _pin) = self.snapshots.pin(id)?;
+        let file = self.backend.open_data(&self.snapshots.dir(&snap.id))?;
+        Ok((
+            file,
+            SourceInfo {
+                size_bytes: snap.size_bytes,
+                format: snap.format,
+                backend: self.backend.kind().to_owned(),
+            },
+        ))
+    }
+
+    fn open_volume(&self, id: &str) -> Result<(File, SourceInfo)> {
+        let vol = self.volumes.get(id)?;
+        let _guard = self.volumes.guard_shared(&vol.id)?;
+        let vol = self.volumes.get(id)?;
+        let dir = self.volumes.dir(&vol.id);
+        // Refused before anything is copied where the data could not travel anyway.
+        drop(self.backend.open_data(&dir)?);
+        let copy = self
+            .scratch
+            .join(format!(".read-{}", crate::ids::random_hex(12)));
+        fs::create_dir(&copy).ctx(|| format!("create {}", copy.display()))?;
+        let opened = self
+            .freezer
+            .freeze_if_mounted(&vol.id, &dir)
+            .and_then(|frozen| {
+                let copied = self.backend.copy_from(&dir, &copy, vol.capacity_bytes, true);
+                drop(frozen);
+                copied
+            })
+            .and_then(|_| self.backend.open_data(&copy));
+        // The open file keeps the copy's data; its name goes now, so a crash or a reader
+        // that never comes back leaves nothing in the pool.
+        let removed = remove_object_dir(&copy, self.backend.as_ref());
+        let file = opened?;
+        removed?;
+        Ok((
+            file,
+            SourceInfo {
+                size_bytes: vol.capacity_bytes,
+                format: vol.format,
+                backend: self.backend.kind().to_owned(),
+            },
+        ))
+    }
+
+    fn get(&self, read_id: &str) -> Result<Arc<Read>> {
+        self.lock_reads().get(read_id).cloned().ok_or_else(|| {
+            Error::NotFound(format!(
+                "read {} is not open on node {} (released, or idle for more than {} s): open it again",
+                crate::validate::echo(read_id),
+                self.node_id,
+                self.limits.idle.as_secs()
+            ))
+        })
+    }
+
+    /// Streams the read's allocated extents from `from` on, in chunks of at most
+    /// `chunk_bytes`, each with its CRC-32. `send` returns `false` when the reader is gone.
+    pub fn read(
+        &self,
+        read_id: &str,
+        from: u64,
+        send: &mut dyn FnMut(Chunk<'_>) -> bool,
+    ) -> Result<ReadEnd> {
+        let read = self.get(read_id)?;
+        let _streaming = self.start_stream(&read)?;
+        let size = read.source.size_bytes;
+        let len = read
+            .file
+            .metadata()
+            .ctx(|| format!("stat the data of {}", read.what))?
+            .len()
+            .min(size);
+        let mut end = ReadEnd {
+            size_bytes: size,
+            ..ReadEnd::default()
+        };
+        let mut buf = vec![0u8; self.limits.chunk_bytes];
+        let mut at = from;
+        while at < len {
+            let Some((start, stop)) =
+                next_data(&read.file, at).ctx(|| format!("find the data of {}", read.what))?
+            else {
+                break;
+            };
+            let stop = stop.min(len);
+            let mut offset = start;
+            while offset < stop {
+                let n = ((stop - offset) as usize).min(buf.len());
+                read.file
+                    .read_exact_at(&mut buf[..n], offset)
+                    .ctx(|| format!("read {} at {offset}", read.what))?;
+                let bytes = &buf[..n];
+                let chunk = Chunk {
+                    offset,
+                    bytes,
+                    crc32: crc32fast::hash(bytes),
+                };
+                if !send(chunk) {
+                    return Err(Error::Aborted(format!(
+                        "node {} stopped reading {}",
+                        read.reader, read.what
+                    )));
+                }
+                read.touch();
+                end.data_bytes += n as u64;
+                end.chunks += 1;
+                offset += n as u64;
+            }
+            at = stop;
+        }
+        Ok(end)
+    }
+
+    fn start_stream(&self, read: &Arc<Read>) -> Result<Streaming<'_>> {
+        let mut streams = self.lock_streams();
+        let n = streams.entry(read.reader.clone()).or_default();
+        if *n >= self.limits.max_streams_per_peer {
+            return Err(Error::ResourceExhausted(format!(
+                "node {} already streams {n} reads from node {}; retry when one finishes",
+                read.reader, self.node_id
+            )));
+        }
+        *n += 1;
+        read.streams.fetch_add(1, Ordering::SeqCst);
+        Ok(Streaming {
+            exports: self,
+            read: read.clone(),
+        })
+    }
+
+    /// Ends a read; its data is freed when the last stream of it ends. Idempotent.
+    pub fn release(&self, read_id: &str) {
+        if let Some(read) = self.lock_reads().remove(read_id) {
+            tracing::info!(read_id, reader = %read.reader, source = %read.what, "peer read released");
+        }
+    }
+
+    /// Closes reads idle past the limit (not while a stream of them runs).
+    pub fn expire(&self) {
+        let now = Instant::now();
+        self.lock_reads().retain(|id, read| {
+            let keep = read.streams.load(Ordering::SeqCst) > 0 || read.idle_for(now) < self.limits.idle;
+            if !keep {
+                tracing::info!(read_id = %id, reader = %read.reader, source = %read.what, "peer read closed: idle");
+            }
+            keep
+        });
+    }
+
+    /// Reads open now.
+    pub fn open_reads(&self) -> usize {
+        self.lock_reads().len()
+    }
+}

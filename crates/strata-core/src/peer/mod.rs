@@ -1,0 +1,125 @@
+//! Volumes beyond their node: what a node offers other Strata nodes ([`Exports`]: look up a
+//! snapshot or volume, open a consistent read of it, stream its allocated extents) and what
+//! it takes from them ([`RemoteCopies`]: restore and clone from a source another node
+//! holds). The transport (gRPC over mutual TLS) lives in the server; this module sees other
+//! nodes only through [`Peers`].
+
+pub mod copies;
+pub mod exports;
+
+pub use copies::{CopyFigures, RemoteCopies};
+pub use exports::{ExportLimits, Exports, OpenedRead};
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::model::{ContentSource, FormatState};
+
+/// What a node says about a snapshot or a volume it holds: what a copy of it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceInfo {
+    /// Size of the data (a volume's capacity; a snapshot's source size).
+    pub size_bytes: u64,
+    /// The filesystem state a copy inherits.
+    pub format: FormatState,
+    /// The backend holding it (`image`, `btrfs`, `dir`).
+    pub backend: String,
+}
+
+/// A read opened on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRead {
+    pub read_id: String,
+    pub source: SourceInfo,
+    pub allocated_bytes: u64,
+}
+
+/// What a complete stream carried, as the sender counted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReadEnd {
+    pub data_bytes: u64,
+    pub chunks: u64,
+    pub size_bytes: u64,
+}
+
+/// Bytes of a read at `offset`, with the CRC-32 the sender computed.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub offset: u64,
+    pub bytes: &'a [u8],
+    pub crc32: u32,
+}
+
+/// The other Strata nodes, as this node reaches them. Errors say what happened in the
+/// core's terms: an unreachable or timed-out node is [`Error::Unavailable`], an answer is
+/// mapped to the error the node sent.
+pub trait Peers: Send + Sync {
+    /// The nodes this node can reach, by node id.
+    fn nodes(&self) -> Vec<String>;
+    /// What `node` holds under `source`'s id, if anything.
+    fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>>;
+    /// Opens a consistent read of `source` on `node`.
+    fn open_read(&self, node: &str, source: &ContentSource) -> Result<RemoteRead>;
+    /// Streams the read's allocated extents from `from` on, handing each chunk to `sink`
+    /// in offset order; returns the stream's end.
+    fn read(
+        &self,
+        node: &str,
+        read_id: &str,
+        from: u64,
+        sink: &mut dyn FnMut(Chunk<'_>) -> Result<()>,
+    ) -> Result<ReadEnd>;
+    /// Ends a read. Idempotent.
+    fn release(&self, node: &str, read_id: &str) -> Result<()>;
+}
+
+/// The filesystem state as the peer protocol carries it.
+pub fn format_to_wire(format: &FormatState) -> String {
+    match format {
+        FormatState::Unformatted => "unformatted".into(),
+        FormatState::Formatting(fs) => format!("formatting:{fs}"),
+        FormatState::Formatted(fs) => format!("formatted:{fs}"),
+    }
+}
+
+/// Reads a filesystem state sent by a peer; anything else is refused.
+pub fn format_from_wire(wire: &str) -> Result<FormatState> {
+    // A filesystem name as a record holds it: short, lowercase letters and digits.
+    let known = |fs: &str| {
+        (1..=16).contains(&fs.len())
+            && fs
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    match wire.split_once(':') {
+        None if wire == "unformatted" => Ok(FormatState::Unformatted),
+        Some(("formatting", fs)) if known(fs) => Ok(FormatState::Formatting(fs.to_owned())),
+        Some(("formatted", fs)) if known(fs) => Ok(FormatState::Formatted(fs.to_owned())),
+        _ => Err(Error::Internal(format!(
+            "a peer described a source's filesystem as {:?}, which this version does not know: run the same Strata version on every node",
+            crate::validate::echo(wire)
+        ))),
+    }
+}
+
+/// The id a content source names.
+pub fn source_id(source: &ContentSource) -> &str {
+    match source {
+        ContentSource::Snapshot(id) | ContentSource::Volume(id) => id,
+    }
+}
+
+/// `snapshot ID` or `volume ID`, for messages.
+pub struct Named<'a>(pub &'a ContentSource);
+
+impl fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            ContentSource::Snapshot(id) => write!(f, "snapshot {id}"),
+            ContentSource::Volume(id) => write!(f, "volume {id}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

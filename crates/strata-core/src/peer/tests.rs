@@ -1,0 +1,363 @@
+//! Cross-node copies between drivers in one process: the peers are other drivers' exports,
+//! reached through a [`Peers`] that can lose nodes, corrupt chunks and break streams.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::controller::CreateVolume;
+use crate::fault::FaultPoints;
+use crate::model::{AccessMode, CapacityRange, MIB, VolumeRecord};
+use crate::testing::{Fixture, mount, node_fixture};
+
+/// Other nodes, in this process.
+#[derive(Default)]
+struct LocalPeers {
+    nodes: Mutex<HashMap<String, Arc<Exports>>>,
+    down: Mutex<HashSet<String>>,
+    lookups: Mutex<Vec<String>>,
+    /// Chunks to corrupt in transit, from the next one on.
+    corrupt: AtomicU32,
+    /// Streams to break after this many chunks (0: none).
+    break_after: AtomicU64,
+    breaks: AtomicU32,
+}
+
+impl LocalPeers {
+    fn add(&self, node: &str, exports: Arc<Exports>) {
+        self.nodes.lock().unwrap().insert(node.into(), exports);
+    }
+
+    fn reach(&self, node: &str) -> Result<Arc<Exports>> {
+        if self.down.lock().unwrap().contains(node) {
+            return Err(Error::Unavailable(format!("node {node} does not answer")));
+        }
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(node)
+            .cloned()
+            .ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))
+    }
+}
+
+impl Peers for LocalPeers {
+    fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.nodes.lock().unwrap().keys().cloned().collect();
+        nodes.sort();
+        nodes
+    }
+
+    fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>> {
+        self.lookups.lock().unwrap().push(node.into());
+        self.reach(node)?.lookup(source)
+    }
+
+    fn open_read(&self, node: &str, source: &ContentSource) -> Result<RemoteRead> {
+        let opened = self.reach(node)?.open(source, "reader")?;
+        Ok(RemoteRead {
+            read_id: opened.read_id,
+            source: opened.source,
+            allocated_bytes: opened.allocated_bytes,
+        })
+    }
+
+    fn read(
+        &self,
+        node: &str,
+        read_id: &str,
+        from: u64,
+        sink: &mut dyn FnMut(Chunk<'_>) -> Result<()>,
+    ) -> Result<ReadEnd> {
+        let exports = self.reach(node)?;
+        let mut failed = None;
+        let mut sent = 0;
+        let break_after = self.break_after.load(Ordering::SeqCst);
+        let end = exports.read(read_id, from, &mut |chunk| {
+            if break_after > 0 && sent == break_after {
+                self.break_after.store(0, Ordering::SeqCst);
+                self.breaks.fetch_add(1, Ordering::SeqCst);
+                failed = Some(Error::Unavailable("the connection broke".into()));
+                return false;
+            }
+            sent += 1;
+            let mut bytes = chunk.bytes.to_vec();
+            if self
+                .corrupt
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                bytes[0] ^= 1;
+            }
+            let forwarded = sink(Chunk {
+                bytes: &bytes,
+                ..chunk
+            });
+            match forwarded {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        });
+        match (failed, end) {
+            (Some(e), _) => Err(e),
+            (None, end) => end,
+        }
+    }
+
+    fn release(&self, node: &str, read_id: &str) -> Result<()> {
+        self.reach(node)?.release(read_id);
+        Ok(())
+    }
+}
+
+struct Cluster {
+    peers: Arc<LocalPeers>,
+    a: Fixture,
+    b: Fixture,
+}
+
+fn cluster() -> Cluster {
+    let peers = Arc::new(LocalPeers::default());
+    let a = node_fixture("node-a", FaultPoints::default(), Some(peers.clone()));
+    let b = node_fixture("node-b", FaultPoints::default(), Some(peers.clone()));
+    peers.add("node-a", a.driver.exports.clone());
+    peers.add("node-b", b.driver.exports.clone());
+    Cluster { peers, a, b }
+}
+
+fn create(f: &Fixture, name: &str, bytes: u64, source: Option<ContentSource>) -> Result<VolumeRecord> {
+    f.driver.controller.create_volume(CreateVolume {
+        name: name.into(),
+        capacity: CapacityRange {
+            required: bytes,
+            limit: 0,
+        },
+        capabilities: vec![mount(AccessMode::SingleNodeWriter)],
+        content_source: source,
+        ..Default::default()
+    })
+}
+
+fn image(f: &Fixture, id: &str) -> File {
+    File::options()
+        .read(true)
+        .write(true)
+        .open(f.driver.volumes.dir(id).join("image"))
+        .unwrap()
+}
+
+fn contents(file: &File) -> Vec<u8> {
+    let mut all = vec![0u8; file.metadata().unwrap().len() as usize];
+    file.read_exact_at(&mut all, 0).unwrap();
+    all
+}
+
+/// A 64 MiB volume on A with 3 MiB of data at scattered offsets.
+fn volume_with_data(c: &Cluster) -> VolumeRecord {
+    let vol = create(&c.a, "src", 64 * MIB, None).unwrap();
+    let img = image(&c.a, &vol.id);
+    for (i, at) in [0u64, 7, 31, 63].into_iter().enumerate() {
+        let len = if i == 1 { 3 * MIB / 2 } else { MIB / 2 };
+        img.write_all_at(&vec![i as u8 + 1; len as usize], at * MIB)
+            .unwrap();
+    }
+    img.sync_all().unwrap();
+    vol
+}
+
+fn no_staging_left(f: &Fixture) {
+    let volumes = f.driver.volumes.dir("x").parent().unwrap().to_owned();
+    let left: Vec<_> = std::fs::read_dir(volumes)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_snapshot_on_one_node_restores_on_another_byte_identical_and_sparse() {
+    let c = cluster();
+    let vol = volume_with_data(&c);
+    let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
+    let restored = create(&c.b, "restored", 64 * MIB, Some(ContentSource::Snapshot(snap.id.clone()))).unwrap();
+    assert_eq!(restored.content_source, Some(ContentSource::Snapshot(snap.id.clone())));
+    assert_eq!(restored.format, snap.format);
+    assert!(restored.id.ends_with(crate::ids::NodeHint::of("node-b").as_str()));
+    let (src, dst) = (image(&c.a, &vol.id), image(&c.b, &restored.id));
+    assert_eq!(contents(&src), contents(&dst));
+    // Only allocated extents travel: the copy takes what the source takes.
+    let allocated = |f: &File| f.metadata().unwrap().blocks() * 512;
+    assert_eq!(allocated(&dst), allocated(&src));
+    let figures = c.b.driver.remote.as_ref().unwrap().figures();
+    assert_eq!(figures.bytes_pulled.load(Ordering::SeqCst), 3 * MIB);
+    assert_eq!(figures.copies_done.load(Ordering::SeqCst), 1);
+    assert_eq!(figures.copies_in_flight.load(Ordering::SeqCst), 0);
+    assert_eq!(c.a.driver.exports.open_reads(), 0, "the read was released");
+    // The hint named node A: no other node was asked.
+    assert_eq!(*c.peers.lookups.lock().unwrap(), vec!["node-a".to_owned()]);
+    // A retried CreateVolume answers the same volume without copying again.
+    let again = create(&c.b, "restored", 64 * MIB, Some(ContentSource::Snapshot(snap.id))).unwrap();
+    assert_eq!(again.id, restored.id);
+    assert_eq!(figures.copies_done.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_volume_on_one_node_clones_on_another_and_leaves_nothing_behind() {
+    let c = cluster();
+    let vol = volume_with_data(&c);
+    let clone = create(&c.b, "clone", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
+    assert_eq!(contents(&image(&c.a, &vol.id)), contents(&image(&c.b, &clone.id)));
+    assert_eq!(c.a.driver.exports.open_reads(), 0);
+    let scratch = c.a._pool.path().join(exports::READS_DIR);
+    assert_eq!(std::fs::read_dir(scratch).unwrap().count(), 0, "the instant copy is gone");
+    // A clone larger than its source keeps the source's bytes and holes after them.
+    let bigger = create(&c.b, "bigger", 96 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
+    assert_eq!(bigger.capacity_bytes, 96 * MIB);
+    assert!(bigger.resize_pending || bigger.format == crate::model::FormatState::Unformatted);
+    let grown = contents(&image(&c.b, &bigger.id));
+    assert_eq!(&grown[..(64 * MIB) as usize], &contents(&image(&c.a, &vol.id))[..]);
+    assert!(grown[(64 * MIB) as usize..].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn sources_held_nowhere_are_not_found_and_unreachable_holders_are_unavailable() {
+    let c = cluster();
+    let vol = volume_with_data(&c);
+    let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
+    c.peers.down.lock().unwrap().insert("node-a".into());
+    let err = create(&c.b, "r", 64 * MIB, Some(ContentSource::Snapshot(snap.id.clone()))).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("cannot be reached")), "{err}");
+    no_staging_left(&c.b);
+    // A is back: the provisioner's retry succeeds.
+    c.peers.down.lock().unwrap().clear();
+    create(&c.b, "r", 64 * MIB, Some(ContentSource::Snapshot(snap.id.clone()))).unwrap();
+    // Gone everywhere: NOT_FOUND, final.
+    c.a.driver.snapshots.delete_snapshot(&snap.id).unwrap();
+    let err = create(&c.b, "r2", 64 * MIB, Some(ContentSource::Snapshot(snap.id))).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    // An id B made itself is never looked for elsewhere.
+    c.peers.lookups.lock().unwrap().clear();
+    let own = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-b"));
+    let err = create(&c.b, "r3", 64 * MIB, Some(ContentSource::Snapshot(own))).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert!(c.peers.lookups.lock().unwrap().is_empty());
+    // An id without a hint (made before hints) is asked of every other node.
+    let err = create(&c.b, "r4", 64 * MIB,
+        Some(ContentSource::Volume("vol-0123456789abcdef01234567".into()))).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert_eq!(*c.peers.lookups.lock().unwrap(), vec!["node-a".to_owned()]);
+}
+
+#[test]
+fn a_corrupted_chunk_is_fetched_again_and_a_corrupting_link_fails_the_create() {
+    let c = cluster();
+    let vol = volume_with_data(&c);
+    c.peers.corrupt.store(1, Ordering::SeqCst);
+    let ok = create(&c.b, "once", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
+    assert_eq!(contents(&image(&c.a, &vol.id)), contents(&image(&c.b, &ok.id)));
+    c.peers.corrupt.store(u32::MAX, Ordering::SeqCst);
+    let err = create(&c.b, "always", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("checksum")), "{err}");
+    assert!(c.b.driver.controller.list_volumes(0, "").unwrap().0.iter().all(|v| v.record.name != "always"));
+    no_staging_left(&c.b);
+    assert_eq!(c.a.driver.exports.open_reads(), 0);
+}
+
+#[test]
+fn a_broken_stream_resumes_where_it_stopped() {
+    let c = cluster();
+    let vol = volume_with_data(&c);
+    c.peers.break_after.store(2, Ordering::SeqCst);
+    let copy = create(&c.b, "resumed", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
+    assert_eq!(c.peers.breaks.load(Ordering::SeqCst), 1);
+    assert_eq!(contents(&image(&c.a, &vol.id)), contents(&image(&c.b, &copy.id)));
+    // Nothing was sent twice.
+    let figures = c.b.driver.remote.as_ref().unwrap().figures();
+    assert_eq!(figures.bytes_pulled.load(Ordering::SeqCst), 3 * MIB);
+}
+
+#[test]
+fn reads_are_bounded_per_peer_and_expire_when_idle() {
+    let c = cluster();
+    let vol = volume_with_data(&c);
+    let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
+    let exports = &c.a.driver.exports;
+    let source = ContentSource::Snapshot(snap.id.clone());
+    let limit = exports.limits().max_reads_per_peer;
+    let reads: Vec<_> = (0..limit).map(|_| exports.open(&source, "node-b").unwrap()).collect();
+    let err = exports.open(&source, "node-b").unwrap_err();
+    assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
+    // Another node still gets its reads.
+    let other = exports.open(&source, "node-c").unwrap();
+    for r in &reads {
+        exports.release(&r.read_id);
+    }
+    exports.release(&r_id(&other));
+    assert_eq!(exports.open_reads(), 0);
+    // A read held open keeps the snapshot's data even after DeleteSnapshot.
+    let held = exports.open(&source, "node-b").unwrap();
+    c.a.driver.snapshots.delete_snapshot(&snap.id).unwrap();
+    let mut bytes = 0;
+    let end = exports
+        .read(&held.read_id, 0, &mut |chunk| {
+            bytes += chunk.bytes.len() as u64;
+            true
+        })
+        .unwrap();
+    assert_eq!((bytes, end.data_bytes), (3 * MIB, 3 * MIB));
+    // Unknown reads are NOT_FOUND; releasing twice is fine.
+    exports.release(&held.read_id);
+    exports.release(&held.read_id);
+    let err = exports.read(&held.read_id, 0, &mut |_| true).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+}
+
+fn r_id(r: &OpenedRead) -> String {
+    r.read_id.clone()
+}
+
+#[test]
+fn reads_idle_past_the_limit_are_closed() {
+    let pool = tempfile::tempdir().unwrap();
+    let f = node_fixture("node-a", FaultPoints::default(), None);
+    let vol = create(&f, "v", 16 * MIB, None).unwrap();
+    let exports = Exports::new(
+        "node-a".into(),
+        pool.path(),
+        f.driver.volumes.clone(),
+        f.driver.snapshots.clone(),
+        f.driver.freezer.clone(),
+        f.driver.backend.clone(),
+        ExportLimits {
+            idle: std::time::Duration::ZERO,
+            ..ExportLimits::default()
+        },
+    )
+    .unwrap();
+    let read = exports.open(&ContentSource::Volume(vol.id), "node-b").unwrap();
+    exports.expire();
+    assert_eq!(exports.open_reads(), 0);
+    assert!(matches!(exports.read(&read.read_id, 0, &mut |_| true), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn the_filesystem_state_travels_and_unknown_states_are_refused() {
+    use crate::model::FormatState;
+    for f in [
+        FormatState::Unformatted,
+        FormatState::Formatting("xfs".into()),
+        FormatState::Formatted("ext4".into()),
+    ] {
+        assert_eq!(format_from_wire(&format_to_wire(&f)).unwrap(), f);
+    }
+    for bad in ["", "formatted:", "formatted:../x", "formatted:EXT4", "other:ext4", "unformatted:x"] {
+        assert!(format_from_wire(bad).is_err(), "{bad}");
+    }
+}

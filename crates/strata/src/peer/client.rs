@@ -1,0 +1,233 @@
+//! The other nodes as the core sees them ([`Peers`]): gRPC over mutual TLS, one lazily
+//! connected channel per node, every call bounded in time. Called from the core's blocking
+//! threads, so each call blocks on the runtime it was built in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use strata_core::Error;
+use strata_core::model::ContentSource;
+use strata_core::peer::{Chunk, Peers, ReadEnd, RemoteRead, SourceInfo, format_from_wire};
+use strata_peer_proto as proto;
+use tokio::runtime::Handle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::tls::PeerTls;
+
+/// The largest message a peer may send: a chunk of data and its framing.
+pub const MAX_MESSAGE_BYTES: usize = (1 << 20) + 64 * 1024;
+
+/// How long a connection to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the peer's answer is turned into the core's terms: an unreachable peer is
+/// UNAVAILABLE (the caller retries); an answer keeps its code, with the node named.
+pub fn from_status(node: &str, status: &Status) -> Error {
+    let said: String = status.message().chars().take(512).collect();
+    let msg = format!("node {node}: {said}");
+    match status.code() {
+        Code::NotFound => Error::NotFound(msg),
+        Code::InvalidArgument => Error::Internal(format!(
+            "{msg} (a request this version made was refused: run the same Strata version on every node)"
+        )),
+        Code::FailedPrecondition => Error::FailedPrecondition(msg),
+        Code::Aborted => Error::Aborted(msg),
+        Code::ResourceExhausted => Error::Unavailable(format!("{msg}; retry later")),
+        Code::OutOfRange => Error::OutOfRange(msg),
+        Code::Unimplemented => Error::Unimplemented(msg),
+        Code::Internal | Code::DataLoss => Error::Internal(msg),
+        // Unavailable, DeadlineExceeded, Cancelled, Unknown (transport and TLS failures),
+        // Unauthenticated, PermissionDenied, AlreadyExists: the node cannot be used now.
+        _ => Error::Unavailable(format!(
+            "node {node} cannot be reached ({:?}: {said})",
+            status.code()
+        )),
+    }
+}
+
+/// The other nodes, reached by their static addresses (`--peer NODE=HOST:PORT`).
+pub struct GrpcPeers {
+    this_node: String,
+    addresses: BTreeMap<String, String>,
+    tls: PeerTls,
+    timeout: Duration,
+    runtime: Handle,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl GrpcPeers {
+    pub fn new(
+        this_node: &str,
+        addresses: BTreeMap<String, String>,
+        tls: PeerTls,
+        timeout: Duration,
+        runtime: Handle,
+    ) -> Self {
+        GrpcPeers {
+            this_node: this_node.to_owned(),
+            addresses,
+            tls,
+            timeout,
+            runtime,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, node: &str) -> Result<proto::peer_client::PeerClient<Channel>, Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = match channels.get(node) {
+            Some(c) => c.clone(),
+            None => {
+                let address = self.addresses.get(node).ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "no peer address is known for node {node}: give --peer {node}=HOST:PORT"
+                    ))
+                })?;
+                let endpoint = Endpoint::from_shared(format!("https://{address}"))
+                    .and_then(|e| e.tls_config(self.tls.client()))
+                    .map_err(|e| {
+                        Error::Unavailable(format!("peer address of node {node}: {e}"))
+                    })?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .timeout(self.timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(self.timeout)
+                    .keep_alive_while_idle(true);
+                // Inside the runtime: the lazy channel spawns its connection task there.
+                let _entered = self.runtime.enter();
+                let channel = endpoint.connect_lazy();
+                channels.insert(node.to_owned(), channel.clone());
+                channel
+            }
+        };
+        Ok(proto::peer_client::PeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(super::service::MAX_REQUEST_BYTES))
+    }
+
+    fn kind(source: &ContentSource) -> (i32, String) {
+        match source {
+            ContentSource::Snapshot(id) => (proto::SourceKind::Snapshot as i32, id.clone()),
+            ContentSource::Volume(id) => (proto::SourceKind::Volume as i32, id.clone()),
+        }
+    }
+
+    fn source(node: &str, source: Option<proto::Source>) -> Result<SourceInfo, Error> {
+        let s = source.ok_or_else(|| {
+            Error::Internal(format!("node {node} answered without describing the source"))
+        })?;
+        Ok(SourceInfo {
+            size_bytes: s.size_bytes,
+            format: format_from_wire(&s.format)?,
+            backend: s.backend.chars().take(32).collect(),
+        })
+    }
+}
+
+impl Peers for GrpcPeers {
+    fn nodes(&self) -> Vec<String> {
+        self.addresses.keys().cloned().collect()
+    }
+
+    fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>, Error> {
+        let mut client = self.client(node)?;
+        let (kind, id) = Self::kind(source);
+        let answer = self
+            .runtime
+            .block_on(client.lookup(proto::LookupRequest { kind, id }))
+            .map_err(|s| from_status(node, &s))?
+            .into_inner();
+        if !answer.found {
+            return Ok(None);
+        }
+        if answer.node_id != node {
+            return Err(Error::Unavailable(format!(
+                "the peer address given for node {node} is served by node {:?}: fix --peer",
+                answer.node_id.chars().take(256).collect::<String>()
+            )));
+        }
+        Self::source(node, answer.source).map(Some)
+    }
+
+    fn open_read(&self, node: &str, source: &ContentSource) -> Result<RemoteRead, Error> {
+        let mut client = self.client(node)?;
+        let (kind, id) = Self::kind(source);
+        let opened = self
+            .runtime
+            .block_on(client.open_read(proto::OpenReadRequest {
+                kind,
+                id,
+                reader_node: self.this_node.clone(),
+            }))
+            .map_err(|s| from_status(node, &s))?
+            .into_inner();
+        Ok(RemoteRead {
+            read_id: opened.read_id.chars().take(128).collect(),
+            source: Self::source(node, opened.source)?,
+            allocated_bytes: opened.allocated_bytes,
+        })
+    }
+
+    fn read(
+        &self,
+        node: &str,
+        read_id: &str,
+        from: u64,
+        sink: &mut dyn FnMut(Chunk<'_>) -> Result<(), Error>,
+    ) -> Result<ReadEnd, Error> {
+        let mut client = self.client(node)?;
+        let timeout = self.timeout;
+        self.runtime.block_on(async {
+            let mut stream = client
+                .read_extents(proto::ReadExtentsRequest {
+                    read_id: read_id.to_owned(),
+                    from_offset: from,
+                })
+                .await
+                .map_err(|s| from_status(node, &s))?
+                .into_inner();
+            loop {
+                let message = tokio::time::timeout(timeout, stream.message())
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable(format!(
+                            "node {node} sent nothing for {} s",
+                            timeout.as_secs()
+                        ))
+                    })?
+                    .map_err(|s| from_status(node, &s))?;
+                match message.and_then(|m| m.kind) {
+                    Some(proto::extent_chunk::Kind::Data(d)) => sink(Chunk {
+                        offset: d.offset,
+                        bytes: &d.bytes,
+                        crc32: d.crc32,
+                    })?,
+                    Some(proto::extent_chunk::Kind::End(e)) => {
+                        return Ok(ReadEnd {
+                            data_bytes: e.data_bytes,
+                            chunks: e.chunks,
+                            size_bytes: e.size_bytes,
+                        });
+                    }
+                    None => {
+                        return Err(Error::Unavailable(format!(
+                            "the stream from node {node} ended before its end"
+                        )));
+                    }
+                }
+            }
+        })
+    }
+
+    fn release(&self, node: &str, read_id: &str) -> Result<(), Error> {
+        let mut client = self.client(node)?;
+        self.runtime
+            .block_on(client.release(proto::ReleaseRequest {
+                read_id: read_id.to_owned(),
+            }))
+            .map_err(|s| from_status(node, &s))?;
+        Ok(())
+    }
+}

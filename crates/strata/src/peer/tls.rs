@@ -1,0 +1,107 @@
+//! The peer certificates: a CA made at install and one key pair signed by it for the name
+//! [`SERVER_NAME`], which every node presents both as a server and as a client. A caller
+//! without a certificate from that CA fails the TLS handshake, before any handler runs.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The name in every peer certificate, checked by the client instead of a host name
+/// (nodes are reached by address).
+pub const SERVER_NAME: &str = "strata-peer";
+
+/// The files of the peer Secret, as cert-manager and `strata peer-certs` name them.
+pub const CA_FILE: &str = "ca.crt";
+pub const CERT_FILE: &str = "tls.crt";
+pub const KEY_FILE: &str = "tls.key";
+
+/// A TLS handshake not done within this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest file read from the TLS directory.
+const MAX_PEM_BYTES: u64 = 64 * 1024;
+
+/// The peer CA and this node's identity.
+#[derive(Clone)]
+pub struct PeerTls {
+    ca: Certificate,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.write_str("PeerTls { .. }")
+    }
+}
+
+fn read_pem(dir: &Path, name: &str, label: &str) -> Result<Vec<u8>, String> {
+    let path = dir.join(name);
+    let meta = fs::metadata(&path).map_err(|e| {
+        format!(
+            "--peer-tls-dir: cannot read {}: {e}; mount the peer Secret there (`strata peer-certs` makes one)",
+            path.display()
+        )
+    })?;
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(format!(
+            "--peer-tls-dir: {} is {} bytes; a PEM file here is at most {MAX_PEM_BYTES}",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let bytes =
+        fs::read(&path).map_err(|e| format!("--peer-tls-dir: read {}: {e}", path.display()))?;
+    // Only the shape is checked here (the contents are never echoed): TLS checks the rest.
+    let text = String::from_utf8_lossy(&bytes);
+    if !text.contains("-----BEGIN ") || !text.contains(label) {
+        return Err(format!(
+            "--peer-tls-dir: {} holds no PEM {label}",
+            path.display()
+        ));
+    }
+    Ok(bytes)
+}
+
+impl PeerTls {
+    /// Reads `ca.crt`, `tls.crt` and `tls.key` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let ca = read_pem(dir, CA_FILE, "CERTIFICATE")?;
+        let cert = read_pem(dir, CERT_FILE, "CERTIFICATE")?;
+        let key = read_pem(dir, KEY_FILE, "PRIVATE KEY")?;
+        let tls = PeerTls {
+            ca: Certificate::from_pem(ca),
+            identity: Identity::from_pem(cert, key),
+        };
+        // Parsed now, so a bad file stops the server before it touches the pool.
+        tonic::transport::Server::builder()
+            .tls_config(tls.server())
+            .map_err(|e| format!("--peer-tls-dir {}: unusable certificates: {e}", dir.display()))?;
+        tonic::transport::Endpoint::from_static("https://127.0.0.1:1")
+            .tls_config(tls.client())
+            .map_err(|e| format!("--peer-tls-dir {}: unusable certificates: {e}", dir.display()))?;
+        Ok(tls)
+    }
+
+    /// The listener's side: this node's certificate, and a client certificate from the CA
+    /// required of every caller.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+            .client_auth_optional(false)
+            .timeout(HANDSHAKE_TIMEOUT)
+    }
+
+    /// The caller's side: only a server with a certificate from the CA for
+    /// [`SERVER_NAME`], and this node's certificate presented.
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .domain_name(SERVER_NAME)
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .timeout(HANDSHAKE_TIMEOUT)
+    }
+}
