@@ -47,6 +47,7 @@ async fn over_the_fake_host() -> Target {
         allowed_path_prefixes: vec!["/var/lib/kubelet".into()],
         forbidden_paths: vec![pool.clone()],
         freeze_limit: std::time::Duration::from_secs(10),
+        export_limits: Default::default(),
     };
     let backend = Arc::new(ImageBackend::new(pool, host.clone()));
     let (driver, _) = Driver::open(config, host, backend, FaultPoints::default(), None).unwrap();

@@ -46,6 +46,8 @@ pub struct TestEnv {
     pub csi: Csi,
     /// Extra `strata serve` arguments, kept for restarts.
     args: Vec<String>,
+    /// The network namespace the server runs in, kept for restarts.
+    netns: Option<String>,
 }
 
 /// Mounts and loop devices under `dir`, as the kernel reports them.
@@ -72,12 +74,27 @@ pub fn kernel_state_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
 pub const TOOLS_DIR: &str = "slow-bin";
 
 pub fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
+    spawn_in(None, dir, args, crash_at)
+}
+
+/// [`spawn`] in the network namespace `netns` (`nsenter --net`, which execs the server, so
+/// the child is the server itself; unlike `ip netns exec` it keeps the mount namespace, so
+/// the server's mounts are the test's).
+pub fn spawn_in(netns: Option<&str>, dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("server.log"))
         .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .args(["--", env!("CARGO_BIN_EXE_strata")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_strata")),
+    };
     cmd.args(["serve", "--max-volumes", "100"]);
     if !args.iter().any(|a| a == "--node-id") {
         cmd.args(["--node-id", "test-node"]);
@@ -193,30 +210,37 @@ impl TestEnv {
             child: Some(child),
             csi,
             args,
+            netns: None,
         }
     }
 
     /// Starts the server with extra `serve` arguments (kept for restarts).
     pub async fn start_with_args(args: &[&str], crash_at: Option<&str>) -> Self {
+        Self::start_in(None, args, crash_at).await
+    }
+
+    /// Starts the server in the network namespace `netns` with extra `serve` arguments.
+    pub async fn start_in(netns: Option<&str>, args: &[&str], crash_at: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("strata-test-")
             .tempdir_in("/tmp")
             .unwrap();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let mut child = spawn(dir.path(), &args, crash_at);
+        let mut child = spawn_in(netns, dir.path(), &args, crash_at);
         let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;
         TestEnv {
             dir,
             child: Some(child),
             csi,
             args,
+            netns: netns.map(str::to_owned),
         }
     }
 
     /// Restarts the server on the same pool (after a crash or a stop).
     pub async fn restart(&mut self, crash_at: Option<&str>) {
         self.stop();
-        let mut child = spawn(self.dir.path(), &self.args, crash_at);
+        let mut child = spawn_in(self.netns.as_deref(), self.dir.path(), &self.args, crash_at);
         self.csi = wait_for(&self.dir.path().join("csi.sock"), &mut child).await;
         self.child = Some(child);
     }
@@ -231,7 +255,7 @@ impl TestEnv {
     pub fn spawn_successor(&self, extra: &[&str]) -> Child {
         let mut args = self.args.clone();
         args.extend(extra.iter().map(|a| a.to_string()));
-        spawn(self.dir.path(), &args, None)
+        spawn_in(self.netns.as_deref(), self.dir.path(), &args, None)
     }
 
     /// Makes `child` the server this environment stops and cleans up after, once the

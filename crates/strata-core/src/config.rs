@@ -22,6 +22,8 @@ pub struct Config {
     /// The longest a group snapshot may keep its volumes' filesystems frozen; past it they
     /// are thawed and the group snapshot fails (ABORTED), keeping nothing.
     pub freeze_limit: std::time::Duration,
+    /// What other nodes may hold open here through the peer service.
+    pub export_limits: crate::peer::ExportLimits,
 }
 
 impl Config {

@@ -21,7 +21,7 @@ use crate::mounts::Mounts;
 use crate::node::Node;
 use crate::os::{FileId, Host};
 use crate::paths::NodePaths;
-use crate::peer::{ExportLimits, Exports, Peers, RemoteCopies};
+use crate::peer::{Exports, Peers, RemoteCopies};
 use crate::reaper::Reaper;
 use crate::snapshot::Snapshots;
 use crate::store::{GroupStore, Reconciliation, SnapshotStore, VolumeStore};
@@ -115,7 +115,7 @@ impl Driver {
             NodeHint::of(&config.node_id),
             crash.clone(),
         ));
-        let remote = peers.map(|p| Arc::new(RemoteCopies::new(p, &config.node_id)));
+        let remote = peers.map(|p| Arc::new(RemoteCopies::new(p, &config.node_id, crash.clone())));
         let exports = Arc::new(Exports::new(
             config.node_id.clone(),
             &config.pool,
@@ -123,7 +123,7 @@ impl Driver {
             snapshots.clone(),
             freezer.clone(),
             backend.clone(),
-            ExportLimits::default(),
+            config.export_limits,
         )?);
         let controller = Arc::new(Controller::new(
             volumes.clone(),

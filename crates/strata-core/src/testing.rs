@@ -43,6 +43,7 @@ pub(crate) fn node_fixture(
         allowed_path_prefixes: vec!["/".into()],
         forbidden_paths: vec![],
         freeze_limit: std::time::Duration::from_secs(10),
+        export_limits: Default::default(),
     };
     let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
     let (driver, _) = Driver::open(config, host, backend, faults, peers).unwrap();

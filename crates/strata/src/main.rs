@@ -39,7 +39,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
-    Serve(server::ServeOptions),
+    Serve(Box<server::ServeOptions>),
     /// Show a driver's identity, readiness and node info.
     Info(ClientArgs),
     /// Controller operations on volumes.

@@ -45,7 +45,19 @@ pub struct Metrics {
     snapshots: Gauge,
     groups: Gauge,
     freeze: FreezeGauges,
+    peer: PeerGauges,
     reconciliation: Family<FindingLabels, Gauge>,
+}
+
+/// Cross-node copies (this node pulling) and reads (other nodes pulling from this one),
+/// read from the driver at scrape time.
+struct PeerGauges {
+    bytes_pulled: Gauge,
+    copies_done: Gauge,
+    copies_failed: Gauge,
+    copies_in_flight: Gauge,
+    copy_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    reads_open: Gauge,
 }
 
 /// The freeze windows of group snapshots, read from the driver at scrape time.
@@ -158,6 +170,38 @@ impl Metrics {
                 "Group snapshots since startup dropped because their copies outlasted --freeze-limit-ms",
             ),
         };
+        let peer = PeerGauges {
+            bytes_pulled: gauge(
+                &mut registry,
+                "strata_peer_pulled_bytes",
+                "Bytes copied from other nodes since startup (restores and clones of their sources)",
+            ),
+            copies_done: gauge(
+                &mut registry,
+                "strata_peer_copies",
+                "Copies from other nodes completed since startup",
+            ),
+            copies_failed: gauge(
+                &mut registry,
+                "strata_peer_copies_failed",
+                "Copies from other nodes that failed since startup (the caller retries them)",
+            ),
+            copies_in_flight: gauge(
+                &mut registry,
+                "strata_peer_copies_in_flight",
+                "Copies from other nodes running now",
+            ),
+            copy_seconds: seconds(
+                &mut registry,
+                "strata_peer_copy_seconds",
+                "Total duration of the completed copies from other nodes",
+            ),
+            reads_open: gauge(
+                &mut registry,
+                "strata_peer_reads_open",
+                "Reads other nodes hold open on this node now",
+            ),
+        };
         let reconciliation = Family::<FindingLabels, Gauge>::default();
         registry.register(
             "strata_reconciliation_findings",
@@ -176,6 +220,7 @@ impl Metrics {
             snapshots,
             groups,
             freeze,
+            peer,
             reconciliation,
         })
     }
@@ -242,6 +287,26 @@ impl Metrics {
         self.freeze.last_seconds.set(f.last_micros as f64 / 1e6);
         self.freeze.max_seconds.set(f.max_micros as f64 / 1e6);
         self.freeze.over_limit.set(f.over_limit as i64);
+        if let Some(remote) = &driver.remote {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = remote.figures();
+            self.peer
+                .bytes_pulled
+                .set(c.bytes_pulled.load(Relaxed) as i64);
+            self.peer
+                .copies_done
+                .set(c.copies_done.load(Relaxed) as i64);
+            self.peer
+                .copies_failed
+                .set(c.copies_failed.load(Relaxed) as i64);
+            self.peer
+                .copies_in_flight
+                .set(c.copies_in_flight.load(Relaxed) as i64);
+            self.peer
+                .copy_seconds
+                .set(c.copy_millis.load(Relaxed) as f64 / 1e3);
+        }
+        self.peer.reads_open.set(driver.exports.open_reads() as i64);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "could not encode metrics");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::{Chunk, Named, Peers, RemoteRead, SourceInfo, source_id};
 use crate::error::{Error, IoContext, Result};
+use crate::fault::FaultPoints;
 use crate::ids::NodeHint;
 use crate::model::ContentSource;
 
@@ -44,16 +45,18 @@ pub struct RemoteCopies {
     hint: NodeHint,
     resume_pause: Duration,
     figures: CopyFigures,
+    crash: FaultPoints,
 }
 
 impl RemoteCopies {
-    pub fn new(peers: Arc<dyn Peers>, node_id: &str) -> Self {
+    pub fn new(peers: Arc<dyn Peers>, node_id: &str, crash: FaultPoints) -> Self {
         RemoteCopies {
             peers,
             node_id: node_id.to_owned(),
             hint: NodeHint::of(node_id),
             resume_pause: Duration::from_secs(1),
             figures: CopyFigures::default(),
+            crash,
         }
     }
 
@@ -119,7 +122,9 @@ impl RemoteCopies {
         match pulled {
             Ok((read, bytes)) => {
                 self.figures.copies_done.fetch_add(1, Ordering::Relaxed);
-                self.figures.copy_millis.fetch_add(millis, Ordering::Relaxed);
+                self.figures
+                    .copy_millis
+                    .fetch_add(millis, Ordering::Relaxed);
                 tracing::info!(source = %Named(source), from_node = node, to_node = %self.node_id,
                     bytes, millis, "copied from another node");
                 Ok(read.source)
@@ -177,13 +182,20 @@ impl RemoteCopies {
                 next = end;
                 bytes += len;
                 chunks += 1;
+                self.crash.reach("copy:after-chunk");
                 Ok(())
             };
             let streamed = self.peers.read(node, &read.read_id, from, &mut sink);
             written += bytes;
-            self.figures.bytes_pulled.fetch_add(bytes, Ordering::Relaxed);
+            self.figures
+                .bytes_pulled
+                .fetch_add(bytes, Ordering::Relaxed);
             match streamed {
-                Ok(end) if end.data_bytes == bytes && end.chunks == chunks && end.size_bytes == size => {
+                Ok(end)
+                    if end.data_bytes == bytes
+                        && end.chunks == chunks
+                        && end.size_bytes == size =>
+                {
                     break;
                 }
                 Ok(end) => {

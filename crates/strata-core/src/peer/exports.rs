@@ -192,9 +192,7 @@ impl Exports {
         {
             let reads = self.lock_reads();
             let by_reader = reads.values().filter(|r| r.reader == reader).count();
-            if reads.len() >= self.limits.max_reads
-                || by_reader >= self.limits.max_reads_per_peer
-            {
+            if reads.len() >= self.limits.max_reads || by_reader >= self.limits.max_reads_per_peer {
                 return Err(Error::ResourceExhausted(format!(
                     "node {} has {} reads open ({by_reader} by node {reader}); retry when some finish",
                     self.node_id,
@@ -256,7 +254,9 @@ impl Exports {
             .freezer
             .freeze_if_mounted(&vol.id, &dir)
             .and_then(|frozen| {
-                let copied = self.backend.copy_from(&dir, &copy, vol.capacity_bytes, true);
+                let copied = self
+                    .backend
+                    .copy_from(&dir, &copy, vol.capacity_bytes, true);
                 drop(frozen);
                 copied
             })

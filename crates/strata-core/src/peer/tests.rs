@@ -131,7 +131,12 @@ fn cluster() -> Cluster {
     Cluster { peers, a, b }
 }
 
-fn create(f: &Fixture, name: &str, bytes: u64, source: Option<ContentSource>) -> Result<VolumeRecord> {
+fn create(
+    f: &Fixture,
+    name: &str,
+    bytes: u64,
+    source: Option<ContentSource>,
+) -> Result<VolumeRecord> {
     f.driver.controller.create_volume(CreateVolume {
         name: name.into(),
         capacity: CapacityRange {
@@ -186,10 +191,23 @@ fn a_snapshot_on_one_node_restores_on_another_byte_identical_and_sparse() {
     let c = cluster();
     let vol = volume_with_data(&c);
     let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
-    let restored = create(&c.b, "restored", 64 * MIB, Some(ContentSource::Snapshot(snap.id.clone()))).unwrap();
-    assert_eq!(restored.content_source, Some(ContentSource::Snapshot(snap.id.clone())));
+    let restored = create(
+        &c.b,
+        "restored",
+        64 * MIB,
+        Some(ContentSource::Snapshot(snap.id.clone())),
+    )
+    .unwrap();
+    assert_eq!(
+        restored.content_source,
+        Some(ContentSource::Snapshot(snap.id.clone()))
+    );
     assert_eq!(restored.format, snap.format);
-    assert!(restored.id.ends_with(crate::ids::NodeHint::of("node-b").as_str()));
+    assert!(
+        restored
+            .id
+            .ends_with(crate::ids::NodeHint::of("node-b").as_str())
+    );
     let (src, dst) = (image(&c.a, &vol.id), image(&c.b, &restored.id));
     assert_eq!(contents(&src), contents(&dst));
     // Only allocated extents travel: the copy takes what the source takes.
@@ -203,7 +221,13 @@ fn a_snapshot_on_one_node_restores_on_another_byte_identical_and_sparse() {
     // The hint named node A: no other node was asked.
     assert_eq!(*c.peers.lookups.lock().unwrap(), vec!["node-a".to_owned()]);
     // A retried CreateVolume answers the same volume without copying again.
-    let again = create(&c.b, "restored", 64 * MIB, Some(ContentSource::Snapshot(snap.id))).unwrap();
+    let again = create(
+        &c.b,
+        "restored",
+        64 * MIB,
+        Some(ContentSource::Snapshot(snap.id)),
+    )
+    .unwrap();
     assert_eq!(again.id, restored.id);
     assert_eq!(figures.copies_done.load(Ordering::SeqCst), 1);
 }
@@ -212,17 +236,39 @@ fn a_snapshot_on_one_node_restores_on_another_byte_identical_and_sparse() {
 fn a_volume_on_one_node_clones_on_another_and_leaves_nothing_behind() {
     let c = cluster();
     let vol = volume_with_data(&c);
-    let clone = create(&c.b, "clone", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
-    assert_eq!(contents(&image(&c.a, &vol.id)), contents(&image(&c.b, &clone.id)));
+    let clone = create(
+        &c.b,
+        "clone",
+        64 * MIB,
+        Some(ContentSource::Volume(vol.id.clone())),
+    )
+    .unwrap();
+    assert_eq!(
+        contents(&image(&c.a, &vol.id)),
+        contents(&image(&c.b, &clone.id))
+    );
     assert_eq!(c.a.driver.exports.open_reads(), 0);
     let scratch = c.a._pool.path().join(exports::READS_DIR);
-    assert_eq!(std::fs::read_dir(scratch).unwrap().count(), 0, "the instant copy is gone");
+    assert_eq!(
+        std::fs::read_dir(scratch).unwrap().count(),
+        0,
+        "the instant copy is gone"
+    );
     // A clone larger than its source keeps the source's bytes and holes after them.
-    let bigger = create(&c.b, "bigger", 96 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
+    let bigger = create(
+        &c.b,
+        "bigger",
+        96 * MIB,
+        Some(ContentSource::Volume(vol.id.clone())),
+    )
+    .unwrap();
     assert_eq!(bigger.capacity_bytes, 96 * MIB);
     assert!(bigger.resize_pending || bigger.format == crate::model::FormatState::Unformatted);
     let grown = contents(&image(&c.b, &bigger.id));
-    assert_eq!(&grown[..(64 * MIB) as usize], &contents(&image(&c.a, &vol.id))[..]);
+    assert_eq!(
+        &grown[..(64 * MIB) as usize],
+        &contents(&image(&c.a, &vol.id))[..]
+    );
     assert!(grown[(64 * MIB) as usize..].iter().all(|b| *b == 0));
 }
 
@@ -232,12 +278,27 @@ fn sources_held_nowhere_are_not_found_and_unreachable_holders_are_unavailable() 
     let vol = volume_with_data(&c);
     let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
     c.peers.down.lock().unwrap().insert("node-a".into());
-    let err = create(&c.b, "r", 64 * MIB, Some(ContentSource::Snapshot(snap.id.clone()))).unwrap_err();
-    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("cannot be reached")), "{err}");
+    let err = create(
+        &c.b,
+        "r",
+        64 * MIB,
+        Some(ContentSource::Snapshot(snap.id.clone())),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Unavailable(ref m) if m.contains("cannot be reached")),
+        "{err}"
+    );
     no_staging_left(&c.b);
     // A is back: the provisioner's retry succeeds.
     c.peers.down.lock().unwrap().clear();
-    create(&c.b, "r", 64 * MIB, Some(ContentSource::Snapshot(snap.id.clone()))).unwrap();
+    create(
+        &c.b,
+        "r",
+        64 * MIB,
+        Some(ContentSource::Snapshot(snap.id.clone())),
+    )
+    .unwrap();
     // Gone everywhere: NOT_FOUND, final.
     c.a.driver.snapshots.delete_snapshot(&snap.id).unwrap();
     let err = create(&c.b, "r2", 64 * MIB, Some(ContentSource::Snapshot(snap.id))).unwrap_err();
@@ -249,8 +310,13 @@ fn sources_held_nowhere_are_not_found_and_unreachable_holders_are_unavailable() 
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     assert!(c.peers.lookups.lock().unwrap().is_empty());
     // An id without a hint (made before hints) is asked of every other node.
-    let err = create(&c.b, "r4", 64 * MIB,
-        Some(ContentSource::Volume("vol-0123456789abcdef01234567".into()))).unwrap_err();
+    let err = create(
+        &c.b,
+        "r4",
+        64 * MIB,
+        Some(ContentSource::Volume("vol-0123456789abcdef01234567".into())),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     assert_eq!(*c.peers.lookups.lock().unwrap(), vec!["node-a".to_owned()]);
 }
@@ -260,12 +326,38 @@ fn a_corrupted_chunk_is_fetched_again_and_a_corrupting_link_fails_the_create() {
     let c = cluster();
     let vol = volume_with_data(&c);
     c.peers.corrupt.store(1, Ordering::SeqCst);
-    let ok = create(&c.b, "once", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
-    assert_eq!(contents(&image(&c.a, &vol.id)), contents(&image(&c.b, &ok.id)));
+    let ok = create(
+        &c.b,
+        "once",
+        64 * MIB,
+        Some(ContentSource::Volume(vol.id.clone())),
+    )
+    .unwrap();
+    assert_eq!(
+        contents(&image(&c.a, &vol.id)),
+        contents(&image(&c.b, &ok.id))
+    );
     c.peers.corrupt.store(u32::MAX, Ordering::SeqCst);
-    let err = create(&c.b, "always", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap_err();
-    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("checksum")), "{err}");
-    assert!(c.b.driver.controller.list_volumes(0, "").unwrap().0.iter().all(|v| v.record.name != "always"));
+    let err = create(
+        &c.b,
+        "always",
+        64 * MIB,
+        Some(ContentSource::Volume(vol.id.clone())),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Unavailable(ref m) if m.contains("checksum")),
+        "{err}"
+    );
+    assert!(
+        c.b.driver
+            .controller
+            .list_volumes(0, "")
+            .unwrap()
+            .0
+            .iter()
+            .all(|v| v.record.name != "always")
+    );
     no_staging_left(&c.b);
     assert_eq!(c.a.driver.exports.open_reads(), 0);
 }
@@ -275,9 +367,18 @@ fn a_broken_stream_resumes_where_it_stopped() {
     let c = cluster();
     let vol = volume_with_data(&c);
     c.peers.break_after.store(2, Ordering::SeqCst);
-    let copy = create(&c.b, "resumed", 64 * MIB, Some(ContentSource::Volume(vol.id.clone()))).unwrap();
+    let copy = create(
+        &c.b,
+        "resumed",
+        64 * MIB,
+        Some(ContentSource::Volume(vol.id.clone())),
+    )
+    .unwrap();
     assert_eq!(c.peers.breaks.load(Ordering::SeqCst), 1);
-    assert_eq!(contents(&image(&c.a, &vol.id)), contents(&image(&c.b, &copy.id)));
+    assert_eq!(
+        contents(&image(&c.a, &vol.id)),
+        contents(&image(&c.b, &copy.id))
+    );
     // Nothing was sent twice.
     let figures = c.b.driver.remote.as_ref().unwrap().figures();
     assert_eq!(figures.bytes_pulled.load(Ordering::SeqCst), 3 * MIB);
@@ -291,7 +392,9 @@ fn reads_are_bounded_per_peer_and_expire_when_idle() {
     let exports = &c.a.driver.exports;
     let source = ContentSource::Snapshot(snap.id.clone());
     let limit = exports.limits().max_reads_per_peer;
-    let reads: Vec<_> = (0..limit).map(|_| exports.open(&source, "node-b").unwrap()).collect();
+    let reads: Vec<_> = (0..limit)
+        .map(|_| exports.open(&source, "node-b").unwrap())
+        .collect();
     let err = exports.open(&source, "node-b").unwrap_err();
     assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
     // Another node still gets its reads.
@@ -341,10 +444,15 @@ fn reads_idle_past_the_limit_are_closed() {
         },
     )
     .unwrap();
-    let read = exports.open(&ContentSource::Volume(vol.id), "node-b").unwrap();
+    let read = exports
+        .open(&ContentSource::Volume(vol.id), "node-b")
+        .unwrap();
     exports.expire();
     assert_eq!(exports.open_reads(), 0);
-    assert!(matches!(exports.read(&read.read_id, 0, &mut |_| true), Err(Error::NotFound(_))));
+    assert!(matches!(
+        exports.read(&read.read_id, 0, &mut |_| true),
+        Err(Error::NotFound(_))
+    ));
 }
 
 #[test]
@@ -357,7 +465,14 @@ fn the_filesystem_state_travels_and_unknown_states_are_refused() {
     ] {
         assert_eq!(format_from_wire(&format_to_wire(&f)).unwrap(), f);
     }
-    for bad in ["", "formatted:", "formatted:../x", "formatted:EXT4", "other:ext4", "unformatted:x"] {
+    for bad in [
+        "",
+        "formatted:",
+        "formatted:../x",
+        "formatted:EXT4",
+        "other:ext4",
+        "unformatted:x",
+    ] {
         assert!(format_from_wire(bad).is_err(), "{bad}");
     }
 }

@@ -401,7 +401,9 @@ mod tests {
         let a = create(&store, "a");
         let b = create(&store, "b");
         // A creation that never committed, and a deletion cut short.
-        let half = store.begin_create(&new_volume_id(&crate::ids::NodeHint::of("test"))).unwrap();
+        let half = store
+            .begin_create(&new_volume_id(&crate::ids::NodeHint::of("test")))
+            .unwrap();
         fs::write(half.join("image"), b"x").unwrap();
         fs::rename(
             store.dir(&b.id),

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 use super::tls::{CA_FILE, CERT_FILE, KEY_FILE, SERVER_NAME};
@@ -84,8 +84,8 @@ pub fn make(years: u16) -> Result<PeerFiles, String> {
     let ca_cert = ca.self_signed(&ca_key).map_err(|e| failed("CA", e))?;
 
     let key = KeyPair::generate().map_err(|e| failed("key", e))?;
-    let mut leaf =
-        CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(|e| failed("certificate", e))?;
+    let mut leaf = CertificateParams::new(vec![SERVER_NAME.to_owned()])
+        .map_err(|e| failed("certificate", e))?;
     leaf.distinguished_name = name(SERVER_NAME);
     leaf.is_ca = IsCa::ExplicitNoCa;
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -160,7 +160,10 @@ pub fn run(args: PeerCertsArgs) -> Result<(), String> {
         }
         Some(dir) => {
             fs::create_dir(&dir).map_err(|e| {
-                format!("create {}: {e} (give a directory that does not exist yet)", dir.display())
+                format!(
+                    "create {}: {e} (give a directory that does not exist yet)",
+                    dir.display()
+                )
             })?;
             for (file, pem) in [
                 (CA_FILE, &files.ca_pem),
@@ -176,7 +179,10 @@ pub fn run(args: PeerCertsArgs) -> Result<(), String> {
                     .and_then(|mut f| f.write_all(pem.as_bytes()).and_then(|()| f.sync_all()))
                     .map_err(|e| format!("write {}: {e}", path.display()))?;
             }
-            eprintln!("wrote {CA_FILE}, {CERT_FILE} and {KEY_FILE} to {}", dir.display());
+            eprintln!(
+                "wrote {CA_FILE}, {CERT_FILE} and {KEY_FILE} to {}",
+                dir.display()
+            );
             Ok(())
         }
     }

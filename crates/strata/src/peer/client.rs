@@ -87,9 +87,7 @@ impl GrpcPeers {
                 })?;
                 let endpoint = Endpoint::from_shared(format!("https://{address}"))
                     .and_then(|e| e.tls_config(self.tls.client()))
-                    .map_err(|e| {
-                        Error::Unavailable(format!("peer address of node {node}: {e}"))
-                    })?
+                    .map_err(|e| Error::Unavailable(format!("peer address of node {node}: {e}")))?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .timeout(self.timeout)
                     .http2_keep_alive_interval(Duration::from_secs(10))
@@ -116,7 +114,9 @@ impl GrpcPeers {
 
     fn source(node: &str, source: Option<proto::Source>) -> Result<SourceInfo, Error> {
         let s = source.ok_or_else(|| {
-            Error::Internal(format!("node {node} answered without describing the source"))
+            Error::Internal(format!(
+                "node {node} answered without describing the source"
+            ))
         })?;
         Ok(SourceInfo {
             size_bytes: s.size_bytes,

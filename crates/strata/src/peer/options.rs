@@ -24,6 +24,10 @@ pub struct PeerOptions {
     /// before it counts as unreachable (UNAVAILABLE, retried by the caller).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub peer_timeout: u64,
+    /// Seconds a read another node opened here stays open unused (a reader that died)
+    /// before it is closed and what it held is freed.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub peer_read_idle: u64,
 }
 
 fn parse_peer(s: &str) -> Result<(String, String), String> {
@@ -54,6 +58,10 @@ impl PeerOptions {
     /// Whether this node takes part in the peer service at all.
     pub fn enabled(&self) -> bool {
         self.peer_listen.is_some() || !self.peers.is_empty()
+    }
+
+    pub fn read_idle(&self) -> Duration {
+        Duration::from_secs(self.peer_read_idle)
     }
 
     pub fn timeout(&self) -> Duration {
@@ -99,7 +107,16 @@ mod tests {
             ("node-a".into(), "10.0.0.1:9820".into())
         );
         assert!(parse_peer("node-a=[fd00::1]:9820").is_ok());
-        for bad in ["", "node-a", "=1.2.3.4:1", "a=1.2.3.4", "a=1.2.3.4:0", "a=:1", "a=h/x:1", "a=h:99999"] {
+        for bad in [
+            "",
+            "node-a",
+            "=1.2.3.4:1",
+            "a=1.2.3.4",
+            "a=1.2.3.4:0",
+            "a=:1",
+            "a=h/x:1",
+            "a=h:99999",
+        ] {
             assert!(parse_peer(bad).is_err(), "{bad}");
         }
     }

@@ -121,7 +121,11 @@ impl proto::peer_server::Peer for PeerService {
             });
             let last = match read {
                 Ok(end) => {
-                    tracing::info!(bytes = end.data_bytes, chunks = end.chunks, "peer stream sent");
+                    tracing::info!(
+                        bytes = end.data_bytes,
+                        chunks = end.chunks,
+                        "peer stream sent"
+                    );
                     Ok(proto::ExtentChunk {
                         kind: Some(proto::extent_chunk::Kind::End(proto::End {
                             data_bytes: end.data_bytes,

@@ -78,10 +78,20 @@ impl PeerTls {
         // Parsed now, so a bad file stops the server before it touches the pool.
         tonic::transport::Server::builder()
             .tls_config(tls.server())
-            .map_err(|e| format!("--peer-tls-dir {}: unusable certificates: {e}", dir.display()))?;
+            .map_err(|e| {
+                format!(
+                    "--peer-tls-dir {}: unusable certificates: {e}",
+                    dir.display()
+                )
+            })?;
         tonic::transport::Endpoint::from_static("https://127.0.0.1:1")
             .tls_config(tls.client())
-            .map_err(|e| format!("--peer-tls-dir {}: unusable certificates: {e}", dir.display()))?;
+            .map_err(|e| {
+                format!(
+                    "--peer-tls-dir {}: unusable certificates: {e}",
+                    dir.display()
+                )
+            })?;
         Ok(tls)
     }
 

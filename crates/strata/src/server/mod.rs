@@ -27,12 +27,12 @@ use crate::decode_errors::DecodeErrorLayer;
 use crate::endpoint::Endpoint;
 use crate::http;
 use crate::metrics::{Metrics, MetricsLayer};
-use crate::service::{
-    ControllerService, GroupControllerService, IdentityService, NodeService, Services,
-};
 use crate::peer::client::GrpcPeers;
 use crate::peer::service::PeerService;
 use crate::peer::tls::PeerTls;
+use crate::service::{
+    ControllerService, GroupControllerService, IdentityService, NodeService, Services,
+};
 use crate::transport::Normalized;
 use strata_core::peer::Peers;
 
@@ -112,6 +112,19 @@ fn serve_peers(
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(PeerService::server(driver.exports.clone()));
     tracing::info!(%addr, "serving the peer service (mutual TLS)");
+    // Reads whose reader died are closed once idle, whether or not anyone calls again.
+    let exports = driver.exports.clone();
+    let sweep = (exports.limits().idle / 4).clamp(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(30),
+    );
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(sweep).await;
+            let exports = exports.clone();
+            let _ = tokio::task::spawn_blocking(move || exports.expire()).await;
+        }
+    });
     Ok(tokio::spawn(async move {
         if let Err(e) = router
             .serve_with_incoming(TcpListenerStream::new(listener))

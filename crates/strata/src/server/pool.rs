@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_core::peer::Peers;
 use strata_core::backend::Backend;
 use strata_core::backend::btrfs::btrfs_backend;
 use strata_core::backend::dir::dir_backend;
@@ -16,6 +15,7 @@ use strata_core::driver::Startup;
 use strata_core::fault::FaultPoints;
 use strata_core::model::CopyMethod;
 use strata_core::os::Host;
+use strata_core::peer::Peers;
 use strata_core::pool_image::{POOL_MOUNT_DIR, Released, mount_pool_image, release_pool_image};
 use strata_core::{Config, Driver};
 
@@ -177,6 +177,10 @@ pub fn open_driver(
             .fold(vec![], add_once),
         pool: pool.clone(),
         freeze_limit: std::time::Duration::from_millis(opts.freeze_limit_ms),
+        export_limits: strata_core::peer::ExportLimits {
+            idle: opts.peer.read_idle(),
+            ..Default::default()
+        },
     };
     let backend: Arc<dyn Backend> = match opts.backend {
         BackendKind::Image => {

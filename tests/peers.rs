@@ -1,0 +1,570 @@
+//! Volumes beyond their node: several `strata serve`, each with its own pool, node id and
+//! peer listener in its own network namespace, joined by veth links, with certificates made
+//! by `strata peer-certs`. Restores and clones across nodes, nodes that go away and come
+//! back, a reader killed mid-copy, the provisioner's timeouts and retries, and callers that
+//! are not Strata nodes.
+
+mod common;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use csi_proto as csi;
+use netns::Net;
+use tonic::Code;
+
+const PEER_PORT: u16 = 9820;
+
+fn peer_certs(dir: &Path) -> PathBuf {
+    let out = dir.join(format!("tls-{}", fs::read_dir(dir).unwrap().count()));
+    let status = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["peer-certs", "--out-dir"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    out
+}
+
+/// Nodes `node-0`..`node-N` in their own network namespaces.
+struct Cluster {
+    nodes: Vec<TestEnv>,
+    net: Net,
+    _certs: tempfile::TempDir,
+}
+
+fn node_args(net: &Net, i: usize, n: usize, tls: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--node-id".into(),
+        format!("node-{i}"),
+        "--peer-listen".into(),
+        format!("0.0.0.0:{PEER_PORT}"),
+        "--peer-tls-dir".into(),
+        tls.display().to_string(),
+        "--peer-timeout".into(),
+        "3".into(),
+        "--peer-read-idle".into(),
+        "2".into(),
+    ];
+    for j in (0..n).filter(|j| *j != i) {
+        args.push("--peer".into());
+        args.push(format!("node-{j}={}", net.address(j, i, PEER_PORT)));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+impl Cluster {
+    async fn start(n: usize, extra: &[&[&str]]) -> Cluster {
+        let net = Net::new(n);
+        let certs = tempfile::tempdir().unwrap();
+        let tls = peer_certs(certs.path());
+        let mut nodes = vec![];
+        for i in 0..n {
+            let args = node_args(&net, i, n, &tls, extra.get(i).copied().unwrap_or(&[]));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            nodes.push(TestEnv::start_in(Some(&net.names[i]), &args, None).await);
+        }
+        Cluster {
+            nodes,
+            net,
+            _certs: certs,
+        }
+    }
+}
+
+fn image(env: &TestEnv, kind: &str, id: &str) -> PathBuf {
+    env.pool().join(kind).join(id).join("image")
+}
+
+fn allocated(path: &Path) -> u64 {
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn from_snapshot(name: &str, bytes: i64, snapshot: &str) -> csi::CreateVolumeRequest {
+    let mut req = create_req(name, bytes, ext4());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.into(),
+            },
+        )),
+    });
+    req
+}
+
+fn from_volume(name: &str, bytes: i64, volume: &str) -> csi::CreateVolumeRequest {
+    let mut req = create_req(name, bytes, ext4());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: volume.into(),
+            },
+        )),
+    });
+    req
+}
+
+async fn create(
+    env: &mut TestEnv,
+    req: csi::CreateVolumeRequest,
+) -> Result<csi::Volume, tonic::Status> {
+    env.csi
+        .controller
+        .create_volume(req)
+        .await
+        .map(|r| r.into_inner().volume.unwrap())
+}
+
+/// An ext4 volume on `env`, staged and published, with `mib` MiB of random data in a file.
+async fn published_with_data(
+    env: &mut TestEnv,
+    name: &str,
+    mib: usize,
+) -> (String, String, String) {
+    let vol = env.create(name, 256 << 20, ext4()).await;
+    let (staging, target) = (
+        env.path(&format!("{name}-staging")),
+        env.path(&format!("{name}-target")),
+    );
+    fs::create_dir_all(&staging).unwrap();
+    env.stage(&vol.volume_id, &staging, ext4()).await.unwrap();
+    env.publish(&vol.volume_id, &staging, &target, ext4(), false)
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..mib << 20).map(|i| (i * 7919 % 251) as u8).collect();
+    fs::write(Path::new(&target).join("data"), &data).unwrap();
+    let sync = Command::new("sync")
+        .arg("-f")
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(sync.success());
+    (vol.volume_id, staging, target)
+}
+
+async fn unpublish_all(env: &mut TestEnv, id: &str, staging: &str, target: &str) {
+    env.unpublish(id, target).await.unwrap();
+    env.unstage(id, staging).await.unwrap();
+}
+
+fn no_creation_left(env: &TestEnv) {
+    let left: Vec<String> = fs::read_dir(env.pool().join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "half-made volumes: {left:?}");
+    let reads = env.pool().join("peer-reads");
+    let held: Vec<_> = fs::read_dir(&reads)
+        .map(|d| d.count())
+        .into_iter()
+        .collect();
+    assert!(
+        held.iter().all(|n| *n == 0),
+        "copies of reads left in {}",
+        reads.display()
+    );
+}
+
+async fn volume_names(env: &mut TestEnv) -> Vec<String> {
+    let list = env
+        .csi
+        .controller
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    list.entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restores_and_a_live_volume_clones_on_another_node() {
+    let mut c = Cluster::start(2, &[]).await;
+    let (a, b) = c.nodes.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    let (vol, staging, target) = published_with_data(a, "src", 8).await;
+    let snap = a.snapshot("snap", &vol).await.unwrap();
+
+    // Restore on node 1 of a snapshot node 0 holds: byte-identical, and only what the
+    // snapshot allocates travelled and was allocated.
+    let restored = create(b, from_snapshot("restored", 256 << 20, &snap.snapshot_id))
+        .await
+        .unwrap();
+    let topology = &restored.accessible_topology[0].segments;
+    assert_eq!(
+        topology.get("strata.csi.dev/node").map(String::as_str),
+        Some("node-1")
+    );
+    let (src, dst) = (
+        image(a, "snapshots", &snap.snapshot_id),
+        image(b, "volumes", &restored.volume_id),
+    );
+    assert!(
+        same_bytes(&src, &dst),
+        "the restored image differs from the snapshot"
+    );
+    assert!(
+        allocated(&dst) <= allocated(&src),
+        "{} > {}",
+        allocated(&dst),
+        allocated(&src)
+    );
+    assert!(
+        allocated(&dst) < 64 << 20,
+        "the copy is sparse: {}",
+        allocated(&dst)
+    );
+    // The restored volume mounts on node 1 with the data.
+    let (s2, t2) = (b.path("r-staging"), b.path("r-target"));
+    fs::create_dir_all(&s2).unwrap();
+    b.stage(&restored.volume_id, &s2, ext4()).await.unwrap();
+    b.publish(&restored.volume_id, &s2, &t2, ext4(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs::read(Path::new(&t2).join("data")).unwrap(),
+        fs::read(Path::new(&target).join("data")).unwrap()
+    );
+    unpublish_all(b, &restored.volume_id, &s2, &t2).await;
+
+    // Clone, on node 1, of the volume node 0 has mounted while a writer keeps writing to it:
+    // a crash-consistent copy, and nothing left on node 0.
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (writing, file) = (writing.clone(), Path::new(&target).join("log"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = fs::File::create(file).unwrap();
+            let mut n = 0u64;
+            while writing.load(Ordering::SeqCst) {
+                writeln!(f, "line {n}").unwrap();
+                n += 1;
+                if n.is_multiple_of(1000) {
+                    f.sync_data().unwrap();
+                }
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let clone = create(b, from_volume("clone", 256 << 20, &vol))
+        .await
+        .unwrap();
+    writing.store(false, Ordering::SeqCst);
+    assert!(writer.join().unwrap() > 0);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(image(b, "volumes", &clone.volume_id))
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "the clone's filesystem is not clean: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    no_creation_left(a);
+    no_creation_left(b);
+    let log = a.server_log();
+    assert!(log.contains("peer read released"), "{log}");
+    assert!(!log.contains("peer read closed: idle"));
+    let log = b.server_log();
+    assert!(log.contains("copied from another node"), "{log}");
+    unpublish_all(a, &vol, &staging, &target).await;
+    drop(c.net);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_cannot_be_reached_is_unavailable_until_it_is_back() {
+    let mut c = Cluster::start(2, &[]).await;
+    let vol = c.nodes[0].create("src", 64 << 20, ext4()).await;
+    let snap = c.nodes[0].snapshot("snap", &vol.volume_id).await.unwrap();
+    let req = || from_snapshot("restored", 64 << 20, &snap.snapshot_id);
+
+    // Node 0's links are down: the call fails within the peer timeout, as UNAVAILABLE
+    // (which the provisioner retries), and leaves nothing on node 1.
+    c.net.set_links(0, false);
+    let started = Instant::now();
+    let err = create(&mut c.nodes[1], req()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("node-0"), "{}", err.message());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    no_creation_left(&c.nodes[1]);
+    c.net.set_links(0, true);
+    create(&mut c.nodes[1], req()).await.unwrap();
+
+    // Node 0's server is killed: UNAVAILABLE; restarted, the retry succeeds.
+    c.nodes[0].kill();
+    let err = create(
+        &mut c.nodes[1],
+        from_snapshot("again", 64 << 20, &snap.snapshot_id),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    c.nodes[0].restart(None).await;
+    create(
+        &mut c.nodes[1],
+        from_snapshot("again", 64 << 20, &snap.snapshot_id),
+    )
+    .await
+    .unwrap();
+    // Gone everywhere: NOT_FOUND, which the provisioner takes as final.
+    c.nodes[0]
+        .csi
+        .controller
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+    let err = create(
+        &mut c.nodes[1],
+        from_snapshot("gone", 64 << 20, &snap.snapshot_id),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_killed_mid_copy_retries_to_completion_and_leaves_nothing() {
+    let mut c = Cluster::start(2, &[]).await;
+    let (vol, staging, target) = published_with_data(&mut c.nodes[0], "src", 6).await;
+    unpublish_all(&mut c.nodes[0], &vol, &staging, &target).await;
+    // Node 1 dies after the first chunk it writes.
+    c.nodes[1].restart(Some("copy:after-chunk")).await;
+    let err = create(&mut c.nodes[1], from_volume("clone", 256 << 20, &vol)).await;
+    assert!(err.is_err(), "the server was killed mid-copy");
+    c.nodes[1].wait_for_exit();
+    c.nodes[1].restart(None).await;
+    // Nothing half-made is listed; the provisioner's retry completes.
+    assert!(volume_names(&mut c.nodes[1]).await.is_empty());
+    no_creation_left(&c.nodes[1]);
+    let clone = create(&mut c.nodes[1], from_volume("clone", 256 << 20, &vol))
+        .await
+        .unwrap();
+    assert_eq!(
+        volume_names(&mut c.nodes[1]).await,
+        vec![clone.volume_id.clone()]
+    );
+    assert!(same_bytes(
+        &image(&c.nodes[0], "volumes", &vol),
+        &image(&c.nodes[1], "volumes", &clone.volume_id)
+    ));
+    // The read the dead reader held on node 0 is closed once idle; its copy is gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !c.nodes[0].server_log().contains("peer read closed: idle") {
+        assert!(Instant::now() < deadline, "{}", c.nodes[0].server_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    no_creation_left(&c.nodes[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provisioners_timeouts_and_retries_end_in_one_volume() {
+    // Each chunk node 1 writes takes 700 ms: the copy outlasts the provisioner's timeout.
+    let mut c = Cluster::start(2, &[]).await;
+    let (vol, staging, target) = published_with_data(&mut c.nodes[0], "src", 3).await;
+    let snap = c.nodes[0].snapshot("snap", &vol).await.unwrap();
+    unpublish_all(&mut c.nodes[0], &vol, &staging, &target).await;
+    c.nodes[1].restart(Some("delay:copy:after-chunk=700")).await;
+    // external-provisioner: CreateVolume with its --timeout, then retries with backoff,
+    // the same request each time, until a final answer.
+    let mut codes = vec![];
+    let mut backoff = Duration::from_millis(100);
+    let volume = loop {
+        let mut req = tonic::Request::new(from_snapshot("pvc-1", 256 << 20, &snap.snapshot_id));
+        req.set_timeout(Duration::from_secs(1));
+        match c.nodes[1].csi.controller.create_volume(req).await {
+            Ok(r) => break r.into_inner().volume.unwrap(),
+            Err(s) => {
+                assert!(
+                    matches!(
+                        s.code(),
+                        Code::DeadlineExceeded | Code::Aborted | Code::Cancelled
+                    ),
+                    "a final error while the copy runs: {s:?}"
+                );
+                codes.push(s.code());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        assert!(codes.len() < 30, "{codes:?}");
+    };
+    // The first call timed out (tonic reports its own deadline as CANCELLED, Go's gRPC as
+    // DEADLINE_EXCEEDED); the retries while the copy ran found it in flight (ABORTED).
+    assert!(
+        matches!(codes[0], Code::DeadlineExceeded | Code::Cancelled),
+        "{codes:?}"
+    );
+    assert!(codes.contains(&Code::Aborted), "{codes:?}");
+    assert_eq!(
+        volume_names(&mut c.nodes[1]).await,
+        vec![volume.volume_id.clone()]
+    );
+    assert!(same_bytes(
+        &image(&c.nodes[0], "snapshots", &snap.snapshot_id),
+        &image(&c.nodes[1], "volumes", &volume.volume_id)
+    ));
+}
+
+/// A raw client of node `i`'s peer service on loopback.
+async fn peer_call(
+    address: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Result<strata_peer_proto::LookupResponse, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(3));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut client = strata_peer_proto::peer_client::PeerClient::new(channel);
+    client
+        .lookup(strata_peer_proto::LookupRequest {
+            kind: strata_peer_proto::SourceKind::Volume as i32,
+            id: "vol-0123456789abcdef01234567".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{s:?}"))
+}
+
+fn tls_files(dir: &Path) -> (String, String, String) {
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+    (read("ca.crt"), read("tls.crt"), read("tls.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_without_a_certificate_of_the_peer_ca_are_refused_before_any_handler() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let certs = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (peer_certs(certs.path()), peer_certs(certs.path()));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let address = format!("127.0.0.1:{port}");
+    let tls_dir = ours.display().to_string();
+    let mut a = TestEnv::start_with_args(
+        &[
+            "--node-id",
+            "node-a",
+            "--peer-listen",
+            &address,
+            "--peer-tls-dir",
+            &tls_dir,
+        ],
+        None,
+    )
+    .await;
+    let vol = a.create("src", 64 << 20, ext4()).await;
+    let (ca, cert, key) = tls_files(&ours);
+    let (other_ca, other_cert, other_key) = tls_files(&theirs);
+    let client = |ca: &str, identity: Option<(&str, &str)>| {
+        let mut c = ClientTlsConfig::new()
+            .domain_name("strata-peer")
+            .ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = identity {
+            c = c.identity(Identity::from_pem(cert, key));
+        }
+        c
+    };
+    // Clear text, no client certificate, a certificate of another CA: all refused.
+    assert!(peer_call(&address, None).await.is_err());
+    assert!(peer_call(&address, Some(client(&ca, None))).await.is_err());
+    assert!(
+        peer_call(&address, Some(client(&ca, Some((&other_cert, &other_key)))))
+            .await
+            .is_err()
+    );
+    // A server of another CA is not trusted either.
+    assert!(
+        peer_call(&address, Some(client(&other_ca, Some((&cert, &key)))))
+            .await
+            .is_err()
+    );
+    let log = a.server_log();
+    assert!(
+        !log.contains("method=\"peer."),
+        "a refused caller reached a handler: {log}"
+    );
+    // The node's own certificate is served.
+    let answer = peer_call(&address, Some(client(&ca, Some((&cert, &key)))))
+        .await
+        .unwrap();
+    assert!(!answer.found);
+    assert_eq!(answer.node_id, "node-a");
+    // A node whose certificates come from another CA cannot copy from this one.
+    let other_dir = theirs.display().to_string();
+    let peer = format!("node-a={address}");
+    let mut b = TestEnv::start_with_args(
+        &[
+            "--node-id",
+            "node-b",
+            "--peer-tls-dir",
+            &other_dir,
+            "--peer",
+            &peer,
+            "--peer-timeout",
+            "3",
+        ],
+        None,
+    )
+    .await;
+    let err = create(&mut b, from_volume("clone", 64 << 20, &vol.volume_id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!a.server_log().contains("peer read opened"));
+    // Serving or calling peers without TLS material is refused at startup.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "serve",
+            "--endpoint",
+            "unix:///tmp/strata-never.sock",
+            "--node-id",
+            "x",
+        ])
+        .args([
+            "--pool",
+            "/tmp/strata-never-pool",
+            "--peer-listen",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--peer-tls-dir"));
+    assert!(!Path::new("/tmp/strata-never-pool").exists());
+}
