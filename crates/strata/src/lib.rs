@@ -6,6 +6,8 @@ pub mod client;
 pub mod decode_errors;
 pub mod endpoint;
 pub mod http;
+#[cfg(feature = "kubernetes")]
+pub mod kube_cluster;
 pub mod metrics;
 pub mod peer;
 pub mod server;

@@ -72,9 +72,25 @@ impl RemoteCopies {
         if hint.as_ref() == Some(&self.hint) {
             return Ok(None);
         }
+        let holder = match hint {
+            Some(_) => None,
+            None => self.peers.holder(source)?,
+        };
+        let nodes = self.peers.nodes()?;
+        if let Some(holder) = holder.as_ref().filter(|h| !nodes.contains(h)) {
+            return Err(Error::Unavailable(format!(
+                "{} is on node {holder}, whose peer service is not reachable (no ready endpoint); retry once it is back",
+                Named(source)
+            )));
+        }
         let mut unreachable = vec![];
-        for node in self.peers.nodes() {
-            if node == self.node_id || hint.as_ref().is_some_and(|h| *h != NodeHint::of(&node)) {
+        for node in nodes {
+            let candidate = match (&holder, &hint) {
+                (Some(holder), _) => node == *holder,
+                (None, Some(hint)) => *hint == NodeHint::of(&node),
+                (None, None) => true,
+            };
+            if node == self.node_id || !candidate {
                 continue;
             }
             match self.peers.lookup(&node, source) {

@@ -4,9 +4,11 @@
 //! holds). The transport (gRPC over mutual TLS) lives in the server; this module sees other
 //! nodes only through [`Peers`].
 
+pub mod cluster;
 pub mod copies;
 pub mod exports;
 
+pub use cluster::Cluster;
 pub use copies::{CopyFigures, RemoteCopies};
 pub use exports::{ExportLimits, Exports, OpenedRead};
 
@@ -55,7 +57,12 @@ pub struct Chunk<'a> {
 /// mapped to the error the node sent.
 pub trait Peers: Send + Sync {
     /// The nodes this node can reach, by node id.
-    fn nodes(&self) -> Vec<String>;
+    fn nodes(&self) -> Result<Vec<String>>;
+    /// The node that holds `source` as the cluster records it, for ids without a node
+    /// hint (made before hints); `None` when nothing records it.
+    fn holder(&self, _source: &ContentSource) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// What `node` holds under `source`'s id, if anything.
     fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>>;
     /// Opens a consistent read of `source` on `node`.

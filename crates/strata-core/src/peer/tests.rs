@@ -24,6 +24,8 @@ struct LocalPeers {
     /// Streams to break after this many chunks (0: none).
     break_after: AtomicU64,
     breaks: AtomicU32,
+    /// Where the cluster records sources (ids without hints).
+    cluster: Option<Arc<cluster::FakeCluster>>,
 }
 
 impl LocalPeers {
@@ -45,10 +47,20 @@ impl LocalPeers {
 }
 
 impl Peers for LocalPeers {
-    fn nodes(&self) -> Vec<String> {
+    fn nodes(&self) -> Result<Vec<String>> {
         let mut nodes: Vec<String> = self.nodes.lock().unwrap().keys().cloned().collect();
         nodes.sort();
-        nodes
+        Ok(nodes)
+    }
+
+    fn holder(&self, source: &ContentSource) -> Result<Option<String>> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        match source {
+            ContentSource::Volume(id) => cluster.volume_node(id),
+            ContentSource::Snapshot(id) => cluster.snapshot_node(id),
+        }
     }
 
     fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>> {
@@ -116,19 +128,19 @@ impl Peers for LocalPeers {
     }
 }
 
-struct Cluster {
+struct Pair {
     peers: Arc<LocalPeers>,
     a: Fixture,
     b: Fixture,
 }
 
-fn cluster() -> Cluster {
+fn cluster() -> Pair {
     let peers = Arc::new(LocalPeers::default());
     let a = node_fixture("node-a", FaultPoints::default(), Some(peers.clone()));
     let b = node_fixture("node-b", FaultPoints::default(), Some(peers.clone()));
     peers.add("node-a", a.driver.exports.clone());
     peers.add("node-b", b.driver.exports.clone());
-    Cluster { peers, a, b }
+    Pair { peers, a, b }
 }
 
 fn create(
@@ -164,7 +176,7 @@ fn contents(file: &File) -> Vec<u8> {
 }
 
 /// A 64 MiB volume on A with 3 MiB of data at scattered offsets.
-fn volume_with_data(c: &Cluster) -> VolumeRecord {
+fn volume_with_data(c: &Pair) -> VolumeRecord {
     let vol = create(&c.a, "src", 64 * MIB, None).unwrap();
     let img = image(&c.a, &vol.id);
     for (i, at) in [0u64, 7, 31, 63].into_iter().enumerate() {
@@ -475,4 +487,46 @@ fn the_filesystem_state_travels_and_unknown_states_are_refused() {
     ] {
         assert!(format_from_wire(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn ids_without_a_hint_are_looked_up_in_the_cluster_first() {
+    let fake = Arc::new(cluster::FakeCluster::default());
+    let peers = Arc::new(LocalPeers {
+        cluster: Some(fake.clone()),
+        ..LocalPeers::default()
+    });
+    let nodes: Vec<Fixture> = ["node-a", "node-b", "node-c"]
+        .into_iter()
+        .map(|n| node_fixture(n, FaultPoints::default(), Some(peers.clone())))
+        .collect();
+    for (n, f) in ["node-a", "node-b", "node-c"].into_iter().zip(&nodes) {
+        peers.add(n, f.driver.exports.clone());
+    }
+    let old = "vol-0123456789abcdef01234567";
+    let source = Some(ContentSource::Volume(old.into()));
+    // The PV says node C: only C is asked.
+    fake.volumes.lock().unwrap().insert(old.into(), "node-c".into());
+    let err = create(&nodes[1], "x", 16 * MIB, source.clone()).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert_eq!(*peers.lookups.lock().unwrap(), vec!["node-c".to_owned()]);
+    // Nothing records it: every other node is asked.
+    peers.lookups.lock().unwrap().clear();
+    fake.volumes.lock().unwrap().clear();
+    create(&nodes[1], "x", 16 * MIB, source.clone()).unwrap_err();
+    assert_eq!(*peers.lookups.lock().unwrap(), vec!["node-a".to_owned(), "node-c".to_owned()]);
+    // The node it records has no peer endpoint: UNAVAILABLE (it may come back).
+    fake.volumes.lock().unwrap().insert(old.into(), "node-gone".into());
+    let err = create(&nodes[1], "x", 16 * MIB, source.clone()).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("node-gone")), "{err}");
+    // The API server does not answer: UNAVAILABLE, retried.
+    *fake.failing.lock().unwrap() = Some(Error::Unavailable("the API server does not answer".into()));
+    let err = create(&nodes[1], "x", 16 * MIB, source).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    // Ids with a hint never need the cluster.
+    *fake.failing.lock().unwrap() = None;
+    let reads = fake.reads.load(Ordering::SeqCst);
+    let vol = create(&nodes[0], "src", 16 * MIB, None).unwrap();
+    create(&nodes[1], "clone", 16 * MIB, Some(ContentSource::Volume(vol.id))).unwrap();
+    assert_eq!(fake.reads.load(Ordering::SeqCst), reads);
 }

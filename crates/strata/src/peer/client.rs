@@ -3,12 +3,12 @@
 //! threads, so each call blocks on the runtime it was built in.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strata_core::Error;
 use strata_core::model::ContentSource;
-use strata_core::peer::{Chunk, Peers, ReadEnd, RemoteRead, SourceInfo, format_from_wire};
+use strata_core::peer::{Chunk, Cluster, Peers, ReadEnd, RemoteRead, SourceInfo, format_from_wire};
 use strata_peer_proto as proto;
 use tokio::runtime::Handle;
 use tonic::transport::{Channel, Endpoint};
@@ -47,10 +47,18 @@ pub fn from_status(node: &str, status: &Status) -> Error {
     }
 }
 
-/// The other nodes, reached by their static addresses (`--peer NODE=HOST:PORT`).
+/// Where the other nodes' peer services are.
+pub enum Directory {
+    /// Given on the command line (`--peer NODE=HOST:PORT`).
+    Static(BTreeMap<String, String>),
+    /// Read from the cluster at each use (the peer Service's EndpointSlices).
+    Cluster(Arc<dyn Cluster>),
+}
+
+/// The other nodes, reached through the [`Directory`].
 pub struct GrpcPeers {
     this_node: String,
-    addresses: BTreeMap<String, String>,
+    directory: Directory,
     tls: PeerTls,
     timeout: Duration,
     runtime: Handle,
@@ -60,14 +68,14 @@ pub struct GrpcPeers {
 impl GrpcPeers {
     pub fn new(
         this_node: &str,
-        addresses: BTreeMap<String, String>,
+        directory: Directory,
         tls: PeerTls,
         timeout: Duration,
         runtime: Handle,
     ) -> Self {
         GrpcPeers {
             this_node: this_node.to_owned(),
-            addresses,
+            directory,
             tls,
             timeout,
             runtime,
@@ -75,16 +83,28 @@ impl GrpcPeers {
         }
     }
 
+    fn address(&self, node: &str) -> Result<String, Error> {
+        let found = match &self.directory {
+            Directory::Static(map) => map.get(node).cloned(),
+            Directory::Cluster(cluster) => cluster.peer_endpoints()?.remove(node),
+        };
+        found.ok_or_else(|| match &self.directory {
+            Directory::Static(_) => Error::Unavailable(format!(
+                "no peer address is known for node {node}: give --peer {node}=HOST:PORT"
+            )),
+            Directory::Cluster(_) => Error::Unavailable(format!(
+                "node {node} has no ready endpoint of the peer Service (its Strata is not running or not ready)"
+            )),
+        })
+    }
+
     fn client(&self, node: &str) -> Result<proto::peer_client::PeerClient<Channel>, Error> {
+        let address = self.address(node)?;
+        let key = format!("{node}={address}");
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        let channel = match channels.get(node) {
+        let channel = match channels.get(&key) {
             Some(c) => c.clone(),
             None => {
-                let address = self.addresses.get(node).ok_or_else(|| {
-                    Error::Unavailable(format!(
-                        "no peer address is known for node {node}: give --peer {node}=HOST:PORT"
-                    ))
-                })?;
                 let endpoint = Endpoint::from_shared(format!("https://{address}"))
                     .and_then(|e| e.tls_config(self.tls.client()))
                     .map_err(|e| Error::Unavailable(format!("peer address of node {node}: {e}")))?
@@ -96,7 +116,9 @@ impl GrpcPeers {
                 // Inside the runtime: the lazy channel spawns its connection task there.
                 let _entered = self.runtime.enter();
                 let channel = endpoint.connect_lazy();
-                channels.insert(node.to_owned(), channel.clone());
+                // A node's address changes when its pod is replaced: old channels go.
+                channels.retain(|k, _| !k.starts_with(&format!("{node}=")));
+                channels.insert(key, channel.clone());
                 channel
             }
         };
@@ -127,8 +149,19 @@ impl GrpcPeers {
 }
 
 impl Peers for GrpcPeers {
-    fn nodes(&self) -> Vec<String> {
-        self.addresses.keys().cloned().collect()
+    fn nodes(&self) -> Result<Vec<String>, Error> {
+        Ok(match &self.directory {
+            Directory::Static(map) => map.keys().cloned().collect(),
+            Directory::Cluster(cluster) => cluster.peer_endpoints()?.into_keys().collect(),
+        })
+    }
+
+    fn holder(&self, source: &ContentSource) -> Result<Option<String>, Error> {
+        match (&self.directory, source) {
+            (Directory::Static(_), _) => Ok(None),
+            (Directory::Cluster(c), ContentSource::Volume(id)) => c.volume_node(id),
+            (Directory::Cluster(c), ContentSource::Snapshot(id)) => c.snapshot_node(id),
+        }
     }
 
     fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>, Error> {

@@ -20,6 +20,19 @@ pub struct PeerOptions {
     /// Another node's peer service, NODE=HOST:PORT (NODE its --node-id); repeatable.
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
+    /// Find the other nodes in Kubernetes: the EndpointSlices of this headless Service
+    /// (port `peer`) in --peer-namespace; and the node of a volume or snapshot whose id has
+    /// no node hint from its PV or VolumeSnapshotContent.
+    #[arg(long, env = "STRATA_PEER_SERVICE", conflicts_with = "peers")]
+    pub peer_service: Option<String>,
+    /// The namespace of --peer-service (the DaemonSet's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "strata-system")]
+    pub peer_namespace: String,
+    /// Start without the peer service (logging why) when --peer-tls-dir holds no
+    /// certificates yet, instead of refusing to start: for a DaemonSet whose Secret is
+    /// made after the install.
+    #[arg(long)]
+    pub peer_tls_optional: bool,
     /// Seconds a peer may take to answer a call, or between two chunks of a stream,
     /// before it counts as unreachable (UNAVAILABLE, retried by the caller).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -57,7 +70,7 @@ fn parse_peer(s: &str) -> Result<(String, String), String> {
 impl PeerOptions {
     /// Whether this node takes part in the peer service at all.
     pub fn enabled(&self) -> bool {
-        self.peer_listen.is_some() || !self.peers.is_empty()
+        self.peer_listen.is_some() || !self.peers.is_empty() || self.peer_service.is_some()
     }
 
     pub fn read_idle(&self) -> Duration {
@@ -85,6 +98,17 @@ impl PeerOptions {
             return Err(
                 "--peer-listen and --peer need --peer-tls-dir: the peer service is never served or called without mutual TLS".into(),
             );
+        }
+        if let Some(s) = &self.peer_service {
+            let ok = !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err("--peer-service must be a Service name (lowercase letters, digits and '-')".into());
+            }
+            if !cfg!(feature = "kubernetes") {
+                return Err("--peer-service needs Kubernetes support, which this build leaves out (cargo feature `kubernetes`); give the peers with --peer".into());
+            }
         }
         let addresses = self.addresses()?;
         if addresses.contains_key(node_id) {

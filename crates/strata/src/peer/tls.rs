@@ -66,6 +66,14 @@ fn read_pem(dir: &Path, name: &str, label: &str) -> Result<Vec<u8>, String> {
 }
 
 impl PeerTls {
+    /// Whether `dir` holds any of the three files (an optional Secret not made yet holds
+    /// none).
+    pub fn present(dir: &Path) -> bool {
+        [CA_FILE, CERT_FILE, KEY_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists())
+    }
+
     /// Reads `ca.crt`, `tls.crt` and `tls.key` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, String> {
         let ca = read_pem(dir, CA_FILE, "CERTIFICATE")?;

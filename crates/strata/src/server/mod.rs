@@ -27,7 +27,7 @@ use crate::decode_errors::DecodeErrorLayer;
 use crate::endpoint::Endpoint;
 use crate::http;
 use crate::metrics::{Metrics, MetricsLayer};
-use crate::peer::client::GrpcPeers;
+use crate::peer::client::{Directory, GrpcPeers};
 use crate::peer::service::PeerService;
 use crate::peer::tls::PeerTls;
 use crate::service::{
@@ -90,6 +90,29 @@ pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
         .add_service(NodeServer::new(NodeService(services)))
 }
 
+/// The other nodes as Kubernetes lists them.
+#[cfg(feature = "kubernetes")]
+async fn cluster_directory(opts: &ServeOptions, service: &str) -> Result<Directory, String> {
+    let topology_key = opts
+        .topology_key
+        .clone()
+        .unwrap_or_else(|| strata_core::driver::Config::default_topology_key(&opts.driver_name));
+    let cluster = crate::kube_cluster::KubeCluster::connect(
+        &opts.peer.peer_namespace,
+        service,
+        &opts.driver_name,
+        &topology_key,
+    )
+    .await?;
+    tracing::info!(service, namespace = %opts.peer.peer_namespace, "peers from Kubernetes");
+    Ok(Directory::Cluster(Arc::new(cluster)))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn cluster_directory(_: &ServeOptions, _: &str) -> Result<Directory, String> {
+    Err("--peer-service needs the cargo feature `kubernetes`".into())
+}
+
 /// Most peer requests served at once on one connection.
 const PEER_STREAMS_PER_CONNECTION: u32 = 16;
 
@@ -147,13 +170,16 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         Endpoint::Unix(_) => None,
     };
     // The peer service's certificates and listener, checked before the pool is touched.
-    let peer_tls = opts
-        .peer
-        .peer_tls_dir
-        .as_deref()
-        .map(PeerTls::load)
-        .transpose()?;
-    let peer_listener = match opts.peer.peer_listen {
+    let peer_tls = match opts.peer.peer_tls_dir.as_deref() {
+        Some(dir) if opts.peer.peer_tls_optional && !PeerTls::present(dir) => {
+            tracing::warn!(dir = %dir.display(),
+                "no peer certificates: the peer service is off (no restores or clones across nodes); make the Secret with `strata peer-certs` and restart");
+            None
+        }
+        Some(dir) => Some(PeerTls::load(dir)?),
+        None => None,
+    };
+    let peer_listener = match opts.peer.peer_listen.filter(|_| peer_tls.is_some()) {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -161,10 +187,18 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         ),
         None => None,
     };
-    let peers: Option<Arc<dyn Peers>> = match &peer_tls {
-        Some(tls) if !opts.peer.peers.is_empty() => Some(Arc::new(GrpcPeers::new(
+    let directory = match (&peer_tls, &opts.peer.peer_service) {
+        (None, _) => None,
+        (Some(_), Some(service)) => Some(cluster_directory(&opts, service).await?),
+        (Some(_), None) if !opts.peer.peers.is_empty() => {
+            Some(Directory::Static(opts.peer.addresses()?))
+        }
+        (Some(_), None) => None,
+    };
+    let peers: Option<Arc<dyn Peers>> = match (&peer_tls, directory) {
+        (Some(tls), Some(directory)) => Some(Arc::new(GrpcPeers::new(
             &opts.node_id,
-            opts.peer.addresses()?,
+            directory,
             tls.clone(),
             opts.peer.timeout(),
             tokio::runtime::Handle::current(),

@@ -1,0 +1,228 @@
+//! The cluster as Kubernetes records it (kube-rs): the peer Service's EndpointSlices (node
+//! name and address of every ready Strata), PersistentVolumes (the node a volume is pinned
+//! to) and VolumeSnapshotContents (the node that took a snapshot). Every answer is read
+//! from the API server when asked, nothing is kept. Reads only; deploy/ grants exactly
+//! these (get and list on the three kinds, EndpointSlices in Strata's namespace only).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectList};
+use kube::Client;
+use strata_core::Error;
+use strata_core::peer::Cluster;
+use tokio::runtime::Handle;
+
+/// The label the snapshot-controller puts on a VolumeSnapshotContent in distributed
+/// snapshotting: the node whose snapshotter takes it.
+pub const MANAGED_BY_LABEL: &str = "snapshot.storage.kubernetes.io/managed-by";
+
+/// The port of the peer Service that carries the peer service.
+pub const PEER_PORT_NAME: &str = "peer";
+
+/// Objects listed per page.
+const PAGE: u32 = 250;
+
+/// How long one read of the API server may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct KubeCluster {
+    client: Client,
+    namespace: String,
+    service: String,
+    driver: String,
+    topology_key: String,
+    runtime: Handle,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    let said: String = e.to_string().chars().take(300).collect();
+    Error::Unavailable(format!("the Kubernetes API server did not answer ({what}): {said}"))
+}
+
+impl KubeCluster {
+    /// A client from the pod's service account (or KUBECONFIG outside a cluster).
+    pub async fn connect(
+        namespace: &str,
+        service: &str,
+        driver: &str,
+        topology_key: &str,
+    ) -> Result<Self, String> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| format!("--peer-service: cannot reach the Kubernetes API server: {e}"))?;
+        Ok(Self::with_client(client, namespace, service, driver, topology_key))
+    }
+
+    pub fn with_client(
+        client: Client,
+        namespace: &str,
+        service: &str,
+        driver: &str,
+        topology_key: &str,
+    ) -> Self {
+        KubeCluster {
+            client,
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            driver: driver.to_owned(),
+            topology_key: topology_key.to_owned(),
+            runtime: Handle::current(),
+        }
+    }
+
+    /// Every object of `api` matching `params`, page by page.
+    async fn list_all<K>(api: &Api<K>, params: ListParams, what: &str) -> Result<Vec<K>, Error>
+    where
+        K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut all = vec![];
+        let mut params = params.limit(PAGE);
+        loop {
+            let page: ObjectList<K> = tokio::time::timeout(READ_TIMEOUT, api.list(&params))
+                .await
+                .map_err(|_| unavailable(what, "timed out"))?
+                .map_err(|e| unavailable(what, e))?;
+            all.extend(page.items);
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// The endpoints of the peer Service, as `node → HOST:PORT`.
+    pub async fn endpoints(&self) -> Result<BTreeMap<String, String>, Error> {
+        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
+        let selector = format!("kubernetes.io/service-name={}", self.service);
+        let slices =
+            Self::list_all(&api, ListParams::default().labels(&selector), "list EndpointSlices")
+                .await?;
+        Ok(peer_addresses(&slices))
+    }
+
+    pub async fn pv_node(&self, volume_id: &str) -> Result<Option<String>, Error> {
+        let api: Api<PersistentVolume> = Api::all(self.client.clone());
+        let pvs = Self::list_all(&api, ListParams::default(), "list PersistentVolumes").await?;
+        Ok(pvs
+            .iter()
+            .find(|pv| {
+                pv.spec.as_ref().and_then(|s| s.csi.as_ref()).is_some_and(|csi| {
+                    csi.driver == self.driver && csi.volume_handle == volume_id
+                })
+            })
+            .and_then(|pv| pinned_node(pv, &self.topology_key)))
+    }
+
+    pub async fn content_node(&self, snapshot_id: &str) -> Result<Option<String>, Error> {
+        let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent");
+        let resource = ApiResource::from_gvk(&gvk);
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+        let contents =
+            Self::list_all(&api, ListParams::default(), "list VolumeSnapshotContents").await?;
+        Ok(contents
+            .iter()
+            .find(|c| {
+                c.data["spec"]["driver"].as_str() == Some(&self.driver)
+                    && c.data["status"]["snapshotHandle"].as_str() == Some(snapshot_id)
+            })
+            .and_then(|c| c.metadata.labels.as_ref()?.get(MANAGED_BY_LABEL).cloned()))
+    }
+}
+
+/// The ready endpoints of the peer port, by node (the first address of each).
+pub fn peer_addresses(slices: &[EndpointSlice]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for slice in slices {
+        let port = slice.ports.iter().flatten().find_map(|p| {
+            (p.name.as_deref() == Some(PEER_PORT_NAME)).then_some(p.port).flatten()
+        });
+        let Some(port) = port else { continue };
+        for e in &slice.endpoints {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let (Some(node), Some(address), true) = (&e.node_name, e.addresses.first(), ready) else {
+                continue;
+            };
+            let host = if address.contains(':') {
+                format!("[{address}]")
+            } else {
+                address.clone()
+            };
+            out.insert(node.clone(), format!("{host}:{port}"));
+        }
+    }
+    out
+}
+
+/// The node a PV's required node affinity names under `topology_key`.
+pub fn pinned_node(pv: &PersistentVolume, topology_key: &str) -> Option<String> {
+    let terms = &pv
+        .spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .as_ref()?
+        .node_selector_terms;
+    terms.iter().find_map(|term| {
+        term.match_expressions.iter().flatten().find_map(|e| {
+            (e.key == topology_key && e.operator == "In")
+                .then(|| e.values.as_ref()?.first().cloned())
+                .flatten()
+        })
+    })
+}
+
+impl Cluster for KubeCluster {
+    fn peer_endpoints(&self) -> Result<BTreeMap<String, String>, Error> {
+        self.runtime.block_on(self.endpoints())
+    }
+
+    fn volume_node(&self, volume_id: &str) -> Result<Option<String>, Error> {
+        self.runtime.block_on(self.pv_node(volume_id))
+    }
+
+    fn snapshot_node(&self, snapshot_id: &str) -> Result<Option<String>, Error> {
+        self.runtime.block_on(self.content_node(snapshot_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_node_affinity_are_read_as_kubernetes_writes_them() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "addressType": "IPv4",
+            "metadata": {"name": "strata-peer-abc"},
+            "ports": [{"name": "metrics", "port": 9808}, {"name": "peer", "port": 9820}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "nodeName": "node-a", "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.2"], "nodeName": "node-b", "conditions": {"ready": false}},
+                {"addresses": ["fd00::3"], "nodeName": "node-c"},
+                {"addresses": ["10.0.0.4"]}
+            ]
+        }))
+        .unwrap();
+        let got = peer_addresses(&[slice]);
+        assert_eq!(got.get("node-a").map(String::as_str), Some("10.0.0.1:9820"));
+        assert_eq!(got.get("node-c").map(String::as_str), Some("[fd00::3]:9820"));
+        assert_eq!(got.len(), 2, "{got:?}");
+        let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "pvc-1"},
+            "spec": {
+                "csi": {"driver": "strata.csi.dev", "volumeHandle": "vol-1"},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "other", "operator": "In", "values": ["x"]},
+                    {"key": "strata.csi.dev/node", "operator": "In", "values": ["node-a"]}
+                ]}]}}
+            }
+        }))
+        .unwrap();
+        assert_eq!(pinned_node(&pv, "strata.csi.dev/node").as_deref(), Some("node-a"));
+        assert_eq!(pinned_node(&pv, "missing"), None);
+    }
+}
