@@ -321,9 +321,18 @@ impl Controller {
                 })
             }),
         };
-        let (Err(Error::NotFound(not_here)), Some(remote), Some(source)) =
-            (&local, &self.remote, source)
-        else {
+        let (Err(Error::NotFound(not_here)), Some(source)) = (&local, source) else {
+            return local;
+        };
+        let Some(remote) = &self.remote else {
+            // Made on another node, which this one cannot reach without the peer service:
+            // retried (the provisioner) until the service is configured.
+            let hint = NodeHint::in_id(crate::peer::source_id(source));
+            if hint.is_some_and(|h| h != self.ids) {
+                return Err(Error::Unavailable(format!(
+                    "{not_here} on this node: it was made on another node, and the peer service that copies between nodes is off here (make the peer certificates: docs/operations.md)"
+                )));
+            }
             return local;
         };
         match remote.locate(source)? {

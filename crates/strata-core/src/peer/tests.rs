@@ -530,3 +530,17 @@ fn ids_without_a_hint_are_looked_up_in_the_cluster_first() {
     create(&nodes[1], "clone", 16 * MIB, Some(ContentSource::Volume(vol.id))).unwrap();
     assert_eq!(fake.reads.load(Ordering::SeqCst), reads);
 }
+
+#[test]
+fn without_the_peer_service_a_source_made_elsewhere_is_unavailable_not_gone() {
+    let alone = node_fixture("node-b", FaultPoints::default(), None);
+    let elsewhere = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-a"));
+    let err = create(&alone, "r", 16 * MIB, Some(ContentSource::Snapshot(elsewhere))).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("peer service")), "{err}");
+    // Its own ids, and ids without a hint, stay NOT_FOUND (final).
+    let own = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-b"));
+    for id in [own, "snap-0123456789abcdef01234567".to_owned()] {
+        let err = create(&alone, "r", 16 * MIB, Some(ContentSource::Snapshot(id))).unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+    }
+}
