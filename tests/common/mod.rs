@@ -48,6 +48,8 @@ pub struct TestEnv {
     args: Vec<String>,
     /// The network namespace the server runs in, kept for restarts.
     netns: Option<String>,
+    /// Extra environment of the server, kept for restarts.
+    envs: Vec<(String, String)>,
 }
 
 /// Mounts and loop devices under `dir`, as the kernel reports them.
@@ -74,13 +76,19 @@ pub fn kernel_state_under(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
 pub const TOOLS_DIR: &str = "slow-bin";
 
 pub fn spawn(dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
-    spawn_in(None, dir, args, crash_at)
+    spawn_in(None, &[], dir, args, crash_at)
 }
 
 /// [`spawn`] in the network namespace `netns` (`nsenter --net`, which execs the server, so
 /// the child is the server itself; unlike `ip netns exec` it keeps the mount namespace, so
 /// the server's mounts are the test's).
-pub fn spawn_in(netns: Option<&str>, dir: &Path, args: &[String], crash_at: Option<&str>) -> Child {
+pub fn spawn_in(
+    netns: Option<&str>,
+    envs: &[(String, String)],
+    dir: &Path,
+    args: &[String],
+    crash_at: Option<&str>,
+) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -105,6 +113,7 @@ pub fn spawn_in(netns: Option<&str>, dir: &Path, args: &[String], crash_at: Opti
         .arg(dir.join("pool"))
         .args(args)
         .env("STRATA_LOG", "debug")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .env(
             "PATH",
             format!(
@@ -211,6 +220,7 @@ impl TestEnv {
             csi,
             args,
             netns: None,
+            envs: vec![],
         }
     }
 
@@ -221,12 +231,26 @@ impl TestEnv {
 
     /// Starts the server in the network namespace `netns` with extra `serve` arguments.
     pub async fn start_in(netns: Option<&str>, args: &[&str], crash_at: Option<&str>) -> Self {
+        Self::start_with_env(netns, &[], args, crash_at).await
+    }
+
+    /// [`TestEnv::start_in`] with extra environment variables for the server.
+    pub async fn start_with_env(
+        netns: Option<&str>,
+        envs: &[(&str, &str)],
+        args: &[&str],
+        crash_at: Option<&str>,
+    ) -> Self {
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let dir = tempfile::Builder::new()
             .prefix("strata-test-")
             .tempdir_in("/tmp")
             .unwrap();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let mut child = spawn_in(netns, dir.path(), &args, crash_at);
+        let mut child = spawn_in(netns, &envs, dir.path(), &args, crash_at);
         let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;
         TestEnv {
             dir,
@@ -234,13 +258,20 @@ impl TestEnv {
             csi,
             args,
             netns: netns.map(str::to_owned),
+            envs,
         }
     }
 
     /// Restarts the server on the same pool (after a crash or a stop).
     pub async fn restart(&mut self, crash_at: Option<&str>) {
         self.stop();
-        let mut child = spawn_in(self.netns.as_deref(), self.dir.path(), &self.args, crash_at);
+        let mut child = spawn_in(
+            self.netns.as_deref(),
+            &self.envs,
+            self.dir.path(),
+            &self.args,
+            crash_at,
+        );
         self.csi = wait_for(&self.dir.path().join("csi.sock"), &mut child).await;
         self.child = Some(child);
     }
@@ -255,7 +286,13 @@ impl TestEnv {
     pub fn spawn_successor(&self, extra: &[&str]) -> Child {
         let mut args = self.args.clone();
         args.extend(extra.iter().map(|a| a.to_string()));
-        spawn_in(self.netns.as_deref(), self.dir.path(), &args, None)
+        spawn_in(
+            self.netns.as_deref(),
+            &self.envs,
+            self.dir.path(),
+            &args,
+            None,
+        )
     }
 
     /// Makes `child` the server this environment stops and cleans up after, once the

@@ -102,6 +102,12 @@ impl Net {
         format!("{}:{port}", self.pair_address(self.serial, i, j, of))
     }
 
+    /// The address of node `of` as node `from` reaches it.
+    pub fn ip(&self, of: usize, from: usize) -> String {
+        let (i, j) = (of.min(from), of.max(from));
+        self.pair_address(self.serial, i, j, of)
+    }
+
     /// Cuts node `i` off every link (its peers time out), or brings it back.
     pub fn set_links(&self, i: usize, up: bool) {
         for (ns, dev) in self.links.iter().flatten().filter(|(ns, _)| *ns == i) {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectList};
 use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectList};
 use strata_core::Error;
 use strata_core::peer::Cluster;
 use tokio::runtime::Handle;
@@ -39,7 +39,9 @@ pub struct KubeCluster {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
     let said: String = e.to_string().chars().take(300).collect();
-    Error::Unavailable(format!("the Kubernetes API server did not answer ({what}): {said}"))
+    Error::Unavailable(format!(
+        "the Kubernetes API server did not answer ({what}): {said}"
+    ))
 }
 
 impl KubeCluster {
@@ -53,7 +55,13 @@ impl KubeCluster {
         let client = Client::try_default()
             .await
             .map_err(|e| format!("--peer-service: cannot reach the Kubernetes API server: {e}"))?;
-        Ok(Self::with_client(client, namespace, service, driver, topology_key))
+        Ok(Self::with_client(
+            client,
+            namespace,
+            service,
+            driver,
+            topology_key,
+        ))
     }
 
     pub fn with_client(
@@ -97,9 +105,12 @@ impl KubeCluster {
     pub async fn endpoints(&self) -> Result<BTreeMap<String, String>, Error> {
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
         let selector = format!("kubernetes.io/service-name={}", self.service);
-        let slices =
-            Self::list_all(&api, ListParams::default().labels(&selector), "list EndpointSlices")
-                .await?;
+        let slices = Self::list_all(
+            &api,
+            ListParams::default().labels(&selector),
+            "list EndpointSlices",
+        )
+        .await?;
         Ok(peer_addresses(&slices))
     }
 
@@ -109,9 +120,10 @@ impl KubeCluster {
         Ok(pvs
             .iter()
             .find(|pv| {
-                pv.spec.as_ref().and_then(|s| s.csi.as_ref()).is_some_and(|csi| {
-                    csi.driver == self.driver && csi.volume_handle == volume_id
-                })
+                pv.spec
+                    .as_ref()
+                    .and_then(|s| s.csi.as_ref())
+                    .is_some_and(|csi| csi.driver == self.driver && csi.volume_handle == volume_id)
             })
             .and_then(|pv| pinned_node(pv, &self.topology_key)))
     }
@@ -137,12 +149,15 @@ pub fn peer_addresses(slices: &[EndpointSlice]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for slice in slices {
         let port = slice.ports.iter().flatten().find_map(|p| {
-            (p.name.as_deref() == Some(PEER_PORT_NAME)).then_some(p.port).flatten()
+            (p.name.as_deref() == Some(PEER_PORT_NAME))
+                .then_some(p.port)
+                .flatten()
         });
         let Some(port) = port else { continue };
         for e in &slice.endpoints {
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            let (Some(node), Some(address), true) = (&e.node_name, e.addresses.first(), ready) else {
+            let (Some(node), Some(address), true) = (&e.node_name, e.addresses.first(), ready)
+            else {
                 continue;
             };
             let host = if address.contains(':') {
@@ -209,7 +224,10 @@ mod tests {
         .unwrap();
         let got = peer_addresses(&[slice]);
         assert_eq!(got.get("node-a").map(String::as_str), Some("10.0.0.1:9820"));
-        assert_eq!(got.get("node-c").map(String::as_str), Some("[fd00::3]:9820"));
+        assert_eq!(
+            got.get("node-c").map(String::as_str),
+            Some("[fd00::3]:9820")
+        );
         assert_eq!(got.len(), 2, "{got:?}");
         let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "pvc-1"},
@@ -222,7 +240,10 @@ mod tests {
             }
         }))
         .unwrap();
-        assert_eq!(pinned_node(&pv, "strata.csi.dev/node").as_deref(), Some("node-a"));
+        assert_eq!(
+            pinned_node(&pv, "strata.csi.dev/node").as_deref(),
+            Some("node-a")
+        );
         assert_eq!(pinned_node(&pv, "missing"), None);
     }
 }

@@ -35,7 +35,12 @@ pub struct FakeCluster {
 impl FakeCluster {
     fn read<T: Clone>(&self, map: &std::sync::Mutex<T>) -> Result<T> {
         self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if let Some(e) = self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(e) = self
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Err(e);
         }
         Ok(map.lock().unwrap_or_else(|e| e.into_inner()).clone())

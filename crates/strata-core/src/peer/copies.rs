@@ -84,6 +84,7 @@ impl RemoteCopies {
             )));
         }
         let mut unreachable = vec![];
+        let mut asked = 0;
         for node in nodes {
             let candidate = match (&holder, &hint) {
                 (Some(holder), _) => node == *holder,
@@ -93,12 +94,24 @@ impl RemoteCopies {
             if node == self.node_id || !candidate {
                 continue;
             }
+            asked += 1;
             match self.peers.lookup(&node, source) {
                 Ok(Some(info)) => return Ok(Some((node, info))),
                 Ok(None) => {}
                 Err(Error::Unavailable(m)) => unreachable.push(m),
                 Err(e) => return Err(e),
             }
+        }
+        if asked == 0
+            && let Some(hint) = &hint
+        {
+            // The id names a node this one cannot see now (not ready, or gone): it may come
+            // back, so the caller retries rather than gives up.
+            return Err(Error::Unavailable(format!(
+                "{} was made on a node (hint {}) that has no reachable peer service now; retry once it is back",
+                Named(source),
+                hint.as_str()
+            )));
         }
         match unreachable.first() {
             Some(first) => Err(Error::Unavailable(format!(

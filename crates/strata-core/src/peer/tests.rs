@@ -506,7 +506,10 @@ fn ids_without_a_hint_are_looked_up_in_the_cluster_first() {
     let old = "vol-0123456789abcdef01234567";
     let source = Some(ContentSource::Volume(old.into()));
     // The PV says node C: only C is asked.
-    fake.volumes.lock().unwrap().insert(old.into(), "node-c".into());
+    fake.volumes
+        .lock()
+        .unwrap()
+        .insert(old.into(), "node-c".into());
     let err = create(&nodes[1], "x", 16 * MIB, source.clone()).unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     assert_eq!(*peers.lookups.lock().unwrap(), vec!["node-c".to_owned()]);
@@ -514,20 +517,36 @@ fn ids_without_a_hint_are_looked_up_in_the_cluster_first() {
     peers.lookups.lock().unwrap().clear();
     fake.volumes.lock().unwrap().clear();
     create(&nodes[1], "x", 16 * MIB, source.clone()).unwrap_err();
-    assert_eq!(*peers.lookups.lock().unwrap(), vec!["node-a".to_owned(), "node-c".to_owned()]);
+    assert_eq!(
+        *peers.lookups.lock().unwrap(),
+        vec!["node-a".to_owned(), "node-c".to_owned()]
+    );
     // The node it records has no peer endpoint: UNAVAILABLE (it may come back).
-    fake.volumes.lock().unwrap().insert(old.into(), "node-gone".into());
+    fake.volumes
+        .lock()
+        .unwrap()
+        .insert(old.into(), "node-gone".into());
     let err = create(&nodes[1], "x", 16 * MIB, source.clone()).unwrap_err();
-    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("node-gone")), "{err}");
+    assert!(
+        matches!(err, Error::Unavailable(ref m) if m.contains("node-gone")),
+        "{err}"
+    );
     // The API server does not answer: UNAVAILABLE, retried.
-    *fake.failing.lock().unwrap() = Some(Error::Unavailable("the API server does not answer".into()));
+    *fake.failing.lock().unwrap() =
+        Some(Error::Unavailable("the API server does not answer".into()));
     let err = create(&nodes[1], "x", 16 * MIB, source).unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
     // Ids with a hint never need the cluster.
     *fake.failing.lock().unwrap() = None;
     let reads = fake.reads.load(Ordering::SeqCst);
     let vol = create(&nodes[0], "src", 16 * MIB, None).unwrap();
-    create(&nodes[1], "clone", 16 * MIB, Some(ContentSource::Volume(vol.id))).unwrap();
+    create(
+        &nodes[1],
+        "clone",
+        16 * MIB,
+        Some(ContentSource::Volume(vol.id)),
+    )
+    .unwrap();
     assert_eq!(fake.reads.load(Ordering::SeqCst), reads);
 }
 
@@ -535,8 +554,17 @@ fn ids_without_a_hint_are_looked_up_in_the_cluster_first() {
 fn without_the_peer_service_a_source_made_elsewhere_is_unavailable_not_gone() {
     let alone = node_fixture("node-b", FaultPoints::default(), None);
     let elsewhere = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-a"));
-    let err = create(&alone, "r", 16 * MIB, Some(ContentSource::Snapshot(elsewhere))).unwrap_err();
-    assert!(matches!(err, Error::Unavailable(ref m) if m.contains("peer service")), "{err}");
+    let err = create(
+        &alone,
+        "r",
+        16 * MIB,
+        Some(ContentSource::Snapshot(elsewhere)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Unavailable(ref m) if m.contains("peer service")),
+        "{err}"
+    );
     // Its own ids, and ids without a hint, stay NOT_FOUND (final).
     let own = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-b"));
     for id in [own, "snap-0123456789abcdef01234567".to_owned()] {

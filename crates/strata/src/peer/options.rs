@@ -102,9 +102,13 @@ impl PeerOptions {
         if let Some(s) = &self.peer_service {
             let ok = !s.is_empty()
                 && s.len() <= 63
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
             if !ok {
-                return Err("--peer-service must be a Service name (lowercase letters, digits and '-')".into());
+                return Err(
+                    "--peer-service must be a Service name (lowercase letters, digits and '-')"
+                        .into(),
+                );
             }
             if !cfg!(feature = "kubernetes") {
                 return Err("--peer-service needs Kubernetes support, which this build leaves out (cargo feature `kubernetes`); give the peers with --peer".into());

@@ -1,0 +1,589 @@
+//! Strata's Kubernetes client against a real kube-apiserver (built from its Go module by
+//! scripts/kube-apiserver.sh) with Debian's etcd: it runs as the strata-node service account
+//! with exactly the RBAC rules of deploy/kubernetes/peer.yaml, reads the peer Service's
+//! EndpointSlices, PersistentVolumes and VolumeSnapshotContents, and two servers find each
+//! other through the EndpointSlices to restore a snapshot across nodes.
+
+mod common;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use csi_proto as csi;
+use strata::kube_cluster::KubeCluster;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// etcd and kube-apiserver on loopback, stopped (and their data removed) on drop.
+struct ApiServer {
+    dir: tempfile::TempDir,
+    etcd: Child,
+    apiserver: Child,
+    /// The port on loopback (of `netns`, if set).
+    port: u16,
+    url: String,
+    netns: Option<String>,
+    /// The CA of the serving certificate.
+    ca: PathBuf,
+}
+
+/// `program` in the network namespace `netns`, if any.
+fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A serving certificate for `addresses`, and its CA (both PEM, the key last).
+fn serving_cert(addresses: &[String]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(addresses.to_vec()).unwrap();
+    let cert = leaf.signed_by(&key, &Issuer::new(ca, ca_key)).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        for child in [&mut self.apiserver, &mut self.etcd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn apiserver_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("STRATA_KUBE_APISERVER") {
+        return p.into();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kube-apiserver.sh");
+    let out = Command::new(script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/kube-apiserver.sh builds kube-apiserver with Go");
+    assert!(out.status.success(), "building kube-apiserver failed");
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
+impl ApiServer {
+    /// On host loopback.
+    fn start() -> ApiServer {
+        Self::start_in(None, &[])
+    }
+
+    /// In the network namespace `netns` (if any), listening on every address there, with
+    /// a serving certificate for loopback and `addresses`.
+    fn start_in(netns: Option<&str>, addresses: &[String]) -> ApiServer {
+        let binary = apiserver_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (client, peer, secure) = (free_port(), free_port(), free_port());
+        let log = |name: &str| fs::File::create(d.join(name)).unwrap();
+        let etcd = command_in(netns, "etcd")
+            .arg("--data-dir")
+            .arg(d.join("etcd"))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
+            .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
+            .stdout(log("etcd.log"))
+            .stderr(log("etcd.log"))
+            .spawn()
+            .expect("etcd (Debian's etcd-server)");
+        let key = rcgen::KeyPair::generate().unwrap();
+        fs::write(d.join("sa.key"), key.serialize_pem()).unwrap();
+        fs::write(d.join("sa.pub"), key.public_key_pem()).unwrap();
+        fs::write(
+            d.join("tokens.csv"),
+            "admin-token,admin,admin,\"system:masters\"\n",
+        )
+        .unwrap();
+        let mut sans = vec!["127.0.0.1".to_owned()];
+        sans.extend_from_slice(addresses);
+        let (ca, cert, key) = serving_cert(&sans);
+        fs::write(d.join("ca.crt"), ca).unwrap();
+        fs::write(d.join("tls.crt"), cert).unwrap();
+        fs::write(d.join("tls.key"), key).unwrap();
+        let bind = if netns.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        let apiserver = command_in(netns, binary)
+            .arg(format!("--etcd-servers=http://127.0.0.1:{client}"))
+            .arg(format!("--secure-port={secure}"))
+            .arg(format!("--bind-address={bind}"))
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--tls-cert-file={}", d.join("tls.crt").display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                d.join("tls.key").display()
+            ))
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
+            .arg("--authorization-mode=RBAC")
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("sa.pub").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d.join("sa.key").display()
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .stdout(log("apiserver.log"))
+            .stderr(log("apiserver.log"))
+            .spawn()
+            .unwrap();
+        let mut server = ApiServer {
+            ca: dir.path().join("ca.crt"),
+            dir,
+            etcd,
+            apiserver,
+            port: secure,
+            url: format!("https://127.0.0.1:{secure}"),
+            netns: netns.map(str::to_owned),
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while server.kubectl_try(&["get", "--raw", "/readyz"]).is_err() {
+            let exited = server.apiserver.try_wait().ok().flatten().is_some();
+            assert!(
+                Instant::now() < deadline && !exited,
+                "kube-apiserver did not get ready: {}",
+                fs::read_to_string(server.dir.path().join("apiserver.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        server
+    }
+
+    fn kubectl_try(&self, args: &[&str]) -> Result<String, String> {
+        self.kubectl_input(args, None)
+    }
+
+    fn kubectl_input(&self, args: &[&str], input: Option<&str>) -> Result<String, String> {
+        use std::io::Write;
+        let mut child = command_in(self.netns.as_deref(), "kubectl")
+            .arg(format!("--server={}", self.url))
+            .arg("--token=admin-token")
+            .arg(format!("--certificate-authority={}", self.ca.display()))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "kubectl {args:?}: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_try(args).unwrap()
+    }
+
+    fn apply(&self, manifest: &str) {
+        self.kubectl_input(&["apply", "-f", "-"], Some(manifest))
+            .unwrap();
+    }
+
+    /// The namespace, the service account and deploy/kubernetes/peer.yaml, as installed;
+    /// returns a kubeconfig that authenticates as that service account on loopback.
+    fn install_strata(&self) -> PathBuf {
+        let url = self.url.clone();
+        self.install_strata_at(&url)
+    }
+
+    /// [`ApiServer::install_strata`], the kubeconfig reaching the API server at `url`.
+    fn install_strata_at(&self, url: &str) -> PathBuf {
+        self.kubectl(&["create", "namespace", "strata-system"]);
+        self.kubectl(&[
+            "-n",
+            "strata-system",
+            "create",
+            "serviceaccount",
+            "strata-node",
+        ]);
+        let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/peer.yaml");
+        self.kubectl(&["-n", "strata-system", "apply", "-f", peer.to_str().unwrap()]);
+        // The VolumeSnapshotContent kind, enough of it for the test (the real CRDs come
+        // from external-snapshotter).
+        self.apply(VSC_CRD);
+        let token = self.kubectl(&["-n", "strata-system", "create", "token", "strata-node"]);
+        let kubeconfig = self.dir.path().join("strata-node.kubeconfig");
+        let ca = &self.ca;
+        fs::write(&kubeconfig, kubeconfig_text(url, ca, token.trim())).unwrap();
+        // Wait until the CRD is served.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .kubectl_try(&["get", "volumesnapshotcontents"])
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the CRD is not served");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        kubeconfig
+    }
+
+    /// [`ApiServer::install_strata_at`] for the first node; later nodes get their own
+    /// kubeconfig (another URL) for the same service account.
+    fn install_strata_once(&self, url: &str, node: &str) -> PathBuf {
+        if self
+            .kubectl_try(&["get", "namespace", "strata-system"])
+            .is_err()
+        {
+            self.install_strata_at(url);
+        }
+        let token = self.kubectl(&["-n", "strata-system", "create", "token", "strata-node"]);
+        let kubeconfig = self.dir.path().join(format!("{node}.kubeconfig"));
+        fs::write(&kubeconfig, kubeconfig_text(url, &self.ca, token.trim())).unwrap();
+        kubeconfig
+    }
+
+    fn can_i(&self, args: &[&str]) -> bool {
+        let mut all = vec![
+            "auth",
+            "can-i",
+            "--as=system:serviceaccount:strata-system:strata-node",
+        ];
+        all.extend_from_slice(args);
+        self.kubectl_try(&all).is_ok_and(|out| out.trim() == "yes")
+    }
+}
+
+fn kubeconfig_text(url: &str, ca: &Path, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {}\nusers:\n- name: strata-node\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: strata-node\n    namespace: strata-system\ncurrent-context: test\n",
+        ca.display()
+    )
+}
+
+const VSC_CRD: &str = r#"{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition",
+ "metadata":{"name":"volumesnapshotcontents.snapshot.storage.k8s.io",
+  "annotations":{"api-approved.kubernetes.io":"https://github.com/kubernetes-csi/external-snapshotter/pull/419"}},
+ "spec":{"group":"snapshot.storage.k8s.io","scope":"Cluster",
+  "names":{"kind":"VolumeSnapshotContent","plural":"volumesnapshotcontents","singular":"volumesnapshotcontent"},
+  "versions":[{"name":"v1","served":true,"storage":true,
+   "schema":{"openAPIV3Schema":{"type":"object","x-kubernetes-preserve-unknown-fields":true}}}]}}"#;
+
+fn endpoint_slice(name: &str, node: &str, address: &str, port: u16, ready: bool) -> String {
+    format!(
+        r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice",
+ "metadata":{{"name":"{name}","namespace":"strata-system","labels":{{"kubernetes.io/service-name":"strata-peer"}}}},
+ "addressType":"IPv4","ports":[{{"name":"peer","port":{port},"protocol":"TCP"}}],
+ "endpoints":[{{"addresses":["{address}"],"nodeName":"{node}","conditions":{{"ready":{ready}}}}}]}}"#
+    )
+}
+
+async fn client_as(kubeconfig: &Path) -> kube::Client {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_client_reads_what_it_needs_as_its_service_account_and_nothing_more() {
+    let api = tokio::task::spawn_blocking(ApiServer::start).await.unwrap();
+    let kubeconfig = api.install_strata();
+    // Addresses of the documentation range: only read here, never reached.
+    api.apply(&endpoint_slice(
+        "strata-peer-a",
+        "node-a",
+        "192.0.2.10",
+        9820,
+        true,
+    ));
+    api.apply(&endpoint_slice(
+        "strata-peer-b",
+        "node-b",
+        "192.0.2.11",
+        9820,
+        false,
+    ));
+    // Another Service's slice in the namespace is not a peer.
+    let other = endpoint_slice("other", "node-c", "192.0.2.12", 9820, true);
+    api.apply(&other.replace("\"strata-peer\"}", "\"other\"}"));
+    api.apply(
+        r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pvc-old"},
+ "spec":{"capacity":{"storage":"1Gi"},"accessModes":["ReadWriteOnce"],
+  "csi":{"driver":"strata.csi.dev","volumeHandle":"vol-0123456789abcdef01234567"},
+  "nodeAffinity":{"required":{"nodeSelectorTerms":[{"matchExpressions":[
+   {"key":"strata.csi.dev/node","operator":"In","values":["node-a"]}]}]}}}}"#,
+    );
+    api.apply(
+        r#"{"apiVersion":"snapshot.storage.k8s.io/v1","kind":"VolumeSnapshotContent",
+ "metadata":{"name":"snapcontent-old","labels":{"snapshot.storage.kubernetes.io/managed-by":"node-b"}},
+ "spec":{"driver":"strata.csi.dev","deletionPolicy":"Delete","source":{"snapshotHandle":"snap-0123456789abcdef01234567"},
+  "volumeSnapshotRef":{"name":"s","namespace":"default"}},
+ "status":{"snapshotHandle":"snap-0123456789abcdef01234567"}}"#,
+    );
+    let cluster = KubeCluster::with_client(
+        client_as(&kubeconfig).await,
+        "strata-system",
+        "strata-peer",
+        "strata.csi.dev",
+        "strata.csi.dev/node",
+    );
+    let endpoints = cluster.endpoints().await.unwrap();
+    assert_eq!(
+        endpoints.into_iter().collect::<Vec<_>>(),
+        vec![("node-a".to_owned(), "192.0.2.10:9820".to_owned())],
+        "only ready endpoints of the peer Service"
+    );
+    assert_eq!(
+        cluster
+            .pv_node("vol-0123456789abcdef01234567")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("node-a")
+    );
+    assert_eq!(
+        cluster
+            .pv_node("vol-ffffffffffffffffffffffff")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        cluster
+            .content_node("snap-0123456789abcdef01234567")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("node-b")
+    );
+    // Exactly what deploy/kubernetes/peer.yaml grants: reads of these, nothing else.
+    for (allowed, args) in [
+        (
+            true,
+            vec![
+                "list",
+                "endpointslices.discovery.k8s.io",
+                "-n",
+                "strata-system",
+            ],
+        ),
+        (
+            true,
+            vec![
+                "watch",
+                "endpointslices.discovery.k8s.io",
+                "-n",
+                "strata-system",
+            ],
+        ),
+        (
+            false,
+            vec!["list", "endpointslices.discovery.k8s.io", "-n", "default"],
+        ),
+        (true, vec!["list", "persistentvolumes"]),
+        (false, vec!["delete", "persistentvolumes"]),
+        (false, vec!["patch", "persistentvolumes"]),
+        (
+            true,
+            vec!["get", "volumesnapshotcontents.snapshot.storage.k8s.io"],
+        ),
+        (
+            false,
+            vec!["update", "volumesnapshotcontents.snapshot.storage.k8s.io"],
+        ),
+        (false, vec!["get", "secrets", "-n", "strata-system"]),
+        (
+            false,
+            vec![
+                "create",
+                "endpointslices.discovery.k8s.io",
+                "-n",
+                "strata-system",
+            ],
+        ),
+    ] {
+        assert_eq!(api.can_i(&args), allowed, "{args:?}");
+    }
+    // A client the API server refuses (a token for nobody) is UNAVAILABLE, with the reason.
+    let stranger = api.dir.path().join("stranger.kubeconfig");
+    let text = fs::read_to_string(&kubeconfig).unwrap();
+    let start = text.find("token: ").unwrap() + 7;
+    let end = start + text[start..].find('\n').unwrap();
+    fs::write(
+        &stranger,
+        format!("{}not-a-token{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+    let refused = KubeCluster::with_client(
+        client_as(&stranger).await,
+        "strata-system",
+        "strata-peer",
+        "strata.csi.dev",
+        "strata.csi.dev/node",
+    );
+    let err = refused.endpoints().await.unwrap_err();
+    assert!(matches!(err, strata_core::Error::Unavailable(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_find_each_other_through_the_peer_services_endpoint_slices() {
+    // Namespace 0 holds the API server; 1 and 2 the nodes, each linked to the others.
+    let net = netns::Net::new(3);
+    const PEER: u16 = 9820;
+    let addresses: Vec<String> = [1, 2].iter().map(|i| net.ip(0, *i)).collect();
+    let ns0 = net.names[0].clone();
+    let api = tokio::task::spawn_blocking(move || ApiServer::start_in(Some(&ns0), &addresses))
+        .await
+        .unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let tls = certs.path().join("tls");
+    let made = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["peer-certs", "--out-dir"])
+        .arg(&tls)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let ip = |of: usize, from: usize| net.ip(of, from);
+    let mut nodes = vec![];
+    for (i, node) in [(1, "node-a"), (2, "node-b")] {
+        // The address each node is known by: the one on its link with the other node.
+        let other = 3 - i;
+        let kubeconfig =
+            api.install_strata_once(&format!("https://{}:{}", ip(0, i), api.port), node);
+        api.apply(&endpoint_slice(
+            &format!("strata-peer-{node}"),
+            node,
+            &ip(i, other),
+            PEER,
+            true,
+        ));
+        let (tls, listen) = (tls.display().to_string(), format!("0.0.0.0:{PEER}"));
+        nodes.push(
+            TestEnv::start_with_env(
+                Some(&net.names[i]),
+                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+                &[
+                    "--node-id",
+                    node,
+                    "--peer-listen",
+                    &listen,
+                    "--peer-tls-dir",
+                    &tls,
+                    "--peer-service",
+                    "strata-peer",
+                    "--peer-namespace",
+                    "strata-system",
+                ],
+                None,
+            )
+            .await,
+        );
+    }
+    let (a, b) = nodes.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    let vol = a.create("src", 64 << 20, ext4()).await;
+    let image = a.pool().join("volumes").join(&vol.volume_id).join("image");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&image).unwrap();
+        f.write_all_at(&[0x5a; 1 << 20], 8 << 20).unwrap();
+    }
+    let snap = a.snapshot("snap", &vol.volume_id).await.unwrap();
+    let mut req = create_req("restored", 64 << 20, ext4());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    let restored = b
+        .csi
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let copy = b
+        .pool()
+        .join("volumes")
+        .join(&restored.volume_id)
+        .join("image");
+    assert_eq!(fs::read(&copy).unwrap(), fs::read(&image).unwrap());
+    assert!(
+        b.server_log().contains("peers from Kubernetes"),
+        "{}",
+        b.server_log()
+    );
+    // Node A leaves the Service (not ready): B says it cannot reach it, and the
+    // provisioner retries, rather than NOT_FOUND.
+    api.apply(&endpoint_slice(
+        "strata-peer-node-a",
+        "node-a",
+        &ip(1, 2),
+        PEER,
+        false,
+    ));
+    let mut again = create_req("again", 64 << 20, ext4());
+    again.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: vol.volume_id.clone(),
+            },
+        )),
+    });
+    let err = b.csi.controller.create_volume(again).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    drop(nodes);
+    drop(api);
+    drop(net);
+}
