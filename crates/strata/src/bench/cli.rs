@@ -13,7 +13,7 @@ use crate::units::parse_size;
 use super::report::Outcome;
 use super::run::Run;
 use super::steps::LifecycleArgs;
-use super::{churn, compare, fsgroup, group, io, lifecycle, scale, snapshot};
+use super::{churn, compare, cross_node, fsgroup, group, io, lifecycle, scale, snapshot};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -111,6 +111,30 @@ pub enum BenchCommand {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// A snapshot on one node restored on another over the peer service: throughput next
+    /// to plain TCP over the same link (--baseline), memory growth of both servers, data
+    /// checked.
+    CrossNode {
+        /// The node holding the source (its CSI endpoint).
+        #[arg(long)]
+        from: Endpoint,
+        /// The node restoring it.
+        #[arg(long)]
+        to: Endpoint,
+        #[command(flatten)]
+        args: cross_node::CrossNodeArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// The other end of `cross-node --baseline`: counts the bytes each connection sends.
+    TcpSink {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Connections served before exiting.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+    },
     /// Create N volumes, list them all, delete them (unless --keep).
     Scale {
         #[command(flatten)]
@@ -141,7 +165,9 @@ impl BenchCommand {
             | BenchCommand::Fsgroup { client, .. }
             | BenchCommand::Io { client, .. }
             | BenchCommand::Scale { client, .. } => Some(client),
-            BenchCommand::Compare { .. } => None,
+            BenchCommand::Compare { .. }
+            | BenchCommand::CrossNode { .. }
+            | BenchCommand::TcpSink { .. } => None,
         }
     }
 
@@ -155,6 +181,24 @@ impl BenchCommand {
                     output,
                     args,
                 } => compare::compare(&scenario, &endpoints, rounds, &args, output).await,
+                BenchCommand::CrossNode {
+                    from,
+                    to,
+                    args,
+                    output,
+                } => {
+                    let outcome =
+                        cross_node::cross_node(connect(&from).await?, connect(&to).await?, args)
+                            .await?;
+                    outcome.print(output);
+                    outcome.result()
+                }
+                BenchCommand::TcpSink {
+                    listen,
+                    connections,
+                } => tokio::task::spawn_blocking(move || cross_node::tcp_sink(listen, connections))
+                    .await
+                    .map_err(|e| e.to_string())?,
                 _ => Ok(()),
             };
         };
@@ -239,8 +283,10 @@ impl BenchCommand {
                 pid,
                 ..
             } => scale::scale(csi, run, volumes, concurrency, page_size, keep, pid).await,
-            BenchCommand::Compare { .. } => {
-                Err("compare runs scenarios; it is not one itself".into())
+            BenchCommand::Compare { .. }
+            | BenchCommand::CrossNode { .. }
+            | BenchCommand::TcpSink { .. } => {
+                Err("this command runs against two endpoints; it is not a scenario of one".into())
             }
         }
     }

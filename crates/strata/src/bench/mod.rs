@@ -6,6 +6,7 @@ mod aio;
 mod churn;
 mod cli;
 mod compare;
+mod cross_node;
 mod fsgroup;
 mod group;
 mod io;

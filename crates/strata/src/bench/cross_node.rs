@@ -1,0 +1,300 @@
+//! `strata bench cross-node`: a volume holding data on one node, snapshotted, restored on
+//! another over the peer service, `copies` restores at once; the copy's throughput beside
+//! a plain TCP stream of the same bytes over the same link (to a `strata bench tcp-sink`
+//! on the restoring node's side), and each server's memory growth. The restored data is
+//! read back and checked.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::scale::rss_kib;
+use super::snapshot::{checksum, data_path, write_pattern};
+use super::{
+    Outcome, Run, bring_up, create_snapshot, delete_snapshot, delete_volume, mount_existing, offer,
+    tear_down, volume_request,
+};
+use crate::client::Csi;
+use crate::units::human_bytes;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CrossNodeArgs {
+    /// The size of the source volume.
+    #[arg(long, default_value = "4Gi", value_parser = crate::units::parse_size)]
+    pub size: u64,
+    /// The data written into it (what travels).
+    #[arg(long, default_value = "1Gi", value_parser = crate::units::parse_size)]
+    pub data: u64,
+    /// Restores run at once on the destination.
+    #[arg(long, default_value_t = 1)]
+    pub copies: usize,
+    /// Directory for staging and target paths.
+    #[arg(long, default_value = "/tmp/strata-bench")]
+    pub workdir: PathBuf,
+    /// A `strata bench tcp-sink` reached over the same link: the same bytes sent there over
+    /// plain TCP, as the baseline.
+    #[arg(long)]
+    pub baseline: Option<SocketAddr>,
+    /// The source and destination servers' process ids, for their memory growth.
+    #[arg(long)]
+    pub from_pid: Option<u32>,
+    #[arg(long)]
+    pub to_pid: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct CrossNodeReport {
+    data_bytes: u64,
+    copies: usize,
+    seconds: f64,
+    mib_per_second: f64,
+    baseline_mib_per_second: Option<f64>,
+    verified: bool,
+    source_rss_growth_kib: Option<u64>,
+    destination_rss_growth_kib: Option<u64>,
+}
+
+fn peak_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Sends `bytes` to a tcp-sink at `addr` and waits for its count: MiB/s.
+fn tcp_baseline(addr: SocketAddr, bytes: u64) -> std::io::Result<f64> {
+    let mut stream = TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        stream.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    stream.read_exact(&mut count)?;
+    let seconds = start.elapsed().as_secs_f64();
+    if u64::from_le_bytes(count) != bytes {
+        return Err(std::io::Error::other("the sink counted other bytes"));
+    }
+    Ok(bytes as f64 / (1 << 20) as f64 / seconds)
+}
+
+/// `strata bench tcp-sink`: counts what each connection sends and answers the count.
+pub fn tcp_sink(listen: SocketAddr, connections: usize) -> Result<(), String> {
+    let listener = TcpListener::bind(listen).map_err(|e| format!("listen on {listen}: {e}"))?;
+    eprintln!("tcp-sink listening on {listen}");
+    for _ in 0..connections.max(1) {
+        let (mut stream, _) = listener.accept().map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        stream
+            .write_all(&total.to_le_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+/// Runs the scenario; what it made on either node is undone if it stops part-way.
+pub async fn cross_node(from: Csi, to: Csi, args: CrossNodeArgs) -> Result<Outcome, String> {
+    let (run_a, run_b) = (Run::default(), Run::default());
+    let (mut undo_a, mut undo_b) = (from.clone(), to.clone());
+    let result = measure(from, to, &run_a, &run_b, &args).await;
+    if let Err(e) = result {
+        let mut left = run_b.undo(&mut undo_b).await;
+        left.extend(run_a.undo(&mut undo_a).await);
+        return Err(match left.first() {
+            None => format!("{e} (what the run had made is undone)"),
+            Some(first) => format!(
+                "{e}; {} steps could not be undone, first: {first}",
+                left.len()
+            ),
+        });
+    }
+    result
+}
+
+async fn measure(
+    mut from: Csi,
+    mut to: Csi,
+    run_a: &Run,
+    run_b: &Run,
+    args: &CrossNodeArgs,
+) -> Result<Outcome, String> {
+    let offer_a = offer(&mut from).await?;
+    let offer_b = offer(&mut to).await?;
+    if !offer_a.snapshots {
+        return Ok(Outcome::Skipped(
+            "the source does not offer snapshots".into(),
+        ));
+    }
+    std::fs::create_dir_all(&args.workdir)
+        .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
+    let cap = crate::client::shared::CapabilityArgs {
+        block: true,
+        fs_type: String::new(),
+        mount_flags: vec![],
+        mode: crate::client::shared::ModeArg::SingleNodeWriter,
+    }
+    .to_csi();
+    let name = format!("crossnode-{}", std::process::id());
+    let src = bring_up(
+        &mut from,
+        run_a,
+        &offer_a,
+        &cap,
+        name.clone(),
+        args.size,
+        &args.workdir,
+    )
+    .await?;
+    let sum = {
+        let (file, data) = (data_path(&src.target, true), args.data);
+        blocking("write", move || write_pattern(&file, data, 7)).await?
+    };
+    let snap = create_snapshot(&mut from, run_a, src.id.clone(), name.clone()).await?;
+    tear_down(&mut from, run_a, &offer_a, src).await?;
+
+    let before = (
+        args.from_pid.and_then(rss_kib),
+        args.to_pid.and_then(rss_kib),
+    );
+    let start = Instant::now();
+    let mut tasks = vec![];
+    for i in 0..args.copies.max(1) {
+        let mut to = to.clone();
+        let request = volume_request(
+            format!("{name}-copy-{i}"),
+            args.size,
+            &cap,
+            Some(&snap.snapshot_id),
+        );
+        tasks.push(async move { to.controller.create_volume(request).await });
+    }
+    let mut restored = vec![];
+    let mut failed = None;
+    for answer in futures_join(tasks).await {
+        match answer {
+            Ok(r) => {
+                let vol = r.into_inner().volume.unwrap_or_default();
+                run_b.made(super::Step::Volume(vol.volume_id.clone()));
+                restored.push(vol.volume_id);
+            }
+            Err(s) => failed = Some(format!("a restore failed: {:?}: {}", s.code(), s.message())),
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let growth = |pid: Option<u32>, before: Option<u64>| {
+        pid.and_then(peak_kib)
+            .zip(before)
+            .map(|(peak, b)| peak.saturating_sub(b))
+    };
+    let (source_growth, destination_growth) = (
+        growth(args.from_pid, before.0),
+        growth(args.to_pid, before.1),
+    );
+    let baseline = match args.baseline {
+        Some(addr) => Some({
+            let data = args.data;
+            blocking("tcp baseline", move || tcp_baseline(addr, data)).await?
+        }),
+        None => None,
+    };
+    // The first copy holds the data.
+    let first = restored.first().cloned().ok_or("no restore ran")?;
+    let dst = mount_existing(&mut to, run_b, &offer_b, &cap, first, &args.workdir).await?;
+    let copied = {
+        let (file, data) = (data_path(&dst.target, true), args.data);
+        blocking("read back", move || checksum(&file, data)).await?
+    };
+    tear_down(&mut to, run_b, &offer_b, dst).await?;
+    for id in restored.into_iter().skip(1) {
+        delete_volume(&mut to, run_b, id).await?;
+    }
+    delete_snapshot(&mut from, run_a, snap.snapshot_id).await?;
+
+    let total = args.data * args.copies.max(1) as u64;
+    let report = CrossNodeReport {
+        data_bytes: args.data,
+        copies: args.copies.max(1),
+        seconds,
+        mib_per_second: total as f64 / (1 << 20) as f64 / seconds,
+        baseline_mib_per_second: baseline,
+        verified: copied == sum,
+        source_rss_growth_kib: source_growth,
+        destination_rss_growth_kib: destination_growth,
+    };
+    let mut table = format!(
+        "cross-node restore: {} of data in a {} volume, {} at once: {:.2} s, {:.1} MiB/s\n",
+        human_bytes(args.data as i64),
+        human_bytes(args.size as i64),
+        report.copies,
+        seconds,
+        report.mib_per_second
+    );
+    let mut figures = vec![("restore MiB/s".to_owned(), report.mib_per_second)];
+    if let Some(b) = baseline {
+        table.push_str(&format!(
+            "plain TCP over the same link: {b:.1} MiB/s; the copy reaches {:.0}% of it\n",
+            100.0 * report.mib_per_second / b
+        ));
+        figures.push(("plain TCP MiB/s".to_owned(), b));
+    }
+    for (who, g) in [
+        ("source", source_growth),
+        ("destination", destination_growth),
+    ] {
+        if let Some(kib) = g {
+            table.push_str(&format!(
+                "{who} server memory grew by {:.1} MiB (peak)\n",
+                kib as f64 / 1024.0
+            ));
+            figures.push((format!("{who} RSS growth MiB"), kib as f64 / 1024.0));
+        }
+    }
+    table.push_str(&format!("restored data verified: {}\n", report.verified));
+    let failure =
+        (!report.verified).then(|| "the restored volume did not hold the data".to_owned());
+    Ok(Outcome::measured(&report, table, figures).failed(failure))
+}
+
+/// Runs the futures at once and returns their answers in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(tasks: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    let mut out = vec![];
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
