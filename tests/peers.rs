@@ -350,6 +350,50 @@ async fn a_holder_that_cannot_be_reached_is_unavailable_until_it_is_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_mid_copy_is_unavailable_and_the_retry_completes_once_it_is_back() {
+    let mut c = Cluster::start(2, &[]).await;
+    let (vol, staging, target) = published_with_data(&mut c.nodes[0], "src", 6).await;
+    let snap = c.nodes[0].snapshot("snap", &vol).await.unwrap();
+    unpublish_all(&mut c.nodes[0], &vol, &staging, &target).await;
+    // Each chunk node 1 writes takes 500 ms: node 0 dies while it streams.
+    c.nodes[1].restart(Some("delay:copy:after-chunk=500")).await;
+    let mut b = c.nodes[1].csi.clone();
+    let snapshot_id = snap.snapshot_id.clone();
+    let copy = tokio::spawn(async move {
+        b.controller
+            .create_volume(from_snapshot("restored", 256 << 20, &snapshot_id))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.nodes[0].server_log().contains("peer read opened") {
+        assert!(Instant::now() < deadline, "the copy did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.nodes[0].kill();
+    let err = copy.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        c.nodes[1].server_log().contains("resuming"),
+        "the stream was resumed first"
+    );
+    assert!(volume_names(&mut c.nodes[1]).await.is_empty());
+    no_creation_left(&c.nodes[1]);
+    // Node 0 is back: the provisioner's retry copies the whole snapshot again.
+    c.nodes[0].restart(None).await;
+    let restored = create(
+        &mut c.nodes[1],
+        from_snapshot("restored", 256 << 20, &snap.snapshot_id),
+    )
+    .await
+    .unwrap();
+    assert!(same_bytes(
+        &image(&c.nodes[0], "snapshots", &snap.snapshot_id),
+        &image(&c.nodes[1], "volumes", &restored.volume_id)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_killed_mid_copy_retries_to_completion_and_leaves_nothing() {
     let mut c = Cluster::start(2, &[]).await;
     let (vol, staging, target) = published_with_data(&mut c.nodes[0], "src", 6).await;
