@@ -47,7 +47,7 @@ impl Default for ExportLimits {
             max_reads_per_peer: 16,
             max_streams_per_peer: 8,
             idle: Duration::from_secs(300),
-            chunk_bytes: 1 << 20,
+            chunk_bytes: 256 << 10,
         }
     }
 }

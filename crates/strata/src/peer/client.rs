@@ -19,6 +19,10 @@ use super::tls::PeerTls;
 /// The largest message a peer may send: a chunk of data and its framing.
 pub const MAX_MESSAGE_BYTES: usize = (1 << 20) + 64 * 1024;
 
+/// HTTP/2 receive windows: per stream, and for all of a connection's streams.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// How long a connection to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -109,6 +113,10 @@ impl GrpcPeers {
                     .and_then(|e| e.tls_config(self.tls.client()))
                     .map_err(|e| Error::Unavailable(format!("peer address of node {node}: {e}")))?
                     .connect_timeout(CONNECT_TIMEOUT)
+                    // Room for a few chunks in flight: HTTP/2's default 64 KiB window would
+                    // stall a stream every 64 KiB for a round trip.
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
                     .timeout(self.timeout)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(self.timeout)

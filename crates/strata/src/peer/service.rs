@@ -1,5 +1,5 @@
 //! The peer service's handlers: convert, call the core's exports off the async runtime,
-//! convert back. Streams are fed through a queue of two chunks, so one stream holds at
+//! convert back. Streams are fed through a queue of four chunks, so one stream holds at
 //! most three chunks of memory here.
 
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::service::status::to_status;
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 /// Chunks queued per stream ahead of the network.
-const QUEUED_CHUNKS: usize = 2;
+const QUEUED_CHUNKS: usize = 4;
 
 pub struct PeerService {
     exports: Arc<Exports>,

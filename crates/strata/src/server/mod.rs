@@ -149,10 +149,10 @@ fn serve_peers(
         }
     });
     Ok(tokio::spawn(async move {
-        if let Err(e) = router
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-        {
+        // No Nagle delay on the small frames (window updates, ends of streams).
+        let incoming = TcpListenerStream::new(listener)
+            .map(|s| s.and_then(|s| s.set_nodelay(true).map(|()| s)));
+        if let Err(e) = router.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "the peer service stopped");
         }
     }))
