@@ -124,6 +124,22 @@ async fn operators_drive_a_volume_through_its_life_with_the_client() {
     );
     let (ok, out, _) = strata(&env, &["volume", "expand", &restored, "--size", "256Mi"]);
     assert!(ok && out.contains("256Mi"), "{out}");
+    // Its I/O limits: changed, and a bad key refused with the server's reason.
+    let (ok, out, err) = strata(
+        &env,
+        &[
+            "volume",
+            "modify",
+            &restored,
+            "--param",
+            "maxWriteIOPS=500",
+            "--param",
+            "maxReadBytesPerSecond=20Mi",
+        ],
+    );
+    assert!(ok && out.contains("modified"), "{out} {err}");
+    let (ok, _, err) = strata(&env, &["volume", "modify", &restored, "--param", "iops=5"]);
+    assert!(!ok && err.contains("unknown mutable parameter"), "{err}");
 
     // A group snapshot of the staged volume and the restored one, at one instant.
     let (ok, out, err) = strata(&env, &["snapshot", "group-create", "both", &id, &restored]);

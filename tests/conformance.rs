@@ -336,6 +336,7 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
         C::ListSnapshots,
         C::GetSnapshot,
         C::CloneVolume,
+        C::ModifyVolume,
     ] {
         assert!(rpcs.contains(&(want as i32)), "{want:?}");
     }
@@ -356,7 +357,7 @@ async fn capabilities_are_advertised_and_the_rest_is_unimplemented() {
             c.controller_modify_volume(csi::ControllerModifyVolumeRequest::default())
                 .await
         ),
-        Code::Unimplemented
+        Code::InvalidArgument
     );
 
     use csi::node_service_capability::rpc::Type as N;

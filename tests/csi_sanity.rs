@@ -87,6 +87,13 @@ fn skips(block: bool) -> Vec<(&'static str, &'static str)> {
 fn run_sanity(env: &TestEnv, block: bool, volume_size: u64) {
     let params = env.dir.path().join("sanity-parameters.yaml");
     std::fs::write(&params, PARAMETERS).unwrap();
+    // The mutable parameters (I/O limits) its volumes are created and modified with.
+    let mutable = env.dir.path().join("sanity-mutable-parameters.yaml");
+    std::fs::write(
+        &mutable,
+        "maxWriteIOPS: \"1000\"\nmaxReadBytesPerSecond: \"64Mi\"\n",
+    )
+    .unwrap();
     let skips = skips(block);
     for (name, why) in &skips {
         eprintln!("skipping csi-sanity spec {name:?}: {why}");
@@ -98,6 +105,10 @@ fn run_sanity(env: &TestEnv, block: bool, volume_size: u64) {
         .arg(format!("--csi.testvolumesize={volume_size}"))
         .arg(format!("--csi.testvolumeexpandsize={}", 2 * volume_size))
         .arg(format!("--csi.testvolumeparameters={}", params.display()))
+        .arg(format!(
+            "--csi.testvolumemutableparameters={}",
+            mutable.display()
+        ))
         .arg("--ginkgo.no-color")
         .arg("--ginkgo.timeout=10m");
     if block {

@@ -395,6 +395,31 @@ async fn the_cluster_client_reads_what_it_needs_as_its_service_account_and_nothi
             .unwrap(),
         None
     );
+    // By the PV's name, as ControllerModifyVolume gives it (--extra-modify-metadata): one
+    // get, under the same RBAC; a name that is not this volume's PV falls back to the list.
+    assert_eq!(
+        cluster
+            .named_pv_node("pvc-old", "vol-0123456789abcdef01234567")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("node-a")
+    );
+    assert_eq!(
+        cluster
+            .named_pv_node("pvc-missing", "vol-0123456789abcdef01234567")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("node-a")
+    );
+    assert_eq!(
+        cluster
+            .named_pv_node("pvc-old", "vol-ffffffffffffffffffffffff")
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(
         cluster
             .content_node("snap-0123456789abcdef01234567")

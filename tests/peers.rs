@@ -612,3 +612,126 @@ async fn callers_without_a_certificate_of_the_peer_ca_are_refused_before_any_han
     assert!(String::from_utf8_lossy(&out.stderr).contains("--peer-tls-dir"));
     assert!(!Path::new("/tmp/strata-never-pool").exists());
 }
+
+async fn modify(env: &mut TestEnv, id: &str, pairs: &[(&str, &str)]) -> Result<(), tonic::Status> {
+    env.csi
+        .controller
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: id.into(),
+            mutable_parameters: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+}
+
+/// The volume's record on its node's pool, as JSON.
+fn record(env: &TestEnv, id: &str) -> serde_json::Value {
+    let text = fs::read_to_string(env.pool().join("volumes").join(id).join("volume.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_io_limits_sent_to_another_node_is_applied_on_the_volumes_node() {
+    let mut c = Cluster::start(2, &[]).await;
+    let mut req = create_req("limited", 32 << 20, ext4());
+    req.mutable_parameters = [("maxWriteIOPS".to_owned(), "100".to_owned())].into();
+    let vol = create(&mut c.nodes[0], req).await.unwrap();
+    let id = vol.volume_id;
+
+    // A pod on node 0 publishes it (a cgroup laid out as the kubelet's cgroupfs driver).
+    let blkio = Path::new("/sys/fs/cgroup/blkio");
+    let pod_uid = format!("0e1d{:08x}-aaaa-4bbb-8ccc-{:012x}", std::process::id(), 7);
+    let pod_dir = blkio.join(format!("kubepods/burstable/pod{pod_uid}"));
+    let with_cgroups = blkio.join("blkio.throttle.write_iops_device").exists();
+    let staging = c.nodes[0].path("stage");
+    let target = c.nodes[0].path("target");
+    // Removed at the end, also when the test fails (empty parents too).
+    struct Made(Vec<PathBuf>);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = fs::remove_dir(dir);
+            }
+        }
+    }
+    let _made = Made(
+        pod_dir
+            .ancestors()
+            .take_while(|d| *d != blkio)
+            .map(Path::to_path_buf)
+            .collect(),
+    );
+    if with_cgroups {
+        fs::create_dir_all(&pod_dir).unwrap();
+        c.nodes[0].stage(&id, &staging, ext4()).await.unwrap();
+        c.nodes[0]
+            .csi
+            .node
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.clone(),
+                target_path: target.clone(),
+                volume_capability: Some(ext4()),
+                volume_context: [("csi.storage.k8s.io/pod.uid".to_owned(), pod_uid.clone())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let rule =
+        || fs::read_to_string(pod_dir.join("blkio.throttle.write_iops_device")).unwrap_or_default();
+
+    // The resizer runs beside node 1: the call lands on node 0, and answers once applied.
+    modify(
+        &mut c.nodes[1],
+        &id,
+        &[
+            ("maxWriteIOPS", "500"),
+            ("csi.storage.k8s.io/pv/name", "pvc-0001"),
+            ("csi.storage.k8s.io/pvc/name", "data"),
+            ("csi.storage.k8s.io/pvc/namespace", "default"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(record(&c.nodes[0], &id)["io_limits"]["write_iops"], 500);
+    if with_cgroups {
+        assert!(rule().trim_end().ends_with(" 500"), "{}", rule());
+    }
+    // A bad value is refused on node 1 before anything is sent.
+    let err = modify(&mut c.nodes[1], &id, &[("maxWriteIOPS", "lots")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(record(&c.nodes[0], &id)["io_limits"]["write_iops"], 500);
+
+    // Node 0 down: UNAVAILABLE (the resizer retries); back, the retry lands.
+    c.nodes[0].kill();
+    let err = modify(&mut c.nodes[1], &id, &[("maxWriteIOPS", "600")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    c.nodes[0].restart(None).await;
+    modify(&mut c.nodes[1], &id, &[("maxWriteIOPS", "600")])
+        .await
+        .unwrap();
+    assert_eq!(record(&c.nodes[0], &id)["io_limits"]["write_iops"], 600);
+    if with_cgroups {
+        assert!(rule().trim_end().ends_with(" 600"), "{}", rule());
+        unpublish_all(&mut c.nodes[0], &id, &staging, &target).await;
+        assert_eq!(rule(), "");
+    }
+    // A volume no node holds: NOT_FOUND.
+    let err = modify(
+        &mut c.nodes[1],
+        "vol-0123456789abcdef01234567",
+        &[("maxWriteIOPS", "1")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}

@@ -643,6 +643,70 @@ async fn controller_rows(t: &mut Target, rows: &Rows) {
         ),
         Code::InvalidArgument,
     );
+
+    // ControllerModifyVolume (the volume's I/O limits).
+    let modify = |id: &str, pairs: &[(&str, &str)]| csi::ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    rows.check(
+        "ControllerModifyVolume",
+        "missing volume_id",
+        code(
+            c.controller_modify_volume(modify("", &[("maxReadIOPS", "1")]))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    rows.check(
+        "ControllerModifyVolume",
+        "parameters not supported (an unknown key)",
+        code(
+            c.controller_modify_volume(modify(&id, &[("maxReadIOPS", "1"), ("speed", "fast")]))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    rows.check(
+        "ControllerModifyVolume",
+        "parameters not supported (a bad value)",
+        code(
+            c.controller_modify_volume(modify(&id, &[("maxWriteBytesPerSecond", "-2Mi")]))
+                .await,
+        ),
+        Code::InvalidArgument,
+    );
+    rows.check(
+        "ControllerModifyVolume",
+        "volume does not exist",
+        code(
+            c.controller_modify_volume(modify(UNKNOWN_VOLUME, &[("maxReadIOPS", "1")]))
+                .await,
+        ),
+        Code::NotFound,
+    );
+    rows.check(
+        "ControllerModifyVolume",
+        "a valid change (idempotent)",
+        code(
+            c.controller_modify_volume(modify(&id, &[("maxReadIOPS", "100")]))
+                .await,
+        ),
+        Code::Ok,
+    );
+    rows.check(
+        "ControllerModifyVolume",
+        "the same change again",
+        code(
+            c.controller_modify_volume(modify(&id, &[("maxReadIOPS", "100")]))
+                .await,
+        ),
+        Code::Ok,
+    );
     c.delete_volume(delete(&other.volume_id)).await.unwrap();
     c.delete_volume(delete(&id)).await.unwrap();
 }

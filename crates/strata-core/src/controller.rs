@@ -12,11 +12,12 @@ use crate::fault::FaultPoints;
 use crate::freezer::Freezer;
 use crate::ids::{NodeHint, is_volume_id, new_volume_id};
 use crate::inflight::InFlight;
+use crate::io_limits::{IoLimiter, LimitChange, PV_NAME_KEY};
 use crate::model::{
     Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VOLUME_RECORD_VERSION,
     VolumeRecord,
 };
-use crate::peer::RemoteCopies;
+use crate::peer::{Forwarding, RemoteCopies};
 use crate::reaper::Reaper;
 use crate::snapshot::Snapshots;
 use crate::validate;
@@ -40,6 +41,8 @@ pub struct CreateVolume {
     pub requisite: Vec<Topology>,
     /// A snapshot or volume whose data the new volume starts with.
     pub content_source: Option<ContentSource>,
+    /// The volume's I/O limits ([`crate::io_limits`]).
+    pub mutable_parameters: BTreeMap<String, String>,
 }
 
 /// A volume with its health, for Get and List.
@@ -110,6 +113,10 @@ pub struct Controller {
     ids: NodeHint,
     /// Copies from other nodes (when the peer service is configured).
     remote: Option<Arc<RemoteCopies>>,
+    /// The volumes' I/O limits.
+    limits: Arc<IoLimiter>,
+    /// Calls forwarded to the node holding a volume (when the peer service is configured).
+    forwarding: Option<Arc<Forwarding>>,
     crash: FaultPoints,
 }
 
@@ -125,6 +132,8 @@ impl Controller {
         inflight: Arc<InFlight>,
         topology: NodeTopology,
         remote: Option<Arc<RemoteCopies>>,
+        limits: Arc<IoLimiter>,
+        forwarding: Option<Arc<Forwarding>>,
         crash: FaultPoints,
     ) -> Self {
         Controller {
@@ -138,6 +147,8 @@ impl Controller {
             ids: NodeHint::of(&topology.node_id),
             topology,
             remote,
+            limits,
+            forwarding,
             crash,
         }
     }
@@ -153,6 +164,7 @@ impl Controller {
             self.capabilities.check_capability(cap)?;
         }
         self.capabilities.check_parameters(&req.parameters)?;
+        let io_limits = self.limits.initial(&req.mutable_parameters)?;
         if !req.requisite.is_empty() && !req.requisite.iter().any(|t| self.topology.is_this_node(t))
         {
             return Err(Error::ResourceExhausted(format!(
@@ -172,6 +184,11 @@ impl Controller {
             if existing.parameters != req.parameters {
                 return Err(Error::AlreadyExists(format!(
                     "volume {name:?} exists with other parameters"
+                )));
+            }
+            if existing.io_limits != io_limits {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {name:?} exists with other I/O limits (mutable parameters)"
                 )));
             }
             if existing.content_source != req.content_source {
@@ -275,6 +292,8 @@ impl Controller {
                 // stage with a group walks the tree once.
                 mount_group: None,
                 mount_group_current: false,
+                io_limits,
+                throttled: vec![],
             };
             self.volumes.store.commit_create(&staging, record)
         });
@@ -380,12 +399,39 @@ impl Controller {
         Ok((record.capacity_bytes, record.resize_pending))
     }
 
+    /// ControllerModifyVolume: changes the volume's I/O limits where it lives, here or on
+    /// the node that holds it (forwarded over the peer service). The parameters are
+    /// checked before anything is done; the answer comes once the limits are applied
+    /// wherever the volume is published.
+    pub fn modify_volume(&self, id: &str, parameters: &BTreeMap<String, String>) -> Result<()> {
+        validate::required_str("volume_id", id)?;
+        let change = LimitChange::parse(parameters)?;
+        self.limits.check(&change)?;
+        if self.volumes.store.get(id).is_some() || !is_volume_id(id) {
+            return self.limits.modify(id, &change);
+        }
+        let pv_name = parameters.get(PV_NAME_KEY).map(String::as_str);
+        match &self.forwarding {
+            Some(forwarding) => forwarding.modify_volume(id, pv_name, &change),
+            None => {
+                let hint = NodeHint::in_id(id);
+                if hint.is_some_and(|h| h != self.ids) {
+                    return Err(Error::Unavailable(format!(
+                        "volume {id} was made on another node, and the peer service that forwards calls to it is off here (make the peer certificates: docs/operations.md)"
+                    )));
+                }
+                self.limits.modify(id, &change)
+            }
+        }
+    }
+
     /// `Ok(None)` when every capability is supported; `Ok(Some(reason))` when one is not.
     pub fn validate_capabilities(
         &self,
         id: &str,
         capabilities: &[Capability],
         parameters: &BTreeMap<String, String>,
+        mutable_parameters: &BTreeMap<String, String>,
     ) -> Result<Option<String>> {
         let record = self.volumes.get(id)?;
         if capabilities.is_empty() {
@@ -396,6 +442,12 @@ impl Controller {
         if !parameters.is_empty() && *parameters != record.parameters {
             return Ok(Some(
                 "parameters differ from those the volume was created with".into(),
+            ));
+        }
+        let change = LimitChange::parse(mutable_parameters)?;
+        if change.applied_to(record.io_limits) != record.io_limits {
+            return Ok(Some(
+                "mutable parameters differ from the volume's current I/O limits".into(),
             ));
         }
         Ok(capabilities

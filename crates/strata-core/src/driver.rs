@@ -16,12 +16,13 @@ use crate::freezer::Freezer;
 use crate::group::Groups;
 use crate::ids::NodeHint;
 use crate::inflight::InFlight;
+use crate::io_limits::IoLimiter;
 use crate::model::Topology;
 use crate::mounts::Mounts;
 use crate::node::Node;
 use crate::os::{FileId, Host};
 use crate::paths::NodePaths;
-use crate::peer::{Exports, Peers, RemoteCopies};
+use crate::peer::{ExportSources, Exports, Forwarding, Peers, RemoteCopies};
 use crate::reaper::Reaper;
 use crate::snapshot::Snapshots;
 use crate::store::{GroupStore, Reconciliation, SnapshotStore, VolumeStore};
@@ -54,6 +55,8 @@ pub struct Driver {
     pub exports: Arc<Exports>,
     /// Copies from other nodes, when the peer service is configured.
     pub remote: Option<Arc<RemoteCopies>>,
+    /// The volumes' I/O limits, applied in the cgroups of their consumers.
+    pub io_limits: Arc<IoLimiter>,
     pub(crate) volumes: Arc<Volumes>,
     pub(crate) freezer: Arc<Freezer>,
     reaper: Arc<Reaper>,
@@ -115,14 +118,26 @@ impl Driver {
             NodeHint::of(&config.node_id),
             crash.clone(),
         ));
+        let io_limits = Arc::new(IoLimiter::new(
+            volumes.clone(),
+            host.cgroups.clone(),
+            backend.limits_io(),
+            backend.kind(),
+        ));
+        let forwarding = peers
+            .as_ref()
+            .map(|p| Arc::new(Forwarding::new(p.clone(), &config.node_id)));
         let remote = peers.map(|p| Arc::new(RemoteCopies::new(p, &config.node_id, crash.clone())));
         let exports = Arc::new(Exports::new(
             config.node_id.clone(),
             &config.pool,
-            volumes.clone(),
-            snapshots.clone(),
-            freezer.clone(),
-            backend.clone(),
+            ExportSources {
+                volumes: volumes.clone(),
+                snapshots: snapshots.clone(),
+                freezer: freezer.clone(),
+                backend: backend.clone(),
+                io_limits: io_limits.clone(),
+            },
             config.export_limits,
         )?);
         let controller = Arc::new(Controller::new(
@@ -138,6 +153,8 @@ impl Driver {
                 node_id: config.node_id.clone(),
             },
             remote.clone(),
+            io_limits.clone(),
+            forwarding,
             crash.clone(),
         ));
         let groups = Groups::new(
@@ -159,6 +176,7 @@ impl Driver {
             controller.clone(),
             host.clone(),
             backend.clone(),
+            io_limits.clone(),
             crash,
         );
         let driver = Driver {
@@ -170,6 +188,7 @@ impl Driver {
             capabilities,
             exports,
             remote,
+            io_limits,
             volumes,
             freezer,
             reaper,
@@ -177,6 +196,7 @@ impl Driver {
             host,
         };
         driver.freezer.thaw_all(&driver.volumes)?;
+        driver.io_limits.reconcile();
         report.detached_orphan_loops = driver.detach_orphan_loops()?;
         Ok((driver, report))
     }

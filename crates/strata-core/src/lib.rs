@@ -15,6 +15,7 @@ pub mod group;
 pub mod host_error;
 pub mod ids;
 pub mod inflight;
+pub mod io_limits;
 pub mod model;
 pub mod mounts;
 pub mod node;

@@ -224,6 +224,45 @@ pub struct VolumeRecord {
     /// default fsGroupChangePolicy, `Always`). Records written before it read as false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mount_group_current: bool,
+    /// The I/O limits of the volume (its mutable parameters), applied wherever it is
+    /// published.
+    #[serde(default, skip_serializing_if = "IoLimits::is_unlimited")]
+    pub io_limits: IoLimits,
+    /// Where the volume is published and whose cgroup its I/O is charged to: each entry
+    /// was recorded before its limits were written there, so an unpublish, a change of
+    /// the limits and a restart find every rule Strata wrote.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub throttled: Vec<Throttled>,
+}
+
+/// Per-volume I/O limits; zero means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoLimits {
+    #[serde(default)]
+    pub read_iops: u64,
+    #[serde(default)]
+    pub write_iops: u64,
+    #[serde(default)]
+    pub read_bytes_per_second: u64,
+    #[serde(default)]
+    pub write_bytes_per_second: u64,
+}
+
+impl IoLimits {
+    pub fn is_unlimited(&self) -> bool {
+        *self == IoLimits::default()
+    }
+}
+
+/// A published target of a volume whose I/O is limited in a cgroup: the rule Strata wrote
+/// for `device` in `cgroup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Throttled {
+    /// The target path as the publish named it.
+    pub target: String,
+    pub cgroup: crate::os::cgroups::CgroupRef,
+    /// The device (major, minor) the rule names: the loop device the target shows.
+    pub device: (u32, u32),
 }
 
 /// What a new volume's data is copied from.
@@ -388,6 +427,8 @@ mod tests {
             resize_pending: false,
             mount_group: None,
             mount_group_current: false,
+            io_limits: IoLimits::default(),
+            throttled: vec![],
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert!(

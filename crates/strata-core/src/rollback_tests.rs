@@ -75,6 +75,7 @@ fn publish(d: &Driver, id: &str, capability: Capability, read_only: bool) -> Res
         target_path: "/target".into(),
         capability,
         read_only,
+        consumer: Default::default(),
     })
 }
 

@@ -128,6 +128,30 @@ impl KubeCluster {
             .and_then(|pv| pinned_node(pv, &self.topology_key)))
     }
 
+    /// The node of PV `pv_name`, if it is this driver's PV of `volume_id`.
+    pub async fn named_pv_node(
+        &self,
+        pv_name: &str,
+        volume_id: &str,
+    ) -> Result<Option<String>, Error> {
+        let api: Api<PersistentVolume> = Api::all(self.client.clone());
+        let pv = tokio::time::timeout(READ_TIMEOUT, api.get_opt(pv_name))
+            .await
+            .map_err(|_| unavailable("get PersistentVolume", "timed out"))?
+            .map_err(|e| unavailable("get PersistentVolume", e))?;
+        let ours = pv.as_ref().is_some_and(|pv| {
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.csi.as_ref())
+                .is_some_and(|csi| csi.driver == self.driver && csi.volume_handle == volume_id)
+        });
+        match pv {
+            Some(pv) if ours => Ok(pinned_node(&pv, &self.topology_key)),
+            // Not this volume's PV (renamed, or the parameter is wrong): by handle.
+            _ => self.pv_node(volume_id).await,
+        }
+    }
+
     pub async fn content_node(&self, snapshot_id: &str) -> Result<Option<String>, Error> {
         let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent");
         let resource = ApiResource::from_gvk(&gvk);
@@ -197,6 +221,11 @@ impl Cluster for KubeCluster {
 
     fn volume_node(&self, volume_id: &str) -> Result<Option<String>, Error> {
         self.runtime.block_on(self.pv_node(volume_id))
+    }
+
+    fn named_volume_node(&self, pv_name: &str, volume_id: &str) -> Result<Option<String>, Error> {
+        self.runtime
+            .block_on(self.named_pv_node(pv_name, volume_id))
     }
 
     fn snapshot_node(&self, snapshot_id: &str) -> Result<Option<String>, Error> {

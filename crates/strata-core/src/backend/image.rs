@@ -78,6 +78,11 @@ impl Backend for ImageBackend {
         true
     }
 
+    /// Each volume has its own loop device, whose I/O a cgroup throttles.
+    fn limits_io(&self) -> bool {
+        true
+    }
+
     /// Every volume has its own filesystem on its own device, so each can be frozen.
     fn group_consistency(&self) -> super::GroupConsistency {
         super::GroupConsistency::Freeze

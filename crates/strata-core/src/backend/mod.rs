@@ -68,6 +68,10 @@ pub trait Backend: Send + Sync {
     fn size_policy(&self) -> SizePolicy;
     /// Whether volumes can be handed out as raw block devices.
     fn supports_block(&self) -> bool;
+    /// Whether each volume has a device of its own whose I/O can be limited per cgroup.
+    fn limits_io(&self) -> bool {
+        false
+    }
     /// Whether volumes are directories of the pool's filesystem (so a requested fs_type has
     /// no meaning) rather than devices the node formats.
     fn serves_directories(&self) -> bool {

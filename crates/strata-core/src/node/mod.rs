@@ -22,6 +22,7 @@ use crate::capability::Capabilities;
 use crate::controller::Controller;
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
+use crate::io_limits::{Consumer, IoLimiter};
 use crate::model::Capability;
 use crate::mounts::{Mounts, Owners};
 use crate::os::Host;
@@ -49,6 +50,7 @@ pub struct Node {
     capabilities: Arc<Capabilities>,
     host: Host,
     backend: Arc<dyn Backend>,
+    limits: Arc<IoLimiter>,
     crash: FaultPoints,
 }
 
@@ -62,6 +64,7 @@ impl Node {
         controller: Arc<Controller>,
         host: Host,
         backend: Arc<dyn Backend>,
+        limits: Arc<IoLimiter>,
         crash: FaultPoints,
     ) -> Self {
         let paths = Arc::new(paths);
@@ -82,6 +85,7 @@ impl Node {
             capabilities,
             host,
             backend,
+            limits,
             crash,
         }
     }
@@ -103,6 +107,8 @@ pub struct PublishVolume {
     pub target_path: String,
     pub capability: Capability,
     pub read_only: bool,
+    /// Whose I/O the target is (from the volume context), for the volume's I/O limits.
+    pub consumer: Consumer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +239,7 @@ mod tests {
             target_path: target.into(),
             capability: mount(mode),
             read_only,
+            consumer: Default::default(),
         })
     }
 
@@ -442,6 +449,7 @@ mod tests {
                 target_path: target.into(),
                 capability: grouped(gid),
                 read_only,
+                consumer: Default::default(),
             })
         };
         let walks = || f.fake.lock().groups.len();
@@ -558,6 +566,7 @@ mod tests {
                 target_path: if staging == "/stage" { "/t" } else { staging }.into(),
                 capability: cap,
                 read_only: false,
+                consumer: Default::default(),
             });
             assert!(
                 matches!(r, Err(Error::InvalidArgument(_))),

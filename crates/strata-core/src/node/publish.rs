@@ -156,15 +156,46 @@ impl Node {
                 };
                 self.host.loops.hold(dev)?.ok_or_else(not_staged)?
             };
-            let target_node = self.paths.create(target, Create::File)?;
+            let limited = self.limits.publish(
+                &record,
+                &target.path.to_string_lossy(),
+                &req.consumer,
+                (device.device.major, device.device.minor),
+            );
+            let limited = match limited {
+                Ok(limited) => limited,
+                Err(e) => {
+                    if device.device.read_only {
+                        self.mounts.release_read_only_devices(&dir)?;
+                    }
+                    return Err(e);
+                }
+            };
+            let target_node = match self.paths.create(target, Create::File) {
+                Ok(node) => node,
+                Err(e) => {
+                    if let Some(entry) = &limited {
+                        self.limits.undo(&record.id, entry);
+                    }
+                    if device.device.read_only {
+                        self.mounts.release_read_only_devices(&dir)?;
+                    }
+                    return Err(e);
+                }
+            };
             self.crash.reach("publish:before-bind");
             let bound = self.host.mounter.bind(
                 &NodePath::trusted(&device.device.path),
                 &target_node,
                 &flags,
             );
-            if bound.is_err() && device.device.read_only {
-                self.mounts.release_read_only_devices(&dir)?;
+            if bound.is_err() {
+                if let Some(entry) = &limited {
+                    self.limits.undo(&record.id, entry);
+                }
+                if device.device.read_only {
+                    self.mounts.release_read_only_devices(&dir)?;
+                }
             }
             return Ok(bound?);
         }
@@ -177,9 +208,30 @@ impl Node {
         if !read_only {
             self.fsgroups.may_be_written(&record.id)?;
         }
-        let target_node = self.paths.create(target, Create::Directory)?;
+        let limited = match &att {
+            Attachment::Device(dev) => self.limits.publish(
+                &self.volumes.get(&record.id)?,
+                &target.path.to_string_lossy(),
+                &req.consumer,
+                (dev.major, dev.minor),
+            )?,
+            Attachment::Directory(_) => None,
+        };
+        let target_node = match self.paths.create(target, Create::Directory) {
+            Ok(node) => node,
+            Err(e) => {
+                if let Some(entry) = &limited {
+                    self.limits.undo(&record.id, entry);
+                }
+                return Err(e);
+            }
+        };
         self.crash.reach("publish:before-bind");
-        Ok(self.host.mounter.bind(&staged_node, &target_node, &flags)?)
+        let bound = self.host.mounter.bind(&staged_node, &target_node, &flags);
+        if let (Err(_), Some(entry)) = (&bound, &limited) {
+            self.limits.undo(&record.id, entry);
+        }
+        Ok(bound?)
     }
 
     pub fn unpublish_volume(&self, volume_id: &str, target_path: &str) -> Result<()> {
@@ -215,6 +267,8 @@ impl Node {
         };
         let node = self.mounts.unmount_ours(node, &owners)?;
         self.crash.reach("unpublish:after-unmount");
+        self.limits
+            .unpublished(&record.id, &target.path.to_string_lossy())?;
         self.mounts.release_read_only_devices(&dir)?;
         // Only what a publish creates is removed: an empty directory or an empty file.
         if let Some(node) = node

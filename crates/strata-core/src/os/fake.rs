@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::cgroups::{CgroupRef, CgroupVersion, Cgroups};
 use super::{
     AttachOptions, CopyMethod, Create, FileId, Filesystems, FsUsage, HeldLoop, Host, LoopDevice,
     LoopDevices, MountEntry, MountOptions, MountedFs, Mounter, NodePath, Probe,
 };
 use crate::filesystem::Filesystem;
 use crate::host_error::{HostError, Result};
+use crate::model::IoLimits;
 
 const LOOP_MAJOR: u32 = 7;
 const DEVTMPFS: (u32, u32) = (0, 5);
@@ -34,6 +36,7 @@ pub enum Op {
     Freeze,
     Thaw,
     ApplyGroup,
+    SetLimits,
 }
 
 #[derive(Default)]
@@ -54,6 +57,10 @@ pub struct FakeState {
     pub files: std::collections::HashSet<PathBuf>,
     /// Every group applied to a tree, in order.
     pub groups: Vec<(PathBuf, u32)>,
+    /// Pod cgroups by pod uid, as a test makes them (path relative to the hierarchy).
+    pub pod_cgroups: HashMap<String, String>,
+    /// The I/O limits written, by cgroup path and device; a rule of zeros is removed.
+    pub io_rules: HashMap<(String, (u32, u32)), IoLimits>,
     /// Failures armed by [`FakeHost::fail_next`], each used by the next call of its op.
     failures: Vec<(Op, HostError)>,
     next_mount_id: u32,
@@ -75,6 +82,7 @@ impl FakeHost {
             loops: self.clone(),
             filesystems: self.clone(),
             btrfs: self.clone(),
+            cgroups: self.clone(),
         }
     }
 
@@ -467,4 +475,75 @@ impl super::btrfs::Btrfs for FakeHost {
 
 fn no_btrfs() -> HostError {
     HostError::Unsupported("the fake host has no btrfs".into())
+}
+
+impl FakeHost {
+    /// Makes a pod's cgroup (kubelet cgroupfs layout, burstable) and returns its path.
+    pub fn add_pod(&self, uid: &str) -> String {
+        let path = format!("kubepods/burstable/pod{uid}");
+        self.lock().pod_cgroups.insert(uid.to_owned(), path.clone());
+        path
+    }
+
+    /// Ends a pod: its cgroup and the rules in it go.
+    pub fn remove_pod(&self, uid: &str) {
+        let mut s = self.lock();
+        if let Some(path) = s.pod_cgroups.remove(uid) {
+            s.io_rules.retain(|(p, _), _| *p != path);
+        }
+    }
+
+    fn cgroup_exists(s: &FakeState, path: &str) -> bool {
+        s.pod_cgroups.values().any(|p| p == path)
+    }
+}
+
+impl Cgroups for FakeHost {
+    fn pod_cgroup(&self, pod_uid: &str) -> Result<Option<CgroupRef>> {
+        Ok(self.lock().pod_cgroups.get(pod_uid).map(|path| CgroupRef {
+            version: CgroupVersion::V1,
+            path: path.clone(),
+        }))
+    }
+
+    fn cgroup_at(&self, path: &str) -> Result<Option<CgroupRef>> {
+        let s = self.lock();
+        Ok(Self::cgroup_exists(&s, path).then(|| CgroupRef {
+            version: CgroupVersion::V1,
+            path: path.to_owned(),
+        }))
+    }
+
+    fn set_limits(
+        &self,
+        cgroup: &CgroupRef,
+        device: (u32, u32),
+        limits: &IoLimits,
+    ) -> Result<bool> {
+        self.injected(Op::SetLimits)?;
+        let mut s = self.lock();
+        if !Self::cgroup_exists(&s, &cgroup.path) {
+            return Ok(false);
+        }
+        let key = (cgroup.path.clone(), device);
+        if limits.is_unlimited() {
+            s.io_rules.remove(&key);
+        } else {
+            s.io_rules.insert(key, *limits);
+        }
+        Ok(true)
+    }
+
+    fn limits(&self, cgroup: &CgroupRef, device: (u32, u32)) -> Result<Option<IoLimits>> {
+        let s = self.lock();
+        if !Self::cgroup_exists(&s, &cgroup.path) {
+            return Ok(None);
+        }
+        Ok(Some(
+            s.io_rules
+                .get(&(cgroup.path.clone(), device))
+                .copied()
+                .unwrap_or_default(),
+        ))
+    }
 }

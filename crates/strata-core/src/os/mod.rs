@@ -2,6 +2,7 @@
 //! logic run against the real kernel ([`linux`]) or an in-memory fake ([`fake`]).
 
 pub mod btrfs;
+pub mod cgroups;
 pub mod clone;
 pub mod extents;
 #[cfg(any(test, feature = "fake"))]
@@ -281,6 +282,9 @@ impl Drop for FrozenGuard<'_> {
     }
 }
 
+/// Where the kernel's cgroup filesystems are normally mounted.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// Everything on the host the driver touches, injected into the services.
 #[derive(Clone)]
 pub struct Host {
@@ -288,6 +292,7 @@ pub struct Host {
     pub loops: Arc<dyn LoopDevices>,
     pub filesystems: Arc<dyn Filesystems>,
     pub btrfs: Arc<dyn btrfs::Btrfs>,
+    pub cgroups: Arc<dyn cgroups::Cgroups>,
 }
 
 impl Host {
@@ -299,7 +304,15 @@ impl Host {
             loops: os.clone(),
             filesystems: os,
             btrfs: Arc::new(btrfs::BtrfsTool),
+            cgroups: Arc::new(linux::LinuxCgroups::new(DEFAULT_CGROUP_ROOT.into())),
         }
+    }
+
+    /// This host with the cgroup filesystems under `root` (the host's, where the driver
+    /// runs in a container).
+    pub fn with_cgroup_root(mut self, root: PathBuf) -> Self {
+        self.cgroups = Arc::new(linux::LinuxCgroups::new(root));
+        self
     }
 
     /// The device and in-filesystem path of `path` as the mount table names them, from the

@@ -14,6 +14,11 @@ pub trait Cluster: Send + Sync {
     fn peer_endpoints(&self) -> Result<BTreeMap<String, String>>;
     /// The node the PV of this driver with volume handle `volume_id` is pinned to.
     fn volume_node(&self, volume_id: &str) -> Result<Option<String>>;
+    /// The node the PV named `pv_name` is pinned to, if it is this driver's PV of
+    /// `volume_id` (one read instead of a list).
+    fn named_volume_node(&self, _pv_name: &str, volume_id: &str) -> Result<Option<String>> {
+        self.volume_node(volume_id)
+    }
     /// The node whose Strata took snapshot `snapshot_id`.
     fn snapshot_node(&self, snapshot_id: &str) -> Result<Option<String>>;
 }

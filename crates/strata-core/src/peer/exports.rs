@@ -16,6 +16,7 @@ use crate::backend::Backend;
 use crate::error::{Error, IoContext, Result};
 use crate::freezer::Freezer;
 use crate::ids::{is_snapshot_id, is_volume_id};
+use crate::io_limits::{IoLimiter, LimitChange};
 use crate::model::ContentSource;
 use crate::os::extents::{allocated_bytes, next_data};
 use crate::snapshot::Snapshots;
@@ -102,6 +103,16 @@ impl Drop for Streaming<'_> {
     }
 }
 
+/// What the peer service reads from and changes on this node.
+pub struct ExportSources {
+    pub volumes: Arc<Volumes>,
+    pub snapshots: Arc<Snapshots>,
+    pub freezer: Arc<Freezer>,
+    pub backend: Arc<dyn Backend>,
+    /// Changes of I/O limits forwarded by the node the resizer called.
+    pub io_limits: Arc<IoLimiter>,
+}
+
 /// The peer service's work on this node.
 pub struct Exports {
     node_id: String,
@@ -111,6 +122,8 @@ pub struct Exports {
     backend: Arc<dyn Backend>,
     scratch: PathBuf,
     limits: ExportLimits,
+    /// Changes of I/O limits forwarded by the node the resizer called.
+    io_limits: Arc<IoLimiter>,
     reads: Mutex<HashMap<String, Arc<Read>>>,
     streams: Mutex<HashMap<String, usize>>,
 }
@@ -121,12 +134,16 @@ impl Exports {
     pub fn new(
         node_id: String,
         pool: &std::path::Path,
-        volumes: Arc<Volumes>,
-        snapshots: Arc<Snapshots>,
-        freezer: Arc<Freezer>,
-        backend: Arc<dyn Backend>,
+        sources: ExportSources,
         limits: ExportLimits,
     ) -> Result<Self> {
+        let ExportSources {
+            volumes,
+            snapshots,
+            freezer,
+            backend,
+            io_limits,
+        } = sources;
         let scratch = pool.join(READS_DIR);
         fs::create_dir_all(&scratch).ctx(|| format!("create {}", scratch.display()))?;
         for entry in fs::read_dir(&scratch).ctx(|| format!("list {}", scratch.display()))? {
@@ -142,6 +159,7 @@ impl Exports {
             backend,
             scratch,
             limits,
+            io_limits,
             reads: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
         })
@@ -149,6 +167,17 @@ impl Exports {
 
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// A change of a volume's I/O limits, forwarded by another node: applied if the volume
+    /// is here (NOT_FOUND otherwise; never forwarded again).
+    pub fn modify_volume(
+        &self,
+        volume_id: &str,
+        parameters: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let change = LimitChange::parse(parameters)?;
+        self.io_limits.modify(volume_id, &change)
     }
 
     pub fn limits(&self) -> ExportLimits {

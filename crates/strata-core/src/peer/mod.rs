@@ -7,10 +7,12 @@
 pub mod cluster;
 pub mod copies;
 pub mod exports;
+pub mod forward;
 
 pub use cluster::Cluster;
 pub use copies::{CopyFigures, RemoteCopies};
-pub use exports::{ExportLimits, Exports, OpenedRead};
+pub use exports::{ExportLimits, ExportSources, Exports, OpenedRead};
+pub use forward::Forwarding;
 
 use std::fmt;
 
@@ -63,6 +65,11 @@ pub trait Peers: Send + Sync {
     fn holder(&self, _source: &ContentSource) -> Result<Option<String>> {
         Ok(None)
     }
+    /// The node a volume is pinned to as the cluster records it: by its PV's name when
+    /// the caller knows it (one read), else by its handle.
+    fn volume_holder(&self, volume_id: &str, _pv_name: Option<&str>) -> Result<Option<String>> {
+        self.holder(&ContentSource::Volume(volume_id.to_owned()))
+    }
     /// What `node` holds under `source`'s id, if anything.
     fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>>;
     /// Opens a consistent read of `source` on `node`.
@@ -78,6 +85,14 @@ pub trait Peers: Send + Sync {
     ) -> Result<ReadEnd>;
     /// Ends a read. Idempotent.
     fn release(&self, node: &str, read_id: &str) -> Result<()>;
+    /// Changes the I/O limits of a volume `node` holds (its mutable parameters); done
+    /// when `node` has applied them.
+    fn modify_volume(
+        &self,
+        node: &str,
+        volume_id: &str,
+        parameters: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()>;
 }
 
 /// The filesystem state as the peer protocol carries it.

@@ -126,6 +126,15 @@ impl Peers for LocalPeers {
         self.reach(node)?.release(read_id);
         Ok(())
     }
+
+    fn modify_volume(
+        &self,
+        node: &str,
+        volume_id: &str,
+        parameters: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.reach(node)?.modify_volume(volume_id, parameters)
+    }
 }
 
 struct Pair {
@@ -446,10 +455,13 @@ fn reads_idle_past_the_limit_are_closed() {
     let exports = Exports::new(
         "node-a".into(),
         pool.path(),
-        f.driver.volumes.clone(),
-        f.driver.snapshots.clone(),
-        f.driver.freezer.clone(),
-        f.driver.backend.clone(),
+        ExportSources {
+            volumes: f.driver.volumes.clone(),
+            snapshots: f.driver.snapshots.clone(),
+            freezer: f.driver.freezer.clone(),
+            backend: f.driver.backend.clone(),
+            io_limits: f.driver.io_limits.clone(),
+        },
         ExportLimits {
             idle: std::time::Duration::ZERO,
             ..ExportLimits::default()
@@ -571,4 +583,93 @@ fn without_the_peer_service_a_source_made_elsewhere_is_unavailable_not_gone() {
         let err = create(&alone, "r", 16 * MIB, Some(ContentSource::Snapshot(id))).unwrap_err();
         assert!(matches!(err, Error::NotFound(_)), "{err}");
     }
+}
+
+#[test]
+fn a_change_of_io_limits_sent_to_another_node_lands_on_the_volumes_node() {
+    let c = cluster();
+    let vol = create(&c.a, "v", 16 * MIB, None).unwrap();
+    let change: std::collections::BTreeMap<String, String> = [
+        ("maxWriteIOPS".to_owned(), "500".to_owned()),
+        ("csi.storage.k8s.io/pv/name".to_owned(), "pvc-1".to_owned()),
+    ]
+    .into();
+    c.b.driver
+        .controller
+        .modify_volume(&vol.id, &change)
+        .unwrap();
+    let on_a = c.a.driver.volumes.store.get(&vol.id).unwrap();
+    assert_eq!(on_a.io_limits.write_iops, 500);
+    assert!(c.b.driver.volumes.store.get(&vol.id).is_none());
+    // A bad value is refused on the node called, before anything is sent.
+    let bad = [("maxWriteIOPS".to_owned(), "x".to_owned())].into();
+    assert!(matches!(
+        c.b.driver.controller.modify_volume(&vol.id, &bad),
+        Err(Error::InvalidArgument(_))
+    ));
+    // The owner down: UNAVAILABLE, and the retry lands once it is back.
+    c.peers.down.lock().unwrap().insert("node-a".into());
+    let later = [("maxWriteIOPS".to_owned(), "600".to_owned())].into();
+    let err =
+        c.b.driver
+            .controller
+            .modify_volume(&vol.id, &later)
+            .unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    c.peers.down.lock().unwrap().clear();
+    c.b.driver
+        .controller
+        .modify_volume(&vol.id, &later)
+        .unwrap();
+    assert_eq!(
+        c.a.driver
+            .volumes
+            .store
+            .get(&vol.id)
+            .unwrap()
+            .io_limits
+            .write_iops,
+        600
+    );
+    // A volume that was on A and is gone: NOT_FOUND from A, final.
+    let gone = crate::ids::new_volume_id(&crate::ids::NodeHint::of("node-a"));
+    let err =
+        c.b.driver
+            .controller
+            .modify_volume(&gone, &later)
+            .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    // Made on a node no longer reachable at all: UNAVAILABLE, retried.
+    let lost = crate::ids::new_volume_id(&crate::ids::NodeHint::of("node-z"));
+    let err =
+        c.b.driver
+            .controller
+            .modify_volume(&lost, &later)
+            .unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+}
+
+#[test]
+fn a_volume_without_a_hint_is_found_through_its_pv() {
+    let fake = Arc::new(cluster::FakeCluster::default());
+    let peers = Arc::new(LocalPeers {
+        cluster: Some(fake.clone()),
+        ..LocalPeers::default()
+    });
+    let a = node_fixture("node-a", FaultPoints::default(), Some(peers.clone()));
+    let b = node_fixture("node-b", FaultPoints::default(), Some(peers.clone()));
+    peers.add("node-a", a.driver.exports.clone());
+    peers.add("node-b", b.driver.exports.clone());
+    let old = "vol-0123456789abcdef01234567";
+    let change = [("maxReadIOPS".to_owned(), "5".to_owned())].into();
+    // Nothing records it and no node holds it: NOT_FOUND after asking the others.
+    let err = b.driver.controller.modify_volume(old, &change).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    // Its PV names a node that is not reachable: UNAVAILABLE.
+    fake.volumes
+        .lock()
+        .unwrap()
+        .insert(old.into(), "node-gone".into());
+    let err = b.driver.controller.modify_volume(old, &change).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
 }

@@ -384,6 +384,8 @@ mod tests {
             resize_pending: false,
             mount_group: None,
             mount_group_current: false,
+            io_limits: Default::default(),
+            throttled: vec![],
         }
     }
 

@@ -26,6 +26,9 @@ pub enum VolumeCommand {
         /// StorageClass-style parameter KEY=VALUE, repeatable.
         #[arg(long = "parameter", value_parser = parse_key_value)]
         parameters: Vec<(String, String)>,
+        /// Mutable parameter KEY=VALUE (I/O limits such as maxWriteIOPS=500), repeatable.
+        #[arg(long = "param", value_parser = parse_key_value)]
+        mutable_parameters: Vec<(String, String)>,
     },
     /// Delete a volume.
     Delete {
@@ -56,6 +59,17 @@ pub enum VolumeCommand {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
+    /// Change a volume's mutable parameters, its I/O limits (ControllerModifyVolume):
+    /// maxReadIOPS, maxWriteIOPS, maxReadBytesPerSecond, maxWriteBytesPerSecond (0:
+    /// unlimited). Keys not given stay as they are.
+    Modify {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        /// KEY=VALUE, repeatable, e.g. --param maxWriteIOPS=500 --param maxReadBytesPerSecond=20Mi.
+        #[arg(long = "param", value_parser = parse_key_value, required = true)]
+        parameters: Vec<(String, String)>,
+    },
 }
 impl VolumeCommand {
     fn client(&self) -> &ClientArgs {
@@ -64,7 +78,8 @@ impl VolumeCommand {
             | VolumeCommand::Delete { client, .. }
             | VolumeCommand::List { client, .. }
             | VolumeCommand::Get { client, .. }
-            | VolumeCommand::Expand { client, .. } => client,
+            | VolumeCommand::Expand { client, .. }
+            | VolumeCommand::Modify { client, .. } => client,
         }
     }
 
@@ -78,9 +93,13 @@ impl VolumeCommand {
                 capability,
                 source,
                 parameters,
+                mutable_parameters,
                 ..
             } => {
-                let parameters = parameters.into_iter().collect();
+                let parameters = [
+                    parameters.into_iter().collect(),
+                    mutable_parameters.into_iter().collect(),
+                ];
                 create(csi, name, size, &capability, &source, parameters, output).await
             }
             VolumeCommand::Delete { volume_id, .. } => delete(csi, volume_id).await,
@@ -89,6 +108,11 @@ impl VolumeCommand {
             VolumeCommand::Expand {
                 volume_id, size, ..
             } => expand(csi, volume_id, size, output).await,
+            VolumeCommand::Modify {
+                volume_id,
+                parameters,
+                ..
+            } => modify(csi, volume_id, parameters.into_iter().collect()).await,
         }
     }
 }
@@ -118,7 +142,7 @@ async fn create(
     size: u64,
     cap: &CapabilityArgs,
     source: &SourceArgs,
-    parameters: HashMap<String, String>,
+    [parameters, mutable_parameters]: [HashMap<String, String>; 2],
     format: Format,
 ) -> Result<(), String> {
     let volume = csi
@@ -131,6 +155,7 @@ async fn create(
             }),
             volume_capabilities: vec![cap.to_csi()],
             parameters,
+            mutable_parameters,
             volume_content_source: source.to_csi(),
             ..Default::default()
         })
@@ -222,5 +247,22 @@ async fn expand(mut csi: Csi, volume_id: String, size: u64, format: Format) -> R
         Cell::Bool(r.node_expansion_required),
     ]);
     rows.print(format);
+    Ok(())
+}
+
+async fn modify(
+    mut csi: Csi,
+    volume_id: String,
+    mutable_parameters: HashMap<String, String>,
+) -> Result<(), String> {
+    csi.controller
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: volume_id.clone(),
+            mutable_parameters,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| status_error("ControllerModifyVolume", s))?;
+    println!("volume {volume_id} modified");
     Ok(())
 }

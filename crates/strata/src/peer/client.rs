@@ -262,6 +262,44 @@ impl Peers for GrpcPeers {
         })
     }
 
+    fn volume_holder(
+        &self,
+        volume_id: &str,
+        pv_name: Option<&str>,
+    ) -> Result<Option<String>, Error> {
+        match &self.directory {
+            Directory::Static(_) => Ok(None),
+            Directory::Cluster(c) => match pv_name {
+                Some(pv) => c.named_volume_node(pv, volume_id),
+                None => c.volume_node(volume_id),
+            },
+        }
+    }
+
+    fn modify_volume(
+        &self,
+        node: &str,
+        volume_id: &str,
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        let mut client = self.client(node)?;
+        self.runtime
+            .block_on(client.modify_volume(proto::ModifyVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                parameters: parameters.clone().into_iter().collect(),
+            }))
+            .map_err(|s| match s.code() {
+                // Checked here already: the volume's node cannot apply these (another
+                // backend there), which the resizer must see as infeasible.
+                Code::InvalidArgument => Error::InvalidArgument(format!(
+                    "node {node}: {}",
+                    s.message().chars().take(512).collect::<String>()
+                )),
+                _ => from_status(node, &s),
+            })?;
+        Ok(())
+    }
+
     fn release(&self, node: &str, read_id: &str) -> Result<(), Error> {
         let mut client = self.client(node)?;
         self.runtime

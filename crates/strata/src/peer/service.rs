@@ -145,6 +145,21 @@ impl proto::peer_server::Peer for PeerService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn modify_volume(
+        &self,
+        request: Request<proto::ModifyVolumeRequest>,
+    ) -> Result<Response<proto::ModifyVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let exports = self.exports.clone();
+        let id = req.volume_id.clone();
+        run("peer.ModifyVolume", &id, move || {
+            let parameters = strata_core::validate::ordered(&req.parameters);
+            exports.modify_volume(&req.volume_id, &parameters)?;
+            Ok(proto::ModifyVolumeResponse {})
+        })
+        .await
+    }
+
     async fn release(
         &self,
         request: Request<proto::ReleaseRequest>,

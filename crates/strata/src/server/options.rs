@@ -67,6 +67,11 @@ pub struct ServeOptions {
     /// a rolling update); past it the server exits with an error. 0: do not wait.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub pool_lock_timeout: u64,
+    /// Where the host's cgroup filesystems are (in a container: the host's
+    /// /sys/fs/cgroup mounted there): volumes' I/O limits are written into the cgroups of
+    /// the pods that publish them.
+    #[arg(long, default_value = strata_core::os::DEFAULT_CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
     #[command(flatten)]
     pub peer: PeerOptions,
     /// Test-only crash point (environment STRATA_CRASH_AT).

@@ -152,7 +152,7 @@ pub fn open_driver(
     let dir = fs::canonicalize(&opts.pool)
         .map_err(|e| format!("resolve pool {}: {e}", opts.pool.display()))?;
     let lock = lock_pool_waiting(&dir, Duration::from_secs(opts.pool_lock_timeout))?;
-    let host = Host::linux();
+    let host = Host::linux().with_cgroup_root(opts.cgroup_root.clone());
     let pool = match opts.pool_image {
         Some(size) => mount_pool_image(&host, &dir, size)
             .map_err(|e| format!("pool image in {}: {e}", dir.display()))?,

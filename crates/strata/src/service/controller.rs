@@ -25,6 +25,8 @@ pub const CAPABILITIES: &[RpcType] = &[
     RpcType::ListSnapshots,
     RpcType::GetSnapshot,
     RpcType::CloneVolume,
+    // I/O limits, applied on the volume's node (forwarded there over the peer service).
+    RpcType::ModifyVolume,
     // Not ExpandVolume: volumes grow through NodeExpandVolume on the node that holds them
     // (docs/architecture.md). ControllerExpandVolume still answers, for operators.
 ];
@@ -63,6 +65,7 @@ impl Controller for ControllerService {
                     .as_ref()
                     .map(convert::content_source)
                     .transpose()?,
+                mutable_parameters: ordered(&req.mutable_parameters),
             };
             let record = driver.controller.create_volume(create)?;
             Ok(csi::CreateVolumeResponse {
@@ -110,10 +113,13 @@ impl Controller for ControllerService {
         run("ValidateVolumeCapabilities", &id, move || {
             let caps = capabilities(&req.volume_capabilities)?;
             let params = ordered(&req.parameters);
-            let refusal =
-                driver
-                    .controller
-                    .validate_capabilities(&req.volume_id, &caps, &params)?;
+            let mutable = ordered(&req.mutable_parameters);
+            let refusal = driver.controller.validate_capabilities(
+                &req.volume_id,
+                &caps,
+                &params,
+                &mutable,
+            )?;
             Ok(match refusal {
                 None => csi::ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
@@ -325,8 +331,17 @@ impl Controller for ControllerService {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<csi::ControllerModifyVolumeRequest>,
+        request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        unimplemented("ControllerModifyVolume").await
+        let req = request.into_inner();
+        let driver = self.0.driver.clone();
+        let id = req.volume_id.clone();
+        run("ControllerModifyVolume", &id, move || {
+            driver
+                .controller
+                .modify_volume(&req.volume_id, &ordered(&req.mutable_parameters))?;
+            Ok(csi::ControllerModifyVolumeResponse {})
+        })
+        .await
     }
 }

@@ -3,6 +3,7 @@
 use csi::node_server::Node;
 use csi::node_service_capability::{Rpc, rpc::Type as RpcType};
 use csi_proto as csi;
+use strata_core::io_limits::Consumer;
 use strata_core::model::CapacityRange;
 use strata_core::node::{EphemeralVolume, PublishVolume, StageVolume, is_ephemeral};
 use strata_core::validate::ordered;
@@ -79,6 +80,7 @@ impl Node for NodeService {
                 return Ok(csi::NodePublishVolumeResponse {});
             }
             let publish = PublishVolume {
+                consumer: Consumer::from_context(&context)?,
                 target_path: req.target_path,
                 capability: required_capability(req.volume_capability.as_ref())?,
                 staging_path: req.staging_target_path,

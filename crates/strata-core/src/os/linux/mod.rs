@@ -2,11 +2,13 @@
 //! One module per host trait: [`mount`] (Mounter), [`loops`] (LoopDevices), [`filesystems`]
 //! (Filesystems), and [`tools`], how every external tool is run.
 
+mod cgroups;
 mod filesystems;
 mod loops;
 mod mount;
 pub mod tools;
 
+pub use cgroups::LinuxCgroups;
 pub use tools::{run, tool_says};
 
 use std::ffi::CString;
