@@ -25,6 +25,7 @@ use crate::paths::NodePaths;
 use crate::peer::{ExportSources, Exports, Forwarding, Peers, RemoteCopies};
 use crate::reaper::Reaper;
 use crate::snapshot::Snapshots;
+use crate::snapshot_metadata::SnapshotMetadata;
 use crate::store::{GroupStore, Reconciliation, SnapshotStore, VolumeStore};
 use crate::volumes::Volumes;
 
@@ -57,6 +58,8 @@ pub struct Driver {
     pub remote: Option<Arc<RemoteCopies>>,
     /// The volumes' I/O limits, applied in the cgroups of their consumers.
     pub io_limits: Arc<IoLimiter>,
+    /// Changed block tracking: the SnapshotMetadata service.
+    pub snapshot_metadata: Arc<SnapshotMetadata>,
     pub(crate) volumes: Arc<Volumes>,
     pub(crate) freezer: Arc<Freezer>,
     reaper: Arc<Reaper>,
@@ -128,6 +131,11 @@ impl Driver {
             .as_ref()
             .map(|p| Arc::new(Forwarding::new(p.clone(), &config.node_id)));
         let remote = peers.map(|p| Arc::new(RemoteCopies::new(p, &config.node_id, crash.clone())));
+        let snapshot_metadata = Arc::new(SnapshotMetadata::new(
+            snapshots.clone(),
+            backend.clone(),
+            forwarding.clone(),
+        ));
         let exports = Arc::new(Exports::new(
             config.node_id.clone(),
             &config.pool,
@@ -137,6 +145,7 @@ impl Driver {
                 freezer: freezer.clone(),
                 backend: backend.clone(),
                 io_limits: io_limits.clone(),
+                snapshot_metadata: snapshot_metadata.clone(),
             },
             config.export_limits,
         )?);
@@ -189,6 +198,7 @@ impl Driver {
             exports,
             remote,
             io_limits,
+            snapshot_metadata,
             volumes,
             freezer,
             reaper,

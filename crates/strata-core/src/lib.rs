@@ -2,6 +2,7 @@
 //! knows about gRPC; the `strata` crate converts between CSI messages and these types.
 
 pub mod backend;
+pub mod block_ranges;
 pub mod capability;
 pub mod config;
 pub mod controller;
@@ -27,6 +28,7 @@ pub mod reaper;
 #[cfg(test)]
 mod rollback_tests;
 pub mod snapshot;
+pub mod snapshot_metadata;
 pub mod store;
 #[cfg(test)]
 mod testing;

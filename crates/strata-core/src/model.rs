@@ -254,13 +254,40 @@ impl IoLimits {
     }
 }
 
+/// Which cgroup interface a cgroup is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupVersion {
+    /// The blkio hierarchy of cgroup v1.
+    V1,
+    /// The unified hierarchy (cgroup v2) with the io controller.
+    V2,
+}
+
+/// A cgroup: its path relative to the root of its hierarchy (`kubepods/burstable/pod…`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CgroupRef {
+    pub version: CgroupVersion,
+    pub path: String,
+}
+
+impl std::fmt::Display for CgroupRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = match self.version {
+            CgroupVersion::V1 => "blkio",
+            CgroupVersion::V2 => "io",
+        };
+        write!(f, "{v}:/{}", self.path)
+    }
+}
+
 /// A published target of a volume whose I/O is limited in a cgroup: the rule Strata wrote
 /// for `device` in `cgroup`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Throttled {
     /// The target path as the publish named it.
     pub target: String,
-    pub cgroup: crate::os::cgroups::CgroupRef,
+    pub cgroup: CgroupRef,
     /// The device (major, minor) the rule names: the loop device the target shows.
     pub device: (u32, u32),
 }

@@ -101,6 +101,10 @@ impl Backend for ImageBackend {
             .ctx(|| format!("size {} to {size} bytes", path.display()))
     }
 
+    fn block_layout(&self) -> bool {
+        true
+    }
+
     fn open_data(&self, dir: &Path) -> Result<File> {
         let path = Self::image(dir);
         File::open(&path).ctx(|| format!("open {}", path.display()))

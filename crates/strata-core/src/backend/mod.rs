@@ -130,6 +130,11 @@ pub trait Backend: Send + Sync {
     fn devices(&self, _dir: &Path) -> Result<Vec<LoopDevice>> {
         Ok(vec![])
     }
+    /// Whether a volume's and a snapshot's data is one file laid out as the block device
+    /// (what changed block tracking describes).
+    fn block_layout(&self) -> bool {
+        false
+    }
     /// The volume's data opened for reading as one file, for a copy to another node (its
     /// allocated ranges are what travels).
     fn open_data(&self, _dir: &Path) -> Result<std::fs::File> {

@@ -2,37 +2,9 @@
 //! and per-device limits written into a cgroup (cgroup v1 `blkio.throttle.*_device`, cgroup
 //! v2 `io.max`). The core decides which limits go where; this layer finds and writes.
 
-use serde::{Deserialize, Serialize};
-
 use crate::host_error::Result;
 use crate::model::IoLimits;
-
-/// Which cgroup interface a cgroup is reached through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CgroupVersion {
-    /// The blkio hierarchy of cgroup v1.
-    V1,
-    /// The unified hierarchy (cgroup v2) with the io controller.
-    V2,
-}
-
-/// A cgroup: its path relative to the root of its hierarchy (`kubepods/burstable/pod…`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct CgroupRef {
-    pub version: CgroupVersion,
-    pub path: String,
-}
-
-impl std::fmt::Display for CgroupRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = match self.version {
-            CgroupVersion::V1 => "blkio",
-            CgroupVersion::V2 => "io",
-        };
-        write!(f, "{v}:/{}", self.path)
-    }
-}
+pub use crate::model::{CgroupRef, CgroupVersion};
 
 /// Cgroups as the kernel has them.
 pub trait Cgroups: Send + Sync {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Chunk, Named, Peers, RemoteRead, SourceInfo, source_id};
+use super::{Chunk, Named, Peers, RemoteRead, SourceInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::FaultPoints;
 use crate::ids::NodeHint;
@@ -68,60 +68,7 @@ impl RemoteCopies {
     /// when no node holds it (or the id says it was made here). UNAVAILABLE when a node
     /// that may hold it cannot be asked.
     pub fn locate(&self, source: &ContentSource) -> Result<Option<(String, SourceInfo)>> {
-        let hint = NodeHint::in_id(source_id(source));
-        if hint.as_ref() == Some(&self.hint) {
-            return Ok(None);
-        }
-        let holder = match hint {
-            Some(_) => None,
-            None => self.peers.holder(source)?,
-        };
-        let nodes = self.peers.nodes()?;
-        if let Some(holder) = holder.as_ref().filter(|h| !nodes.contains(h)) {
-            return Err(Error::Unavailable(format!(
-                "{} is on node {holder}, whose peer service is not reachable (no ready endpoint); retry once it is back",
-                Named(source)
-            )));
-        }
-        let mut unreachable = vec![];
-        let mut asked = 0;
-        for node in nodes {
-            let candidate = match (&holder, &hint) {
-                (Some(holder), _) => node == *holder,
-                (None, Some(hint)) => *hint == NodeHint::of(&node),
-                (None, None) => true,
-            };
-            if node == self.node_id || !candidate {
-                continue;
-            }
-            asked += 1;
-            match self.peers.lookup(&node, source) {
-                Ok(Some(info)) => return Ok(Some((node, info))),
-                Ok(None) => {}
-                Err(Error::Unavailable(m)) => unreachable.push(m),
-                Err(e) => return Err(e),
-            }
-        }
-        if asked == 0
-            && let Some(hint) = &hint
-        {
-            // The id names a node this one cannot see now (not ready, or gone): it may come
-            // back, so the caller retries rather than gives up.
-            return Err(Error::Unavailable(format!(
-                "{} was made on a node (hint {}) that has no reachable peer service now; retry once it is back",
-                Named(source),
-                hint.as_str()
-            )));
-        }
-        match unreachable.first() {
-            Some(first) => Err(Error::Unavailable(format!(
-                "{} is not on node {}, and {} node(s) that may hold it cannot be reached ({first}); retry once they are back",
-                Named(source),
-                self.node_id,
-                unreachable.len()
-            ))),
-            None => Ok(None),
-        }
+        super::locate(self.peers.as_ref(), &self.node_id, &self.hint, source)
     }
 
     /// Pulls `source` from `node` into `into` (a new volume's data, `capacity` bytes, all

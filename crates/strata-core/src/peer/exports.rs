@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::{Chunk, Named, ReadEnd, SourceInfo};
 use crate::backend::Backend;
+use crate::block_ranges::{HeldRanges, PageSink, RangeQuery};
 use crate::error::{Error, IoContext, Result};
 use crate::freezer::Freezer;
 use crate::ids::{is_snapshot_id, is_volume_id};
@@ -111,6 +112,8 @@ pub struct ExportSources {
     pub backend: Arc<dyn Backend>,
     /// Changes of I/O limits forwarded by the node the resizer called.
     pub io_limits: Arc<IoLimiter>,
+    /// Snapshot metadata questions forwarded by the node the backup tool called.
+    pub snapshot_metadata: Arc<dyn HeldRanges>,
 }
 
 /// The peer service's work on this node.
@@ -124,6 +127,7 @@ pub struct Exports {
     limits: ExportLimits,
     /// Changes of I/O limits forwarded by the node the resizer called.
     io_limits: Arc<IoLimiter>,
+    snapshot_metadata: Arc<dyn HeldRanges>,
     reads: Mutex<HashMap<String, Arc<Read>>>,
     streams: Mutex<HashMap<String, usize>>,
 }
@@ -143,6 +147,7 @@ impl Exports {
             freezer,
             backend,
             io_limits,
+            snapshot_metadata,
         } = sources;
         let scratch = pool.join(READS_DIR);
         fs::create_dir_all(&scratch).ctx(|| format!("create {}", scratch.display()))?;
@@ -160,6 +165,7 @@ impl Exports {
             scratch,
             limits,
             io_limits,
+            snapshot_metadata,
             reads: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
         })
@@ -178,6 +184,12 @@ impl Exports {
     ) -> Result<()> {
         let change = LimitChange::parse(parameters)?;
         self.io_limits.modify(volume_id, &change)
+    }
+
+    /// A snapshot metadata question forwarded by another node, about snapshots held here
+    /// (NOT_FOUND otherwise; never forwarded again).
+    pub fn snapshot_ranges(&self, query: &RangeQuery, sink: &mut PageSink<'_>) -> Result<()> {
+        self.snapshot_metadata.answer_here(query, sink)
     }
 
     pub fn limits(&self) -> ExportLimits {

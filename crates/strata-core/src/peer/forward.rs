@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::Peers;
+use crate::block_ranges::{PageSink, RangeQuery};
 use crate::error::{Error, Result};
 use crate::ids::NodeHint;
 use crate::io_limits::LimitChange;
@@ -25,6 +26,26 @@ impl Forwarding {
             node_id: node_id.to_owned(),
             hint: NodeHint::of(node_id),
         }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The node that holds `source`, which this node does not; `None` when no node does.
+    /// UNAVAILABLE when a node that may hold it cannot be asked now.
+    pub fn holder(&self, source: &ContentSource) -> Result<Option<String>> {
+        Ok(super::locate(self.peers.as_ref(), &self.node_id, &self.hint, source)?.map(|(n, _)| n))
+    }
+
+    /// The pages of a snapshot metadata answer from `node`, which holds the snapshots.
+    pub fn snapshot_ranges(
+        &self,
+        node: &str,
+        query: &RangeQuery,
+        sink: &mut PageSink<'_>,
+    ) -> Result<()> {
+        self.peers.snapshot_ranges(node, query, sink)
     }
 
     /// The node that holds volume `volume_id`, which this node does not. NOT_FOUND when

@@ -17,6 +17,7 @@ pub use forward::Forwarding;
 use std::fmt;
 
 use crate::error::{Error, Result};
+use crate::ids::NodeHint;
 use crate::model::{ContentSource, FormatState};
 
 /// What a node says about a snapshot or a volume it holds: what a copy of it needs.
@@ -93,6 +94,14 @@ pub trait Peers: Send + Sync {
         volume_id: &str,
         parameters: &std::collections::BTreeMap<String, String>,
     ) -> Result<()>;
+    /// Streams `node`'s answer to a snapshot metadata question about snapshots it holds,
+    /// page by page into `sink`; a broken stream is UNAVAILABLE (the caller resumes).
+    fn snapshot_ranges(
+        &self,
+        node: &str,
+        query: &crate::block_ranges::RangeQuery,
+        sink: &mut crate::block_ranges::PageSink<'_>,
+    ) -> Result<()>;
 }
 
 /// The filesystem state as the peer protocol carries it.
@@ -145,3 +154,69 @@ impl fmt::Display for Named<'_> {
 
 #[cfg(test)]
 mod tests;
+
+/// The node that holds `source`, when node `node_id` (whose ids carry `own_hint`) does
+/// not, and what it holds: by the id's node hint, else as the cluster records it, else by
+/// asking every node. `None` when no node holds it (or the id says it was made here).
+/// UNAVAILABLE when a node that may hold it cannot be asked.
+pub(crate) fn locate(
+    peers: &dyn Peers,
+    node_id: &str,
+    own_hint: &NodeHint,
+    source: &ContentSource,
+) -> Result<Option<(String, SourceInfo)>> {
+    let hint = NodeHint::in_id(source_id(source));
+    if hint.as_ref() == Some(own_hint) {
+        return Ok(None);
+    }
+    let holder = match hint {
+        Some(_) => None,
+        None => peers.holder(source)?,
+    };
+    let nodes = peers.nodes()?;
+    if let Some(holder) = holder.as_ref().filter(|h| !nodes.contains(h)) {
+        return Err(Error::Unavailable(format!(
+            "{} is on node {holder}, whose peer service is not reachable (no ready endpoint); retry once it is back",
+            Named(source)
+        )));
+    }
+    let mut unreachable = vec![];
+    let mut asked = 0;
+    for node in nodes {
+        let candidate = match (&holder, &hint) {
+            (Some(holder), _) => node == *holder,
+            (None, Some(hint)) => *hint == NodeHint::of(&node),
+            (None, None) => true,
+        };
+        if node == node_id || !candidate {
+            continue;
+        }
+        asked += 1;
+        match peers.lookup(&node, source) {
+            Ok(Some(info)) => return Ok(Some((node, info))),
+            Ok(None) => {}
+            Err(Error::Unavailable(m)) => unreachable.push(m),
+            Err(e) => return Err(e),
+        }
+    }
+    if asked == 0
+        && let Some(hint) = &hint
+    {
+        // The id names a node this one cannot see now (not ready, or gone): it may come
+        // back, so the caller retries rather than gives up.
+        return Err(Error::Unavailable(format!(
+            "{} was made on a node (hint {}) that has no reachable peer service now; retry once it is back",
+            Named(source),
+            hint.as_str()
+        )));
+    }
+    match unreachable.first() {
+        Some(first) => Err(Error::Unavailable(format!(
+            "{} is not on node {}, and {} node(s) that may hold it cannot be reached ({first}); retry once they are back",
+            Named(source),
+            node_id,
+            unreachable.len()
+        ))),
+        None => Ok(None),
+    }
+}

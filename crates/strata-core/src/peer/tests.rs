@@ -135,6 +135,32 @@ impl Peers for LocalPeers {
     ) -> Result<()> {
         self.reach(node)?.modify_volume(volume_id, parameters)
     }
+
+    fn snapshot_ranges(
+        &self,
+        node: &str,
+        query: &crate::block_ranges::RangeQuery,
+        sink: &mut crate::block_ranges::PageSink<'_>,
+    ) -> Result<()> {
+        let exports = self.reach(node)?;
+        let break_after = self.break_after.load(Ordering::SeqCst);
+        let mut sent = 0;
+        let mut broke = false;
+        exports.snapshot_ranges(query, &mut |page| {
+            if break_after > 0 && sent == break_after {
+                self.break_after.store(0, Ordering::SeqCst);
+                self.breaks.fetch_add(1, Ordering::SeqCst);
+                broke = true;
+                return false;
+            }
+            sent += 1;
+            sink(page)
+        })?;
+        if broke {
+            return Err(Error::Unavailable("the connection broke".into()));
+        }
+        Ok(())
+    }
 }
 
 struct Pair {
@@ -461,6 +487,7 @@ fn reads_idle_past_the_limit_are_closed() {
             freezer: f.driver.freezer.clone(),
             backend: f.driver.backend.clone(),
             io_limits: f.driver.io_limits.clone(),
+            snapshot_metadata: f.driver.snapshot_metadata.clone(),
         },
         ExportLimits {
             idle: std::time::Duration::ZERO,
@@ -672,4 +699,72 @@ fn a_volume_without_a_hint_is_found_through_its_pv() {
         .insert(old.into(), "node-gone".into());
     let err = b.driver.controller.modify_volume(old, &change).unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
+}
+
+/// Every range of an answer to `query` asked of `f`.
+fn metadata(f: &Fixture, query: &crate::block_ranges::RangeQuery) -> Result<Vec<(u64, u64)>> {
+    let mut out = vec![];
+    f.driver.snapshot_metadata.answer(query, &mut |page| {
+        assert_eq!(page.capacity_bytes, 64 * MIB);
+        out.extend(page.ranges.iter().map(|r| (r.offset, r.end())));
+        true
+    })?;
+    Ok(out)
+}
+
+#[test]
+fn snapshot_metadata_asked_of_another_node_is_answered_by_the_holder_and_resumes() {
+    use crate::block_ranges::RangeQuery;
+    let c = cluster();
+    let vol = volume_with_data(&c);
+    let s1 =
+        c.a.driver
+            .snapshots
+            .create_snapshot("s1", &vol.id)
+            .unwrap()
+            .id;
+    for at in [40, 50] {
+        image(&c.a, &vol.id)
+            .write_all_at(&vec![9u8; MIB as usize], at * MIB)
+            .unwrap();
+    }
+    let s2 =
+        c.a.driver
+            .snapshots
+            .create_snapshot("s2", &vol.id)
+            .unwrap()
+            .id;
+    for base in [None, Some(s1.as_str())] {
+        let query = RangeQuery::new(base, &s2, 0, 1).unwrap();
+        let here = metadata(&c.a, &query).unwrap();
+        assert!(!here.is_empty());
+        assert_eq!(metadata(&c.b, &query).unwrap(), here);
+        // The stream breaks after a page: resumed at the next byte, the same answer.
+        c.peers.break_after.store(1, Ordering::SeqCst);
+        let breaks = c.peers.breaks.load(Ordering::SeqCst);
+        assert_eq!(metadata(&c.b, &query).unwrap(), here);
+        assert_eq!(c.peers.breaks.load(Ordering::SeqCst), breaks + 1);
+    }
+    let delta = metadata(&c.b, &RangeQuery::new(Some(&s1), &s2, 0, 0).unwrap()).unwrap();
+    assert_eq!(delta, vec![(40 * MIB, 41 * MIB), (50 * MIB, 51 * MIB)]);
+    // Base on A, target on B (the volume moved): FAILED_PRECONDITION, on either node.
+    let moved = create(&c.b, "moved", 64 * MIB, None).unwrap();
+    let on_b =
+        c.b.driver
+            .snapshots
+            .create_snapshot("s3", &moved.id)
+            .unwrap()
+            .id;
+    for f in [&c.a, &c.b] {
+        let err = metadata(f, &RangeQuery::new(Some(&s1), &on_b, 0, 0).unwrap()).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    }
+    // The holder down: UNAVAILABLE (retried); a snapshot held nowhere: NOT_FOUND.
+    c.peers.down.lock().unwrap().insert("node-a".into());
+    let err = metadata(&c.b, &RangeQuery::new(None, &s2, 0, 0).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    c.peers.down.lock().unwrap().clear();
+    let gone = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-a"));
+    let err = metadata(&c.b, &RangeQuery::new(None, &gone, 0, 0).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
 }

@@ -9,6 +9,7 @@ pub mod volume;
 use csi_proto::{
     controller_client::ControllerClient, group_controller_client::GroupControllerClient,
     identity_client::IdentityClient, node_client::NodeClient,
+    snapshot_metadata_client::SnapshotMetadataClient,
 };
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -86,6 +87,7 @@ pub struct Csi {
     pub controller: ControllerClient<Channel>,
     pub groups: GroupControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+    pub metadata: SnapshotMetadataClient<Channel>,
 }
 
 pub async fn connect(endpoint: &Endpoint) -> Result<Csi, String> {
@@ -112,7 +114,8 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Csi, String> {
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),
         groups: GroupControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel),
+        node: NodeClient::new(channel.clone()),
+        metadata: SnapshotMetadataClient::new(channel),
     })
 }
 

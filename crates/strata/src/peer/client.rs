@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strata_core::Error;
+use strata_core::block_ranges::{BlockRange, PageSink, RangePage, RangeQuery};
 use strata_core::model::ContentSource;
 use strata_core::peer::{Chunk, Cluster, Peers, ReadEnd, RemoteRead, SourceInfo, format_from_wire};
 use strata_peer_proto as proto;
@@ -298,6 +299,72 @@ impl Peers for GrpcPeers {
                 _ => from_status(node, &s),
             })?;
         Ok(())
+    }
+
+    fn snapshot_ranges(
+        &self,
+        node: &str,
+        query: &RangeQuery,
+        sink: &mut PageSink<'_>,
+    ) -> Result<(), Error> {
+        let mut client = self.client(node)?;
+        let timeout = self.timeout;
+        self.runtime.block_on(async {
+            let request = proto::SnapshotRangesRequest {
+                target_snapshot_id: query.target.clone(),
+                base_snapshot_id: query.base.clone().unwrap_or_default(),
+                starting_offset: query.starting_offset,
+                max_results: query.max_results.min(u32::MAX as usize) as u32,
+            };
+            // The answering node checked the same request: its refusal is the caller's.
+            let refused = |s: &Status| match s.code() {
+                Code::InvalidArgument => Error::InvalidArgument(format!(
+                    "node {node}: {}",
+                    s.message().chars().take(512).collect::<String>()
+                )),
+                _ => from_status(node, s),
+            };
+            let mut stream = client
+                .snapshot_ranges(request)
+                .await
+                .map_err(|s| refused(&s))?
+                .into_inner();
+            loop {
+                let message = tokio::time::timeout(timeout, stream.message())
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable(format!(
+                            "node {node} sent nothing for {} s",
+                            timeout.as_secs()
+                        ))
+                    })?
+                    .map_err(|s| refused(&s))?;
+                match message.and_then(|m| m.kind) {
+                    Some(proto::snapshot_ranges_message::Kind::Page(p)) => {
+                        let page = RangePage {
+                            capacity_bytes: p.capacity_bytes,
+                            ranges: p
+                                .ranges
+                                .into_iter()
+                                .map(|r| BlockRange {
+                                    offset: r.offset,
+                                    length: r.length,
+                                })
+                                .collect(),
+                        };
+                        if !sink(page) {
+                            return Ok(());
+                        }
+                    }
+                    Some(proto::snapshot_ranges_message::Kind::End(_)) => return Ok(()),
+                    None => {
+                        return Err(Error::Unavailable(format!(
+                            "the stream from node {node} ended before its end"
+                        )));
+                    }
+                }
+            }
+        })
     }
 
     fn release(&self, node: &str, read_id: &str) -> Result<(), Error> {

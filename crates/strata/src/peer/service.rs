@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use strata_core::Error;
+use strata_core::block_ranges::RangeQuery;
 use strata_core::model::ContentSource;
 use strata_core::peer::{Exports, SourceInfo, format_to_wire};
 use strata_peer_proto as proto;
@@ -158,6 +159,60 @@ impl proto::peer_server::Peer for PeerService {
             Ok(proto::ModifyVolumeResponse {})
         })
         .await
+    }
+
+    type SnapshotRangesStream = ReceiverStream<Result<proto::SnapshotRangesMessage, Status>>;
+
+    async fn snapshot_ranges(
+        &self,
+        request: Request<proto::SnapshotRangesRequest>,
+    ) -> Result<Response<Self::SnapshotRangesStream>, Status> {
+        let req = request.into_inner();
+        let exports = self.exports.clone();
+        let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
+        let span = tracing::info_span!("rpc", method = "peer.SnapshotRanges", snapshot_id = %req.target_snapshot_id);
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let base = Some(req.base_snapshot_id.as_str()).filter(|b| !b.is_empty());
+            let query = RangeQuery::new(
+                base,
+                &req.target_snapshot_id,
+                i64::try_from(req.starting_offset).unwrap_or(i64::MAX),
+                i32::try_from(req.max_results).unwrap_or(i32::MAX),
+            );
+            let answered = query.and_then(|query| {
+                exports.snapshot_ranges(&query, &mut |page| {
+                    let page = proto::RangePage {
+                        capacity_bytes: page.capacity_bytes,
+                        ranges: page
+                            .ranges
+                            .iter()
+                            .map(|r| proto::BlockRange {
+                                offset: r.offset,
+                                length: r.length,
+                            })
+                            .collect(),
+                    };
+                    tx.blocking_send(Ok(proto::SnapshotRangesMessage {
+                        kind: Some(proto::snapshot_ranges_message::Kind::Page(page)),
+                    }))
+                    .is_ok()
+                })
+            });
+            let last = match answered {
+                Ok(()) => Ok(proto::SnapshotRangesMessage {
+                    kind: Some(proto::snapshot_ranges_message::Kind::End(
+                        proto::RangesEnd {},
+                    )),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer snapshot ranges stopped");
+                    Err(to_status(e))
+                }
+            };
+            let _ = tx.blocking_send(last);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn release(

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use csi_proto::{
     controller_server::ControllerServer, group_controller_server::GroupControllerServer,
     identity_server::IdentityServer, node_server::NodeServer,
+    snapshot_metadata_server::SnapshotMetadataServer,
 };
 use strata_core::Driver;
 use tokio::net::{TcpListener, UnixListener};
@@ -32,6 +33,7 @@ use crate::peer::service::PeerService;
 use crate::peer::tls::PeerTls;
 use crate::service::{
     ControllerService, GroupControllerService, IdentityService, NodeService, Services,
+    SnapshotMetadataService,
 };
 use crate::transport::Normalized;
 use strata_core::peer::Peers;
@@ -85,6 +87,9 @@ pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
         .add_service(IdentityServer::new(IdentityService(services.clone())))
         .add_service(ControllerServer::new(ControllerService(services.clone())))
         .add_service(GroupControllerServer::new(GroupControllerService(
+            services.clone(),
+        )))
+        .add_service(SnapshotMetadataServer::new(SnapshotMetadataService(
             services.clone(),
         )))
         .add_service(NodeServer::new(NodeService(services)))

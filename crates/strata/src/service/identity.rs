@@ -41,6 +41,7 @@ impl Identity for IdentityService {
         _: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
         let groups = self.0.driver.groups.supports_group_snapshots();
+        let metadata = self.0.driver.snapshot_metadata.offered();
         run("GetPluginCapabilities", "", move || {
             let mut capabilities = vec![
                 service(ServiceType::ControllerService),
@@ -55,6 +56,9 @@ impl Identity for IdentityService {
             ];
             if groups {
                 capabilities.push(service(ServiceType::GroupControllerService));
+            }
+            if metadata {
+                capabilities.push(service(ServiceType::SnapshotMetadataService));
             }
             Ok(csi::GetPluginCapabilitiesResponse { capabilities })
         })

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod group_controller;
 pub mod identity;
 pub mod node;
+pub mod snapshot_metadata;
 pub mod status;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ pub use controller::ControllerService;
 pub use group_controller::GroupControllerService;
 pub use identity::IdentityService;
 pub use node::NodeService;
+pub use snapshot_metadata::SnapshotMetadataService;
 
 /// Runs blocking core work on the blocking pool and logs the call: method, volume id,
 /// duration and status code. Every line logged inside the call carries the method and the

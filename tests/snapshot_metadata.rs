@@ -1,0 +1,307 @@
+//! Changed block tracking through the real server (CSI SnapshotMetadata): a raw block volume
+//! written at known offsets through its published device, snapshotted, rewritten, discarded
+//! and snapshotted again; the allocated ranges and the delta are exactly what was written,
+//! on a reflink pool (extent maps) and on a pool that copies (content).
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use common::*;
+use csi::volume_capability::access_mode::Mode;
+use csi_proto as csi;
+use tonic::Code;
+
+const K: i64 = 1024;
+const CAPACITY: i64 = 64 * MIB;
+
+/// Writes `len` bytes of `byte` at `at` on the device, bypassing the page cache.
+fn write_direct(device: &str, at: i64, len: i64, byte: u8) {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)
+        .unwrap();
+    // O_DIRECT wants an aligned buffer: a page-aligned slice of a larger one.
+    let mut buf = vec![byte; len as usize + 4096];
+    let skew = buf.as_ptr().align_offset(4096);
+    let aligned = &mut buf[skew..skew + len as usize];
+    f.write_all_at(aligned, at as u64).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Discards a range of the device (the loop device punches a hole in the image).
+fn discard(device: &str, at: i64, len: i64) {
+    const BLKDISCARD: libc::c_ulong = 0x1277;
+    let f = OpenOptions::new().write(true).open(device).unwrap();
+    let range: [u64; 2] = [at as u64, len as u64];
+    // SAFETY: BLKDISCARD reads two u64s from the pointer, which lives across the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+    assert_eq!(r, 0, "BLKDISCARD: {}", std::io::Error::last_os_error());
+}
+
+fn r(offset: i64, size: i64) -> (i64, i64) {
+    (offset, size)
+}
+
+async fn allocated(
+    env: &mut TestEnv,
+    snapshot: &str,
+    start: i64,
+    max: i32,
+) -> Result<Vec<csi::GetMetadataAllocatedResponse>, tonic::Status> {
+    let mut stream = env
+        .csi
+        .metadata
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: snapshot.into(),
+            starting_offset: start,
+            max_results: max,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut pages = vec![];
+    while let Some(p) = stream.message().await? {
+        pages.push(p);
+    }
+    Ok(pages)
+}
+
+async fn delta(
+    env: &mut TestEnv,
+    base: &str,
+    target: &str,
+    start: i64,
+    max: i32,
+) -> Result<Vec<csi::GetMetadataDeltaResponse>, tonic::Status> {
+    let mut stream = env
+        .csi
+        .metadata
+        .get_metadata_delta(csi::GetMetadataDeltaRequest {
+            base_snapshot_id: base.into(),
+            target_snapshot_id: target.into(),
+            starting_offset: start,
+            max_results: max,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut pages = vec![];
+    while let Some(p) = stream.message().await? {
+        pages.push(p);
+    }
+    Ok(pages)
+}
+
+fn tuples(pages: &[Vec<csi::BlockMetadata>]) -> Vec<(i64, i64)> {
+    pages
+        .iter()
+        .flatten()
+        .map(|b| (b.byte_offset, b.size_bytes))
+        .collect()
+}
+
+fn joined(ranges: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = vec![];
+    for (o, s) in ranges {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == o => last.1 += s,
+            _ => out.push((o, s)),
+        }
+    }
+    out
+}
+
+/// No overlap and strictly increasing, across every message of the stream.
+fn assert_ordered(ranges: &[(i64, i64)]) {
+    for w in ranges.windows(2) {
+        assert!(w[0].0 + w[0].1 <= w[1].0, "{ranges:?}");
+    }
+    assert!(ranges.iter().all(|r| r.1 > 0));
+}
+
+async fn tracks_changed_blocks(kind: PoolKind) {
+    let mut env = TestEnv::start_pool(kind).await;
+    assert!(
+        plugin_services(&mut env.csi)
+            .await
+            .contains(&(csi::plugin_capability::service::Type::SnapshotMetadataService as i32))
+    );
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let id = env.create("cbt", CAPACITY, cap.clone()).await.volume_id;
+    let device = env.mount(&id, "dev", cap.clone()).await;
+    write_direct(&device, 0, 64 * K, 1);
+    write_direct(&device, MIB, 256 * K, 2);
+    write_direct(&device, 8 * MIB, MIB, 3);
+    let s1 = env.snapshot("s1", &id).await.unwrap().snapshot_id;
+    write_direct(&device, MIB + 64 * K, 64 * K, 9); // an overwrite
+    write_direct(&device, 20 * MIB, 128 * K, 4); // a new range
+    discard(&device, 8 * MIB + 256 * K, 256 * K); // a discard
+    let s2 = env.snapshot("s2", &id).await.unwrap().snapshot_id;
+
+    let pages = allocated(&mut env, &s2, 0, 0).await.unwrap();
+    assert!(pages.iter().all(|p| p.volume_capacity_bytes == CAPACITY
+        && p.block_metadata_type == csi::BlockMetadataType::VariableLength as i32));
+    let all = tuples(
+        &pages
+            .iter()
+            .map(|p| p.block_metadata.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        all,
+        vec![
+            r(0, 64 * K),
+            r(MIB, 256 * K),
+            r(8 * MIB, 256 * K),
+            r(8 * MIB + 512 * K, 512 * K),
+            r(20 * MIB, 128 * K),
+        ],
+        "{kind:?}"
+    );
+    let pages = delta(&mut env, &s1, &s2, 0, 0).await.unwrap();
+    let changed = tuples(
+        &pages
+            .iter()
+            .map(|p| p.block_metadata.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        changed,
+        vec![
+            r(MIB + 64 * K, 64 * K),
+            r(8 * MIB + 256 * K, 256 * K),
+            r(20 * MIB, 128 * K),
+        ],
+        "{kind:?}"
+    );
+
+    // One tuple per message: the same union, ordered, no overlap; resumed mid-range, the
+    // first tuple ends past the offset and the rest follows.
+    let paged = delta(&mut env, &s1, &s2, 0, 1).await.unwrap();
+    assert!(paged.iter().all(|p| p.block_metadata.len() <= 1));
+    let paged = tuples(
+        &paged
+            .iter()
+            .map(|p| p.block_metadata.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_ordered(&paged);
+    assert_eq!(joined(paged), changed);
+    let resumed = delta(&mut env, &s1, &s2, 8 * MIB + 300 * K, 1)
+        .await
+        .unwrap();
+    let resumed = tuples(
+        &resumed
+            .iter()
+            .map(|p| p.block_metadata.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        joined(resumed),
+        vec![r(8 * MIB + 300 * K, 212 * K), r(20 * MIB, 128 * K)]
+    );
+    let paged = allocated(&mut env, &s2, 0, 2).await.unwrap();
+    assert!(paged.iter().all(|p| p.block_metadata.len() <= 2));
+    let paged = tuples(
+        &paged
+            .iter()
+            .map(|p| p.block_metadata.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_ordered(&paged);
+    assert_eq!(joined(paged), joined(all));
+
+    // The spec's error rows, over the wire.
+    let unknown = "snap-0123456789abcdef";
+    assert_eq!(
+        code(allocated(&mut env, "", 0, 0).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(allocated(&mut env, &s2, 0, -1).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(delta(&mut env, "", &s2, 0, 0).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(delta(&mut env, &s1, "", 0, 0).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(allocated(&mut env, unknown, 0, 0).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(delta(&mut env, unknown, &s2, 0, 0).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(delta(&mut env, &s1, unknown, 0, 0).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(allocated(&mut env, &s2, -1, 0).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(allocated(&mut env, &s2, CAPACITY + 1, 0).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(delta(&mut env, &s1, &s2, CAPACITY + 1, 0).await),
+        Code::OutOfRange
+    );
+    let other = env.create("other", CAPACITY, cap.clone()).await.volume_id;
+    let s3 = env.snapshot("s3", &other).await.unwrap().snapshot_id;
+    assert_eq!(
+        code(delta(&mut env, &s1, &s3, 0, 0).await),
+        Code::FailedPrecondition
+    );
+
+    env.unmount(&id, "dev").await;
+    for s in [&s1, &s2, &s3] {
+        env.csi
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: s.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    env.delete(&id).await.unwrap();
+    env.delete(&other).await.unwrap();
+    env.stop();
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn changed_blocks_from_shared_extents_on_a_reflink_pool() {
+    tracks_changed_blocks(PoolKind::ImageOnXfs).await;
+}
+
+#[tokio::test]
+async fn changed_blocks_by_content_on_a_pool_that_copies() {
+    tracks_changed_blocks(PoolKind::ImageOnHost).await;
+}
+
+#[tokio::test]
+async fn backends_without_a_block_layout_do_not_offer_the_service() {
+    let mut env = TestEnv::start_pool(PoolKind::DirOnExt4).await;
+    assert!(
+        !plugin_services(&mut env.csi)
+            .await
+            .contains(&(csi::plugin_capability::service::Type::SnapshotMetadataService as i32))
+    );
+    assert_eq!(
+        code(allocated(&mut env, "snap-0123456789abcdef", 0, 0).await),
+        Code::FailedPrecondition
+    );
+    env.stop();
+}
