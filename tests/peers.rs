@@ -735,3 +735,110 @@ async fn a_change_of_io_limits_sent_to_another_node_is_applied_on_the_volumes_no
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
+
+/// The ranges a SnapshotMetadata call answers on `env`: (offset, length) tuples in order.
+async fn metadata_ranges(
+    env: &mut TestEnv,
+    base: Option<&str>,
+    target: &str,
+) -> Result<Vec<(i64, i64)>, tonic::Status> {
+    let mut out = vec![];
+    match base {
+        None => {
+            let mut s = env
+                .csi
+                .metadata
+                .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+                    snapshot_id: target.into(),
+                    max_results: 3,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            while let Some(page) = s.message().await? {
+                out.extend(
+                    page.block_metadata
+                        .iter()
+                        .map(|b| (b.byte_offset, b.size_bytes)),
+                );
+            }
+        }
+        Some(base) => {
+            let mut s = env
+                .csi
+                .metadata
+                .get_metadata_delta(csi::GetMetadataDeltaRequest {
+                    base_snapshot_id: base.into(),
+                    target_snapshot_id: target.into(),
+                    max_results: 3,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            while let Some(page) = s.message().await? {
+                out.extend(
+                    page.block_metadata
+                        .iter()
+                        .map(|b| (b.byte_offset, b.size_bytes)),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_metadata_asked_of_another_node_comes_from_the_holder() {
+    let mut c = Cluster::start(2, &[]).await;
+    let (id, staging, target) = published_with_data(&mut c.nodes[0], "cbt", 4).await;
+    let s1 = c.nodes[0].snapshot("cbt-1", &id).await.unwrap().snapshot_id;
+    fs::write(Path::new(&target).join("more"), vec![9u8; 3 << 20]).unwrap();
+    assert!(
+        Command::new("sync")
+            .arg("-f")
+            .arg(&target)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let s2 = c.nodes[0].snapshot("cbt-2", &id).await.unwrap().snapshot_id;
+
+    // The backup tool's sidecar runs beside node 1: the same answer as node 0's own.
+    for base in [None, Some(s1.as_str())] {
+        let here = metadata_ranges(&mut c.nodes[0], base, &s2).await.unwrap();
+        let there = metadata_ranges(&mut c.nodes[1], base, &s2).await.unwrap();
+        assert!(!here.is_empty());
+        assert_eq!(here, there, "base {base:?}");
+    }
+    // Base and target on different nodes: no changes are tracked between them.
+    let other = c.nodes[1].create("other", 64 << 20, ext4()).await.volume_id;
+    let s3 = c.nodes[1]
+        .snapshot("cbt-3", &other)
+        .await
+        .unwrap()
+        .snapshot_id;
+    let err = metadata_ranges(&mut c.nodes[1], Some(&s1), &s3)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // No node holds it: NOT_FOUND.
+    let err = metadata_ranges(&mut c.nodes[1], None, "snap-0123456789abcdef01234567")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // The holder down: UNAVAILABLE (the sidecar's caller retries); back, the retry answers.
+    c.nodes[0].kill();
+    let err = metadata_ranges(&mut c.nodes[1], None, &s2)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    c.nodes[0].restart(None).await;
+    assert!(
+        !metadata_ranges(&mut c.nodes[1], None, &s2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    unpublish_all(&mut c.nodes[0], &id, &staging, &target).await;
+}

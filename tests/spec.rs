@@ -1246,12 +1246,187 @@ async fn node_rows(t: &mut Target, rows: &Rows) {
         .unwrap();
 }
 
+/// Every row of the SnapshotMetadata tables (GetMetadataAllocated, GetMetadataDelta).
+async fn metadata_rows(t: &mut Target, rows: &Rows) {
+    use csi::plugin_capability::service::Type as Service;
+    rows.holds(
+        "GetPluginCapabilities",
+        "SNAPSHOT_METADATA_SERVICE advertised on a pool with a block layout",
+        plugin_services(&mut t.csi)
+            .await
+            .contains(&(Service::SnapshotMetadataService as i32)),
+    );
+    let single = cap(Mode::SingleNodeWriter);
+    let a = create(t, create_req("cbt-a", 16 * MIB, single.clone()))
+        .await
+        .unwrap()
+        .volume_id;
+    let b = create(t, create_req("cbt-b", 16 * MIB, single))
+        .await
+        .unwrap()
+        .volume_id;
+    let mut snapshots = vec![];
+    for (name, source) in [("cbt-a1", &a), ("cbt-a2", &a), ("cbt-b1", &b)] {
+        snapshots.push(
+            t.csi
+                .controller
+                .create_snapshot(csi::CreateSnapshotRequest {
+                    source_volume_id: source.clone(),
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshot
+                .unwrap()
+                .snapshot_id,
+        );
+    }
+    let (a1, a2, b1) = (&snapshots[0], &snapshots[1], &snapshots[2]);
+    let m = &mut t.csi.metadata;
+    async fn drain<T>(
+        r: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+    ) -> Result<usize, tonic::Status> {
+        let mut stream = r?.into_inner();
+        let mut n = 0;
+        while stream.message().await?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+    let allocated = |id: &str, start: i64, max: i32| csi::GetMetadataAllocatedRequest {
+        snapshot_id: id.into(),
+        starting_offset: start,
+        max_results: max,
+        ..Default::default()
+    };
+    let delta = |base: &str, target: &str, start: i64| csi::GetMetadataDeltaRequest {
+        base_snapshot_id: base.into(),
+        target_snapshot_id: target.into(),
+        starting_offset: start,
+        ..Default::default()
+    };
+    let size = 16 * MIB;
+    for (req, why, want) in [
+        (allocated(a1, 0, 0), "a valid request", Code::Ok),
+        (
+            allocated(a1, size, 0),
+            "starting_offset at the end",
+            Code::Ok,
+        ),
+        (
+            allocated("", 0, 0),
+            "missing snapshot_id",
+            Code::InvalidArgument,
+        ),
+        (
+            allocated(a1, 0, -1),
+            "negative max_results",
+            Code::InvalidArgument,
+        ),
+        (
+            allocated(UNKNOWN_SNAPSHOT, 0, 0),
+            "unknown snapshot_id",
+            Code::NotFound,
+        ),
+        (
+            allocated(a1, -1, 0),
+            "negative starting_offset",
+            Code::OutOfRange,
+        ),
+        (
+            allocated(a1, size + 1, 0),
+            "starting_offset past the end",
+            Code::OutOfRange,
+        ),
+    ] {
+        rows.check(
+            "GetMetadataAllocated",
+            why,
+            code(drain(m.get_metadata_allocated(req).await).await),
+            want,
+        );
+    }
+    for (req, why, want) in [
+        (delta(a1, a2, 0), "a valid request", Code::Ok),
+        (
+            delta("", a2, 0),
+            "missing base_snapshot_id",
+            Code::InvalidArgument,
+        ),
+        (
+            delta(a1, "", 0),
+            "missing target_snapshot_id",
+            Code::InvalidArgument,
+        ),
+        (
+            delta(a2, a1, 0),
+            "base newer than target",
+            Code::InvalidArgument,
+        ),
+        (
+            delta(UNKNOWN_SNAPSHOT, a2, 0),
+            "unknown base_snapshot_id",
+            Code::NotFound,
+        ),
+        (
+            delta(a1, UNKNOWN_SNAPSHOT, 0),
+            "unknown target_snapshot_id",
+            Code::NotFound,
+        ),
+        (
+            delta(a1, b1, 0),
+            "snapshots of different volumes (no changes are tracked between them)",
+            Code::FailedPrecondition,
+        ),
+        (
+            delta(a1, a2, -1),
+            "negative starting_offset",
+            Code::OutOfRange,
+        ),
+        (
+            delta(a1, a2, size + 1),
+            "starting_offset past the end",
+            Code::OutOfRange,
+        ),
+    ] {
+        rows.check(
+            "GetMetadataDelta",
+            why,
+            code(drain(m.get_metadata_delta(req).await).await),
+            want,
+        );
+    }
+    for id in &snapshots {
+        t.csi
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for id in [a, b] {
+        t.csi
+            .controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
 /// Every table on one target: each group of rows in its own section, so a failing row is
 /// reported by name and the other rows still run.
 async fn all_rows(mut t: Target, target: &str) {
     let rows = Rows::default();
     controller_rows(&mut t, &rows).await;
     group_rows(&mut t, &rows).await;
+    metadata_rows(&mut t, &rows).await;
     node_rows(&mut t, &rows).await;
     rows.finish(target);
 }

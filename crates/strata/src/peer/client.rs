@@ -309,62 +309,62 @@ impl Peers for GrpcPeers {
     ) -> Result<(), Error> {
         let mut client = self.client(node)?;
         let timeout = self.timeout;
-        self.runtime.block_on(async {
-            let request = proto::SnapshotRangesRequest {
-                target_snapshot_id: query.target.clone(),
-                base_snapshot_id: query.base.clone().unwrap_or_default(),
-                starting_offset: query.starting_offset,
-                max_results: query.max_results.min(u32::MAX as usize) as u32,
-            };
-            // The answering node checked the same request: its refusal is the caller's.
-            let refused = |s: &Status| match s.code() {
-                Code::InvalidArgument => Error::InvalidArgument(format!(
-                    "node {node}: {}",
-                    s.message().chars().take(512).collect::<String>()
-                )),
-                _ => from_status(node, s),
-            };
-            let mut stream = client
-                .snapshot_ranges(request)
-                .await
-                .map_err(|s| refused(&s))?
-                .into_inner();
-            loop {
-                let message = tokio::time::timeout(timeout, stream.message())
-                    .await
-                    .map_err(|_| {
-                        Error::Unavailable(format!(
-                            "node {node} sent nothing for {} s",
-                            timeout.as_secs()
-                        ))
-                    })?
-                    .map_err(|s| refused(&s))?;
-                match message.and_then(|m| m.kind) {
-                    Some(proto::snapshot_ranges_message::Kind::Page(p)) => {
-                        let page = RangePage {
-                            capacity_bytes: p.capacity_bytes,
-                            ranges: p
-                                .ranges
-                                .into_iter()
-                                .map(|r| BlockRange {
-                                    offset: r.offset,
-                                    length: r.length,
-                                })
-                                .collect(),
-                        };
-                        if !sink(page) {
-                            return Ok(());
-                        }
-                    }
-                    Some(proto::snapshot_ranges_message::Kind::End(_)) => return Ok(()),
-                    None => {
-                        return Err(Error::Unavailable(format!(
-                            "the stream from node {node} ended before its end"
-                        )));
+        let request = proto::SnapshotRangesRequest {
+            target_snapshot_id: query.target.clone(),
+            base_snapshot_id: query.base.clone().unwrap_or_default(),
+            starting_offset: query.starting_offset,
+            max_results: query.max_results.min(u32::MAX as usize) as u32,
+        };
+        // The answering node checked the same request: its refusal is the caller's.
+        let refused = |s: &Status| match s.code() {
+            Code::InvalidArgument => Error::InvalidArgument(format!(
+                "node {node}: {}",
+                s.message().chars().take(512).collect::<String>()
+            )),
+            _ => from_status(node, s),
+        };
+        let mut stream = self
+            .runtime
+            .block_on(client.snapshot_ranges(request))
+            .map_err(|s| refused(&s))?
+            .into_inner();
+        // Each message is awaited on the runtime; the sink runs outside it, as it may block.
+        loop {
+            let message = self
+                .runtime
+                .block_on(tokio::time::timeout(timeout, stream.message()))
+                .map_err(|_| {
+                    Error::Unavailable(format!(
+                        "node {node} sent nothing for {} s",
+                        timeout.as_secs()
+                    ))
+                })?
+                .map_err(|s| refused(&s))?;
+            match message.and_then(|m| m.kind) {
+                Some(proto::snapshot_ranges_message::Kind::Page(p)) => {
+                    let page = RangePage {
+                        capacity_bytes: p.capacity_bytes,
+                        ranges: p
+                            .ranges
+                            .into_iter()
+                            .map(|r| BlockRange {
+                                offset: r.offset,
+                                length: r.length,
+                            })
+                            .collect(),
+                    };
+                    if !sink(page) {
+                        return Ok(());
                     }
                 }
+                Some(proto::snapshot_ranges_message::Kind::End(_)) => return Ok(()),
+                None => {
+                    return Err(Error::Unavailable(format!(
+                        "the stream from node {node} ended before its end"
+                    )));
+                }
             }
-        })
+        }
     }
 
     fn release(&self, node: &str, read_id: &str) -> Result<(), Error> {
