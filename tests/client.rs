@@ -97,6 +97,18 @@ async fn operators_drive_a_volume_through_its_life_with_the_client() {
         ok && out.contains(&snap) && out.contains("NODE") && out.contains("test-node"),
         "{out}"
     );
+    // What a backup tool would copy: the snapshot's ranges, and none changed against itself.
+    let (ok, out, err) = strata(&env, &["snapshot", "allocated", &snap, "-o", "json"]);
+    let ranges: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(
+        ok && !ranges.is_empty() && err.contains("bytes allocated, of a 67108864-byte volume"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = strata(&env, &["snapshot", "changed", &snap, &snap]);
+    assert!(
+        ok && out.starts_with("OFFSET") && err.starts_with("0 range(s)"),
+        "{out} {err}"
+    );
     let (ok, out, _) = strata(&env, &["snapshot", "get", &snap, "-o", "json"]);
     let got: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let created = got[0]["created"].as_str().unwrap_or_default();

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use csi_proto as csi;
 use netns::Net;
+use strata::client::snapshot::metadata_pages;
 use tonic::Code;
 
 const PEER_PORT: u16 = 9820;
@@ -736,55 +737,19 @@ async fn a_change_of_io_limits_sent_to_another_node_is_applied_on_the_volumes_no
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
 
-/// The ranges a SnapshotMetadata call answers on `env`: (offset, length) tuples in order.
+/// The ranges a SnapshotMetadata call answers on `env`, three to a message: (offset, length)
+/// tuples in order.
 async fn metadata_ranges(
     env: &mut TestEnv,
     base: Option<&str>,
     target: &str,
 ) -> Result<Vec<(i64, i64)>, tonic::Status> {
-    let mut out = vec![];
-    match base {
-        None => {
-            let mut s = env
-                .csi
-                .metadata
-                .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-                    snapshot_id: target.into(),
-                    max_results: 3,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            while let Some(page) = s.message().await? {
-                out.extend(
-                    page.block_metadata
-                        .iter()
-                        .map(|b| (b.byte_offset, b.size_bytes)),
-                );
-            }
-        }
-        Some(base) => {
-            let mut s = env
-                .csi
-                .metadata
-                .get_metadata_delta(csi::GetMetadataDeltaRequest {
-                    base_snapshot_id: base.into(),
-                    target_snapshot_id: target.into(),
-                    max_results: 3,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            while let Some(page) = s.message().await? {
-                out.extend(
-                    page.block_metadata
-                        .iter()
-                        .map(|b| (b.byte_offset, b.size_bytes)),
-                );
-            }
-        }
-    }
-    Ok(out)
+    let pages = metadata_pages(&mut env.csi, base, target, 0, 3).await?;
+    Ok(pages
+        .iter()
+        .flat_map(|p| &p.block_metadata)
+        .map(|b| (b.byte_offset, b.size_bytes))
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

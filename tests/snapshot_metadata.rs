@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use common::*;
 use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
+use strata::client::snapshot::{MetadataPage, metadata_pages};
 use tonic::Code;
 
 const K: i64 = 1024;
@@ -51,23 +52,8 @@ async fn allocated(
     snapshot: &str,
     start: i64,
     max: i32,
-) -> Result<Vec<csi::GetMetadataAllocatedResponse>, tonic::Status> {
-    let mut stream = env
-        .csi
-        .metadata
-        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-            snapshot_id: snapshot.into(),
-            starting_offset: start,
-            max_results: max,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut pages = vec![];
-    while let Some(p) = stream.message().await? {
-        pages.push(p);
-    }
-    Ok(pages)
+) -> Result<Vec<MetadataPage>, tonic::Status> {
+    metadata_pages(&mut env.csi, None, snapshot, start, max).await
 }
 
 async fn delta(
@@ -76,24 +62,8 @@ async fn delta(
     target: &str,
     start: i64,
     max: i32,
-) -> Result<Vec<csi::GetMetadataDeltaResponse>, tonic::Status> {
-    let mut stream = env
-        .csi
-        .metadata
-        .get_metadata_delta(csi::GetMetadataDeltaRequest {
-            base_snapshot_id: base.into(),
-            target_snapshot_id: target.into(),
-            starting_offset: start,
-            max_results: max,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut pages = vec![];
-    while let Some(p) = stream.message().await? {
-        pages.push(p);
-    }
-    Ok(pages)
+) -> Result<Vec<MetadataPage>, tonic::Status> {
+    metadata_pages(&mut env.csi, Some(base), target, start, max).await
 }
 
 fn tuples(pages: &[Vec<csi::BlockMetadata>]) -> Vec<(i64, i64)> {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use common::*;
 use csi::volume_capability::access_mode::Mode;
 use csi_proto as csi;
+use strata::client::snapshot::metadata_pages;
 use strata::client::{Csi, connect};
 use strata::endpoint::Endpoint;
 use strata_core::Driver;
@@ -1284,59 +1285,24 @@ async fn metadata_rows(t: &mut Target, rows: &Rows) {
         );
     }
     let (a1, a2, b1) = (&snapshots[0], &snapshots[1], &snapshots[2]);
-    let m = &mut t.csi.metadata;
-    async fn drain<T>(
-        r: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
-    ) -> Result<usize, tonic::Status> {
-        let mut stream = r?.into_inner();
-        let mut n = 0;
-        while stream.message().await?.is_some() {
-            n += 1;
-        }
-        Ok(n)
-    }
-    let allocated = |id: &str, start: i64, max: i32| csi::GetMetadataAllocatedRequest {
-        snapshot_id: id.into(),
-        starting_offset: start,
-        max_results: max,
-        ..Default::default()
-    };
-    let delta = |base: &str, target: &str, start: i64| csi::GetMetadataDeltaRequest {
-        base_snapshot_id: base.into(),
-        target_snapshot_id: target.into(),
-        starting_offset: start,
-        ..Default::default()
-    };
     let size = 16 * MIB;
-    for (req, why, want) in [
-        (allocated(a1, 0, 0), "a valid request", Code::Ok),
+    for (start, max, id, why, want) in [
+        (0, 0, a1.as_str(), "a valid request", Code::Ok),
+        (size, 0, a1, "starting_offset at the end", Code::Ok),
+        (0, 0, "", "missing snapshot_id", Code::InvalidArgument),
+        (0, -1, a1, "negative max_results", Code::InvalidArgument),
         (
-            allocated(a1, size, 0),
-            "starting_offset at the end",
-            Code::Ok,
-        ),
-        (
-            allocated("", 0, 0),
-            "missing snapshot_id",
-            Code::InvalidArgument,
-        ),
-        (
-            allocated(a1, 0, -1),
-            "negative max_results",
-            Code::InvalidArgument,
-        ),
-        (
-            allocated(UNKNOWN_SNAPSHOT, 0, 0),
+            0,
+            0,
+            UNKNOWN_SNAPSHOT,
             "unknown snapshot_id",
             Code::NotFound,
         ),
+        (-1, 0, a1, "negative starting_offset", Code::OutOfRange),
         (
-            allocated(a1, -1, 0),
-            "negative starting_offset",
-            Code::OutOfRange,
-        ),
-        (
-            allocated(a1, size + 1, 0),
+            size + 1,
+            0,
+            a1,
             "starting_offset past the end",
             Code::OutOfRange,
         ),
@@ -1344,49 +1310,47 @@ async fn metadata_rows(t: &mut Target, rows: &Rows) {
         rows.check(
             "GetMetadataAllocated",
             why,
-            code(drain(m.get_metadata_allocated(req).await).await),
+            code(metadata_pages(&mut t.csi, None, id, start, max).await),
             want,
         );
     }
-    for (req, why, want) in [
-        (delta(a1, a2, 0), "a valid request", Code::Ok),
+    for (start, base, target, why, want) in [
+        (0, a1.as_str(), a2.as_str(), "a valid request", Code::Ok),
+        (0, "", a2, "missing base_snapshot_id", Code::InvalidArgument),
         (
-            delta("", a2, 0),
-            "missing base_snapshot_id",
-            Code::InvalidArgument,
-        ),
-        (
-            delta(a1, "", 0),
+            0,
+            a1,
+            "",
             "missing target_snapshot_id",
             Code::InvalidArgument,
         ),
+        (0, a2, a1, "base newer than target", Code::InvalidArgument),
         (
-            delta(a2, a1, 0),
-            "base newer than target",
-            Code::InvalidArgument,
-        ),
-        (
-            delta(UNKNOWN_SNAPSHOT, a2, 0),
+            0,
+            UNKNOWN_SNAPSHOT,
+            a2,
             "unknown base_snapshot_id",
             Code::NotFound,
         ),
         (
-            delta(a1, UNKNOWN_SNAPSHOT, 0),
+            0,
+            a1,
+            UNKNOWN_SNAPSHOT,
             "unknown target_snapshot_id",
             Code::NotFound,
         ),
         (
-            delta(a1, b1, 0),
+            0,
+            a1,
+            b1,
             "snapshots of different volumes (no changes are tracked between them)",
             Code::FailedPrecondition,
         ),
+        (-1, a1, a2, "negative starting_offset", Code::OutOfRange),
         (
-            delta(a1, a2, -1),
-            "negative starting_offset",
-            Code::OutOfRange,
-        ),
-        (
-            delta(a1, a2, size + 1),
+            size + 1,
+            a1,
+            a2,
             "starting_offset past the end",
             Code::OutOfRange,
         ),
@@ -1394,7 +1358,7 @@ async fn metadata_rows(t: &mut Target, rows: &Rows) {
         rows.check(
             "GetMetadataDelta",
             why,
-            code(drain(m.get_metadata_delta(req).await).await),
+            code(metadata_pages(&mut t.csi, Some(base), target, start, 0).await),
             want,
         );
     }

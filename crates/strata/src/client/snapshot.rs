@@ -121,17 +121,17 @@ impl SnapshotCommand {
                 snapshot_id,
                 starting_offset,
                 ..
-            } => allocated(csi, snapshot_id, starting_offset, output).await,
+            } => ranges(csi, None, &snapshot_id, starting_offset, output).await,
             SnapshotCommand::Changed {
                 base_snapshot_id,
                 target_snapshot_id,
                 starting_offset,
                 ..
             } => {
-                changed(
+                ranges(
                     csi,
-                    base_snapshot_id,
-                    target_snapshot_id,
+                    Some(&base_snapshot_id),
+                    &target_snapshot_id,
                     starting_offset,
                     output,
                 )
@@ -332,56 +332,85 @@ fn print_ranges(what: &str, capacity: i64, ranges: &[csi::BlockMetadata], format
     );
 }
 
-async fn allocated(
-    mut csi: Csi,
-    snapshot_id: String,
-    starting_offset: i64,
-    format: Format,
-) -> Result<(), String> {
-    let what = "GetMetadataAllocated";
-    let mut stream = csi
-        .metadata
-        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-            snapshot_id,
-            starting_offset,
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| status_error(what, s))?
-        .into_inner();
-    let (mut capacity, mut ranges) = (0, vec![]);
-    while let Some(page) = stream.message().await.map_err(|s| status_error(what, s))? {
-        capacity = page.volume_capacity_bytes;
-        ranges.extend(page.block_metadata);
-    }
-    print_ranges("allocated", capacity, &ranges, format);
-    Ok(())
+/// One message of a SnapshotMetadata answer, whichever of the two calls sent it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetadataPage {
+    pub block_metadata_type: i32,
+    pub volume_capacity_bytes: i64,
+    pub block_metadata: Vec<csi::BlockMetadata>,
 }
 
-async fn changed(
+/// Every message of a SnapshotMetadata answer: the allocated ranges of `target`
+/// (GetMetadataAllocated), or with `base` the ranges that differ (GetMetadataDelta).
+pub async fn metadata_pages(
+    csi: &mut Csi,
+    base: Option<&str>,
+    target: &str,
+    starting_offset: i64,
+    max_results: i32,
+) -> Result<Vec<MetadataPage>, tonic::Status> {
+    async fn collect<T>(
+        mut stream: tonic::Streaming<T>,
+        page: impl Fn(T) -> MetadataPage,
+    ) -> Result<Vec<MetadataPage>, tonic::Status> {
+        let mut pages = vec![];
+        while let Some(message) = stream.message().await? {
+            pages.push(page(message));
+        }
+        Ok(pages)
+    }
+    match base {
+        None => {
+            let request = csi::GetMetadataAllocatedRequest {
+                snapshot_id: target.into(),
+                starting_offset,
+                max_results,
+                ..Default::default()
+            };
+            let stream = csi.metadata.get_metadata_allocated(request).await?;
+            collect(stream.into_inner(), |m| MetadataPage {
+                block_metadata_type: m.block_metadata_type,
+                volume_capacity_bytes: m.volume_capacity_bytes,
+                block_metadata: m.block_metadata,
+            })
+            .await
+        }
+        Some(base) => {
+            let request = csi::GetMetadataDeltaRequest {
+                base_snapshot_id: base.into(),
+                target_snapshot_id: target.into(),
+                starting_offset,
+                max_results,
+                ..Default::default()
+            };
+            let stream = csi.metadata.get_metadata_delta(request).await?;
+            collect(stream.into_inner(), |m| MetadataPage {
+                block_metadata_type: m.block_metadata_type,
+                volume_capacity_bytes: m.volume_capacity_bytes,
+                block_metadata: m.block_metadata,
+            })
+            .await
+        }
+    }
+}
+
+/// `snapshot allocated` (no base) and `snapshot changed`.
+async fn ranges(
     mut csi: Csi,
-    base_snapshot_id: String,
-    target_snapshot_id: String,
+    base: Option<&str>,
+    target: &str,
     starting_offset: i64,
     format: Format,
 ) -> Result<(), String> {
-    let what = "GetMetadataDelta";
-    let mut stream = csi
-        .metadata
-        .get_metadata_delta(csi::GetMetadataDeltaRequest {
-            base_snapshot_id,
-            target_snapshot_id,
-            starting_offset,
-            ..Default::default()
-        })
+    let (what, call) = match base {
+        None => ("allocated", "GetMetadataAllocated"),
+        Some(_) => ("changed", "GetMetadataDelta"),
+    };
+    let pages = metadata_pages(&mut csi, base, target, starting_offset, 0)
         .await
-        .map_err(|s| status_error(what, s))?
-        .into_inner();
-    let (mut capacity, mut ranges) = (0, vec![]);
-    while let Some(page) = stream.message().await.map_err(|s| status_error(what, s))? {
-        capacity = page.volume_capacity_bytes;
-        ranges.extend(page.block_metadata);
-    }
-    print_ranges("changed", capacity, &ranges, format);
+        .map_err(|s| status_error(call, s))?;
+    let capacity = pages.last().map_or(0, |p| p.volume_capacity_bytes);
+    let ranges: Vec<_> = pages.into_iter().flat_map(|p| p.block_metadata).collect();
+    print_ranges(what, capacity, &ranges, format);
     Ok(())
 }
