@@ -8,7 +8,7 @@
 Both renderings must hold the same objects (kind, namespace, name), and each object the
 same content: images, args, env, volumes, probes, RBAC rules and subjects, the CSIDriver,
 StorageClass and snapshot class fields. Labels and annotations are not compared, except the
-default-StorageClass annotation; the kustomize base's Namespace object is not (Helm installs
+default-StorageClass annotation, nor the order of a pod's containers and volumes; the kustomize base's Namespace object is not (Helm installs
 into a namespace it is given).
 """
 import copy
@@ -56,6 +56,12 @@ def content(doc):
     for template in [doc.get("spec", {}).get("template", {})]:
         template.get("metadata", {}).pop("labels", None)
         template.get("metadata", {}).pop("annotations", None)
+        # A component's patch puts its container and volume first, the chart last: the
+        # pod is the same either way.
+        pod = template.get("spec", {})
+        for field in ("containers", "volumes"):
+            if field in pod:
+                pod[field] = sorted(pod[field], key=lambda c: c["name"])
     return doc
 
 

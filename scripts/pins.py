@@ -30,8 +30,8 @@ def doc_table(v):
     rows = ["| component | image | tag | upstream repository |", "|---|---|---|---|"]
     for name, p in v["images"].items():
         rows.append(f"| {name} | `{p['image']}` | `{p['tag']}` | {p['upstream']} |")
-    crds = v["snapshot-crds"]
-    rows.append(f"| snapshot CRDs | (kustomize remote resource) | `{crds['ref']}` | {crds['upstream']} |")
+    for name, crds in v["crds"].items():
+        rows.append(f"| {name} CRDs | (kustomize remote resource) | `{crds['ref']}` | {crds['upstream']} |")
     k = v["kubernetes"]
     rows.append("")
     rows.append(
@@ -49,9 +49,9 @@ def rewrite(text, v):
             lambda m: f"{m.group(1)}:{p['tag']}",
             text,
         )
-    crds = v["snapshot-crds"]
-    url = CRD_URL.format(upstream=crds["upstream"])
-    text = re.sub(re.escape(url) + r"[\w.\-]+", url + crds["ref"], text)
+    for crds in v["crds"].values():
+        url = CRD_URL.format(upstream=crds["upstream"])
+        text = re.sub(re.escape(url) + r"[\w.\-]+", url + crds["ref"], text)
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)

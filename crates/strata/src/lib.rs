@@ -2,6 +2,7 @@
 //! and server code the binary runs.
 
 pub mod bench;
+pub mod certs;
 pub mod client;
 pub mod decode_errors;
 pub mod endpoint;

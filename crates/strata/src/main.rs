@@ -55,7 +55,10 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Make the peer service's CA and certificate: print a Secret, or write the files.
-    PeerCerts(strata::peer::certs::PeerCertsArgs),
+    PeerCerts(strata::certs::peer::PeerCertsArgs),
+    /// Make the external-snapshot-metadata sidecar's TLS Secret and the
+    /// SnapshotMetadataService that tells backup tools where it is and which CA to trust.
+    SnapshotMetadataCerts(strata::certs::snapshot_metadata::SnapshotMetadataCertsArgs),
     /// Node-side pool maintenance (run as root on the node, with no server on the pool).
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -76,7 +79,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(opts) => server::serve(opts.with_defaults()).await,
         Command::Info(c) => client::info(c).await,
-        Command::PeerCerts(args) => strata::peer::certs::run(args),
+        Command::PeerCerts(args) => strata::certs::peer::run(args),
+        Command::SnapshotMetadataCerts(args) => strata::certs::snapshot_metadata::run(args),
         Command::Pool(PoolCommand::Release { pool }) => server::release_pool(&pool),
         Command::Volume(v) => v.run().await,
         Command::Snapshot(s) => s.run().await,
