@@ -182,6 +182,34 @@ async fn every_scenario_runs_and_cleans_up() {
             .all(|row| row["verified"] == true)
     );
 
+    // Changed block tracking: the delta holds every scattered rewrite; both volumes and
+    // their snapshots are gone after.
+    let r = bench(
+        &env,
+        &[
+            "cbt",
+            "--size",
+            "64Mi",
+            "--data",
+            "8Mi",
+            "--changed-percent",
+            "5",
+            "--flat-size",
+            "256Mi",
+            "--flat-writes",
+            "64",
+            "--pid",
+            &pid,
+        ],
+    );
+    assert_eq!(r["delta_covers_every_write"], true, "{r}");
+    assert_eq!(r["rewrites"], 51, "{r}");
+    assert!(r["delta"]["bytes"].as_u64().unwrap() >= 51 * 65536, "{r}");
+    assert_eq!(r["allocated"]["bytes"], 8 << 20, "{r}");
+    assert_eq!(r["flat"]["allocated"]["ranges"], 128, "{r}");
+    assert_eq!(r["flat"]["delta"]["ranges"], 64, "{r}");
+    assert!(r["flat"]["delta"]["driver_peak_growth_kib"].is_u64(), "{r}");
+
     let r = bench(
         &env,
         &["group", "--volumes", "3", "--data", "4Mi", "--rounds", "2"],
@@ -276,6 +304,7 @@ async fn every_scenario_adapts_to_what_the_driver_offers() {
         ("snapshot", "CREATE_DELETE_SNAPSHOT"),
         ("group", "GROUP_SNAPSHOT"),
         ("fsgroup", "VOLUME_MOUNT_GROUP"),
+        ("cbt", "SnapshotMetadata"),
     ] {
         let r = bench_at(&mini_socket, &workdir, &[scenario]);
         assert!(

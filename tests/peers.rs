@@ -807,3 +807,131 @@ async fn snapshot_metadata_asked_of_another_node_comes_from_the_holder() {
     );
     unpublish_all(&mut c.nodes[0], &id, &staging, &target).await;
 }
+
+/// Reads one SnapshotMetadata answer from `env` message by message: the ranges received
+/// before the stream ended, and how it ended. `after_first` runs once the first message is in.
+async fn metadata_until_broken(
+    env: &mut TestEnv,
+    base: Option<&str>,
+    target: &str,
+    starting_offset: i64,
+    mut after_first: impl FnMut(),
+) -> (Vec<(i64, i64)>, Result<(), tonic::Status>) {
+    let mut ranges = vec![];
+    let mut take = |m: Vec<csi::BlockMetadata>, ranges: &mut Vec<(i64, i64)>| {
+        if ranges.is_empty() {
+            after_first();
+        }
+        ranges.extend(m.iter().map(|b| (b.byte_offset, b.size_bytes)));
+    };
+    let ended = async {
+        match base {
+            None => {
+                let mut s = env
+                    .csi
+                    .metadata
+                    .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+                        snapshot_id: target.into(),
+                        starting_offset,
+                        max_results: 1,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(m) = s.message().await? {
+                    take(m.block_metadata, &mut ranges);
+                }
+            }
+            Some(base) => {
+                let mut s = env
+                    .csi
+                    .metadata
+                    .get_metadata_delta(csi::GetMetadataDeltaRequest {
+                        base_snapshot_id: base.into(),
+                        target_snapshot_id: target.into(),
+                        starting_offset,
+                        max_results: 1,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(m) = s.message().await? {
+                    take(m.block_metadata, &mut ranges);
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    (ranges, ended)
+}
+
+/// The holder of the snapshots is SIGKILLed in the middle of a forwarded stream: the client
+/// has the ranges sent so far, then UNAVAILABLE (the forwarding node's own resumes find no
+/// holder); once the holder is back, the client asks again from the end of the last range
+/// and the two parts make exactly the whole answer, in order, with no overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_metadata_resumes_after_the_holder_dies_mid_stream() {
+    let mut c = Cluster::start(2, &[]).await;
+    let (id, staging, target) = published_with_data(&mut c.nodes[0], "cbt-kill", 4).await;
+    let s1 = c.nodes[0]
+        .snapshot("cbt-kill-1", &id)
+        .await
+        .unwrap()
+        .snapshot_id;
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        fs::write(Path::new(&target).join(name), vec![i as u8 + 1; 1 << 20]).unwrap();
+    }
+    assert!(
+        Command::new("sync")
+            .arg("-f")
+            .arg(&target)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let s2 = c.nodes[0]
+        .snapshot("cbt-kill-2", &id)
+        .await
+        .unwrap()
+        .snapshot_id;
+
+    for base in [None, Some(s1.as_str())] {
+        let whole = metadata_ranges(&mut c.nodes[0], base, &s2).await.unwrap();
+        assert!(whole.len() >= 2, "several pages of one range: {whole:?}");
+        // Each page the holder sends for another node is followed by half a second here.
+        c.nodes[0]
+            .restart(Some("delay:metadata:after-forwarded-page=500"))
+            .await;
+        let holder = c.nodes[0].pid().unwrap();
+        let (first, ended) = metadata_until_broken(&mut c.nodes[1], base, &s2, 0, || {
+            // SIGKILL, as a crash: the holder is sleeping after its first page.
+            assert!(
+                Command::new("kill")
+                    .args(["-9", &holder.to_string()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        })
+        .await;
+        let err = ended.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(!first.is_empty() && first.len() < whole.len(), "{first:?}");
+        c.nodes[0].kill();
+        c.nodes[0].restart(None).await;
+
+        let (last_start, last_size) = *first.last().unwrap();
+        let (rest, ended) =
+            metadata_until_broken(&mut c.nodes[1], base, &s2, last_start + last_size, || {}).await;
+        ended.unwrap();
+        let mut joined = first.clone();
+        joined.extend(rest);
+        assert!(
+            joined.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+            "ordered, no overlap: {joined:?}"
+        );
+        assert_eq!(joined, whole, "base {base:?}");
+    }
+    unpublish_all(&mut c.nodes[0], &id, &staging, &target).await;
+}

@@ -135,6 +135,7 @@ impl Driver {
             snapshots.clone(),
             backend.clone(),
             forwarding.clone(),
+            crash.clone(),
         ));
         let exports = Arc::new(Exports::new(
             config.node_id.clone(),

@@ -21,6 +21,7 @@ use crate::backend::Backend;
 use crate::block_ranges::{BlockRange, DEFAULT_PAGE, HeldRanges, PageSink, RangePage, RangeQuery};
 use crate::error::IoContext;
 use crate::error::{Error, Result};
+use crate::fault::FaultPoints;
 use crate::model::{ContentSource, CopyMethod, SnapshotRecord};
 use crate::os::extents::{Extent, Extents, next_data};
 use crate::peer::Forwarding;
@@ -39,6 +40,7 @@ pub struct SnapshotMetadata {
     snapshots: Arc<Snapshots>,
     backend: Arc<dyn Backend>,
     forwarding: Option<Arc<Forwarding>>,
+    crash: FaultPoints,
 }
 
 impl SnapshotMetadata {
@@ -46,11 +48,13 @@ impl SnapshotMetadata {
         snapshots: Arc<Snapshots>,
         backend: Arc<dyn Backend>,
         forwarding: Option<Arc<Forwarding>>,
+        crash: FaultPoints,
     ) -> Self {
         SnapshotMetadata {
             snapshots,
             backend,
             forwarding,
+            crash,
         }
     }
 
@@ -227,7 +231,14 @@ impl HeldRanges for SnapshotMetadata {
             })?),
             None => None,
         };
-        self.local(base.as_ref(), &target, query, sink)
+        // A fault point after each page sent to the asking node: the tests kill this node
+        // mid-stream there.
+        let crash = &self.crash;
+        self.local(base.as_ref(), &target, query, &mut |page: RangePage| {
+            let more = sink(page);
+            crash.reach("metadata:after-forwarded-page");
+            more
+        })
     }
 }
 

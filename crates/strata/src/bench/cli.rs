@@ -13,7 +13,7 @@ use crate::units::parse_size;
 use super::report::Outcome;
 use super::run::Run;
 use super::steps::LifecycleArgs;
-use super::{churn, compare, cross_node, fsgroup, group, io, lifecycle, scale, snapshot};
+use super::{cbt, churn, compare, cross_node, fsgroup, group, io, lifecycle, scale, snapshot};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -93,11 +93,21 @@ pub enum BenchCommand {
         #[command(flatten)]
         args: io::IoArgs,
     },
+    /// Changed block tracking: the time to stream the allocated ranges of a sparse block
+    /// volume's snapshot and the delta to a second one after scattered rewrites (every
+    /// rewrite checked to be in it); the driver's peak memory while it streams a very large
+    /// sparse volume's answers (--pid).
+    Cbt {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: cbt::CbtArgs,
+    },
     /// The same scenario against two endpoints, interleaved round by round (so noise on the
     /// machine hits both alike): every figure side by side, with the ratio B/A. The
     /// scenario's own options follow `--`.
     Compare {
-        /// lifecycle, churn, snapshot, group, fsgroup, io or scale.
+        /// lifecycle, churn, snapshot, group, fsgroup, io, cbt or scale.
         scenario: String,
         /// A, then B.
         #[arg(long = "endpoint", required = true)]
@@ -164,6 +174,7 @@ impl BenchCommand {
             | BenchCommand::Group { client, .. }
             | BenchCommand::Fsgroup { client, .. }
             | BenchCommand::Io { client, .. }
+            | BenchCommand::Cbt { client, .. }
             | BenchCommand::Scale { client, .. } => Some(client),
             BenchCommand::Compare { .. }
             | BenchCommand::CrossNode { .. }
@@ -275,6 +286,7 @@ impl BenchCommand {
             BenchCommand::Group { args, .. } => group::group(csi, &run, args).await,
             BenchCommand::Fsgroup { args, .. } => fsgroup::fsgroup(csi, &run, args).await,
             BenchCommand::Io { args, .. } => io::io(csi, &run, args).await,
+            BenchCommand::Cbt { args, .. } => cbt::cbt(csi, &run, args).await,
             BenchCommand::Scale {
                 volumes,
                 concurrency,

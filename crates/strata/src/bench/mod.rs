@@ -3,6 +3,7 @@
 //! share (timing, the report, bringing a volume up and down) is here.
 
 mod aio;
+mod cbt;
 mod churn;
 mod cli;
 mod compare;
