@@ -105,6 +105,11 @@ struct GoOutcome {
     code: i32,
     length: usize,
     message: String,
+    /// Streamed calls: messages and BlockMetadata tuples received.
+    #[serde(default)]
+    messages: usize,
+    #[serde(default)]
+    tuples: usize,
 }
 
 /// Builds `tests/clients/grpc_go.go` against the system's grpc-go (Debian's
@@ -164,6 +169,11 @@ async fn grpc_go_dialled_as_the_kubelet_and_the_sidecars_is_served() {
         "NodeStageVolume",
         "NodePublishVolume",
         "NodeGetVolumeStats",
+        "CreateSnapshot",
+        "GetMetadataAllocated",
+        "GetMetadataDelta",
+        "DeleteSnapshot 1",
+        "DeleteSnapshot 2",
         "NodeUnpublishVolume",
         "NodeUnstageVolume",
         "DeleteVolume",
@@ -174,6 +184,15 @@ async fn grpc_go_dialled_as_the_kubelet_and_the_sidecars_is_served() {
     let (code, _, message) = code_of("CreateVolume with a 100 KiB name");
     assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
     let (code, _, message) = code_of("DeleteVolume without an id");
+    assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+    // Streamed as the external-snapshot-metadata sidecar reads them: one tuple per message
+    // when asked so, the written file among the changes, a missing base refused.
+    let allocated = find(&outcomes, "GetMetadataAllocated");
+    assert!(allocated.tuples >= 2, "{allocated:?}");
+    assert_eq!(allocated.messages, allocated.tuples, "{allocated:?}");
+    let delta = find(&outcomes, "GetMetadataDelta");
+    assert!(delta.tuples >= 1 && delta.messages >= 1, "{delta:?}");
+    let (code, _, message) = code_of("GetMetadataDelta without a base");
     assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
     assert!(env.pool_entries().is_empty(), "{:?}", env.pool_entries());
     env.assert_clean();

@@ -12,6 +12,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -129,6 +130,54 @@ func (c caller) call(name, method string, request []byte) []byte {
 	return reply
 }
 
+// stream makes a server-streaming call as the external-snapshot-metadata sidecar does
+// (SnapshotMetadata's two RPCs): one request, messages until the end. Prints the call's
+// outcome with the number of messages and of BlockMetadata tuples received.
+func (c caller) stream(name, method string, request []byte) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	desc := &grpc.StreamDesc{ServerStreams: true}
+	messages, tuples := 0, 0
+	s, err := c.conn.NewStream(ctx, desc, method, grpc.ForceCodec(raw{}))
+	if err == nil {
+		err = s.SendMsg(&request)
+	}
+	if err == nil {
+		err = s.CloseSend()
+	}
+	for err == nil {
+		var reply []byte
+		if err = s.RecvMsg(&reply); err == nil {
+			messages++
+			tuples += len(parse(reply)[3])
+		}
+	}
+	if err == io.EOF {
+		err = nil
+	}
+	st, _ := status.FromError(err)
+	line, _ := json.Marshal(map[string]interface{}{
+		"dial": c.how, "call": name, "code": int(st.Code()), "length": len(st.Message()),
+		"message": st.Message(), "messages": messages, "tuples": tuples,
+	})
+	fmt.Println(string(line))
+}
+
+// syncfs flushes the filesystem holding path, so a snapshot taken next holds what was
+// written.
+func syncfs(path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "open", path, err)
+		os.Exit(1)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		fmt.Fprintln(os.Stderr, "sync", path, err)
+		os.Exit(1)
+	}
+}
+
 func dial(target string) *grpc.ClientConn {
 	unix := func(ctx context.Context, addr string) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "unix", strings.TrimPrefix(addr, "unix://"))
@@ -173,6 +222,30 @@ func main() {
 	}
 	kubelet.call("NodeGetVolumeStats", "/csi.v1.Node/NodeGetVolumeStats",
 		cat(field(1, volumeID), field(2, target)))
+	// Changed block tracking as the external-snapshot-metadata sidecar asks for it: two
+	// snapshots, the allocated ranges of the second one page by page (max_results 1), and the
+	// delta between them.
+	first := sidecar.call("CreateSnapshot", "/csi.v1.Controller/CreateSnapshot",
+		cat(field(1, volumeID), field(2, "go-snap-1")))
+	if err := os.WriteFile(target+"/more-from-go", []byte(strings.Repeat("x", 1<<20)), 0o644); err != nil {
+		fmt.Fprintln(os.Stderr, "write through the published path:", err)
+		os.Exit(1)
+	}
+	syncfs(target)
+	second := sidecar.call("CreateSnapshot", "/csi.v1.Controller/CreateSnapshot",
+		cat(field(1, volumeID), field(2, "go-snap-2")))
+	if first != nil && second != nil {
+		snapshotID := func(reply []byte) []byte { return parse(parse(reply)[1][0].([]byte))[2][0].([]byte) }
+		one, two := snapshotID(first), snapshotID(second)
+		sidecar.stream("GetMetadataAllocated", "/csi.v1.SnapshotMetadata/GetMetadataAllocated",
+			cat(field(1, two), field(3, 1)))
+		sidecar.stream("GetMetadataDelta", "/csi.v1.SnapshotMetadata/GetMetadataDelta",
+			cat(field(1, one), field(2, two)))
+		sidecar.stream("GetMetadataDelta without a base", "/csi.v1.SnapshotMetadata/GetMetadataDelta",
+			field(2, two))
+		sidecar.call("DeleteSnapshot 1", "/csi.v1.Controller/DeleteSnapshot", field(1, one))
+		sidecar.call("DeleteSnapshot 2", "/csi.v1.Controller/DeleteSnapshot", field(1, two))
+	}
 	kubelet.call("NodeUnpublishVolume", "/csi.v1.Node/NodeUnpublishVolume",
 		cat(field(1, volumeID), field(2, target)))
 	kubelet.call("NodeUnstageVolume", "/csi.v1.Node/NodeUnstageVolume",
