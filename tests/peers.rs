@@ -935,3 +935,73 @@ async fn snapshot_metadata_resumes_after_the_holder_dies_mid_stream() {
     }
     unpublish_all(&mut c.nodes[0], &id, &staging, &target).await;
 }
+
+/// An encrypted volume's snapshot restored on another node: the wrapped key travels with the
+/// data (over the peer service), the restore asks for the same Secret, and the copy opens
+/// on its node with it and with nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_snapshot_restores_on_another_node_with_its_secret() {
+    let key = "the Secret's encryptionKey, thirty-two bytes or more";
+    let secrets =
+        || std::collections::HashMap::from([("encryptionKey".to_owned(), key.to_owned())]);
+    let encrypted = |mut req: csi::CreateVolumeRequest| {
+        req.parameters = [("encrypted".to_owned(), "true".to_owned())].into();
+        req.secrets = secrets();
+        req
+    };
+    let stage = |id: &str, staging: &str, with: bool| csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.into(),
+        volume_capability: Some(ext4()),
+        secrets: if with { secrets() } else { Default::default() },
+        ..Default::default()
+    };
+    let mut c = Cluster::start(2, &[]).await;
+    let (a, b) = c.nodes.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    let vol = create(a, encrypted(create_req("enc", 64 << 20, ext4())))
+        .await
+        .unwrap()
+        .volume_id;
+    let (staging, target) = (a.path("enc-staging"), a.path("enc-target"));
+    a.csi
+        .node
+        .node_stage_volume(stage(&vol, &staging, true))
+        .await
+        .unwrap();
+    a.publish(&vol, &staging, &target, ext4(), false)
+        .await
+        .unwrap();
+    fs::write(Path::new(&target).join("f"), b"encrypted across nodes").unwrap();
+    let snap = a.snapshot("enc-snap", &vol).await.unwrap().snapshot_id;
+
+    // Without the Secret (or as an unencrypted volume) it is refused on node 1.
+    let err = create(b, from_snapshot("plain", 64 << 20, &snap))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let restored = create(b, encrypted(from_snapshot("restored", 64 << 20, &snap)))
+        .await
+        .unwrap()
+        .volume_id;
+    let (bs, bt) = (b.path("restored-staging"), b.path("restored-target"));
+    let err = b
+        .csi
+        .node
+        .node_stage_volume(stage(&restored, &bs, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    b.csi
+        .node
+        .node_stage_volume(stage(&restored, &bs, true))
+        .await
+        .unwrap();
+    b.publish(&restored, &bs, &bt, ext4(), false).await.unwrap();
+    assert_eq!(
+        fs::read(Path::new(&bt).join("f")).unwrap(),
+        b"encrypted across nodes"
+    );
+    unpublish_all(b, &restored, &bs, &bt).await;
+    unpublish_all(a, &vol, &staging, &target).await;
+}

@@ -69,12 +69,12 @@ impl Capabilities {
         validate::bounded_map("parameters", parameters)?;
         match parameters
             .keys()
-            .find(|k| !k.starts_with(K8S_PARAMETER_PREFIX))
+            .find(|k| !k.starts_with(K8S_PARAMETER_PREFIX) && *k != crate::encryption::PARAMETER)
         {
             Some(key) => Err(Error::InvalidArgument(format!(
-                "unknown parameter {}: the {} backend takes no StorageClass parameters (only Kubernetes' own csi.storage.k8s.io/* keys)",
+                "unknown parameter {}: Strata takes only {:?} (and Kubernetes' own csi.storage.k8s.io/* keys)",
                 validate::echo(key),
-                self.backend.kind()
+                crate::encryption::PARAMETER,
             ))),
             None => Ok(()),
         }

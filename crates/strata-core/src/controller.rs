@@ -7,15 +7,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backend;
 use crate::capability::Capabilities;
+use crate::encryption::{self, Passphrase, Secrets, WrappedKey};
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
+use crate::filesystem::Filesystem;
 use crate::freezer::Freezer;
 use crate::ids::{NodeHint, is_volume_id, new_volume_id};
 use crate::inflight::InFlight;
 use crate::io_limits::{IoLimiter, LimitChange, PV_NAME_KEY};
 use crate::model::{
-    Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VOLUME_RECORD_VERSION,
-    VolumeRecord,
+    AccessType, Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VolumeRecord,
+    volume_record_version,
 };
 use crate::peer::{Forwarding, RemoteCopies};
 use crate::reaper::Reaper;
@@ -43,6 +45,8 @@ pub struct CreateVolume {
     pub content_source: Option<ContentSource>,
     /// The volume's I/O limits ([`crate::io_limits`]).
     pub mutable_parameters: BTreeMap<String, String>,
+    /// The provisioner's secrets: `encryptionKey` for an encrypted volume.
+    pub secrets: Secrets,
 }
 
 /// A volume with its health, for Get and List.
@@ -87,6 +91,7 @@ enum Origin {
         dir: std::path::PathBuf,
         size: u64,
         format: FormatState,
+        encryption: Option<WrappedKey>,
         _guard: crate::inflight::Guard,
     },
     /// A snapshot or volume another node holds.
@@ -165,6 +170,13 @@ impl Controller {
         }
         self.capabilities.check_parameters(&req.parameters)?;
         let io_limits = self.limits.initial(&req.mutable_parameters)?;
+        let encrypt = encryption::requested(&req.parameters)?;
+        let passphrase = if encrypt {
+            self.check_encryptable(&req.capabilities)?;
+            Some(req.secrets.passphrase(encryption::SECRET_KEY)?)
+        } else {
+            None
+        };
         if !req.requisite.is_empty() && !req.requisite.iter().any(|t| self.topology.is_this_node(t))
         {
             return Err(Error::ResourceExhausted(format!(
@@ -202,11 +214,25 @@ impl Controller {
 
         // The source, if any: here (its directory, pinned) or on another node.
         let origin = self.origin(req.content_source.as_ref())?;
-        let (source_size, mut format) = match &origin {
-            Origin::Empty => (0, FormatState::Unformatted),
-            Origin::Local { size, format, .. } => (*size, format.clone()),
-            Origin::Remote { info, .. } => (info.size_bytes, info.format.clone()),
+        let (source_size, mut format, source_key) = match &origin {
+            Origin::Empty => (0, FormatState::Unformatted, None),
+            Origin::Local {
+                size,
+                format,
+                encryption,
+                ..
+            } => (*size, format.clone(), encryption.clone()),
+            Origin::Remote { info, .. } => (
+                info.size_bytes,
+                info.format.clone(),
+                info.encryption.clone(),
+            ),
         };
+        let wrapped = volume_key(
+            passphrase.as_ref(),
+            source_key,
+            matches!(origin, Origin::Empty),
+        )?;
         self.capabilities
             .check_source_filesystem(&req.capabilities, &format)?;
         if req.capacity.limit != 0 && req.capacity.limit < source_size {
@@ -276,7 +302,7 @@ impl Controller {
         let created = filled.and_then(|()| {
             self.crash.reach("create:after-data");
             let record = VolumeRecord {
-                version: VOLUME_RECORD_VERSION,
+                version: volume_record_version(wrapped.is_some()),
                 id: id.clone(),
                 name: name.to_owned(),
                 capacity_bytes: size,
@@ -294,6 +320,7 @@ impl Controller {
                 mount_group_current: false,
                 io_limits,
                 throttled: vec![],
+                encryption: wrapped,
             };
             self.volumes.store.commit_create(&staging, record)
         });
@@ -327,6 +354,7 @@ impl Controller {
                     dir: self.snapshots.dir(&snap.id),
                     size: snap.size_bytes,
                     format: snap.format,
+                    encryption: snap.encryption,
                     _guard: guard,
                 })
             }),
@@ -336,6 +364,7 @@ impl Controller {
                     dir: self.volumes.dir(&vol.id),
                     size: vol.capacity_bytes,
                     format: vol.format,
+                    encryption: vol.encryption,
                     _guard: guard,
                 })
             }),
@@ -364,6 +393,37 @@ impl Controller {
                 "{not_here}, on this node or any other this node reaches"
             ))),
         }
+    }
+
+    /// Encryption asked for where it cannot be had: INVALID_ARGUMENT before anything is
+    /// made. fscrypt encrypts the files of an ext4 filesystem; the image backend formats
+    /// one per volume.
+    fn check_encryptable(&self, capabilities: &[Capability]) -> Result<()> {
+        let kind = self.backend.kind();
+        if kind != "image" {
+            return Err(Error::InvalidArgument(format!(
+                "encrypted volumes need the image backend (ext4 filesystem volumes); this node runs the {kind} backend"
+            )));
+        }
+        for cap in capabilities {
+            match &cap.access_type {
+                AccessType::Block => {
+                    return Err(Error::InvalidArgument(
+                        "a raw block volume cannot be encrypted: Strata encrypts the files of an ext4 filesystem (fscrypt); ask for a filesystem volume".into(),
+                    ));
+                }
+                AccessType::Mount { fs_type, .. } => {
+                    let fs = Filesystem::requested(fs_type)?;
+                    if fs != Filesystem::Ext4 {
+                        return Err(Error::InvalidArgument(format!(
+                            "a {} volume cannot be encrypted: fscrypt is used on ext4 only here; ask for fs_type ext4",
+                            fs.name()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn delete_volume(&self, id: &str) -> Result<()> {
@@ -512,6 +572,32 @@ impl Controller {
     }
 }
 
+/// The wrapped key a new volume gets. Encryption follows the data: a copy of an encrypted
+/// source holds the same encrypted files and keeps its key, which must be asked for (with
+/// `encrypted: "true"`) and opened by the given secret, so a wrong Secret fails here and not
+/// at the first mount; an unencrypted source cannot become encrypted by being copied.
+fn volume_key(
+    passphrase: Option<&Passphrase>,
+    source_key: Option<WrappedKey>,
+    empty: bool,
+) -> Result<Option<WrappedKey>> {
+    match (passphrase, source_key) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(Error::InvalidArgument(format!(
+            "the source is encrypted: a copy of it must be too; use a StorageClass with {}: \"true\" and the Secret the source was created with",
+            encryption::PARAMETER
+        ))),
+        (Some(pass), Some(key)) => {
+            encryption::unwrap(pass, &key, "the source")?;
+            Ok(Some(key))
+        }
+        (Some(_), None) if !empty => Err(Error::InvalidArgument(
+            "the source is not encrypted, and a copy of it cannot be encrypted in place: restore it into an unencrypted volume and copy the files into an encrypted one".into(),
+        )),
+        (Some(pass), None) => Ok(Some(encryption::new_key(pass)?.1)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +668,7 @@ mod tests {
         f.driver
             .node
             .stage_volume(StageVolume {
+                secrets: Default::default(),
                 volume_id: src.id.clone(),
                 staging_path: "/stage".into(),
                 capability: cap.clone(),

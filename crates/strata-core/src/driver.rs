@@ -24,6 +24,7 @@ use crate::os::{FileId, Host};
 use crate::paths::NodePaths;
 use crate::peer::{ExportSources, Exports, Forwarding, Peers, RemoteCopies};
 use crate::reaper::Reaper;
+use crate::rekey::Rekey;
 use crate::snapshot::Snapshots;
 use crate::snapshot_metadata::SnapshotMetadata;
 use crate::store::{GroupStore, Reconciliation, SnapshotStore, VolumeStore};
@@ -60,6 +61,8 @@ pub struct Driver {
     pub io_limits: Arc<IoLimiter>,
     /// Changed block tracking: the SnapshotMetadata service.
     pub snapshot_metadata: Arc<SnapshotMetadata>,
+    /// Key rotation of encrypted volumes.
+    pub rekey: Rekey,
     pub(crate) volumes: Arc<Volumes>,
     pub(crate) freezer: Arc<Freezer>,
     reaper: Arc<Reaper>,
@@ -189,6 +192,11 @@ impl Driver {
             io_limits.clone(),
             crash,
         );
+        let rekey = Rekey::new(
+            volumes.clone(),
+            snapshots.clone(),
+            NodeHint::of(&config.node_id),
+        );
         let driver = Driver {
             config,
             controller,
@@ -200,6 +208,7 @@ impl Driver {
             remote,
             io_limits,
             snapshot_metadata,
+            rekey,
             volumes,
             freezer,
             reaper,

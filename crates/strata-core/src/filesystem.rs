@@ -80,22 +80,26 @@ impl Filesystem {
     }
 
     /// The mkfs program and its options (the device follows them).
-    pub fn mkfs(self) -> (String, &'static [&'static str]) {
-        let args: &'static [&'static str] = match self {
+    pub fn mkfs(self, encrypt: bool) -> (String, Vec<&'static str>) {
+        let args = match self {
             // Skip discard (the image is sparse already) and lazy-init for a fast mkfs; no
             // resize inode (its reserved descriptor blocks are half of mkfs's writes):
             // growth works without it, offline (resize2fs) and online (the kernel moves to
-            // meta_bg).
-            Filesystem::Ext4 | Filesystem::Ext3 | Filesystem::Ext2 => &[
+            // meta_bg). `encrypt` lets fscrypt policies be set (encrypted volumes).
+            Filesystem::Ext4 | Filesystem::Ext3 | Filesystem::Ext2 => vec![
                 "-q",
                 "-F",
                 "-O",
-                "^resize_inode",
+                if encrypt {
+                    "^resize_inode,encrypt"
+                } else {
+                    "^resize_inode"
+                },
                 "-E",
                 "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
             ],
             // -f: the caller has established that nothing but an interrupted mkfs is there.
-            Filesystem::Xfs => &["-q", "-K", "-f"],
+            Filesystem::Xfs => vec!["-q", "-K", "-f"],
         };
         (format!("mkfs.{}", self.name()), args)
     }

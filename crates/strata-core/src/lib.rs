@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod driver;
 pub mod durable;
+pub mod encryption;
 pub mod error;
 pub mod fault;
 pub mod filesystem;
@@ -25,6 +26,7 @@ pub mod paths;
 pub mod peer;
 pub mod pool_image;
 pub mod reaper;
+pub mod rekey;
 #[cfg(test)]
 mod rollback_tests;
 pub mod snapshot;

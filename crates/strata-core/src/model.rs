@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::encryption::WrappedKey;
 use crate::error::{Error, Result};
 
 pub const KIB: u64 = 1024;
@@ -195,7 +196,21 @@ pub enum FormatState {
 }
 
 /// Current schema version of [`VolumeRecord`]. Records from newer versions are refused.
-pub const VOLUME_RECORD_VERSION: u32 = 1;
+/// Version 2 records hold an encrypted volume's wrapped key; a volume without one is still
+/// written as version 1, so only a pool with encrypted volumes needs a Strata that knows
+/// them (an older one would drop the key when it rewrote the record: it refuses to start).
+pub const VOLUME_RECORD_VERSION: u32 = 2;
+/// Version of a volume record without encryption.
+pub const PLAIN_VOLUME_RECORD_VERSION: u32 = 1;
+
+/// The record version a volume with (or without) a wrapped key is written with.
+pub fn volume_record_version(encrypted: bool) -> u32 {
+    if encrypted {
+        VOLUME_RECORD_VERSION
+    } else {
+        PLAIN_VOLUME_RECORD_VERSION
+    }
+}
 
 /// The durable description of a volume, stored beside its data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +248,9 @@ pub struct VolumeRecord {
     /// the limits and a restart find every rule Strata wrote.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub throttled: Vec<Throttled>,
+    /// An encrypted volume's data key, wrapped ([`crate::encryption`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<WrappedKey>,
 }
 
 /// Per-volume I/O limits; zero means unlimited.
@@ -313,9 +331,12 @@ pub enum CopyMethod {
 /// Current schema version of [`SnapshotRecord`]. Version 2 records are members of a group
 /// snapshot; a plain snapshot is still written as version 1, so only a pool holding group
 /// snapshots needs a Strata that knows them (an older one refuses to start on it rather than
-/// let a member be deleted alone).
-pub const SNAPSHOT_RECORD_VERSION: u32 = 2;
-/// Version of a snapshot record that belongs to no group.
+/// let a member be deleted alone). Version 3 records hold a wrapped key (snapshots of
+/// encrypted volumes, in a group or not).
+pub const SNAPSHOT_RECORD_VERSION: u32 = 3;
+/// Version of a snapshot record that belongs to a group and holds no key.
+pub const GROUP_MEMBER_SNAPSHOT_RECORD_VERSION: u32 = 2;
+/// Version of a snapshot record that belongs to no group and holds no key.
 pub const PLAIN_SNAPSHOT_RECORD_VERSION: u32 = 1;
 
 /// The durable description of a snapshot: a point-in-time copy of a volume's data, independent
@@ -338,6 +359,10 @@ pub struct SnapshotRecord {
     /// only with its group.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group_snapshot_id: String,
+    /// The source's wrapped key when it is encrypted: the snapshot holds the same encrypted
+    /// data, and so do the volumes restored from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<WrappedKey>,
 }
 
 /// Current schema version of [`GroupSnapshotRecord`].
@@ -456,6 +481,7 @@ mod tests {
             mount_group_current: false,
             io_limits: IoLimits::default(),
             throttled: vec![],
+            encryption: None,
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert!(

@@ -67,7 +67,7 @@ pub fn mount_pool_image(host: &Host, dir: &Path, size: u64) -> Result<PathBuf> {
     let in_use = mounts.iter().any(|m| m.device() == (dev.major, dev.minor));
     if !in_use {
         match host.filesystems.probe(&dev.path)? {
-            Probe::Empty => host.filesystems.format(&dev.path, Filesystem::Xfs)?,
+            Probe::Empty => host.filesystems.format(&dev.path, Filesystem::Xfs, false)?,
             Probe::Filesystem(fs) if fs == Filesystem::Xfs.name() => {}
             other => {
                 return Err(Error::FailedPrecondition(format!(

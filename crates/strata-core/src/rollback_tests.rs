@@ -62,6 +62,7 @@ fn with_group(gid: &str) -> Capability {
 
 fn stage(d: &Driver, id: &str, capability: Capability) -> Result<()> {
     d.node.stage_volume(StageVolume {
+        secrets: Default::default(),
         volume_id: id.into(),
         staging_path: "/stage".into(),
         capability,

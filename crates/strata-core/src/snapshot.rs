@@ -13,8 +13,8 @@ use crate::freezer::Freezer;
 use crate::ids::{NodeHint, is_snapshot_id, new_snapshot_id};
 use crate::inflight::{Guard, InFlight};
 use crate::model::{
-    CopyMethod, PLAIN_SNAPSHOT_RECORD_VERSION, SNAPSHOT_RECORD_VERSION, SnapshotRecord,
-    VolumeRecord,
+    CopyMethod, GROUP_MEMBER_SNAPSHOT_RECORD_VERSION, PLAIN_SNAPSHOT_RECORD_VERSION,
+    SNAPSHOT_RECORD_VERSION, SnapshotRecord, VolumeRecord,
 };
 use crate::reaper::Reaper;
 use crate::store::{GroupStore, SnapshotStore};
@@ -38,10 +38,10 @@ pub(crate) fn snapshot_record(
     group: &str,
 ) -> SnapshotRecord {
     SnapshotRecord {
-        version: if group.is_empty() {
-            PLAIN_SNAPSHOT_RECORD_VERSION
-        } else {
-            SNAPSHOT_RECORD_VERSION
+        version: match (source.encryption.is_some(), group.is_empty()) {
+            (true, _) => SNAPSHOT_RECORD_VERSION,
+            (false, false) => GROUP_MEMBER_SNAPSHOT_RECORD_VERSION,
+            (false, true) => PLAIN_SNAPSHOT_RECORD_VERSION,
         },
         id: id.to_owned(),
         name: name.to_owned(),
@@ -52,6 +52,7 @@ pub(crate) fn snapshot_record(
         format: source.format.clone(),
         method,
         group_snapshot_id: group.to_owned(),
+        encryption: source.encryption.clone(),
     }
 }
 

@@ -56,6 +56,7 @@ fn stage(f: &Fixture, id: &str, block: bool) {
     f.driver
         .node
         .stage_volume(StageVolume {
+            secrets: Default::default(),
             volume_id: id.into(),
             staging_path: "/stage".into(),
             capability: cap(block),

@@ -148,6 +148,8 @@ impl InlineVolumes {
             volume_id: record.id,
             staging_path: target.path.to_string_lossy().into_owned(),
             capability,
+            // Inline volumes are never encrypted (their parameters are Strata's own).
+            secrets: Default::default(),
         })
     }
 

@@ -14,12 +14,14 @@ mod growth;
 mod publish;
 mod stage;
 mod stats;
+mod unlock;
 
 use std::sync::Arc;
 
 use crate::backend::{Attachment, Backend};
 use crate::capability::Capabilities;
 use crate::controller::Controller;
+use crate::encryption::Secrets;
 use crate::error::{Error, Result};
 use crate::fault::FaultPoints;
 use crate::io_limits::{Consumer, IoLimiter};
@@ -33,9 +35,11 @@ use crate::volumes::Volumes;
 use ephemeral::InlineVolumes;
 use fsgroup::FsGroups;
 use growth::FsGrowth;
+use unlock::VolumeKeys;
 
 pub use ephemeral::{EphemeralVolume, is_ephemeral};
 pub use stats::Usage;
+pub use unlock::DATA_DIR;
 
 /// The node service's work: NodeStageVolume, NodeUnstageVolume, NodePublishVolume (inline
 /// volumes too), NodeUnpublishVolume, NodeGetVolumeStats, NodeExpandVolume. One operation
@@ -45,6 +49,7 @@ pub struct Node {
     paths: Arc<NodePaths>,
     fsgroups: FsGroups,
     growth: FsGrowth,
+    keys: VolumeKeys,
     inline: InlineVolumes,
     mounts: Arc<Mounts>,
     capabilities: Arc<Capabilities>,
@@ -71,6 +76,7 @@ impl Node {
         Node {
             fsgroups: FsGroups::new(volumes.clone(), paths.clone(), host.clone()),
             growth: FsGrowth::new(volumes.clone(), host.filesystems.clone()),
+            keys: VolumeKeys::new(host.fscrypt.clone(), host.mounter.clone()),
             // Inline volumes are created and deleted as CreateVolume and DeleteVolume would.
             inline: InlineVolumes::new(
                 controller,
@@ -97,6 +103,8 @@ pub struct StageVolume {
     /// As the request gives it; checked by the operation.
     pub staging_path: String,
     pub capability: Capability,
+    /// The node-stage secrets: `encryptionKey` for an encrypted volume.
+    pub secrets: Secrets,
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +204,7 @@ mod tests {
     use crate::controller::CreateVolume;
     use crate::driver::Driver;
     use crate::model::{AccessMode, FormatState, MIB};
+    use crate::os::HostError;
 
     use crate::testing::{fixture, mount};
 
@@ -219,11 +228,110 @@ mod tests {
     }
 
     fn stage(d: &Driver, id: &str) -> Result<()> {
+        stage_with(d, id, Secrets::default())
+    }
+
+    fn stage_with(d: &Driver, id: &str, secrets: Secrets) -> Result<()> {
         d.node.stage_volume(StageVolume {
             volume_id: id.into(),
             staging_path: "/stage".into(),
             capability: mount(AccessMode::SingleNodeWriter),
+            secrets,
         })
+    }
+
+    fn key(text: &str) -> Secrets {
+        Secrets::new([(crate::encryption::SECRET_KEY.to_owned(), text.repeat(40))])
+    }
+
+    #[test]
+    fn an_encrypted_volume_is_staged_only_with_its_secret_and_leaves_nothing_when_refused() {
+        use crate::os::fake::Op;
+        let f = fixture();
+        let d = &f.driver;
+        let id = d
+            .controller
+            .create_volume(CreateVolume {
+                name: "enc".into(),
+                capabilities: vec![mount(AccessMode::SingleNodeWriter)],
+                capacity: crate::model::CapacityRange {
+                    required: 16 * MIB,
+                    limit: 0,
+                },
+                parameters: [("encrypted".to_owned(), "true".to_owned())].into(),
+                secrets: key("a"),
+                ..Default::default()
+            })
+            .unwrap()
+            .id;
+        let nothing_left = || {
+            let s = f.fake.lock();
+            assert!(s.mounts.is_empty(), "{:?}", s.mounts);
+            assert!(s.loops.is_empty(), "{:?}", s.loops);
+        };
+        for (secrets, why) in [(Secrets::default(), "missing"), (key("b"), "does not open")] {
+            let e = stage_with(d, &id, secrets).unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidArgument(m) if m.contains(why)),
+                "{e:?}"
+            );
+            nothing_left();
+        }
+        // The kernel refuses the key, or the directory has another policy: unmounted again.
+        f.fake.fail_next(Op::AddKey, HostError::other("refused"));
+        let e = stage_with(d, &id, key("a")).unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e:?}");
+        nothing_left();
+        f.fake.fail_next(
+            Op::EncryptDir,
+            HostError::Sys {
+                what: "encrypt".into(),
+                errno: libc::EEXIST,
+            },
+        );
+        let e = stage_with(d, &id, key("a")).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        nothing_left();
+        assert_eq!(f.fake.failures_left(), 0);
+
+        stage_with(d, &id, key("a")).unwrap();
+        stage_with(d, &id, key("a")).unwrap();
+        assert_eq!(f.fake.lock().keys[std::path::Path::new("/stage")].len(), 1);
+        publish(d, &id, "/target", false, AccessMode::SingleNodeWriter).unwrap();
+        let root = {
+            let s = f.fake.lock();
+            let m = s
+                .mounts
+                .iter()
+                .find(|m| m.mount_point == std::path::Path::new("/target"));
+            m.unwrap().root.clone()
+        };
+        assert_eq!(
+            root,
+            std::path::Path::new("/").join(DATA_DIR),
+            "the pod sees the data directory"
+        );
+        d.node.unpublish_volume(&id, "/target").unwrap();
+        d.node.unstage_volume(&id, "/stage").unwrap();
+        assert!(
+            f.fake.lock().keys[std::path::Path::new("/stage")].is_empty(),
+            "the key is removed"
+        );
+        nothing_left();
+        // A raw block stage of it is refused.
+        let e = d
+            .node
+            .stage_volume(StageVolume {
+                volume_id: id.clone(),
+                staging_path: "/stage".into(),
+                capability: crate::model::Capability {
+                    access_type: crate::model::AccessType::Block,
+                    access_mode: AccessMode::SingleNodeWriter,
+                },
+                secrets: key("a"),
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
     }
 
     fn publish(
@@ -426,6 +534,7 @@ mod tests {
         };
         let stage_as = |gid: &str| {
             f.driver.node.stage_volume(StageVolume {
+                secrets: Default::default(),
                 volume_id: id.clone(),
                 staging_path: "/stage".into(),
                 capability: grouped(gid),
@@ -494,6 +603,7 @@ mod tests {
         std::thread::scope(|s| {
             let staging = s.spawn(|| {
                 f.driver.node.stage_volume(StageVolume {
+                    secrets: Default::default(),
                     volume_id: id.clone(),
                     staging_path: "/stage".into(),
                     capability: cap.clone(),
@@ -552,6 +662,7 @@ mod tests {
             ("/stage", bad_group.clone()),
         ] {
             let r = f.driver.node.stage_volume(StageVolume {
+                secrets: Default::default(),
                 volume_id: missing.into(),
                 staging_path: staging.into(),
                 capability: cap.clone(),

@@ -226,8 +226,21 @@ impl Node {
                 return Err(e);
             }
         };
+        // An encrypted volume's files are in its encrypted directory; the pod sees that.
+        let source = match &record.encryption {
+            Some(_) => match self.keys.data_dir(&record.id, &staged_node, staging) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    if let Some(entry) = &limited {
+                        self.limits.undo(&record.id, entry);
+                    }
+                    return Err(e);
+                }
+            },
+            None => staged_node,
+        };
         self.crash.reach("publish:before-bind");
-        let bound = self.host.mounter.bind(&staged_node, &target_node, &flags);
+        let bound = self.host.mounter.bind(&source, &target_node, &flags);
         if let (Err(_), Some(entry)) = (&bound, &limited) {
             self.limits.undo(&record.id, entry);
         }

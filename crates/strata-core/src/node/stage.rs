@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::backend::Attachment;
+use crate::encryption::{self, DataKey};
 use crate::error::{Error, Result};
 use crate::filesystem::Filesystem;
 use crate::model::{AccessType, Capability, FormatState, VolumeRecord};
@@ -25,7 +26,26 @@ impl Node {
         let _guard = self.volumes.guard(&req.volume_id)?;
         let _path = self.paths.claim(&staging)?;
         let record = self.volumes.get(&req.volume_id)?;
-        self.stage_filesystem(record, &req.capability, &staging)?;
+        // An encrypted volume's key is opened before anything is attached: a missing or
+        // wrong secret leaves nothing behind.
+        let key = match &record.encryption {
+            Some(wrapped) => {
+                if req.capability.is_block() {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume {} is an encrypted filesystem volume; it cannot be staged as a raw block device",
+                        record.id
+                    )));
+                }
+                let pass = req.secrets.passphrase(encryption::SECRET_KEY)?;
+                Some(encryption::unwrap(
+                    &pass,
+                    wrapped,
+                    &format!("volume {}", record.id),
+                )?)
+            }
+            None => None,
+        };
+        self.stage_filesystem(record, &req.capability, &staging, key.as_ref())?;
         self.crash.reach("stage:before-group");
         match group {
             Some(gid) => self.fsgroups.apply(&req.volume_id, &staging, gid),
@@ -39,6 +59,7 @@ impl Node {
         record: VolumeRecord,
         capability: &Capability,
         staging: &CheckedPath,
+        key: Option<&DataKey>,
     ) -> Result<()> {
         let dir = self.volumes.store.dir(&record.id);
         let existing = self.paths.mount_at(staging)?.and_then(|(_, m)| m);
@@ -105,6 +126,14 @@ impl Node {
                 self.growth
                     .grow_if_pending(&record.id, &dev.path, Some(&m.mount_point), fs)?;
             }
+            // A retried stage, or one after a restart: the key again (the kernel counts it
+            // once), the data directory checked.
+            if let Some(key) = key {
+                let root = self.paths.open(staging, Create::Nothing)?.ok_or_else(|| {
+                    Error::Internal(format!("{} vanished", bounded_display(&staging.path)))
+                })?;
+                self.keys.unlock(&record.id, &root, key)?;
+            }
             return Ok(());
         }
 
@@ -136,6 +165,28 @@ impl Node {
                     .mounter
                     .mount_device(&dev.path, &target, fs, &options)?;
                 Ok(target)
+            })
+            // An encrypted volume is staged with its key in: otherwise it is not staged.
+            .and_then(|mut target| match key {
+                None => Ok(target),
+                Some(key) => {
+                    let unlocked = self.paths.open(staging, Create::Nothing).and_then(|root| {
+                        let root = root.ok_or_else(|| {
+                            Error::Internal(format!("{} vanished", bounded_display(&staging.path)))
+                        })?;
+                        self.keys.unlock(&id, &root, key)
+                    });
+                    match unlocked {
+                        Ok(()) => Ok(target),
+                        Err(e) => {
+                            if let Err(u) = self.host.mounter.unmount(&mut target) {
+                                tracing::error!(volume_id = %id, error = %u,
+                                    "could not unmount a stage whose key was refused");
+                            }
+                            Err(e)
+                        }
+                    }
+                }
             });
         match staged {
             Ok(target) => {
@@ -221,7 +272,7 @@ impl Node {
         self.volumes.store.update(record.clone())?;
         self.host
             .filesystems
-            .format(device, fs)
+            .format(device, fs, record.encryption.is_some())
             .map_err(|e| fs.format_error(e))?;
         self.crash.reach("stage:after-format");
         record.format = FormatState::Formatted(fs_type.to_owned());
@@ -270,6 +321,9 @@ impl Node {
         };
         if let Some(m) = others.first() {
             return Err(still_published(volume_id, m));
+        }
+        if record.encryption.is_some() {
+            self.keys.lock(&record.id, &node);
         }
         self.mounts.unmount_ours(node, &owners)?;
         self.crash.reach("unstage:after-unmount");

@@ -37,6 +37,8 @@ pub enum Op {
     Thaw,
     ApplyGroup,
     SetLimits,
+    AddKey,
+    EncryptDir,
 }
 
 #[derive(Default)]
@@ -64,6 +66,10 @@ pub struct FakeState {
     /// Failures armed by [`FakeHost::fail_next`], each used by the next call of its op.
     failures: Vec<(Op, HostError)>,
     next_mount_id: u32,
+    /// fscrypt keys added, by mount point.
+    pub keys: HashMap<PathBuf, Vec<super::fscrypt::KeyId>>,
+    /// Encrypted directories and their key.
+    pub policies: HashMap<PathBuf, super::fscrypt::KeyId>,
 }
 
 #[derive(Default)]
@@ -83,6 +89,7 @@ impl FakeHost {
             filesystems: self.clone(),
             btrfs: self.clone(),
             cgroups: self.clone(),
+            fscrypt: self.clone(),
         }
     }
 
@@ -235,6 +242,20 @@ impl Mounter for FakeHost {
                 source: "udev".into(),
                 super_options: vec!["rw".into()],
             }
+        } else if let Some((m, rel)) = s
+            .mounts
+            .iter()
+            .rev()
+            .find_map(|m| Some((m, source.strip_prefix(&m.mount_point).ok()?)))
+            .filter(|_| s.paths.contains(source))
+        {
+            // A directory inside a mounted filesystem (an encrypted volume's data).
+            MountEntry {
+                mount_point: target.to_owned(),
+                root: m.root.join(rel),
+                options,
+                ..m.clone()
+            }
         } else {
             return Err(HostError::other(format!(
                 "bind source {} unknown",
@@ -334,7 +355,7 @@ impl Filesystems for FakeHost {
         })
     }
 
-    fn format(&self, device: &Path, fs: Filesystem) -> Result<()> {
+    fn format(&self, device: &Path, fs: Filesystem, _encrypt: bool) -> Result<()> {
         let fs_type = fs.name();
         self.injected(Op::Format)?;
         let mut s = self.lock();
@@ -545,5 +566,50 @@ impl Cgroups for FakeHost {
                 .copied()
                 .unwrap_or_default(),
         ))
+    }
+}
+
+impl super::fscrypt::Fscrypt for FakeHost {
+    fn add_key(&self, root: &NodePath, key: &[u8]) -> Result<super::fscrypt::KeyId> {
+        self.injected(Op::AddKey)?;
+        // The identifier the fake derives: the key's first bytes folded with its length.
+        let mut id = [0u8; 16];
+        for (i, b) in key.iter().enumerate() {
+            id[i % 16] ^= b.wrapping_add(i as u8);
+        }
+        let mut s = self.lock();
+        let keys = s.keys.entry(root.path.clone()).or_default();
+        if !keys.contains(&id) {
+            keys.push(id);
+        }
+        Ok(id)
+    }
+
+    fn remove_key(&self, root: &NodePath, id: &super::fscrypt::KeyId) -> Result<()> {
+        let mut s = self.lock();
+        if let Some(keys) = s.keys.get_mut(&root.path) {
+            keys.retain(|k| k != id);
+        }
+        Ok(())
+    }
+
+    fn policy(&self, root: &NodePath, name: &str) -> Result<Option<super::fscrypt::KeyId>> {
+        Ok(self.lock().policies.get(&root.path.join(name)).copied())
+    }
+
+    fn encrypt_dir(&self, root: &NodePath, name: &str, id: &super::fscrypt::KeyId) -> Result<()> {
+        self.injected(Op::EncryptDir)?;
+        let mut s = self.lock();
+        match s.policies.get(&root.path.join(name)) {
+            Some(existing) if existing != id => Err(HostError::Sys {
+                what: format!("encrypt {}/{name}", root.path.display()),
+                errno: libc::EEXIST,
+            }),
+            _ => {
+                s.policies.insert(root.path.join(name), *id);
+                s.paths.insert(root.path.join(name));
+                Ok(())
+            }
+        }
     }
 }

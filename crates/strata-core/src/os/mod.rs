@@ -7,6 +7,7 @@ pub mod clone;
 pub mod extents;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod fscrypt;
 pub mod linux;
 pub mod mountinfo;
 pub mod nodepath;
@@ -192,7 +193,9 @@ pub struct FsUsage {
 /// Filesystem tools and queries.
 pub trait Filesystems: Send + Sync {
     fn probe(&self, device: &Path) -> Result<Probe>;
-    fn format(&self, device: &Path, fs: Filesystem) -> Result<()>;
+    /// Makes filesystem `fs` on `device`; with `encrypt`, one that takes fscrypt policies
+    /// (ext4's `encrypt` feature).
+    fn format(&self, device: &Path, fs: Filesystem, encrypt: bool) -> Result<()>;
     fn usage(&self, path: &Path) -> Result<FsUsage>;
     /// Size in bytes of a block device.
     fn device_size(&self, device: &Path) -> Result<u64>;
@@ -293,6 +296,7 @@ pub struct Host {
     pub filesystems: Arc<dyn Filesystems>,
     pub btrfs: Arc<dyn btrfs::Btrfs>,
     pub cgroups: Arc<dyn cgroups::Cgroups>,
+    pub fscrypt: Arc<dyn fscrypt::Fscrypt>,
 }
 
 impl Host {
@@ -302,7 +306,8 @@ impl Host {
         Host {
             mounter: os.clone(),
             loops: os.clone(),
-            filesystems: os,
+            filesystems: os.clone(),
+            fscrypt: os,
             btrfs: Arc::new(btrfs::BtrfsTool),
             cgroups: Arc::new(linux::LinuxCgroups::new(DEFAULT_CGROUP_ROOT.into())),
         }

@@ -207,19 +207,22 @@ impl Exports {
     /// What this node holds under `source`'s id; `None` when it holds nothing by that id.
     pub fn lookup(&self, source: &ContentSource) -> Result<Option<SourceInfo>> {
         let found = match source {
-            ContentSource::Snapshot(id) if is_snapshot_id(id) => {
-                self.snapshots.get(id).map(|s| (s.size_bytes, s.format))
-            }
-            ContentSource::Volume(id) if is_volume_id(id) => {
-                self.volumes.get(id).map(|v| (v.capacity_bytes, v.format))
-            }
+            ContentSource::Snapshot(id) if is_snapshot_id(id) => self
+                .snapshots
+                .get(id)
+                .map(|s| (s.size_bytes, s.format, s.encryption)),
+            ContentSource::Volume(id) if is_volume_id(id) => self
+                .volumes
+                .get(id)
+                .map(|v| (v.capacity_bytes, v.format, v.encryption)),
             _ => return Ok(None),
         };
         match found {
-            Ok((size_bytes, format)) => Ok(Some(SourceInfo {
+            Ok((size_bytes, format, encryption)) => Ok(Some(SourceInfo {
                 size_bytes,
                 format,
                 backend: self.backend.kind().to_owned(),
+                encryption,
             })),
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
@@ -276,6 +279,7 @@ impl Exports {
                 size_bytes: snap.size_bytes,
                 format: snap.format,
                 backend: self.backend.kind().to_owned(),
+                encryption: snap.encryption,
             },
         ))
     }
@@ -313,6 +317,7 @@ impl Exports {
                 size_bytes: vol.capacity_bytes,
                 format: vol.format,
                 backend: self.backend.kind().to_owned(),
+                encryption: vol.encryption,
             },
         ))
     }

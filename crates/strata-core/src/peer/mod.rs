@@ -29,6 +29,8 @@ pub struct SourceInfo {
     pub format: FormatState,
     /// The backend holding it (`image`, `btrfs`, `dir`).
     pub backend: String,
+    /// Its wrapped key when it is encrypted: a copy keeps it.
+    pub encryption: Option<crate::encryption::WrappedKey>,
 }
 
 /// A read opened on another node.

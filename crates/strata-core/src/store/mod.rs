@@ -386,6 +386,7 @@ mod tests {
             mount_group_current: false,
             io_limits: Default::default(),
             throttled: vec![],
+            encryption: None,
         }
     }
 

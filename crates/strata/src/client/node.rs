@@ -3,7 +3,7 @@
 use csi_proto as csi;
 
 use super::output::{Cell, Format, Rows};
-use super::shared::{CapabilityArgs, condition};
+use super::shared::{CapabilityArgs, SecretArgs, condition};
 use super::{ClientArgs, Csi, connect, status_error};
 
 #[derive(clap::Subcommand)]
@@ -17,6 +17,9 @@ pub enum NodeCommand {
         staging_path: String,
         #[command(flatten)]
         capability: CapabilityArgs,
+        /// The node-stage secrets (encryptionKey=FILE for an encrypted volume).
+        #[command(flatten)]
+        secrets: SecretArgs,
     },
     /// Unstage a volume.
     Unstage {
@@ -86,8 +89,9 @@ impl NodeCommand {
                 volume_id,
                 staging_path,
                 capability,
+                secrets,
                 ..
-            } => stage(csi, volume_id, staging_path, &capability).await,
+            } => stage(csi, volume_id, staging_path, &capability, &secrets).await,
             NodeCommand::Unstage {
                 volume_id,
                 staging_path,
@@ -131,12 +135,14 @@ async fn stage(
     volume_id: String,
     staging_path: String,
     cap: &CapabilityArgs,
+    secrets: &SecretArgs,
 ) -> Result<(), String> {
     csi.node
         .node_stage_volume(csi::NodeStageVolumeRequest {
             volume_id: volume_id.clone(),
             staging_target_path: staging_path.clone(),
             volume_capability: Some(cap.to_csi()),
+            secrets: secrets.read()?,
             ..Default::default()
         })
         .await

@@ -154,3 +154,28 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
+
+/// Secrets of a call, each read from a file (never from the command line, where `ps` would
+/// show it): `--secret-file encryptionKey=./key`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecretArgs {
+    /// A secret KEY=PATH: the file's bytes exactly, as `kubectl create secret generic
+    /// --from-file` stores them. Repeatable.
+    #[arg(long = "secret-file", value_parser = parse_key_value)]
+    pub secret_files: Vec<(String, String)>,
+}
+
+impl SecretArgs {
+    pub fn read(&self) -> Result<std::collections::HashMap<String, String>, String> {
+        self.secret_files
+            .iter()
+            .map(|(key, path)| Ok((key.clone(), read_secret(path)?)))
+            .collect()
+    }
+}
+
+/// The contents of a secret file (named in errors, never shown).
+pub fn read_secret(path: &str) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("read the secret file {path}: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| format!("the secret file {path} is not UTF-8 text"))
+}

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use csi_proto as csi;
 
 use super::output::{Cell, Format, Rows};
-use super::shared::{CapabilityArgs, SourceArgs, all_pages, condition, created, parse_key_value};
+use super::shared::{
+    CapabilityArgs, SecretArgs, SourceArgs, all_pages, condition, created, parse_key_value,
+    read_secret,
+};
 use super::{ClientArgs, Csi, connect, status_error};
 use crate::units::parse_size;
 
@@ -29,6 +32,9 @@ pub enum VolumeCommand {
         /// Mutable parameter KEY=VALUE (I/O limits such as maxWriteIOPS=500), repeatable.
         #[arg(long = "param", value_parser = parse_key_value)]
         mutable_parameters: Vec<(String, String)>,
+        /// The provisioner's secrets (encryptionKey=FILE for `--parameter encrypted=true`).
+        #[command(flatten)]
+        secrets: SecretArgs,
     },
     /// Delete a volume.
     Delete {
@@ -70,6 +76,19 @@ pub enum VolumeCommand {
         #[arg(long = "param", value_parser = parse_key_value, required = true)]
         parameters: Vec<(String, String)>,
     },
+    /// Wrap an encrypted volume's key (and its snapshots') under a new Secret value: run
+    /// against the volume's node. Nothing is re-encrypted; the old value opens nothing after.
+    Rekey {
+        #[command(flatten)]
+        client: ClientArgs,
+        volume_id: String,
+        /// A file holding the current encryptionKey.
+        #[arg(long)]
+        key_file: String,
+        /// A file holding the new one.
+        #[arg(long)]
+        new_key_file: String,
+    },
 }
 impl VolumeCommand {
     fn client(&self) -> &ClientArgs {
@@ -79,7 +98,8 @@ impl VolumeCommand {
             | VolumeCommand::List { client, .. }
             | VolumeCommand::Get { client, .. }
             | VolumeCommand::Expand { client, .. }
-            | VolumeCommand::Modify { client, .. } => client,
+            | VolumeCommand::Modify { client, .. }
+            | VolumeCommand::Rekey { client, .. } => client,
         }
     }
 
@@ -94,11 +114,13 @@ impl VolumeCommand {
                 source,
                 parameters,
                 mutable_parameters,
+                secrets,
                 ..
             } => {
                 let parameters = [
                     parameters.into_iter().collect(),
                     mutable_parameters.into_iter().collect(),
+                    secrets.read()?,
                 ];
                 create(csi, name, size, &capability, &source, parameters, output).await
             }
@@ -113,6 +135,12 @@ impl VolumeCommand {
                 parameters,
                 ..
             } => modify(csi, volume_id, parameters.into_iter().collect()).await,
+            VolumeCommand::Rekey {
+                volume_id,
+                key_file,
+                new_key_file,
+                ..
+            } => rekey(csi, volume_id, &key_file, &new_key_file).await,
         }
     }
 }
@@ -142,7 +170,7 @@ async fn create(
     size: u64,
     cap: &CapabilityArgs,
     source: &SourceArgs,
-    [parameters, mutable_parameters]: [HashMap<String, String>; 2],
+    [parameters, mutable_parameters, secrets]: [HashMap<String, String>; 3],
     format: Format,
 ) -> Result<(), String> {
     let volume = csi
@@ -156,6 +184,7 @@ async fn create(
             volume_capabilities: vec![cap.to_csi()],
             parameters,
             mutable_parameters,
+            secrets,
             volume_content_source: source.to_csi(),
             ..Default::default()
         })
@@ -264,5 +293,27 @@ async fn modify(
         .await
         .map_err(|s| status_error("ControllerModifyVolume", s))?;
     println!("volume {volume_id} modified");
+    Ok(())
+}
+
+async fn rekey(
+    mut csi: Csi,
+    volume_id: String,
+    key_file: &str,
+    new_key_file: &str,
+) -> Result<(), String> {
+    let secrets = HashMap::from([
+        ("encryptionKey".to_owned(), read_secret(key_file)?),
+        ("newEncryptionKey".to_owned(), read_secret(new_key_file)?),
+    ]);
+    csi.controller
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: volume_id.clone(),
+            secrets,
+            mutable_parameters: HashMap::from([("rekey".to_owned(), "true".to_owned())]),
+        })
+        .await
+        .map_err(|s| status_error("ControllerModifyVolume", s))?;
+    println!("volume {volume_id}: its key is wrapped under the new secret");
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use strata_core::Error;
 use strata_core::block_ranges::{BlockRange, PageSink, RangePage, RangeQuery};
+use strata_core::encryption::WrappedKey;
 use strata_core::model::ContentSource;
 use strata_core::peer::{Chunk, Cluster, Peers, ReadEnd, RemoteRead, SourceInfo, format_from_wire};
 use strata_peer_proto as proto;
@@ -153,6 +154,12 @@ impl GrpcPeers {
             size_bytes: s.size_bytes,
             format: format_from_wire(&s.format)?,
             backend: s.backend.chars().take(32).collect(),
+            encryption: match s.wrapped_key.as_str() {
+                "" => None,
+                wire => Some(WrappedKey::from_wire(wire).map_err(|_| {
+                    Error::Internal(format!("node {node} sent a malformed wrapped key"))
+                })?),
+            },
         })
     }
 }

@@ -54,6 +54,7 @@ fn info(source: SourceInfo) -> proto::Source {
         size_bytes: source.size_bytes,
         format: format_to_wire(&source.format),
         backend: source.backend,
+        wrapped_key: source.encryption.map(|k| k.to_wire()).unwrap_or_default(),
     }
 }
 

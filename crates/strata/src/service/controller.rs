@@ -5,7 +5,9 @@ use csi::controller_service_capability::{Rpc, rpc::Type as RpcType};
 use csi_proto as csi;
 use strata_core::Error;
 use strata_core::controller::CreateVolume;
+use strata_core::encryption::Secrets;
 use strata_core::model::CapacityRange;
+use strata_core::rekey;
 use strata_core::validate::ordered;
 use tonic::{Request, Response, Status};
 
@@ -66,6 +68,7 @@ impl Controller for ControllerService {
                     .map(convert::content_source)
                     .transpose()?,
                 mutable_parameters: ordered(&req.mutable_parameters),
+                secrets: Secrets::new(req.secrets),
             };
             let record = driver.controller.create_volume(create)?;
             Ok(csi::CreateVolumeResponse {
@@ -337,9 +340,16 @@ impl Controller for ControllerService {
         let driver = self.0.driver.clone();
         let id = req.volume_id.clone();
         run("ControllerModifyVolume", &id, move || {
-            driver
-                .controller
-                .modify_volume(&req.volume_id, &ordered(&req.mutable_parameters))?;
+            let parameters = ordered(&req.mutable_parameters);
+            if rekey::requested(&parameters)? {
+                driver
+                    .rekey
+                    .rekey(&req.volume_id, &Secrets::new(req.secrets))?;
+            } else {
+                driver
+                    .controller
+                    .modify_volume(&req.volume_id, &parameters)?;
+            }
             Ok(csi::ControllerModifyVolumeResponse {})
         })
         .await

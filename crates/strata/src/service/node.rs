@@ -3,6 +3,7 @@
 use csi::node_server::Node;
 use csi::node_service_capability::{Rpc, rpc::Type as RpcType};
 use csi_proto as csi;
+use strata_core::encryption::Secrets;
 use strata_core::io_limits::Consumer;
 use strata_core::model::CapacityRange;
 use strata_core::node::{EphemeralVolume, PublishVolume, StageVolume, is_ephemeral};
@@ -37,6 +38,7 @@ impl Node for NodeService {
                 staging_path: req.staging_target_path,
                 capability: required_capability(req.volume_capability.as_ref())?,
                 volume_id: req.volume_id,
+                secrets: Secrets::new(req.secrets),
             };
             driver.node.stage_volume(stage)?;
             Ok(csi::NodeStageVolumeResponse {})

@@ -72,8 +72,8 @@ impl Filesystems for LinuxHost {
         }
     }
 
-    fn format(&self, device: &Path, fs: Filesystem) -> Result<()> {
-        let (tool, args) = fs.mkfs();
+    fn format(&self, device: &Path, fs: Filesystem, encrypt: bool) -> Result<()> {
+        let (tool, args) = fs.mkfs(encrypt);
         let mut cmd = Command::new(&tool);
         cmd.args(args);
         let out = run(cmd.arg(device))?;

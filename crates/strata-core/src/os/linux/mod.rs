@@ -4,6 +4,7 @@
 
 mod cgroups;
 mod filesystems;
+mod fscrypt;
 mod loops;
 mod mount;
 pub mod tools;
