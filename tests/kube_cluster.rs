@@ -2,7 +2,8 @@
 //! scripts/kube-apiserver.sh) with Debian's etcd: it runs as the strata-node service account
 //! with exactly the RBAC rules of deploy/kubernetes/peer.yaml, reads the peer Service's
 //! EndpointSlices, PersistentVolumes and VolumeSnapshotContents, and two servers find each
-//! other through the EndpointSlices to restore a snapshot across nodes.
+//! other through the EndpointSlices to restore a snapshot across nodes; with
+//! deploy/kubernetes/node-loss.yaml's, the elected Strata releases a deleted Node.
 
 mod common;
 #[path = "common/netns.rs"]
@@ -611,4 +612,221 @@ async fn two_nodes_find_each_other_through_the_peer_services_endpoint_slices() {
     drop(nodes);
     drop(api);
     drop(net);
+}
+
+/// A PV of the driver pinned to `node`, bound to claim apps/`claim`, of class `class`, with
+/// the provisioner's finalizer (what only that node's provisioner would remove).
+fn pinned_pv(name: &str, node: &str, claim: &str, class: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"v1","kind":"PersistentVolume","metadata":{{"name":"{name}",
+ "finalizers":["external-provisioner.volume.kubernetes.io/finalizer"]}},
+ "spec":{{"capacity":{{"storage":"1Gi"}},"accessModes":["ReadWriteOnce"],"storageClassName":"{class}",
+  "claimRef":{{"namespace":"apps","name":"{claim}"}},
+  "csi":{{"driver":"strata.csi.dev","volumeHandle":"vol-{name}"}},
+  "nodeAffinity":{{"required":{{"nodeSelectorTerms":[{{"matchExpressions":[
+   {{"key":"strata.csi.dev/node","operator":"In","values":["{node}"]}}]}}]}}}}}}}}"#
+    )
+}
+
+/// A Node deleted for good, with Strata's finalizer on it: the elected Strata (as the
+/// strata-node service account, with exactly deploy/kubernetes/node-loss.yaml's rights)
+/// deletes the claim of a class with `onNodeLoss: Delete` and releases its PV, keeps the
+/// other (an event on its claim), releases a snapshot being deleted, and then the Node.
+/// A second Strata does nothing while the first holds the Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_is_released_by_the_elected_strata_with_exactly_its_rights() {
+    use strata::kube_node_loss::KubeNodeLoss;
+    use strata_core::node_loss::{FINALIZER, NodeLoss};
+
+    let api = tokio::task::spawn_blocking(ApiServer::start).await.unwrap();
+    let kubeconfig = api.install_strata();
+    let node_loss =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/node-loss.yaml");
+    api.kubectl(&[
+        "-n",
+        "strata-system",
+        "apply",
+        "-f",
+        node_loss.to_str().unwrap(),
+    ]);
+    api.kubectl(&["create", "namespace", "apps"]);
+    for node in ["node-a", "node-b", "node-c"] {
+        api.apply(&format!(
+            r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{node}"}}}}"#
+        ));
+    }
+    api.apply(
+        r#"{"apiVersion":"storage.k8s.io/v1","kind":"StorageClass","metadata":{"name":"strata-replaceable"},
+ "provisioner":"strata.csi.dev","parameters":{"onNodeLoss":"Delete"}}"#,
+    );
+    api.apply(
+        r#"{"apiVersion":"storage.k8s.io/v1","kind":"StorageClass","metadata":{"name":"strata"},
+ "provisioner":"strata.csi.dev"}"#,
+    );
+    for (claim, class) in [("db-0", "strata-replaceable"), ("db-1", "strata")] {
+        api.apply(&format!(
+            r#"{{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{{"name":"{claim}","namespace":"apps"}},
+ "spec":{{"storageClassName":"{class}","accessModes":["ReadWriteOnce"],"resources":{{"requests":{{"storage":"1Gi"}}}}}}}}"#
+        ));
+    }
+    api.apply(&pinned_pv(
+        "pv-b-replaceable",
+        "node-b",
+        "db-0",
+        "strata-replaceable",
+    ));
+    api.apply(&pinned_pv("pv-b-kept", "node-b", "db-1", "strata"));
+    api.apply(&pinned_pv("pv-a", "node-a", "web-0", "strata-replaceable"));
+    api.apply(
+        r#"{"apiVersion":"snapshot.storage.k8s.io/v1","kind":"VolumeSnapshotContent",
+ "metadata":{"name":"snapcontent-b","labels":{"snapshot.storage.kubernetes.io/managed-by":"node-b"},
+  "finalizers":["snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection"]},
+ "spec":{"driver":"strata.csi.dev","deletionPolicy":"Delete","source":{"snapshotHandle":"snap-b"},
+  "volumeSnapshotRef":{"name":"s","namespace":"apps"}}}"#,
+    );
+    api.kubectl(&[
+        "delete",
+        "volumesnapshotcontent",
+        "snapcontent-b",
+        "--wait=false",
+    ]);
+
+    let client = client_as(&kubeconfig).await;
+    let janitor = |node: &str| {
+        NodeLoss::new(
+            std::sync::Arc::new(KubeNodeLoss::new(
+                client.clone(),
+                "strata-system",
+                "strata.csi.dev",
+                "strata.csi.dev/node",
+            )),
+            node,
+        )
+    };
+    let (a, b, c) = (janitor("node-a"), janitor("node-b"), janitor("node-c"));
+    // Each Strata protects its own Node.
+    let (a, c) = tokio::task::spawn_blocking(move || {
+        a.protect().unwrap();
+        b.protect().unwrap();
+        b.protect().unwrap();
+        (a, c)
+    })
+    .await
+    .unwrap();
+    let finalizers = |node: &str| {
+        api.kubectl_try(&["get", "node", node, "-o", "jsonpath={.metadata.finalizers}"])
+    };
+    assert_eq!(finalizers("node-b").unwrap(), format!("[\"{FINALIZER}\"]"));
+    // node-a's Strata is elected first; node-b is then deleted for good (not NotReady).
+    let (a, c, first) = tokio::task::spawn_blocking(move || {
+        let first = a.round().unwrap();
+        (a, c, first)
+    })
+    .await
+    .unwrap();
+    assert!(first.leader && first.nodes_released.is_empty());
+    api.kubectl(&["delete", "node", "node-b", "--wait=false"]);
+    assert!(finalizers("node-b").is_ok(), "held by the finalizer");
+    let (a, c, second, round) = tokio::task::spawn_blocking(move || {
+        let second = c.round().unwrap();
+        let round = a.round().unwrap();
+        (a, c, second, round)
+    })
+    .await
+    .unwrap();
+    assert!(
+        !second.leader,
+        "node-c's Strata waits while node-a's holds the Lease"
+    );
+    assert!(round.leader);
+    assert_eq!(round.nodes_released, vec!["node-b".to_owned()]);
+    assert_eq!(
+        round.claims_deleted,
+        vec![("apps".to_owned(), "db-0".to_owned())]
+    );
+    assert_eq!(round.volumes_released, vec!["pv-b-replaceable".to_owned()]);
+    assert_eq!(round.volumes_reported, vec!["pv-b-kept".to_owned()]);
+    assert_eq!(round.contents_released, vec!["snapcontent-b".to_owned()]);
+    assert!(finalizers("node-b").is_err(), "the Node is gone");
+    assert!(api.kubectl_try(&["get", "pv", "pv-b-replaceable"]).is_err());
+    assert!(
+        api.kubectl_try(&["get", "volumesnapshotcontent", "snapcontent-b"])
+            .is_err()
+    );
+    api.kubectl(&["get", "pv", "pv-b-kept"]);
+    api.kubectl(&["get", "pv", "pv-a"]);
+    let deleting = api
+        .kubectl_try(&[
+            "-n",
+            "apps",
+            "get",
+            "pvc",
+            "db-0",
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp}",
+        ])
+        .unwrap_or_default();
+    assert!(
+        api.kubectl_try(&["-n", "apps", "get", "pvc", "db-0"])
+            .is_err()
+            || !deleting.is_empty(),
+        "the replaceable claim is deleted"
+    );
+    api.kubectl(&["-n", "apps", "get", "pvc", "db-1"]);
+    let events = api.kubectl(&[
+        "-n",
+        "apps",
+        "get",
+        "events",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("VolumeLostWithNode"), "{events}");
+    assert_eq!(finalizers("node-a").unwrap(), format!("[\"{FINALIZER}\"]"));
+    // A later round has nothing to do.
+    let again = tokio::task::spawn_blocking(move || a.round().unwrap())
+        .await
+        .unwrap();
+    assert!(again.leader && again.nodes_released.is_empty());
+    drop(c);
+
+    // An uninstall removes the finalizer from every Node (here as the service account).
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["node-loss", "release-finalizers"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node node-a"));
+    assert_eq!(finalizers("node-a").unwrap(), "");
+
+    // Exactly what node-loss.yaml grants.
+    for (allowed, args) in [
+        (true, vec!["patch", "nodes"]),
+        (false, vec!["delete", "nodes"]),
+        (true, vec!["delete", "persistentvolumes"]),
+        (true, vec!["delete", "persistentvolumeclaims", "-n", "apps"]),
+        (false, vec!["patch", "persistentvolumeclaims", "-n", "apps"]),
+        (
+            true,
+            vec![
+                "create",
+                "leases.coordination.k8s.io",
+                "-n",
+                "strata-system",
+            ],
+        ),
+        (
+            false,
+            vec!["create", "leases.coordination.k8s.io", "-n", "default"],
+        ),
+        (false, vec!["delete", "pods", "-n", "apps"]),
+        (false, vec!["get", "secrets", "-n", "apps"]),
+    ] {
+        assert_eq!(api.can_i(&args), allowed, "{args:?}");
+    }
 }

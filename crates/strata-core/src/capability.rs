@@ -67,16 +67,18 @@ impl Capabilities {
 
     pub(crate) fn check_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
         validate::bounded_map("parameters", parameters)?;
-        match parameters
-            .keys()
-            .find(|k| !k.starts_with(K8S_PARAMETER_PREFIX) && *k != crate::encryption::PARAMETER)
-        {
+        match parameters.keys().find(|k| {
+            !k.starts_with(K8S_PARAMETER_PREFIX)
+                && *k != crate::encryption::PARAMETER
+                && *k != crate::node_loss::PARAMETER
+        }) {
             Some(key) => Err(Error::InvalidArgument(format!(
-                "unknown parameter {}: Strata takes only {:?} (and Kubernetes' own csi.storage.k8s.io/* keys)",
+                "unknown parameter {}: Strata takes only {:?} and {:?} (and Kubernetes' own csi.storage.k8s.io/* keys)",
                 validate::echo(key),
                 crate::encryption::PARAMETER,
+                crate::node_loss::PARAMETER,
             ))),
-            None => Ok(()),
+            None => crate::node_loss::OnNodeLoss::from_parameters(parameters).map(drop),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod io_limits;
 pub mod model;
 pub mod mounts;
 pub mod node;
+pub mod node_loss;
 pub mod os;
 pub mod paths;
 pub mod peer;

@@ -9,6 +9,8 @@ pub mod endpoint;
 pub mod http;
 #[cfg(feature = "kubernetes")]
 pub mod kube_cluster;
+#[cfg(feature = "kubernetes")]
+pub mod kube_node_loss;
 pub mod metrics;
 pub mod peer;
 pub mod server;

@@ -62,6 +62,19 @@ enum Command {
     /// Node-side pool maintenance (run as root on the node, with no server on the pool).
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// The Node finalizers of --node-loss (with your kubeconfig).
+    #[command(subcommand)]
+    NodeLoss(NodeLossCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeLossCommand {
+    /// Remove Strata's finalizer from every Node, or from --node: for an uninstall, after
+    /// the DaemonSet is gone (docs/operations.md, "Uninstall"). Other finalizers stay.
+    ReleaseFinalizers {
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -82,11 +95,31 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::PeerCerts(args) => strata::certs::peer::run(args),
         Command::SnapshotMetadataCerts(args) => strata::certs::snapshot_metadata::run(args),
         Command::Pool(PoolCommand::Release { pool }) => server::release_pool(&pool),
+        Command::NodeLoss(NodeLossCommand::ReleaseFinalizers { node }) => {
+            release_finalizers(node.as_deref()).await
+        }
         Command::Volume(v) => v.run().await,
         Command::Snapshot(s) => s.run().await,
         Command::Node(n) => n.run().await,
         Command::Bench(b) => b.run().await,
     }
+}
+
+#[cfg(feature = "kubernetes")]
+async fn release_finalizers(node: Option<&str>) -> Result<(), String> {
+    let released = strata::kube_node_loss::release_finalizers(node).await?;
+    for name in &released {
+        println!("node {name}: Strata's finalizer removed");
+    }
+    if released.is_empty() {
+        println!("no Node carries Strata's finalizer");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn release_finalizers(_: Option<&str>) -> Result<(), String> {
+    Err("node-loss needs the cargo feature `kubernetes`".into())
 }
 
 fn main() -> ExitCode {

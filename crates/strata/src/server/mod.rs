@@ -118,6 +118,77 @@ async fn cluster_directory(_: &ServeOptions, _: &str) -> Result<Directory, Strin
     Err("--peer-service needs the cargo feature `kubernetes`".into())
 }
 
+/// How often the node-loss janitor looks for deleted Nodes (and renews its Lease).
+#[cfg(feature = "kubernetes")]
+const NODE_LOSS_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// With --node-loss: this node's finalizer, then a round of the janitor every
+/// [`NODE_LOSS_PERIOD`] (only the Lease holder acts).
+#[cfg(feature = "kubernetes")]
+async fn start_node_loss(
+    opts: &ServeOptions,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+    use strata_core::node_loss::NodeLoss;
+    if !opts.node_loss {
+        return Ok(None);
+    }
+    let topology_key = opts
+        .topology_key
+        .clone()
+        .unwrap_or_else(|| strata_core::driver::Config::default_topology_key(&opts.driver_name));
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("--node-loss: cannot reach the Kubernetes API server: {e}"))?;
+    let cluster = Arc::new(crate::kube_node_loss::KubeNodeLoss::new(
+        client,
+        &opts.peer.peer_namespace,
+        &opts.driver_name,
+        &topology_key,
+    ));
+    let janitor = Arc::new(NodeLoss::new(cluster, &opts.node_id));
+    Ok(Some(tokio::spawn(async move {
+        let mut protected = false;
+        loop {
+            let j = janitor.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let protected = protected || {
+                    match j.protect() {
+                        Ok(()) => {
+                            tracing::info!("this node's Node carries Strata's finalizer");
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not put Strata's finalizer on this node's Node; retrying");
+                            false
+                        }
+                    }
+                };
+                match j.round() {
+                    Ok(round) if !round.nodes_released.is_empty() => {
+                        tracing::warn!(?round, "released deleted Nodes");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "the node-loss round stopped; the next one goes on"),
+                }
+                protected
+            })
+            .await;
+            protected = done.unwrap_or(protected);
+            tokio::time::sleep(NODE_LOSS_PERIOD).await;
+        }
+    })))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn start_node_loss(
+    opts: &ServeOptions,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+    match opts.node_loss {
+        true => Err("--node-loss needs the cargo feature `kubernetes`".into()),
+        false => Ok(None),
+    }
+}
+
 /// Most peer requests served at once on one connection.
 const PEER_STREAMS_PER_CONNECTION: u32 = 16;
 
@@ -219,6 +290,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         (Some(listener), Some(tls)) => Some(serve_peers(listener, &tls, driver.clone())?),
         _ => None,
     };
+    let node_loss = start_node_loss(&opts).await?;
     let router = csi_router(driver.clone(), metrics);
     tracing::info!(endpoint = ?opts.endpoint, node_id = %opts.node_id, driver = %opts.driver_name,
         backend = driver.backend_kind(), "serving CSI");
@@ -242,7 +314,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             serve_until_stopped(router, TcpListenerStream::new(listener)).await
         }
     };
-    if let Some(task) = peer_server {
+    for task in [peer_server, node_loss].into_iter().flatten() {
         task.abort();
     }
     // Let queued removals of deleted volumes finish before exiting.

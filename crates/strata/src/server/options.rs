@@ -72,6 +72,12 @@ pub struct ServeOptions {
     /// the pods that publish them.
     #[arg(long, default_value = strata_core::os::DEFAULT_CGROUP_ROOT)]
     pub cgroup_root: PathBuf,
+    /// Keep a finalizer on this node's Node object and, while elected by the Lease
+    /// `strata-node-loss` (in --peer-namespace), release what a deleted Node held: its
+    /// volumes by their StorageClass's `onNodeLoss`, its snapshots' finalizers (docs/
+    /// operations.md, "A node lost for good"). Needs the Kubernetes API (in a pod).
+    #[arg(long)]
+    pub node_loss: bool,
     #[command(flatten)]
     pub peer: PeerOptions,
     /// Test-only crash point (environment STRATA_CRASH_AT).
