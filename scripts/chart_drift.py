@@ -7,7 +7,8 @@
 
 Both renderings must hold the same objects (kind, namespace, name), and each object the
 same content: images, args, env, volumes, probes, RBAC rules and subjects, the CSIDriver,
-StorageClass and snapshot class fields. Labels and annotations are not compared, except the
+StorageClass and snapshot class fields; the certificate Secrets the chart generates are left
+out (kustomize cannot make them). Labels and annotations are not compared, except the
 default-StorageClass annotation, nor the order of a pod's containers and volumes; the kustomize base's Namespace object is not (Helm installs
 into a namespace it is given).
 """
@@ -65,8 +66,18 @@ def content(doc):
     return doc
 
 
+def generated(doc):
+    """What the chart makes at install from certificates it generates (kustomize cannot):
+    the certificate Secrets and the SnapshotMetadataService that names a CA."""
+    labels = doc.get("metadata", {}).get("labels", {}) or {}
+    component = labels.get("app.kubernetes.io/component")
+    if doc["kind"] == "SnapshotMetadataService":
+        return True
+    return doc["kind"] == "Secret" and component in ("peer-tls", "snapshot-metadata-tls")
+
+
 def index(docs):
-    return {key(d): content(d) for d in docs if d["kind"] != "Namespace"}
+    return {key(d): content(d) for d in docs if d["kind"] != "Namespace" and not generated(d)}
 
 
 def diff(a, b, path=""):

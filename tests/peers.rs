@@ -5,6 +5,8 @@
 //! are not Strata nodes.
 
 mod common;
+#[path = "common/helm.rs"]
+mod helm;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -65,9 +67,18 @@ fn node_args(net: &Net, i: usize, n: usize, tls: &Path, extra: &[&str]) -> Vec<S
 
 impl Cluster {
     async fn start(n: usize, extra: &[&[&str]]) -> Cluster {
+        Self::start_with_certs(n, extra, peer_certs).await
+    }
+
+    /// [`Cluster::start`] with the peer certificates `make` writes into a directory.
+    async fn start_with_certs(
+        n: usize,
+        extra: &[&[&str]],
+        make: impl FnOnce(&Path) -> PathBuf,
+    ) -> Cluster {
         let net = Net::new(n);
         let certs = tempfile::tempdir().unwrap();
-        let tls = peer_certs(certs.path());
+        let tls = make(certs.path());
         let mut nodes = vec![];
         for i in 0..n {
             let args = node_args(&net, i, n, &tls, extra.get(i).copied().unwrap_or(&[]));
@@ -1003,5 +1014,38 @@ async fn an_encrypted_snapshot_restores_on_another_node_with_its_secret() {
         b"encrypted across nodes"
     );
     unpublish_all(b, &restored, &bs, &bt).await;
+    unpublish_all(a, &vol, &staging, &target).await;
+}
+
+/// The peer Secret the Helm chart makes at install, written out as the kubelet would mount it.
+fn helm_peer_certs(dir: &Path) -> PathBuf {
+    let text = helm::render(&["--show-only", "templates/peer-tls.yaml"]);
+    let tls = dir.join("helm-tls");
+    fs::create_dir(&tls).unwrap();
+    for file in ["ca.crt", "tls.crt", "tls.key"] {
+        fs::write(tls.join(file), helm::data(&text, file)).unwrap();
+    }
+    tls
+}
+
+/// The certificates the Helm chart generates at install (sprig's genCA and genSignedCert,
+/// RSA) are what two Strata need to talk: a snapshot restores across nodes with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_charts_generated_certificates_carry_a_restore_across_nodes() {
+    let mut c = Cluster::start_with_certs(2, &[], helm_peer_certs).await;
+    let (a, b) = c.nodes.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    let (vol, staging, target) = published_with_data(a, "helm-src", 2).await;
+    let snap = a.snapshot("helm-snap", &vol).await.unwrap();
+    let restored = create(
+        b,
+        from_snapshot("helm-restored", 256 << 20, &snap.snapshot_id),
+    )
+    .await
+    .unwrap();
+    assert!(same_bytes(
+        &image(a, "snapshots", &snap.snapshot_id),
+        &image(b, "volumes", &restored.volume_id)
+    ));
     unpublish_all(a, &vol, &staging, &target).await;
 }

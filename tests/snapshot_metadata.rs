@@ -4,6 +4,8 @@
 //! on a reflink pool (extent maps) and on a pool that copies (content).
 
 mod common;
+#[path = "common/helm.rs"]
+mod helm;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -226,4 +228,74 @@ async fn backends_without_a_block_layout_do_not_offer_the_service() {
         Code::FailedPrecondition
     );
     env.stop();
+}
+
+/// Checks with openssl that `cert` is signed by `ca` for the Service's name, as backup tools
+/// dial it, and that `key` is its key.
+fn check_sidecar_certificate(ca: &[u8], cert: &[u8], key: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_p, cert_p, key_p) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca_p, ca).unwrap();
+    std::fs::write(&cert_p, cert).unwrap();
+    std::fs::write(&key_p, key).unwrap();
+    let verified = std::process::Command::new("openssl")
+        .args(["verify", "-purpose", "sslserver", "-verify_hostname"])
+        .arg("strata-snapshot-metadata.strata-system")
+        .arg("-CAfile")
+        .arg(&ca_p)
+        .arg(&cert_p)
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let public = |args: &[&str], file: &std::path::Path| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    assert_eq!(
+        public(&["x509", "-noout", "-pubkey", "-in"], &cert_p),
+        public(&["pkey", "-pubout", "-in"], &key_p),
+        "the key is the certificate's"
+    );
+}
+
+/// The sidecar's certificate and the SnapshotMetadataService, from `strata
+/// snapshot-metadata-certs` and from the Helm chart at install: the certificate is for the
+/// Service's name and signed by the CA the SnapshotMetadataService gives backup tools.
+#[test]
+fn the_sidecars_certificate_is_for_its_service_and_signed_by_the_advertised_ca() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("snapshot-metadata-certs")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cli = String::from_utf8(out.stdout).unwrap();
+    let chart = helm::render(&[
+        "--set",
+        "snapshotMetadata.enabled=true",
+        "--show-only",
+        "templates/snapshot-metadata-tls.yaml",
+    ]);
+    for text in [&cli, &chart] {
+        assert!(text.contains("kind: SnapshotMetadataService"), "{text}");
+        assert!(text.contains("address: strata-snapshot-metadata.strata-system:6443"));
+        assert!(text.contains("audience: strata.csi.dev"));
+        check_sidecar_certificate(
+            &helm::data(text, "caCert"),
+            &helm::data(text, "tls.crt"),
+            &helm::data(text, "tls.key"),
+        );
+    }
 }
