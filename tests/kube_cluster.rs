@@ -616,12 +616,12 @@ async fn two_nodes_find_each_other_through_the_peer_services_endpoint_slices() {
 
 /// A PV of the driver pinned to `node`, bound to claim apps/`claim`, of class `class`, with
 /// the provisioner's finalizer (what only that node's provisioner would remove).
-fn pinned_pv(name: &str, node: &str, claim: &str, class: &str) -> String {
+fn pinned_pv(name: &str, node: &str, claim: &str, uid: &str, class: &str) -> String {
     format!(
         r#"{{"apiVersion":"v1","kind":"PersistentVolume","metadata":{{"name":"{name}",
  "finalizers":["external-provisioner.volume.kubernetes.io/finalizer"]}},
  "spec":{{"capacity":{{"storage":"1Gi"}},"accessModes":["ReadWriteOnce"],"storageClassName":"{class}",
-  "claimRef":{{"namespace":"apps","name":"{claim}"}},
+  "claimRef":{{"namespace":"apps","name":"{claim}","uid":"{uid}"}},
   "csi":{{"driver":"strata.csi.dev","volumeHandle":"vol-{name}"}},
   "nodeAffinity":{{"required":{{"nodeSelectorTerms":[{{"matchExpressions":[
    {{"key":"strata.csi.dev/node","operator":"In","values":["{node}"]}}]}}]}}}}}}}}"#
@@ -663,20 +663,56 @@ async fn a_deleted_node_is_released_by_the_elected_strata_with_exactly_its_right
         r#"{"apiVersion":"storage.k8s.io/v1","kind":"StorageClass","metadata":{"name":"strata"},
  "provisioner":"strata.csi.dev"}"#,
     );
-    for (claim, class) in [("db-0", "strata-replaceable"), ("db-1", "strata")] {
+    for (claim, class) in [
+        ("db-0", "strata-replaceable"),
+        ("db-1", "strata"),
+        ("db-2", "strata-replaceable"),
+    ] {
         api.apply(&format!(
             r#"{{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{{"name":"{claim}","namespace":"apps"}},
  "spec":{{"storageClassName":"{class}","accessModes":["ReadWriteOnce"],"resources":{{"requests":{{"storage":"1Gi"}}}}}}}}"#
         ));
     }
+    let uid = |claim: &str| {
+        api.kubectl(&[
+            "-n",
+            "apps",
+            "get",
+            "pvc",
+            claim,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+    };
     api.apply(&pinned_pv(
         "pv-b-replaceable",
         "node-b",
         "db-0",
+        &uid("db-0"),
         "strata-replaceable",
     ));
-    api.apply(&pinned_pv("pv-b-kept", "node-b", "db-1", "strata"));
-    api.apply(&pinned_pv("pv-a", "node-a", "web-0", "strata-replaceable"));
+    api.apply(&pinned_pv(
+        "pv-b-kept",
+        "node-b",
+        "db-1",
+        &uid("db-1"),
+        "strata",
+    ));
+    // Bound to an earlier db-2: the db-2 there now is a new claim its owner made, and stays.
+    api.apply(&pinned_pv(
+        "pv-b-stale",
+        "node-b",
+        "db-2",
+        "00000000-0000-0000-0000-000000000000",
+        "strata-replaceable",
+    ));
+    api.apply(&pinned_pv(
+        "pv-a",
+        "node-a",
+        "web-0",
+        "0",
+        "strata-replaceable",
+    ));
     api.apply(
         r#"{"apiVersion":"snapshot.storage.k8s.io/v1","kind":"VolumeSnapshotContent",
  "metadata":{"name":"snapcontent-b","labels":{"snapshot.storage.kubernetes.io/managed-by":"node-b"},
@@ -744,7 +780,9 @@ async fn a_deleted_node_is_released_by_the_elected_strata_with_exactly_its_right
         round.claims_deleted,
         vec![("apps".to_owned(), "db-0".to_owned())]
     );
-    assert_eq!(round.volumes_released, vec!["pv-b-replaceable".to_owned()]);
+    let mut released = round.volumes_released.clone();
+    released.sort();
+    assert_eq!(released, vec!["pv-b-replaceable", "pv-b-stale"]);
     assert_eq!(round.volumes_reported, vec!["pv-b-kept".to_owned()]);
     assert_eq!(round.contents_released, vec!["snapcontent-b".to_owned()]);
     assert!(finalizers("node-b").is_err(), "the Node is gone");
@@ -773,6 +811,19 @@ async fn a_deleted_node_is_released_by_the_elected_strata_with_exactly_its_right
         "the replaceable claim is deleted"
     );
     api.kubectl(&["-n", "apps", "get", "pvc", "db-1"]);
+    let db2 = api.kubectl(&[
+        "-n",
+        "apps",
+        "get",
+        "pvc",
+        "db-2",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(
+        db2.is_empty(),
+        "a new claim of a lost volume's name is not deleted"
+    );
     let events = api.kubectl(&[
         "-n",
         "apps",

@@ -61,6 +61,9 @@ pub struct PinnedVolume {
     pub pv: String,
     /// The claim bound to it (namespace, name).
     pub claim: Option<(String, String)>,
+    /// That claim's uid, as the PV's claimRef records it: a new claim of the same name (its
+    /// owner made one) is another claim.
+    pub claim_uid: Option<String>,
     /// Its StorageClass's policy; a class that is gone or says nothing: Retain.
     pub policy: OnNodeLoss,
     /// The PV is being deleted already.
@@ -92,8 +95,9 @@ pub trait NodeLossCluster: Send + Sync {
     fn hold_lease(&self, holder: &str, duration: Duration) -> Result<bool>;
     /// This driver's PVs pinned to `node`.
     fn volumes_on(&self, node: &str) -> Result<Vec<PinnedVolume>>;
-    /// Deletes a claim (gone already: fine).
-    fn delete_claim(&self, namespace: &str, name: &str) -> Result<()>;
+    /// Deletes a claim if it is still the one of uid `uid` (when given); whether it did.
+    /// Gone already, or replaced by a new claim of that name: nothing is deleted, fine.
+    fn delete_claim(&self, namespace: &str, name: &str, uid: Option<&str>) -> Result<bool>;
     /// Removes PV `pv`'s finalizers and deletes it (gone already: fine).
     fn release_volume(&self, pv: &str) -> Result<()>;
     /// This driver's VolumeSnapshotContents managed by `node`.
@@ -164,8 +168,11 @@ impl NodeLoss {
         for v in self.cluster.volumes_on(node)? {
             let delete = v.policy == OnNodeLoss::Delete || v.deleting;
             match (&v.claim, v.policy) {
-                (Some((namespace, name)), OnNodeLoss::Delete) => {
-                    self.cluster.delete_claim(namespace, name)?;
+                (Some((namespace, name)), OnNodeLoss::Delete)
+                    if self
+                        .cluster
+                        .delete_claim(namespace, name, v.claim_uid.as_deref())? =>
+                {
                     self.note(
                         &Subject::Claim {
                             namespace: namespace.clone(),
@@ -253,7 +260,8 @@ pub mod fake {
         pub nodes: BTreeMap<String, FakeNode>,
         /// PV name → (node, volume).
         pub volumes: BTreeMap<String, (String, PinnedVolume)>,
-        pub claims: BTreeSet<(String, String)>,
+        /// Claims and their uid.
+        pub claims: BTreeMap<(String, String), String>,
         /// Content name → (node, content).
         pub contents: BTreeMap<String, (String, ManagedContent)>,
         /// Lease holder and the time (seconds on the fake clock) it was renewed.
@@ -325,10 +333,17 @@ pub mod fake {
                 .collect())
         }
 
-        fn delete_claim(&self, namespace: &str, name: &str) -> Result<()> {
+        fn delete_claim(&self, namespace: &str, name: &str, uid: Option<&str>) -> Result<bool> {
             let mut s = self.call("delete_claim")?;
-            s.claims.remove(&(namespace.to_owned(), name.to_owned()));
-            Ok(())
+            let key = (namespace.to_owned(), name.to_owned());
+            let ours = s
+                .claims
+                .get(&key)
+                .is_some_and(|u| uid.is_none_or(|want| want == u));
+            if ours {
+                s.claims.remove(&key);
+            }
+            Ok(ours)
         }
 
         fn release_volume(&self, pv: &str) -> Result<()> {

@@ -17,7 +17,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams,
+    PatchParams, PostParams, Preconditions,
 };
 use strata_core::Error;
 use strata_core::node_loss::{
@@ -190,6 +190,7 @@ impl KubeNodeLoss {
             };
             out.push(PinnedVolume {
                 pv: pv.metadata.name.clone().unwrap_or_default(),
+                claim_uid: spec.claim_ref.as_ref().and_then(|c| c.uid.clone()),
                 claim: spec.claim_ref.and_then(|c| Some((c.namespace?, c.name?))),
                 policy,
                 deleting: pv.metadata.deletion_timestamp.is_some(),
@@ -328,16 +329,23 @@ impl NodeLossCluster for KubeNodeLoss {
         self.runtime.block_on(self.pinned(node))
     }
 
-    fn delete_claim(&self, namespace: &str, name: &str) -> Result<(), Error> {
+    fn delete_claim(&self, namespace: &str, name: &str, uid: Option<&str>) -> Result<bool, Error> {
         self.runtime.block_on(async {
             let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
-            let deleted = api.delete(name, &DeleteParams::default()).await;
-            if not_found(&deleted) {
-                return Ok(());
+            // Only the claim the PV was bound to: a new claim its owner made under the same
+            // name fails the uid precondition (409) and stays.
+            let params = DeleteParams {
+                preconditions: uid.map(|uid| Preconditions {
+                    uid: Some(uid.to_owned()),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api.delete(name, &params).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+                Err(e) => Err(failed("delete PersistentVolumeClaim", e)),
             }
-            deleted
-                .map(drop)
-                .map_err(|e| failed("delete PersistentVolumeClaim", e))
         })
     }
 

@@ -7,6 +7,7 @@ fn volume(pv: &str, claim: Option<&str>, policy: OnNodeLoss, deleting: bool) -> 
     PinnedVolume {
         pv: pv.into(),
         claim: claim.map(|c| ("apps".to_owned(), c.to_owned())),
+        claim_uid: claim.map(|c| format!("uid-{c}")),
         policy,
         deleting,
     }
@@ -49,8 +50,8 @@ fn cluster() -> Arc<FakeNodeLossCluster> {
                 volume("pv-alive", Some("web-0"), OnNodeLoss::Delete, false),
             ),
         ] {
-            if let Some(claim) = &v.claim {
-                s.claims.insert(claim.clone());
+            if let (Some(claim), Some(uid)) = (&v.claim, &v.claim_uid) {
+                s.claims.insert(claim.clone(), uid.clone());
             }
             s.volumes.insert(v.pv.clone(), (node.to_owned(), v));
         }
@@ -98,8 +99,8 @@ fn a_deleted_node_is_released_by_each_classs_policy() {
         "a live node is untouched"
     );
     assert!(s.nodes.contains_key("c"), "a node not deleted is untouched");
-    assert!(s.claims.contains(&claim("db-1")) && s.claims.contains(&claim("web-0")));
-    assert!(!s.claims.contains(&claim("db-0")));
+    assert!(s.claims.contains_key(&claim("db-1")) && s.claims.contains_key(&claim("web-0")));
+    assert!(!s.claims.contains_key(&claim("db-0")));
     assert!(s.volumes.contains_key("pv-keep") && s.volumes.contains_key("pv-alive"));
     let reasons: Vec<&str> = s.events.iter().map(|(_, r)| r.as_str()).collect();
     assert_eq!(
@@ -153,19 +154,30 @@ fn a_round_cut_short_is_finished_by_the_next_and_the_finalizer_goes_last() {
             s.nodes["b"].finalizers.contains(FINALIZER),
             "not released yet"
         );
-        assert!(!s.claims.contains(&claim("db-0")), "the claim went already");
+        assert!(
+            !s.claims.contains_key(&claim("db-0")),
+            "the claim went already"
+        );
     }
+    // Its owner (a StatefulSet) makes a new claim of that name meanwhile: the next round
+    // must not take it for the lost one.
+    c.lock().claims.insert(claim("db-0"), "uid-new".into());
     // A failed event is logged and does not stop the round.
     c.lock()
         .failing
         .insert("event", Error::Unavailable("no".into()));
     let round = janitor.round().unwrap();
     assert_eq!(round.nodes_released, vec!["b".to_owned()]);
+    assert!(!c.lock().nodes.contains_key("b"));
     assert!(
         round.claims_deleted.is_empty(),
         "deleted once, in the first round"
     );
-    assert!(!c.lock().nodes.contains_key("b"));
+    assert_eq!(
+        c.lock().claims.get(&claim("db-0")).map(String::as_str),
+        Some("uid-new"),
+        "the new claim of the same name stays"
+    );
 }
 
 #[test]
