@@ -8,7 +8,7 @@
 Both renderings must hold the same objects (kind, namespace, name), and each object the
 same content: images, args, env, volumes, probes, RBAC rules and subjects, the CSIDriver,
 StorageClass and snapshot class fields; the certificate Secrets the chart generates are left
-out (kustomize cannot make them). Labels and annotations are not compared, except the
+out (kustomize cannot make them), and so are Helm hooks. Labels and annotations are not compared, except the
 default-StorageClass annotation, nor the order of a pod's containers and volumes; the kustomize base's Namespace object is not (Helm installs
 into a namespace it is given).
 """
@@ -76,8 +76,18 @@ def generated(doc):
     return doc["kind"] == "Secret" and component in ("peer-tls", "snapshot-metadata-tls")
 
 
+def hook(doc):
+    """A Helm hook (the uninstall Job): the chart's own lifecycle, nothing kustomize has."""
+    annotations = doc.get("metadata", {}).get("annotations", {}) or {}
+    return "helm.sh/hook" in annotations
+
+
 def index(docs):
-    return {key(d): content(d) for d in docs if d["kind"] != "Namespace" and not generated(d)}
+    return {
+        key(d): content(d)
+        for d in docs
+        if d["kind"] != "Namespace" and not generated(d) and not hook(d)
+    }
 
 
 def diff(a, b, path=""):

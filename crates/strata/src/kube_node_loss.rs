@@ -132,10 +132,11 @@ impl KubeNodeLoss {
         let current = lease.spec.clone().unwrap_or_default();
         let mine = current.holder_identity.as_deref() == Some(holder);
         let expired = match (current.renew_time.as_ref(), current.lease_duration_seconds) {
-            (Some(renewed), Some(secs)) => {
-                let until = renewed.0 + Duration::from_secs(secs.max(0) as u64);
-                until < Timestamp::now()
-            }
+            // A time past what can be represented is one that never expires.
+            (Some(renewed), Some(secs)) => renewed
+                .0
+                .checked_add(Duration::from_secs(secs.max(0) as u64))
+                .is_ok_and(|until| until < Timestamp::now()),
             _ => true,
         };
         if !mine && !expired {
