@@ -429,6 +429,9 @@ async fn the_cluster_client_reads_what_it_needs_as_its_service_account_and_nothi
             .as_deref(),
         Some("node-b")
     );
+    // Which nodes exist (a source whose node is gone for good is NOT_FOUND).
+    api.apply(r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"node-a"}}"#);
+    assert_eq!(cluster.nodes().await.unwrap(), vec!["node-a".to_owned()]);
     // Exactly what deploy/kubernetes/peer.yaml grants: reads of these, nothing else.
     for (allowed, args) in [
         (
@@ -465,6 +468,8 @@ async fn the_cluster_client_reads_what_it_needs_as_its_service_account_and_nothi
             vec!["update", "volumesnapshotcontents.snapshot.storage.k8s.io"],
         ),
         (false, vec!["get", "secrets", "-n", "strata-system"]),
+        (true, vec!["list", "nodes"]),
+        (false, vec!["patch", "nodes"]),
         (
             false,
             vec![

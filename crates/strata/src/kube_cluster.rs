@@ -1,13 +1,14 @@
 //! The cluster as Kubernetes records it (kube-rs): the peer Service's EndpointSlices (node
 //! name and address of every ready Strata), PersistentVolumes (the node a volume is pinned
-//! to) and VolumeSnapshotContents (the node that took a snapshot). Every answer is read
+//! to), VolumeSnapshotContents (the node that took a snapshot) and Nodes (which exist).
+//! Every answer is read
 //! from the API server when asked, nothing is kept. Reads only; deploy/ grants exactly
 //! these (get and list on the three kinds, EndpointSlices in Strata's namespace only).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectList};
@@ -152,6 +153,13 @@ impl KubeCluster {
         }
     }
 
+    /// The names of every Node object.
+    pub async fn nodes(&self) -> Result<Vec<String>, Error> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let nodes = Self::list_all(&api, ListParams::default(), "list Nodes").await?;
+        Ok(nodes.into_iter().filter_map(|n| n.metadata.name).collect())
+    }
+
     pub async fn content_node(&self, snapshot_id: &str) -> Result<Option<String>, Error> {
         let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent");
         let resource = ApiResource::from_gvk(&gvk);
@@ -230,6 +238,10 @@ impl Cluster for KubeCluster {
 
     fn snapshot_node(&self, snapshot_id: &str) -> Result<Option<String>, Error> {
         self.runtime.block_on(self.content_node(snapshot_id))
+    }
+
+    fn node_names(&self) -> Result<Option<Vec<String>>, Error> {
+        self.runtime.block_on(self.nodes()).map(Some)
     }
 }
 

@@ -21,6 +21,10 @@ pub trait Cluster: Send + Sync {
     }
     /// The node whose Strata took snapshot `snapshot_id`.
     fn snapshot_node(&self, snapshot_id: &str) -> Result<Option<String>>;
+    /// The names of every Node object (a node deleted for good has none).
+    fn node_names(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
 }
 
 /// A cluster in memory: endpoints, PV node affinities and snapshot nodes as a test sets
@@ -31,6 +35,8 @@ pub struct FakeCluster {
     pub endpoints: std::sync::Mutex<BTreeMap<String, String>>,
     pub volumes: std::sync::Mutex<BTreeMap<String, String>>,
     pub snapshots: std::sync::Mutex<BTreeMap<String, String>>,
+    /// The Node objects, when a test says which exist.
+    pub node_names: std::sync::Mutex<Option<Vec<String>>>,
     pub reads: std::sync::atomic::AtomicUsize,
     /// The next reads fail with this (the API server unreachable).
     pub failing: std::sync::Mutex<Option<crate::error::Error>>,
@@ -64,5 +70,9 @@ impl Cluster for FakeCluster {
 
     fn snapshot_node(&self, snapshot_id: &str) -> Result<Option<String>> {
         Ok(self.read(&self.snapshots)?.get(snapshot_id).cloned())
+    }
+
+    fn node_names(&self) -> Result<Option<Vec<String>>> {
+        self.read(&self.node_names)
     }
 }

@@ -68,6 +68,11 @@ pub trait Peers: Send + Sync {
     fn holder(&self, _source: &ContentSource) -> Result<Option<String>> {
         Ok(None)
     }
+    /// Every node the cluster has (its Node objects), when the peers come from a cluster
+    /// that says; `None` otherwise (static peers: a node not listed may still exist).
+    fn cluster_nodes(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
     /// The node a volume is pinned to as the cluster records it: by its PV's name when
     /// the caller knows it (one read), else by its handle.
     fn volume_holder(&self, volume_id: &str, _pv_name: Option<&str>) -> Result<Option<String>> {
@@ -204,6 +209,17 @@ pub(crate) fn locate(
     if asked == 0
         && let Some(hint) = &hint
     {
+        // The id names a node whose Node object is gone: it was deleted for good, and what
+        // it held with it.
+        if let Some(all) = peers.cluster_nodes()?
+            && !all.iter().any(|n| NodeHint::of(n) == *hint)
+        {
+            return Err(Error::NotFound(format!(
+                "{} was made on a node (hint {}) that the cluster no longer has (its Node object was deleted): it is gone with that node",
+                Named(source),
+                hint.as_str()
+            )));
+        }
         // The id names a node this one cannot see now (not ready, or gone): it may come
         // back, so the caller retries rather than gives up.
         return Err(Error::Unavailable(format!(

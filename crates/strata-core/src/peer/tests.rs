@@ -63,6 +63,13 @@ impl Peers for LocalPeers {
         }
     }
 
+    fn cluster_nodes(&self) -> Result<Option<Vec<String>>> {
+        match &self.cluster {
+            Some(cluster) => cluster.node_names(),
+            None => Ok(None),
+        }
+    }
+
     fn lookup(&self, node: &str, source: &ContentSource) -> Result<Option<SourceInfo>> {
         self.lookups.lock().unwrap().push(node.into());
         self.reach(node)?.lookup(source)
@@ -767,4 +774,31 @@ fn snapshot_metadata_asked_of_another_node_is_answered_by_the_holder_and_resumes
     let gone = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-a"));
     let err = metadata(&c.b, &RangeQuery::new(None, &gone, 0, 0).unwrap()).unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
+}
+
+#[test]
+fn a_source_made_on_a_node_the_cluster_no_longer_has_is_gone_not_unavailable() {
+    let fake = Arc::new(cluster::FakeCluster::default());
+    let peers = Arc::new(LocalPeers {
+        cluster: Some(fake.clone()),
+        ..LocalPeers::default()
+    });
+    let b = node_fixture("node-b", FaultPoints::default(), Some(peers.clone()));
+    peers.add("node-b", b.driver.exports.clone());
+    let made_on_z = crate::ids::new_snapshot_id(&crate::ids::NodeHint::of("node-z"));
+    let source = Some(ContentSource::Snapshot(made_on_z));
+    // The cluster does not say which nodes exist: node-z may come back (retried).
+    let err = create(&b, "r", 16 * MIB, source.clone()).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    // node-z still has its Node object (NotReady, say): still UNAVAILABLE.
+    *fake.node_names.lock().unwrap() = Some(vec!["node-b".into(), "node-z".into()]);
+    let err = create(&b, "r", 16 * MIB, source.clone()).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    // Its Node object was deleted: the snapshot went with it (NOT_FOUND, final).
+    *fake.node_names.lock().unwrap() = Some(vec!["node-b".into()]);
+    let err = create(&b, "r", 16 * MIB, source).unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound(ref m) if m.contains("no longer has")),
+        "{err}"
+    );
 }

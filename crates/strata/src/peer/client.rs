@@ -172,6 +172,13 @@ impl Peers for GrpcPeers {
         })
     }
 
+    fn cluster_nodes(&self) -> Result<Option<Vec<String>>, Error> {
+        match &self.directory {
+            Directory::Static(_) => Ok(None),
+            Directory::Cluster(cluster) => cluster.node_names(),
+        }
+    }
+
     fn holder(&self, source: &ContentSource) -> Result<Option<String>, Error> {
         match (&self.directory, source) {
             (Directory::Static(_), _) => Ok(None),
