@@ -612,8 +612,30 @@ async fn two_nodes_find_each_other_through_the_peer_services_endpoint_slices() {
             },
         )),
     });
-    let err = b.csi.controller.create_volume(again).await.unwrap_err();
+    let err = b
+        .csi
+        .controller
+        .create_volume(again.clone())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // With Node objects: node A's still there (NotReady, say) is the same UNAVAILABLE; once
+    // it is deleted for good, what it held is NOT_FOUND (final).
+    for node in ["node-a", "node-b"] {
+        api.apply(&format!(
+            r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{node}"}}}}"#
+        ));
+    }
+    let err = b
+        .csi
+        .controller
+        .create_volume(again.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    api.kubectl(&["delete", "node", "node-a"]);
+    let err = b.csi.controller.create_volume(again).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     drop(nodes);
     drop(api);
     drop(net);

@@ -210,8 +210,10 @@ pub(crate) fn locate(
         && let Some(hint) = &hint
     {
         // The id names a node whose Node object is gone: it was deleted for good, and what
-        // it held with it.
+        // it held with it. Only a list that has this node's own Node says so (a list
+        // without it, or an empty one, proves nothing).
         if let Some(all) = peers.cluster_nodes()?
+            && all.iter().any(|n| n == node_id)
             && !all.iter().any(|n| NodeHint::of(n) == *hint)
         {
             return Err(Error::NotFound(format!(

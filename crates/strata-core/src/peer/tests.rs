@@ -790,6 +790,11 @@ fn a_source_made_on_a_node_the_cluster_no_longer_has_is_gone_not_unavailable() {
     // The cluster does not say which nodes exist: node-z may come back (retried).
     let err = create(&b, "r", 16 * MIB, source.clone()).unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    // A list of Nodes without this node's own proves nothing (an API server without
+    // kubelets, a partial answer): UNAVAILABLE.
+    *fake.node_names.lock().unwrap() = Some(vec![]);
+    let err = create(&b, "r", 16 * MIB, source.clone()).unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
     // node-z still has its Node object (NotReady, say): still UNAVAILABLE.
     *fake.node_names.lock().unwrap() = Some(vec!["node-b".into(), "node-z".into()]);
     let err = create(&b, "r", 16 * MIB, source.clone()).unwrap_err();
