@@ -301,3 +301,35 @@ async fn encrypted_volumes_open_only_with_their_secret() {
     env.stop();
     env.assert_clean();
 }
+
+/// Killed between the mount and the key: the kubelet's retried stage finds the mount, adds
+/// the key and encrypts the data directory then; nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_killed_between_the_mount_and_the_key_is_finished_by_its_retry() {
+    let mut env = TestEnv::start().await;
+    let id = create(&mut env, encrypted("enc-crash", ext4(), Some(KEY)))
+        .await
+        .unwrap();
+    env.restart(Some("stage:before-unlock")).await;
+    let staging = env.path("crash-stage");
+    assert!(stage(&mut env, &id, &staging, Some(KEY)).await.is_err());
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(env.wait_for_exit().signal(), Some(libc::SIGKILL));
+    env.restart(None).await;
+    let target = open(&mut env, &id, "crash", KEY).await;
+    fs::write(format!("{target}/after"), CONTENT).unwrap();
+    assert!(Command::new("sync").status().unwrap().success());
+    env.unmount(&id, "crash").await;
+    env.assert_clean();
+    let image = env.pool().join("volumes").join(&id).join("image");
+    assert!(
+        !contains(&image, CONTENT),
+        "written encrypted after the retry"
+    );
+    let target = open(&mut env, &id, "crash", KEY).await;
+    assert_eq!(fs::read(format!("{target}/after")).unwrap(), CONTENT);
+    env.unmount(&id, "crash").await;
+    env.delete(&id).await.unwrap();
+    env.stop();
+    env.assert_clean();
+}

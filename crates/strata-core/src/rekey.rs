@@ -177,6 +177,19 @@ mod tests {
         // Asked again (a retry after a crash): done already, still fine.
         d.rekey.rekey(&id, &both).unwrap();
         assert_eq!(opens("b"), (true, true));
+        // Cut short by a crash after the snapshots and before the volume (each record is
+        // rewritten on its own): the snapshot opens with the new value, the volume with the
+        // old; asked again with the same two, it finishes.
+        let back_to_c = secrets(&[(SECRET_KEY, "b"), (NEW_SECRET_KEY, "c")]);
+        let mut s = d.snapshots.store.get(&snap.id).unwrap();
+        s.encryption = Some(
+            encryption::rewrap(&pass("b"), &pass("c"), s.encryption.as_ref().unwrap(), "s")
+                .unwrap(),
+        );
+        d.snapshots.store.update(s).unwrap();
+        assert_eq!(opens("c"), (false, true));
+        d.rekey.rekey(&id, &back_to_c).unwrap();
+        assert_eq!(opens("c"), (true, true));
 
         // Not encrypted, unknown, or another node's: the right codes.
         let plain = d

@@ -170,6 +170,9 @@ impl Node {
             .and_then(|mut target| match key {
                 None => Ok(target),
                 Some(key) => {
+                    // A crash here leaves it mounted without its key: the retried stage
+                    // (the kubelet's) finds the mount and adds the key then.
+                    self.crash.reach("stage:before-unlock");
                     let unlocked = self.paths.open(staging, Create::Nothing).and_then(|root| {
                         let root = root.ok_or_else(|| {
                             Error::Internal(format!("{} vanished", bounded_display(&staging.path)))
