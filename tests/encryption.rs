@@ -285,14 +285,7 @@ async fn encrypted_volumes_open_only_with_their_secret() {
     assert!(!env.server_log().contains(KEY) && !env.server_log().contains(OTHER));
 
     for s in [&snap, &plain_snap] {
-        env.csi
-            .controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: s.to_string(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        env.delete_snapshot(s).await.unwrap();
     }
     for v in [&id, &restored, &cloned, &plain_id] {
         env.delete(v).await.unwrap();

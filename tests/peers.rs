@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use csi_proto as csi;
 use netns::Net;
-use strata::client::snapshot::metadata_pages;
+use strata::client::snapshot::{each_metadata_page, metadata_pages};
 use tonic::Code;
 
 const PEER_PORT: u16 = 9820;
@@ -829,50 +829,16 @@ async fn metadata_until_broken(
     mut after_first: impl FnMut(),
 ) -> (Vec<(i64, i64)>, Result<(), tonic::Status>) {
     let mut ranges = vec![];
-    let mut take = |m: Vec<csi::BlockMetadata>, ranges: &mut Vec<(i64, i64)>| {
+    let ended = each_metadata_page(&mut env.csi, base, target, starting_offset, 1, |page| {
         if ranges.is_empty() {
             after_first();
         }
-        ranges.extend(m.iter().map(|b| (b.byte_offset, b.size_bytes)));
-    };
-    let ended = async {
-        match base {
-            None => {
-                let mut s = env
-                    .csi
-                    .metadata
-                    .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-                        snapshot_id: target.into(),
-                        starting_offset,
-                        max_results: 1,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                while let Some(m) = s.message().await? {
-                    take(m.block_metadata, &mut ranges);
-                }
-            }
-            Some(base) => {
-                let mut s = env
-                    .csi
-                    .metadata
-                    .get_metadata_delta(csi::GetMetadataDeltaRequest {
-                        base_snapshot_id: base.into(),
-                        target_snapshot_id: target.into(),
-                        starting_offset,
-                        max_results: 1,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                while let Some(m) = s.message().await? {
-                    take(m.block_metadata, &mut ranges);
-                }
-            }
-        }
-        Ok(())
-    }
+        ranges.extend(
+            page.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    })
     .await;
     (ranges, ended)
 }

@@ -68,10 +68,11 @@ async fn delta(
     metadata_pages(&mut env.csi, Some(base), target, start, max).await
 }
 
-fn tuples(pages: &[Vec<csi::BlockMetadata>]) -> Vec<(i64, i64)> {
+/// Every (offset, size) of an answer's pages, in order.
+fn tuples(pages: &[MetadataPage]) -> Vec<(i64, i64)> {
     pages
         .iter()
-        .flatten()
+        .flat_map(|p| &p.block_metadata)
         .map(|b| (b.byte_offset, b.size_bytes))
         .collect()
 }
@@ -117,12 +118,7 @@ async fn tracks_changed_blocks(kind: PoolKind) {
     let pages = allocated(&mut env, &s2, 0, 0).await.unwrap();
     assert!(pages.iter().all(|p| p.volume_capacity_bytes == CAPACITY
         && p.block_metadata_type == csi::BlockMetadataType::VariableLength as i32));
-    let all = tuples(
-        &pages
-            .iter()
-            .map(|p| p.block_metadata.clone())
-            .collect::<Vec<_>>(),
-    );
+    let all = tuples(&pages);
     assert_eq!(
         all,
         vec![
@@ -135,12 +131,7 @@ async fn tracks_changed_blocks(kind: PoolKind) {
         "{kind:?}"
     );
     let pages = delta(&mut env, &s1, &s2, 0, 0).await.unwrap();
-    let changed = tuples(
-        &pages
-            .iter()
-            .map(|p| p.block_metadata.clone())
-            .collect::<Vec<_>>(),
-    );
+    let changed = tuples(&pages);
     assert_eq!(
         changed,
         vec![
@@ -155,35 +146,20 @@ async fn tracks_changed_blocks(kind: PoolKind) {
     // first tuple ends past the offset and the rest follows.
     let paged = delta(&mut env, &s1, &s2, 0, 1).await.unwrap();
     assert!(paged.iter().all(|p| p.block_metadata.len() <= 1));
-    let paged = tuples(
-        &paged
-            .iter()
-            .map(|p| p.block_metadata.clone())
-            .collect::<Vec<_>>(),
-    );
+    let paged = tuples(&paged);
     assert_ordered(&paged);
     assert_eq!(joined(paged), changed);
     let resumed = delta(&mut env, &s1, &s2, 8 * MIB + 300 * K, 1)
         .await
         .unwrap();
-    let resumed = tuples(
-        &resumed
-            .iter()
-            .map(|p| p.block_metadata.clone())
-            .collect::<Vec<_>>(),
-    );
+    let resumed = tuples(&resumed);
     assert_eq!(
         joined(resumed),
         vec![r(8 * MIB + 300 * K, 212 * K), r(20 * MIB, 128 * K)]
     );
     let paged = allocated(&mut env, &s2, 0, 2).await.unwrap();
     assert!(paged.iter().all(|p| p.block_metadata.len() <= 2));
-    let paged = tuples(
-        &paged
-            .iter()
-            .map(|p| p.block_metadata.clone())
-            .collect::<Vec<_>>(),
-    );
+    let paged = tuples(&paged);
     assert_ordered(&paged);
     assert_eq!(joined(paged), joined(all));
 
@@ -191,14 +167,7 @@ async fn tracks_changed_blocks(kind: PoolKind) {
 
     env.unmount(&id, "dev").await;
     for s in [&s1, &s2] {
-        env.csi
-            .controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: s.to_string(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        env.delete_snapshot(s).await.unwrap();
     }
     env.delete(&id).await.unwrap();
     env.stop();

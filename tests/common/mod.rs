@@ -506,6 +506,17 @@ impl TestEnv {
             .map(|r| r.into_inner().snapshot.unwrap())
     }
 
+    pub async fn delete_snapshot(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.csi
+            .controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
     pub async fn unstage(&mut self, id: &str, staging: &str) -> Result<(), tonic::Status> {
         node_unstage(&mut self.csi, id, staging).await
     }

@@ -167,39 +167,34 @@ impl NodeLoss {
         let (mut volumes_kept, mut contents_kept) = (0, 0);
         for v in self.cluster.volumes_on(node)? {
             let delete = v.policy == OnNodeLoss::Delete || v.deleting;
-            match (&v.claim, v.policy) {
+            let done = match (&v.claim, v.policy) {
                 (Some((namespace, name)), OnNodeLoss::Delete)
                     if self
                         .cluster
                         .delete_claim(namespace, name, v.claim_uid.as_deref())? =>
                 {
-                    self.note(
-                        &Subject::Claim {
-                            namespace: namespace.clone(),
-                            name: name.clone(),
-                        },
-                        "VolumeLostWithNode",
-                        &format!(
-                            "node {node} was deleted and with it this claim's volume ({}); the claim is deleted (StorageClass onNodeLoss: Delete) so that its owner makes a new one",
-                            v.pv
-                        ),
-                    );
                     round.claims_deleted.push((namespace.clone(), name.clone()));
+                    Some(
+                        "the claim is deleted (StorageClass onNodeLoss: Delete) so that its owner makes a new one",
+                    )
                 }
-                (Some((namespace, name)), OnNodeLoss::Retain) if !v.deleting => {
-                    self.note(
-                        &Subject::Claim {
-                            namespace: namespace.clone(),
-                            name: name.clone(),
-                        },
-                        "VolumeLostWithNode",
-                        &format!(
-                            "node {node} was deleted and with it this claim's volume ({}); it is kept (StorageClass onNodeLoss: Retain): restore it from a snapshot held elsewhere, or delete the claim for a new empty one",
-                            v.pv
-                        ),
-                    );
-                }
-                _ => {}
+                (Some(_), OnNodeLoss::Retain) if !v.deleting => Some(
+                    "it is kept (StorageClass onNodeLoss: Retain): restore it from a snapshot held elsewhere, or delete the claim for a new empty one",
+                ),
+                _ => None,
+            };
+            if let (Some(done), Some((namespace, name))) = (done, &v.claim) {
+                self.note(
+                    &Subject::Claim {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    },
+                    "VolumeLostWithNode",
+                    &format!(
+                        "node {node} was deleted and with it this claim's volume ({}); {done}",
+                        v.pv
+                    ),
+                );
             }
             if delete {
                 self.cluster.release_volume(&v.pv)?;

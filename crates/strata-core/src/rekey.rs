@@ -122,33 +122,19 @@ impl Rekey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::CreateVolume;
-    use crate::model::{AccessMode, CapacityRange, MIB};
-    use crate::testing::{fixture, mount};
-
-    fn secrets(pairs: &[(&str, &str)]) -> Secrets {
-        Secrets::new(pairs.iter().map(|(k, v)| (k.to_string(), v.repeat(40))))
-    }
+    use crate::testing::{create_volume, fixture, secrets};
 
     #[test]
     fn a_rekey_rewraps_the_volume_and_its_snapshots_and_can_be_finished() {
         let f = fixture();
         let d = &f.driver;
-        let id = d
-            .controller
-            .create_volume(CreateVolume {
-                name: "enc".into(),
-                capabilities: vec![mount(AccessMode::SingleNodeWriter)],
-                capacity: CapacityRange {
-                    required: 16 * MIB,
-                    limit: 0,
-                },
-                parameters: [("encrypted".to_owned(), "true".to_owned())].into(),
-                secrets: secrets(&[(SECRET_KEY, "a")]),
-                ..Default::default()
-            })
-            .unwrap()
-            .id;
+        let id = create_volume(
+            d,
+            "enc",
+            &[("encrypted", "true")],
+            secrets(&[(SECRET_KEY, "a")]),
+        )
+        .unwrap();
         let snap = d.snapshots.create_snapshot("s", &id).unwrap();
         let pass = |v: &str| secrets(&[(SECRET_KEY, v)]).passphrase(SECRET_KEY).unwrap();
         let opens = |v: &str| {
@@ -192,19 +178,7 @@ mod tests {
         assert_eq!(opens("c"), (true, true));
 
         // Not encrypted, unknown, or another node's: the right codes.
-        let plain = d
-            .controller
-            .create_volume(CreateVolume {
-                name: "plain".into(),
-                capabilities: vec![mount(AccessMode::SingleNodeWriter)],
-                capacity: CapacityRange {
-                    required: 16 * MIB,
-                    limit: 0,
-                },
-                ..Default::default()
-            })
-            .unwrap()
-            .id;
+        let plain = create_volume(d, "plain", &[], Secrets::default()).unwrap();
         let e = d.rekey.rekey(&plain, &both).unwrap_err();
         assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
         let e = d

@@ -69,3 +69,34 @@ pub(crate) fn mount_fs(fs_type: &str, mode: AccessMode) -> Capability {
         access_mode: mode,
     }
 }
+
+/// Secrets whose values are `value` 40 times (long enough for a passphrase).
+pub(crate) fn secrets(pairs: &[(&str, &str)]) -> crate::encryption::Secrets {
+    crate::encryption::Secrets::new(pairs.iter().map(|(k, v)| (k.to_string(), v.repeat(40))))
+}
+
+/// A 16 MiB ext4 volume `name` made by the controller with `parameters` and `secrets`.
+pub(crate) fn create_volume(
+    driver: &Driver,
+    name: &str,
+    parameters: &[(&str, &str)],
+    secrets: crate::encryption::Secrets,
+) -> crate::error::Result<String> {
+    driver
+        .controller
+        .create_volume(crate::controller::CreateVolume {
+            name: name.into(),
+            capabilities: vec![mount(AccessMode::SingleNodeWriter)],
+            capacity: crate::model::CapacityRange {
+                required: 16 * crate::model::MIB,
+                limit: 0,
+            },
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secrets,
+            ..Default::default()
+        })
+        .map(|r| r.id)
+}

@@ -241,7 +241,7 @@ mod tests {
     }
 
     fn key(text: &str) -> Secrets {
-        Secrets::new([(crate::encryption::SECRET_KEY.to_owned(), text.repeat(40))])
+        crate::testing::secrets(&[(crate::encryption::SECRET_KEY, text)])
     }
 
     #[test]
@@ -249,21 +249,8 @@ mod tests {
         use crate::os::fake::Op;
         let f = fixture();
         let d = &f.driver;
-        let id = d
-            .controller
-            .create_volume(CreateVolume {
-                name: "enc".into(),
-                capabilities: vec![mount(AccessMode::SingleNodeWriter)],
-                capacity: crate::model::CapacityRange {
-                    required: 16 * MIB,
-                    limit: 0,
-                },
-                parameters: [("encrypted".to_owned(), "true".to_owned())].into(),
-                secrets: key("a"),
-                ..Default::default()
-            })
-            .unwrap()
-            .id;
+        let id =
+            crate::testing::create_volume(d, "enc", &[("encrypted", "true")], key("a")).unwrap();
         let nothing_left = || {
             let s = f.fake.lock();
             assert!(s.mounts.is_empty(), "{:?}", s.mounts);

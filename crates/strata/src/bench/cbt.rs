@@ -13,8 +13,11 @@ use std::time::Instant;
 use csi_proto as csi;
 use serde::Serialize;
 
-use super::{Outcome, Run, bring_up, create_snapshot, delete_snapshot, offer, tear_down};
+use super::{
+    Outcome, Run, blocking, bring_up, create_snapshot, delete_snapshot, offer, peak_kib, tear_down,
+};
 use crate::client::shared::{CapabilityArgs, ModeArg};
+use crate::client::snapshot::each_metadata_page;
 use crate::client::{Csi, status_error};
 use crate::units::{human_bytes, parse_size};
 
@@ -133,24 +136,6 @@ fn write_at(device: &Path, offsets: &[u64], len: u64, byte: u8) -> std::io::Resu
     file.sync_all()
 }
 
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{what}: {e}"))
-}
-
-fn peak_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// Resets the peak resident memory the kernel keeps for `pid` (so the next peak is this
 /// stream's); its current value.
 fn reset_peak(pid: u32) -> Option<u64> {
@@ -171,50 +156,23 @@ async fn stream(
     let before = pid.and_then(reset_peak);
     let mut out = Stream::default();
     let mut kept = vec![];
-    let mut take = |ranges: Vec<csi::BlockMetadata>, out: &mut Stream| {
+    let start = Instant::now();
+    let call = match base {
+        None => "GetMetadataAllocated",
+        Some(_) => "GetMetadataDelta",
+    };
+    each_metadata_page(csi, base, target, 0, 0, |page| {
         out.messages += 1;
-        for r in ranges {
+        for r in page.block_metadata {
             out.ranges += 1;
             out.bytes += r.size_bytes.max(0) as u64;
             if keep {
                 kept.push((r.byte_offset.max(0) as u64, r.size_bytes.max(0) as u64));
             }
         }
-    };
-    let start = Instant::now();
-    match base {
-        None => {
-            let call = "GetMetadataAllocated";
-            let mut s = csi
-                .metadata
-                .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
-                    snapshot_id: target.into(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| status_error(call, e))?
-                .into_inner();
-            while let Some(m) = s.message().await.map_err(|e| status_error(call, e))? {
-                take(m.block_metadata, &mut out);
-            }
-        }
-        Some(base) => {
-            let call = "GetMetadataDelta";
-            let mut s = csi
-                .metadata
-                .get_metadata_delta(csi::GetMetadataDeltaRequest {
-                    base_snapshot_id: base.into(),
-                    target_snapshot_id: target.into(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| status_error(call, e))?
-                .into_inner();
-            while let Some(m) = s.message().await.map_err(|e| status_error(call, e))? {
-                take(m.block_metadata, &mut out);
-            }
-        }
-    }
+    })
+    .await
+    .map_err(|e| status_error(call, e))?;
     out.ms = start.elapsed().as_secs_f64() * 1e3;
     out.driver_peak_growth_kib = match (before, pid.and_then(peak_kib)) {
         (Some(before), Some(after)) => Some(after.saturating_sub(before)),

@@ -11,11 +11,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::scale::rss_kib;
 use super::snapshot::{checksum, data_path, write_pattern};
 use super::{
-    Outcome, Run, bring_up, create_snapshot, delete_snapshot, delete_volume, mount_existing, offer,
-    tear_down, volume_request,
+    Outcome, Run, blocking, bring_up, create_snapshot, delete_snapshot, delete_volume,
+    mount_existing, offer, peak_kib, rss_kib, tear_down, volume_request,
 };
 use crate::client::Csi;
 use crate::units::human_bytes;
@@ -55,14 +54,6 @@ struct CrossNodeReport {
     verified: bool,
     source_rss_growth_kib: Option<u64>,
     destination_rss_growth_kib: Option<u64>,
-}
-
-fn peak_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Sends `bytes` to a tcp-sink at `addr` and waits for its count: MiB/s.
@@ -106,16 +97,6 @@ pub fn tcp_sink(listen: SocketAddr, connections: usize) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{what}: {e}"))
 }
 
 /// Runs the scenario; what it made on either node is undone if it stops part-way.

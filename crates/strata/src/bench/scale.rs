@@ -1,6 +1,5 @@
 //! `strata bench scale`: many volumes created, listed and deleted; the driver's memory.
 
-use std::fs;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -9,16 +8,7 @@ use csi_proto as csi;
 use crate::client::Csi;
 use crate::client::shared::{CapabilityArgs, ModeArg};
 
-use super::{Outcome, Report, Run, create_volume, delete_volume, timed};
-
-/// Resident memory of process `pid` in KiB.
-pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
+use super::{Outcome, Report, Run, create_volume, delete_volume, rss_kib, timed};
 
 /// Creates `volumes` volumes, lists them all page by page, and deletes them unless `keep`.
 pub async fn scale(

@@ -9,8 +9,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::{
-    Outcome, Run, bring_up, create_snapshot, create_volume, delete_snapshot, mount_existing, offer,
-    tear_down, volume_request,
+    Outcome, Run, blocking, bring_up, create_snapshot, create_volume, delete_snapshot,
+    mount_existing, offer, tear_down, volume_request,
 };
 use crate::client::Csi;
 use crate::client::shared::CapabilityArgs;
@@ -73,16 +73,6 @@ pub(crate) fn data_path(target: &str, block: bool) -> PathBuf {
     } else {
         PathBuf::from(target).join("data")
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{what}: {e}"))
 }
 
 /// For each data size: write the data into a fresh volume through its published path,

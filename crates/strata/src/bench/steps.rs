@@ -357,3 +357,34 @@ pub(crate) fn progress(total: u64, what: &str, format: Format) -> indicatif::Pro
     bar.set_message(what.to_owned());
     bar
 }
+
+/// Runs blocking I/O off the runtime; an error names `what` was being done.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{what}: {e}"))
+}
+
+/// A memory figure of process `pid` from `/proc/PID/status`, in KiB (`field`: `VmRSS`,
+/// `VmHWM`...).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Resident memory of process `pid` in KiB.
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// The peak resident memory of process `pid` in KiB (since start, or since it was reset).
+pub(crate) fn peak_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM")
+}

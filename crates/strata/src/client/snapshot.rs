@@ -340,7 +340,7 @@ pub struct MetadataPage {
     pub block_metadata: Vec<csi::BlockMetadata>,
 }
 
-/// Every message of a SnapshotMetadata answer: the allocated ranges of `target`
+/// Every message of a SnapshotMetadata answer, in order: the allocated ranges of `target`
 /// (GetMetadataAllocated), or with `base` the ranges that differ (GetMetadataDelta).
 pub async fn metadata_pages(
     csi: &mut Csi,
@@ -349,16 +349,24 @@ pub async fn metadata_pages(
     starting_offset: i64,
     max_results: i32,
 ) -> Result<Vec<MetadataPage>, tonic::Status> {
-    async fn collect<T>(
-        mut stream: tonic::Streaming<T>,
-        page: impl Fn(T) -> MetadataPage,
-    ) -> Result<Vec<MetadataPage>, tonic::Status> {
-        let mut pages = vec![];
-        while let Some(message) = stream.message().await? {
-            pages.push(page(message));
-        }
-        Ok(pages)
-    }
+    let mut pages = vec![];
+    each_metadata_page(csi, base, target, starting_offset, max_results, |p| {
+        pages.push(p)
+    })
+    .await?;
+    Ok(pages)
+}
+
+/// [`metadata_pages`] handed to `on_page` one message at a time as it arrives, so a large
+/// answer is never held whole (and a caller sees where a broken stream stopped).
+pub async fn each_metadata_page(
+    csi: &mut Csi,
+    base: Option<&str>,
+    target: &str,
+    starting_offset: i64,
+    max_results: i32,
+    mut on_page: impl FnMut(MetadataPage),
+) -> Result<(), tonic::Status> {
     match base {
         None => {
             let request = csi::GetMetadataAllocatedRequest {
@@ -367,13 +375,18 @@ pub async fn metadata_pages(
                 max_results,
                 ..Default::default()
             };
-            let stream = csi.metadata.get_metadata_allocated(request).await?;
-            collect(stream.into_inner(), |m| MetadataPage {
-                block_metadata_type: m.block_metadata_type,
-                volume_capacity_bytes: m.volume_capacity_bytes,
-                block_metadata: m.block_metadata,
-            })
-            .await
+            let mut stream = csi
+                .metadata
+                .get_metadata_allocated(request)
+                .await?
+                .into_inner();
+            while let Some(m) = stream.message().await? {
+                on_page(MetadataPage {
+                    block_metadata_type: m.block_metadata_type,
+                    volume_capacity_bytes: m.volume_capacity_bytes,
+                    block_metadata: m.block_metadata,
+                });
+            }
         }
         Some(base) => {
             let request = csi::GetMetadataDeltaRequest {
@@ -383,15 +396,17 @@ pub async fn metadata_pages(
                 max_results,
                 ..Default::default()
             };
-            let stream = csi.metadata.get_metadata_delta(request).await?;
-            collect(stream.into_inner(), |m| MetadataPage {
-                block_metadata_type: m.block_metadata_type,
-                volume_capacity_bytes: m.volume_capacity_bytes,
-                block_metadata: m.block_metadata,
-            })
-            .await
+            let mut stream = csi.metadata.get_metadata_delta(request).await?.into_inner();
+            while let Some(m) = stream.message().await? {
+                on_page(MetadataPage {
+                    block_metadata_type: m.block_metadata_type,
+                    volume_capacity_bytes: m.volume_capacity_bytes,
+                    block_metadata: m.block_metadata,
+                });
+            }
         }
     }
+    Ok(())
 }
 
 /// `snapshot allocated` (no base) and `snapshot changed`.
