@@ -1,12 +1,16 @@
 #!/bin/sh
 # Builds (once) the kube-apiserver the Kubernetes client tests run against, from the Go
-# module k8s.io/kubernetes at the minimum Kubernetes release deploy/versions.yaml supports,
-# and prints its path. The staging modules (k8s.io/api, client-go, ...) are pinned to the
+# module k8s.io/kubernetes, and prints its path: the minimum Kubernetes release
+# deploy/versions.yaml supports by default, or the release given (`v1.35.4`: the first with
+# the MutablePVNodeAffinity gate that moving a volume needs). The staging modules (k8s.io/api, client-go, ...) are pinned to the
 # matching v0 tags, as k8s.io/kubernetes' own go.mod replaces them with its staging tree.
 # etcd comes from Debian (etcd-server). Takes about 6 minutes on 2 cores the first time.
 set -eu
-version=v1.34.4
-staging=v0.34.4
+version=${1:-v1.34.4}
+case "$version" in
+v1.*.*) staging="v0.${version#v1.}" ;;
+*) echo "usage: $0 [v1.MINOR.PATCH]" >&2; exit 2 ;;
+esac
 dir="${STRATA_TOOLS_CACHE:-$HOME/.cache/strata-ci}/kube-apiserver-$version"
 if [ ! -x "$dir/kube-apiserver" ]; then
     work=$(mktemp -d)

@@ -313,6 +313,24 @@ impl TestEnv {
         }
     }
 
+    /// Waits up to `limit` for the server to die on its own (a crash point reached in a
+    /// background task); whether it did.
+    pub fn exited_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
     /// Waits for the server to die on its own (after reaching a crash point).
     pub fn wait_for_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("server running");

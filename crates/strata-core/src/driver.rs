@@ -19,6 +19,7 @@ use crate::inflight::InFlight;
 use crate::io_limits::IoLimiter;
 use crate::model::Topology;
 use crate::mounts::Mounts;
+use crate::moves::{Arrivals, Departures, Evacuation};
 use crate::node::Node;
 use crate::os::{FileId, Host};
 use crate::paths::NodePaths;
@@ -55,6 +56,12 @@ pub struct Driver {
     pub capabilities: Arc<Capabilities>,
     /// What the peer service offers other nodes.
     pub exports: Arc<Exports>,
+    /// This node's volumes moving to other nodes.
+    pub departures: Arc<Departures>,
+    /// Volumes moving to this node, when the peer service is configured.
+    pub arrivals: Option<Arc<Arrivals>>,
+    /// This node's evacuation, when its Node asks.
+    pub evacuation: Evacuation,
     /// Copies from other nodes, when the peer service is configured.
     pub remote: Option<Arc<RemoteCopies>>,
     /// The volumes' I/O limits, applied in the cgroups of their consumers.
@@ -133,6 +140,7 @@ impl Driver {
         let forwarding = peers
             .as_ref()
             .map(|p| Arc::new(Forwarding::new(p.clone(), &config.node_id)));
+        let peers_for_moves = peers.clone();
         let remote = peers.map(|p| Arc::new(RemoteCopies::new(p, &config.node_id, crash.clone())));
         let snapshot_metadata = Arc::new(SnapshotMetadata::new(
             snapshots.clone(),
@@ -140,6 +148,31 @@ impl Driver {
             forwarding.clone(),
             crash.clone(),
         ));
+        let departures = Arc::new(Departures::open(
+            &config.node_id,
+            &config.pool,
+            volumes.clone(),
+            backend.clone(),
+            freezer.clone(),
+            crash.clone(),
+        )?);
+        let arrivals = match (&peers_for_moves, &remote) {
+            (Some(peers), Some(remote)) => Some(Arc::new(Arrivals::open(
+                &config.node_id,
+                &config.pool,
+                peers.clone(),
+                remote.clone(),
+                volumes.clone(),
+                backend.clone(),
+                crash.clone(),
+            )?)),
+            _ => None,
+        };
+        let evacuation = Evacuation::new(
+            &config.node_id,
+            volumes.clone(),
+            crate::moves::evacuation::PARALLEL,
+        );
         let exports = Arc::new(Exports::new(
             config.node_id.clone(),
             &config.pool,
@@ -150,6 +183,7 @@ impl Driver {
                 backend: backend.clone(),
                 io_limits: io_limits.clone(),
                 snapshot_metadata: snapshot_metadata.clone(),
+                departures: departures.clone(),
             },
             config.export_limits,
         )?);
@@ -190,6 +224,7 @@ impl Driver {
             host.clone(),
             backend.clone(),
             io_limits.clone(),
+            departures.clone(),
             crash,
         );
         let rekey = Rekey::new(
@@ -205,6 +240,9 @@ impl Driver {
             node,
             capabilities,
             exports,
+            departures,
+            arrivals,
+            evacuation,
             remote,
             io_limits,
             snapshot_metadata,

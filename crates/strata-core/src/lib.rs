@@ -20,6 +20,7 @@ pub mod inflight;
 pub mod io_limits;
 pub mod model;
 pub mod mounts;
+pub mod moves;
 pub mod node;
 pub mod node_loss;
 pub mod os;

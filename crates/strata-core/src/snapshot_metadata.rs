@@ -251,6 +251,44 @@ fn not_found(target: bool, query: &RangeQuery) -> Error {
     Error::NotFound(format!("snapshot {id:?} does not exist"))
 }
 
+/// The ranges where `target` differs from `base` up to `end`, touching ranges joined: by
+/// shared extents when `target` was reflinked from `base` (`shared`), else by content. At
+/// most `limit` ranges (RESOURCE_EXHAUSTED past that), so the answer's memory is bounded.
+pub(crate) fn changed_ranges(
+    base: &File,
+    target: &File,
+    shared: bool,
+    end: u64,
+    limit: usize,
+) -> Result<Vec<BlockRange>> {
+    let mut walk: Box<dyn RangeWalk + '_> = if shared {
+        Box::new(SharedExtentDelta::new(base, target, 0, end))
+    } else {
+        Box::new(ContentDelta::new(base, target, 0, end))
+    };
+    let mut ranges: Vec<BlockRange> = vec![];
+    while let Some(r) = walk.next_range()? {
+        let stop = r.end().min(end);
+        if stop <= r.offset {
+            continue;
+        }
+        if let Some(last) = ranges.last_mut().filter(|l| l.end() >= r.offset) {
+            last.length = stop.max(last.end()) - last.offset;
+            continue;
+        }
+        if ranges.len() >= limit {
+            return Err(Error::ResourceExhausted(format!(
+                "more than {limit} separate ranges changed; retry when fewer writes are in flight"
+            )));
+        }
+        ranges.push(BlockRange {
+            offset: r.offset,
+            length: stop - r.offset,
+        });
+    }
+    Ok(ranges)
+}
+
 /// A walk over ranges in increasing order; adjacent ranges may touch.
 trait RangeWalk {
     fn next_range(&mut self) -> Result<Option<BlockRange>>;

@@ -83,7 +83,11 @@ impl KubeCluster {
     }
 
     /// Every object of `api` matching `params`, page by page.
-    async fn list_all<K>(api: &Api<K>, params: ListParams, what: &str) -> Result<Vec<K>, Error>
+    pub(crate) async fn list_all<K>(
+        api: &Api<K>,
+        params: ListParams,
+        what: &str,
+    ) -> Result<Vec<K>, Error>
     where
         K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {

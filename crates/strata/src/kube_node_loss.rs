@@ -8,11 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{
-    Event, Node, ObjectReference, PersistentVolume, PersistentVolumeClaim,
-};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{
@@ -25,10 +23,8 @@ use strata_core::node_loss::{
 };
 use tokio::runtime::Handle;
 
+use crate::kube_api::{EventText, call, claim_reference, create_event, failed, not_found};
 use crate::kube_cluster::{MANAGED_BY_LABEL, pinned_node};
-
-/// How long one call to the API server may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct KubeNodeLoss {
     client: Client,
@@ -36,28 +32,6 @@ pub struct KubeNodeLoss {
     driver: String,
     topology_key: String,
     runtime: Handle,
-}
-
-fn failed(what: &str, e: impl std::fmt::Display) -> Error {
-    let said: String = e.to_string().chars().take(300).collect();
-    Error::Unavailable(format!(
-        "the Kubernetes API server refused or did not answer ({what}): {said}"
-    ))
-}
-
-async fn call<T, E: std::fmt::Display>(
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, Error> {
-    tokio::time::timeout(CALL_TIMEOUT, fut)
-        .await
-        .map_err(|_| failed(what, "timed out"))?
-        .map_err(|e| failed(what, e))
-}
-
-/// Whether a kube error is the API server's 404 (already gone).
-fn not_found<T>(r: &Result<T, kube::Error>) -> bool {
-    matches!(r, Err(kube::Error::Api(s)) if s.code == 404)
 }
 
 fn now_micro() -> MicroTime {
@@ -256,41 +230,17 @@ impl KubeNodeLoss {
                     ..Default::default()
                 },
             ),
-            Subject::Claim { namespace, name } => (
-                namespace.clone(),
-                ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("PersistentVolumeClaim".into()),
-                    namespace: Some(namespace.clone()),
-                    name: Some(name.clone()),
-                    ..Default::default()
-                },
-            ),
+            Subject::Claim { namespace, name } => {
+                (namespace.clone(), claim_reference(namespace, name))
+            }
         };
-        let now = Time(Timestamp::now());
-        let event = Event {
-            metadata: ObjectMeta {
-                generate_name: Some("strata-node-loss-".into()),
-                namespace: Some(namespace.clone()),
-                ..Default::default()
-            },
-            involved_object: object,
-            reason: Some(reason.into()),
-            message: Some(message.chars().take(1024).collect()),
-            type_: Some("Warning".into()),
-            first_timestamp: Some(now.clone()),
-            last_timestamp: Some(now),
-            count: Some(1),
-            source: Some(k8s_openapi::api::core::v1::EventSource {
-                component: Some(self.driver.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
+        let event = EventText {
+            prefix: "strata-node-loss-",
+            reason,
+            message,
+            warning: true,
         };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
-        call("create Event", api.create(&PostParams::default(), &event))
-            .await
-            .map(drop)
+        create_event(&self.client, &self.driver, &namespace, object, event).await
     }
 }
 

@@ -8,7 +8,11 @@ pub mod decode_errors;
 pub mod endpoint;
 pub mod http;
 #[cfg(feature = "kubernetes")]
+pub(crate) mod kube_api;
+#[cfg(feature = "kubernetes")]
 pub mod kube_cluster;
+#[cfg(feature = "kubernetes")]
+pub mod kube_moves;
 #[cfg(feature = "kubernetes")]
 pub mod kube_node_loss;
 pub mod metrics;

@@ -46,6 +46,7 @@ pub struct Metrics {
     groups: Gauge,
     freeze: FreezeGauges,
     peer: PeerGauges,
+    moves: MoveGauges,
     reconciliation: Family<FindingLabels, Gauge>,
 }
 
@@ -58,6 +59,14 @@ struct PeerGauges {
     copies_in_flight: Gauge,
     copy_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     reads_open: Gauge,
+}
+
+/// Moves of volumes between nodes, read from the driver at scrape time.
+struct MoveGauges {
+    arriving: Gauge,
+    departing: Gauge,
+    moved: Gauge,
+    failed: Gauge,
 }
 
 /// The freeze windows of group snapshots, read from the driver at scrape time.
@@ -170,6 +179,28 @@ impl Metrics {
                 "Group snapshots since startup dropped because their copies outlasted --freeze-limit-ms",
             ),
         };
+        let moves = MoveGauges {
+            arriving: gauge(
+                &mut registry,
+                "strata_moves_arriving",
+                "Volumes moving to this node now (pre-copied or being copied, not committed)",
+            ),
+            departing: gauge(
+                &mut registry,
+                "strata_moves_departing",
+                "Volumes of this node moving to another now",
+            ),
+            moved: gauge(
+                &mut registry,
+                "strata_moves",
+                "Volumes moved to this node since startup",
+            ),
+            failed: gauge(
+                &mut registry,
+                "strata_moves_failed",
+                "Rounds of a move to this node that failed since startup (each is retried, and reported on its claim)",
+            ),
+        };
         let peer = PeerGauges {
             bytes_pulled: gauge(
                 &mut registry,
@@ -221,6 +252,7 @@ impl Metrics {
             groups,
             freeze,
             peer,
+            moves,
             reconciliation,
         })
     }
@@ -307,6 +339,16 @@ impl Metrics {
                 .set(c.copy_millis.load(Relaxed) as f64 / 1e3);
         }
         self.peer.reads_open.set(driver.exports.open_reads() as i64);
+        self.moves
+            .departing
+            .set(driver.departures.departing().len() as i64);
+        if let Some(arrivals) = &driver.arrivals {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.moves.arriving.set(arrivals.arriving().len() as i64);
+            let f = arrivals.figures();
+            self.moves.moved.set(f.moved.load(Relaxed) as i64);
+            self.moves.failed.set(f.failed.load(Relaxed) as i64);
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "could not encode metrics");

@@ -123,6 +123,24 @@ impl Backend for ImageBackend {
         Ok(file)
     }
 
+    fn reopen_import(&self, dir: &Path, size: u64) -> Result<File> {
+        let path = Self::image(dir);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("open {}", path.display()))?;
+        let len = file
+            .metadata()
+            .ctx(|| format!("stat {}", path.display()))?
+            .len();
+        if len < size {
+            file.set_len(size)
+                .ctx(|| format!("grow {} to {size} bytes", path.display()))?;
+        }
+        Ok(file)
+    }
+
     fn repair(&self, dir: &Path, capacity_bytes: u64, holds_data: bool) -> Result<Option<String>> {
         let path = Self::image(dir);
         let len = match fs::metadata(&path) {

@@ -145,6 +145,11 @@ pub trait Backend: Send + Sync {
     fn import(&self, _dir: &Path, _size: u64) -> Result<std::fs::File> {
         Err(self.no_node_copies())
     }
+    /// Opens the data [`import`](Self::import) made in `dir` for writing again, grown to
+    /// `size` bytes if it is smaller (a moved volume grown since its pre-copy).
+    fn reopen_import(&self, _dir: &Path, _size: u64) -> Result<std::fs::File> {
+        Err(self.no_node_copies())
+    }
     /// Why this backend's volumes cannot be copied between nodes.
     fn no_node_copies(&self) -> crate::error::Error {
         crate::error::Error::FailedPrecondition(format!(

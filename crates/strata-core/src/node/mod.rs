@@ -27,6 +27,7 @@ use crate::fault::FaultPoints;
 use crate::io_limits::{Consumer, IoLimiter};
 use crate::model::Capability;
 use crate::mounts::{Mounts, Owners};
+use crate::moves::Departures;
 use crate::os::Host;
 use crate::os::{MountEntry, NodePath};
 use crate::paths::{CheckedPath, NodePaths};
@@ -56,6 +57,8 @@ pub struct Node {
     host: Host,
     backend: Arc<dyn Backend>,
     limits: Arc<IoLimiter>,
+    /// Volumes sealed for a move to another node are not staged here.
+    departures: Arc<Departures>,
     crash: FaultPoints,
 }
 
@@ -70,6 +73,7 @@ impl Node {
         host: Host,
         backend: Arc<dyn Backend>,
         limits: Arc<IoLimiter>,
+        departures: Arc<Departures>,
         crash: FaultPoints,
     ) -> Self {
         let paths = Arc::new(paths);
@@ -92,6 +96,7 @@ impl Node {
             host,
             backend,
             limits,
+            departures,
             crash,
         }
     }

@@ -26,6 +26,12 @@ impl Node {
         let _guard = self.volumes.guard(&req.volume_id)?;
         let _path = self.paths.claim(&staging)?;
         let record = self.volumes.get(&req.volume_id)?;
+        if let Some(target) = self.departures.sealed(&record.id) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is moving to node {target} and its final copy has begun: it is served there once the move commits (seconds); withdraw the move (the claim's strata.csi.dev/move-to) to keep it here",
+                record.id
+            )));
+        }
         // An encrypted volume's key is opened before anything is attached: a missing or
         // wrong secret leaves nothing behind.
         let key = match &record.encryption {

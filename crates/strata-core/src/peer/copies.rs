@@ -81,12 +81,26 @@ impl RemoteCopies {
         into: &File,
         capacity: u64,
     ) -> Result<SourceInfo> {
+        let read = self.peers.open_read(node, source);
+        self.pull_opened(node, source, read, into, capacity)
+    }
+
+    /// Pulls a read already opened on `node` (or the error opening it) into `into`, as
+    /// [`pull`](Self::pull) does, and releases it.
+    pub fn pull_opened(
+        &self,
+        node: &str,
+        source: &ContentSource,
+        read: Result<RemoteRead>,
+        into: &File,
+        capacity: u64,
+    ) -> Result<SourceInfo> {
         let started = Instant::now();
         self.figures
             .copies_in_flight
             .fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.figures);
-        let pulled = self.peers.open_read(node, source).and_then(|read| {
+        let pulled = read.and_then(|read| {
             let streamed = self.stream(node, source, &read, into, capacity);
             if let Err(e) = self.peers.release(node, &read.read_id) {
                 // The read expires on its node when idle; nothing is lost.

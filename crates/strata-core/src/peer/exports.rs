@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Chunk, Named, ReadEnd, SourceInfo};
+use super::{Chunk, Departing, MoveOut, MoveStep, Named, ReadEnd, RemoteRead, SourceInfo};
 use crate::backend::Backend;
-use crate::block_ranges::{HeldRanges, PageSink, RangeQuery};
+use crate::block_ranges::{BlockRange, HeldRanges, PageSink, RangeQuery};
 use crate::error::{Error, IoContext, Result};
 use crate::freezer::Freezer;
 use crate::ids::{is_snapshot_id, is_volume_id};
@@ -67,6 +67,8 @@ pub struct OpenedRead {
 /// whose name is already gone), so nothing that happens to the source changes it.
 struct Read {
     file: File,
+    /// The ranges to send (a move's final copy); `None`: every allocated extent.
+    ranges: Option<Vec<BlockRange>>,
     source: SourceInfo,
     what: String,
     reader: String,
@@ -114,6 +116,8 @@ pub struct ExportSources {
     pub io_limits: Arc<IoLimiter>,
     /// Snapshot metadata questions forwarded by the node the backup tool called.
     pub snapshot_metadata: Arc<dyn HeldRanges>,
+    /// Moves of this node's volumes to the nodes that ask.
+    pub departures: Arc<dyn Departing>,
 }
 
 /// The peer service's work on this node.
@@ -128,6 +132,7 @@ pub struct Exports {
     /// Changes of I/O limits forwarded by the node the resizer called.
     io_limits: Arc<IoLimiter>,
     snapshot_metadata: Arc<dyn HeldRanges>,
+    departures: Arc<dyn Departing>,
     reads: Mutex<HashMap<String, Arc<Read>>>,
     streams: Mutex<HashMap<String, usize>>,
 }
@@ -148,6 +153,7 @@ impl Exports {
             backend,
             io_limits,
             snapshot_metadata,
+            departures,
         } = sources;
         let scratch = pool.join(READS_DIR);
         fs::create_dir_all(&scratch).ctx(|| format!("create {}", scratch.display()))?;
@@ -166,6 +172,7 @@ impl Exports {
             limits,
             io_limits,
             snapshot_metadata,
+            departures,
             reads: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
         })
@@ -232,6 +239,48 @@ impl Exports {
     /// Opens a consistent read of `source` for `reader`: a snapshot as it is, a volume as an
     /// instant copy (frozen only while the copy is made if it is mounted here).
     pub fn open(&self, source: &ContentSource, reader: &str) -> Result<OpenedRead> {
+        self.check_room(reader)?;
+        let (file, info) = match source {
+            ContentSource::Snapshot(id) => self.open_snapshot(id)?,
+            ContentSource::Volume(id) => self.open_volume(id)?,
+        };
+        self.register(file, info, None, Named(source).to_string(), reader)
+    }
+
+    /// A step of moving volume `volume_id` to node `reader`: the read of its pre-copy or of
+    /// its final delta, with its record; nothing for a cancel.
+    pub fn move_out(
+        &self,
+        step: MoveStep,
+        volume_id: &str,
+        move_id: &str,
+        reader: &str,
+    ) -> Result<MoveOut> {
+        if step == MoveStep::Cancel {
+            self.departures.cancel_departure(volume_id, move_id)?;
+            return Ok(MoveOut {
+                read: None,
+                record: None,
+            });
+        }
+        self.check_room(reader)?;
+        let opened = self
+            .departures
+            .open_departure(step, volume_id, move_id, reader)?;
+        let what = format!("the move of volume {volume_id} ({step:?})");
+        let read = self.register(opened.file, opened.source, opened.ranges, what, reader)?;
+        Ok(MoveOut {
+            read: Some(RemoteRead {
+                read_id: read.read_id,
+                source: read.source,
+                allocated_bytes: read.allocated_bytes,
+            }),
+            record: Some(opened.record),
+        })
+    }
+
+    /// Refuses a new read past the bounds.
+    fn check_room(&self, reader: &str) -> Result<()> {
         self.expire();
         {
             let reads = self.lock_reads();
@@ -244,16 +293,28 @@ impl Exports {
                 )));
             }
         }
-        let (file, info) = match source {
-            ContentSource::Snapshot(id) => self.open_snapshot(id)?,
-            ContentSource::Volume(id) => self.open_volume(id)?,
+        Ok(())
+    }
+
+    /// Opens a read of `file`, sending `ranges` (or every allocated extent).
+    fn register(
+        &self,
+        file: File,
+        info: SourceInfo,
+        ranges: Option<Vec<BlockRange>>,
+        what: String,
+        reader: &str,
+    ) -> Result<OpenedRead> {
+        let allocated = match &ranges {
+            Some(ranges) => ranges.iter().map(|r| r.length).sum(),
+            None => allocated_bytes(&file).ctx(|| format!("stat {what}"))?,
         };
-        let allocated = allocated_bytes(&file).ctx(|| format!("stat {}", Named(source)))?;
         let read_id = format!("read-{}", crate::ids::random_hex(12));
         let read = Arc::new(Read {
             file,
+            ranges,
             source: info.clone(),
-            what: Named(source).to_string(),
+            what,
             reader: reader.to_owned(),
             last_used: Mutex::new(Instant::now()),
             streams: AtomicUsize::new(0),
@@ -356,13 +417,22 @@ impl Exports {
         };
         let mut buf = vec![0u8; self.limits.chunk_bytes];
         let mut at = from;
-        while at < len {
-            let Some((start, stop)) =
-                next_data(&read.file, at).ctx(|| format!("find the data of {}", read.what))?
-            else {
-                break;
+        let mut listed = read.ranges.as_deref().map(|r| r.iter());
+        loop {
+            // The next span to send: the next listed range, or the next allocated extent.
+            let (start, stop) = match listed.as_mut() {
+                Some(ranges) => match ranges.find(|r| r.end() > at) {
+                    Some(r) => (r.offset.max(at), r.end().min(size)),
+                    None => break,
+                },
+                None if at >= len => break,
+                None => match next_data(&read.file, at)
+                    .ctx(|| format!("find the data of {}", read.what))?
+                {
+                    Some((start, stop)) => (start, stop.min(len)),
+                    None => break,
+                },
             };
-            let stop = stop.min(len);
             let mut offset = start;
             while offset < stop {
                 let n = ((stop - offset) as usize).min(buf.len());
@@ -386,7 +456,7 @@ impl Exports {
                 end.chunks += 1;
                 offset += n as u64;
             }
-            at = stop;
+            at = stop.max(at);
         }
         Ok(end)
     }

@@ -101,6 +101,18 @@ pub trait Peers: Send + Sync {
         volume_id: &str,
         parameters: &std::collections::BTreeMap<String, String>,
     ) -> Result<()>;
+    /// A step of moving `volume_id`, which `node` holds, to this node.
+    fn move_out(
+        &self,
+        node: &str,
+        _step: MoveStep,
+        _volume_id: &str,
+        _move_id: &str,
+    ) -> Result<MoveOut> {
+        Err(Error::Unavailable(format!(
+            "node {node} cannot be asked to move a volume through this transport"
+        )))
+    }
     /// Streams `node`'s answer to a snapshot metadata question about snapshots it holds,
     /// page by page into `sink`; a broken stream is UNAVAILABLE (the caller resumes).
     fn snapshot_ranges(
@@ -109,6 +121,52 @@ pub trait Peers: Send + Sync {
         query: &crate::block_ranges::RangeQuery,
         sink: &mut crate::block_ranges::PageSink<'_>,
     ) -> Result<()>;
+}
+
+/// A step of moving a volume a node holds to the node that asks ([`crate::moves`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveStep {
+    /// Keep a stable copy of the volume and open a read of it (the volume stays in use).
+    Precopy,
+    /// Seal the volume (refused while it is staged or published) and open a read of what
+    /// changed since the pre-copy.
+    Final,
+    /// Forget the move: unseal the volume and drop the copy. Idempotent.
+    Cancel,
+}
+
+/// What the node holding a volume answers to a move step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveOut {
+    /// The read to stream (none for [`MoveStep::Cancel`]).
+    pub read: Option<RemoteRead>,
+    /// The volume's record as the holder has it (none for [`MoveStep::Cancel`]).
+    pub record: Option<crate::model::VolumeRecord>,
+}
+
+/// What a departure opens for the peer service to stream ([`Departing`]).
+pub struct DepartureRead {
+    pub file: std::fs::File,
+    pub source: SourceInfo,
+    /// The ranges to send; `None`: every allocated extent.
+    pub ranges: Option<Vec<crate::block_ranges::BlockRange>>,
+    pub record: crate::model::VolumeRecord,
+}
+
+/// This node's side of moving its volumes elsewhere, as the peer service reaches it
+/// (implemented by [`crate::moves::Departures`]).
+pub trait Departing: Send + Sync {
+    /// [`MoveStep::Precopy`] or [`MoveStep::Final`] of move `move_id` of `volume_id` to
+    /// node `target`.
+    fn open_departure(
+        &self,
+        step: MoveStep,
+        volume_id: &str,
+        move_id: &str,
+        target: &str,
+    ) -> Result<DepartureRead>;
+    /// [`MoveStep::Cancel`].
+    fn cancel_departure(&self, volume_id: &str, move_id: &str) -> Result<()>;
 }
 
 /// The filesystem state as the peer protocol carries it.
@@ -160,7 +218,7 @@ impl fmt::Display for Named<'_> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// The node that holds `source`, when node `node_id` (whose ids carry `own_hint`) does
 /// not, and what it holds: by the id's node hint, else as the cluster records it, else by

@@ -15,7 +15,7 @@ use crate::testing::{Fixture, mount, node_fixture};
 
 /// Other nodes, in this process.
 #[derive(Default)]
-struct LocalPeers {
+pub(crate) struct LocalPeers {
     nodes: Mutex<HashMap<String, Arc<Exports>>>,
     down: Mutex<HashSet<String>>,
     lookups: Mutex<Vec<String>>,
@@ -29,7 +29,7 @@ struct LocalPeers {
 }
 
 impl LocalPeers {
-    fn add(&self, node: &str, exports: Arc<Exports>) {
+    pub(crate) fn add(&self, node: &str, exports: Arc<Exports>) {
         self.nodes.lock().unwrap().insert(node.into(), exports);
     }
 
@@ -143,6 +143,17 @@ impl Peers for LocalPeers {
         self.reach(node)?.modify_volume(volume_id, parameters)
     }
 
+    fn move_out(
+        &self,
+        node: &str,
+        step: MoveStep,
+        volume_id: &str,
+        move_id: &str,
+    ) -> Result<MoveOut> {
+        self.reach(node)?
+            .move_out(step, volume_id, move_id, "node-b")
+    }
+
     fn snapshot_ranges(
         &self,
         node: &str,
@@ -170,13 +181,13 @@ impl Peers for LocalPeers {
     }
 }
 
-struct Pair {
-    peers: Arc<LocalPeers>,
-    a: Fixture,
-    b: Fixture,
+pub(crate) struct Pair {
+    pub(crate) peers: Arc<LocalPeers>,
+    pub(crate) a: Fixture,
+    pub(crate) b: Fixture,
 }
 
-fn cluster() -> Pair {
+pub(crate) fn cluster() -> Pair {
     let peers = Arc::new(LocalPeers::default());
     let a = node_fixture("node-a", FaultPoints::default(), Some(peers.clone()));
     let b = node_fixture("node-b", FaultPoints::default(), Some(peers.clone()));
@@ -185,7 +196,7 @@ fn cluster() -> Pair {
     Pair { peers, a, b }
 }
 
-fn create(
+pub(crate) fn create(
     f: &Fixture,
     name: &str,
     bytes: u64,
@@ -203,7 +214,7 @@ fn create(
     })
 }
 
-fn image(f: &Fixture, id: &str) -> File {
+pub(crate) fn image(f: &Fixture, id: &str) -> File {
     File::options()
         .read(true)
         .write(true)
@@ -211,14 +222,14 @@ fn image(f: &Fixture, id: &str) -> File {
         .unwrap()
 }
 
-fn contents(file: &File) -> Vec<u8> {
+pub(crate) fn contents(file: &File) -> Vec<u8> {
     let mut all = vec![0u8; file.metadata().unwrap().len() as usize];
     file.read_exact_at(&mut all, 0).unwrap();
     all
 }
 
 /// A 64 MiB volume on A with 3 MiB of data at scattered offsets.
-fn volume_with_data(c: &Pair) -> VolumeRecord {
+pub(crate) fn volume_with_data(c: &Pair) -> VolumeRecord {
     let vol = create(&c.a, "src", 64 * MIB, None).unwrap();
     let img = image(&c.a, &vol.id);
     for (i, at) in [0u64, 7, 31, 63].into_iter().enumerate() {
@@ -495,6 +506,7 @@ fn reads_idle_past_the_limit_are_closed() {
             backend: f.driver.backend.clone(),
             io_limits: f.driver.io_limits.clone(),
             snapshot_metadata: f.driver.snapshot_metadata.clone(),
+            departures: f.driver.departures.clone(),
         },
         ExportLimits {
             idle: std::time::Duration::ZERO,

@@ -24,6 +24,7 @@ const DELETING: &str = ".deleting-";
 
 mod record;
 
+pub(crate) use record::encode as encode_record;
 use record::{Found, encode, load_all};
 pub use record::{Record, remove_object_dir};
 
@@ -287,6 +288,26 @@ impl<R: Record> Store<R> {
         sync_dir(staging)?;
         let dir = self.dir(record.id());
         fs::rename(staging, &dir).ctx(|| format!("commit {}", dir.display()))?;
+        self.commits.sync()?;
+        self.write_index().insert(record.clone());
+        Ok(record)
+    }
+
+    /// Makes an object filled elsewhere in the pool (`dir`, on the same filesystem) durable
+    /// and visible under `record`'s id, as [`commit_create`](Self::commit_create) does for a
+    /// staging directory: the record is written into it, then it is renamed in. A crash
+    /// leaves it either where it was or committed. Already committed: nothing to do.
+    pub fn adopt(&self, dir: &Path, record: R) -> Result<R> {
+        if let Some(existing) = self.get(record.id()) {
+            return Ok(existing);
+        }
+        let bytes = encode(&record)?;
+        write_atomic(dir, R::FILE, &bytes)?;
+        let target = self.dir(record.id());
+        fs::rename(dir, &target).ctx(|| format!("commit {}", target.display()))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
         self.commits.sync()?;
         self.write_index().insert(record.clone());
         Ok(record)

@@ -142,7 +142,7 @@ pub(super) fn read_record<R: Record>(name: &str, dir: &Path) -> Result<Found<R>>
     Ok(Found::Ours(record, None))
 }
 
-pub(super) fn encode<R: Record>(record: &R) -> Result<Vec<u8>> {
+pub(crate) fn encode<R: Record>(record: &R) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec_pretty(record)
         .map_err(|e| Error::Internal(format!("encode a {} record: {e}", R::KIND)))?;
     bytes.push(b'\n');

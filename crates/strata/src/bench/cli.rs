@@ -13,7 +13,9 @@ use crate::units::parse_size;
 use super::report::Outcome;
 use super::run::Run;
 use super::steps::LifecycleArgs;
-use super::{cbt, churn, compare, cross_node, fsgroup, group, io, lifecycle, scale, snapshot};
+use super::{
+    cbt, churn, compare, cross_node, fsgroup, group, io, lifecycle, moves, scale, snapshot,
+};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -103,6 +105,16 @@ pub enum BenchCommand {
         #[command(flatten)]
         args: cbt::CbtArgs,
     },
+    /// The data path of moving a volume, from the target's side over the peer service
+    /// (with the peer certificates): a pre-copy while the volume is in use, a part of it
+    /// rewritten, then the final copy of only what changed, timed and checked. `--endpoint`
+    /// is the source node's CSI endpoint; nothing is kept.
+    Move {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: moves::MoveArgs,
+    },
     /// The same scenario against two endpoints, interleaved round by round (so noise on the
     /// machine hits both alike): every figure side by side, with the ratio B/A. The
     /// scenario's own options follow `--`.
@@ -175,6 +187,7 @@ impl BenchCommand {
             | BenchCommand::Fsgroup { client, .. }
             | BenchCommand::Io { client, .. }
             | BenchCommand::Cbt { client, .. }
+            | BenchCommand::Move { client, .. }
             | BenchCommand::Scale { client, .. } => Some(client),
             BenchCommand::Compare { .. }
             | BenchCommand::CrossNode { .. }
@@ -287,6 +300,7 @@ impl BenchCommand {
             BenchCommand::Fsgroup { args, .. } => fsgroup::fsgroup(csi, &run, args).await,
             BenchCommand::Io { args, .. } => io::io(csi, &run, args).await,
             BenchCommand::Cbt { args, .. } => cbt::cbt(csi, &run, args).await,
+            BenchCommand::Move { args, .. } => moves::moves(csi, &run, args).await,
             BenchCommand::Scale {
                 volumes,
                 concurrency,

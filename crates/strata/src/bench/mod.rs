@@ -12,6 +12,7 @@ mod fsgroup;
 mod group;
 mod io;
 mod lifecycle;
+mod moves;
 mod report;
 mod run;
 mod scale;

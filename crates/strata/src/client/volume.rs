@@ -89,9 +89,25 @@ pub enum VolumeCommand {
         #[arg(long)]
         new_key_file: String,
     },
+    /// Move a claim's volume, with its data, to another node (with your kubeconfig): sets
+    /// the claim's strata.csi.dev/move-to, which the target's Strata acts on. Progress and
+    /// the outcome are in the claim's strata.csi.dev/move-status and its events.
+    Move {
+        /// The PersistentVolumeClaim.
+        claim: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The node to move to.
+        #[arg(long, required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Withdraw the move instead (before its commit, everything stays as it was).
+        #[arg(long, conflicts_with = "to")]
+        cancel: bool,
+    },
 }
 impl VolumeCommand {
-    fn client(&self) -> &ClientArgs {
+    /// The CSI endpoint the command talks to; `None` for a move, asked of Kubernetes.
+    fn client(&self) -> Option<&ClientArgs> {
         match self {
             VolumeCommand::Create { client, .. }
             | VolumeCommand::Delete { client, .. }
@@ -99,12 +115,23 @@ impl VolumeCommand {
             | VolumeCommand::Get { client, .. }
             | VolumeCommand::Expand { client, .. }
             | VolumeCommand::Modify { client, .. }
-            | VolumeCommand::Rekey { client, .. } => client,
+            | VolumeCommand::Rekey { client, .. } => Some(client),
+            VolumeCommand::Move { .. } => None,
         }
     }
 
     pub async fn run(self) -> Result<(), String> {
-        let ClientArgs { endpoint, output } = self.client().clone();
+        let Some(ClientArgs { endpoint, output }) = self.client().cloned() else {
+            return match &self {
+                VolumeCommand::Move {
+                    claim,
+                    namespace,
+                    to,
+                    ..
+                } => ask_move(namespace, claim, to.as_deref()).await,
+                _ => Err("this command needs --endpoint".into()),
+            };
+        };
         let csi = connect(&endpoint).await?;
         match self {
             VolumeCommand::Create {
@@ -135,6 +162,7 @@ impl VolumeCommand {
                 parameters,
                 ..
             } => modify(csi, volume_id, parameters.into_iter().collect()).await,
+            VolumeCommand::Move { .. } => Err("a move is asked of Kubernetes".into()),
             VolumeCommand::Rekey {
                 volume_id,
                 key_file,
@@ -316,4 +344,21 @@ async fn rekey(
         .map_err(|s| status_error("ControllerModifyVolume", s))?;
     println!("volume {volume_id}: its key is wrapped under the new secret");
     Ok(())
+}
+
+#[cfg(feature = "kubernetes")]
+async fn ask_move(namespace: &str, claim: &str, to: Option<&str>) -> Result<(), String> {
+    crate::kube_moves::ask_move(namespace, claim, to).await?;
+    match to {
+        Some(node) => println!(
+            "claim {namespace}/{claim}: asked to move to node {node}; follow its strata.csi.dev/move-status"
+        ),
+        None => println!("claim {namespace}/{claim}: move withdrawn"),
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn ask_move(_: &str, _: &str, _: Option<&str>) -> Result<(), String> {
+    Err("`strata volume move` needs the cargo feature `kubernetes`".into())
 }

@@ -10,7 +10,9 @@ use strata_core::Error;
 use strata_core::block_ranges::{BlockRange, PageSink, RangePage, RangeQuery};
 use strata_core::encryption::WrappedKey;
 use strata_core::model::ContentSource;
-use strata_core::peer::{Chunk, Cluster, Peers, ReadEnd, RemoteRead, SourceInfo, format_from_wire};
+use strata_core::peer::{
+    Chunk, Cluster, MoveOut, MoveStep, Peers, ReadEnd, RemoteRead, SourceInfo, format_from_wire,
+};
 use strata_peer_proto as proto;
 use tokio::runtime::Handle;
 use tonic::transport::{Channel, Endpoint};
@@ -275,6 +277,47 @@ impl Peers for GrpcPeers {
                 }
             }
         })
+    }
+
+    fn move_out(
+        &self,
+        node: &str,
+        step: MoveStep,
+        volume_id: &str,
+        move_id: &str,
+    ) -> Result<MoveOut, Error> {
+        let mut client = self.client(node)?;
+        let wire = match step {
+            MoveStep::Precopy => proto::MoveStep::Precopy,
+            MoveStep::Final => proto::MoveStep::Final,
+            MoveStep::Cancel => proto::MoveStep::Cancel,
+        };
+        let answer = self
+            .runtime
+            .block_on(client.move_out(proto::MoveOutRequest {
+                volume_id: volume_id.to_owned(),
+                move_id: move_id.to_owned(),
+                step: wire as i32,
+                target_node: self.this_node.clone(),
+            }))
+            .map_err(|s| from_status(node, &s))?
+            .into_inner();
+        let read = match answer.read {
+            Some(opened) => Some(RemoteRead {
+                read_id: opened.read_id.chars().take(128).collect(),
+                source: Self::source(node, opened.source)?,
+                allocated_bytes: opened.allocated_bytes,
+            }),
+            None => None,
+        };
+        let record = match answer.record.is_empty() {
+            true => None,
+            false => Some(strata_core::moves::record_from_wire(
+                &answer.record,
+                volume_id,
+            )?),
+        };
+        Ok(MoveOut { read, record })
     }
 
     fn volume_holder(

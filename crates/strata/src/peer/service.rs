@@ -7,7 +7,7 @@ use std::sync::Arc;
 use strata_core::Error;
 use strata_core::block_ranges::RangeQuery;
 use strata_core::model::ContentSource;
-use strata_core::peer::{Exports, SourceInfo, format_to_wire};
+use strata_core::peer::{Exports, MoveStep, SourceInfo, format_to_wire};
 use strata_peer_proto as proto;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -214,6 +214,43 @@ impl proto::peer_server::Peer for PeerService {
             let _ = tx.blocking_send(last);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn move_out(
+        &self,
+        request: Request<proto::MoveOutRequest>,
+    ) -> Result<Response<proto::MoveOutResponse>, Status> {
+        let req = request.into_inner();
+        let exports = self.exports.clone();
+        let id = req.volume_id.clone();
+        run("peer.MoveOut", &id, move || {
+            let target = strata_core::validate::required_str("target_node", &req.target_node)?;
+            let step = match proto::MoveStep::try_from(req.step) {
+                Ok(proto::MoveStep::Precopy) => MoveStep::Precopy,
+                Ok(proto::MoveStep::Final) => MoveStep::Final,
+                Ok(proto::MoveStep::Cancel) => MoveStep::Cancel,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "move step {} is not one this version knows",
+                        req.step
+                    )));
+                }
+            };
+            let out = exports.move_out(step, &req.volume_id, &req.move_id, target)?;
+            Ok(proto::MoveOutResponse {
+                read: out.read.map(|r| proto::OpenReadResponse {
+                    read_id: r.read_id,
+                    source: Some(info(r.source)),
+                    allocated_bytes: r.allocated_bytes,
+                    idle_seconds: exports.limits().idle.as_secs().min(u64::from(u32::MAX)) as u32,
+                }),
+                record: match out.record {
+                    Some(record) => strata_core::moves::record_to_wire(&record)?,
+                    None => vec![],
+                },
+            })
+        })
+        .await
     }
 
     async fn release(

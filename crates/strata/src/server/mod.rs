@@ -189,6 +189,79 @@ async fn start_node_loss(
     }
 }
 
+/// How often moves are advanced on this node (both halves).
+#[cfg(feature = "kubernetes")]
+const MOVES_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// With --moves: a round of this node's departures and arrivals every [`MOVES_PERIOD`].
+/// A round runs until it is done (a pre-copy may take minutes); the next waits for it.
+#[cfg(feature = "kubernetes")]
+async fn start_moves(
+    opts: &ServeOptions,
+    driver: &Arc<Driver>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+    if !opts.moves {
+        return Ok(None);
+    }
+    let topology_key = opts
+        .topology_key
+        .clone()
+        .unwrap_or_else(|| strata_core::driver::Config::default_topology_key(&opts.driver_name));
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("--moves: cannot reach the Kubernetes API server: {e}"))?;
+    let cluster = Arc::new(crate::kube_moves::KubeMoves::new(
+        client,
+        &opts.driver_name,
+        &topology_key,
+    ));
+    if driver.arrivals.is_none() {
+        tracing::warn!(
+            "--moves without the peer service: volumes move away from this node, none move to it"
+        );
+    }
+    let driver = driver.clone();
+    Ok(Some(tokio::spawn(async move {
+        loop {
+            let (d, c) = (driver.clone(), cluster.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                match d.evacuation.round(c.as_ref()) {
+                    Ok(r) if !r.asked.is_empty() || !r.no_room.is_empty() => {
+                        tracing::info!(?r, "evacuating this node")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "the evacuation round stopped; the next one goes on"),
+                }
+                match d.departures.reconcile(c.as_ref()) {
+                    Ok(r) if r != Default::default() => tracing::info!(?r, "departures"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "the departures round stopped; the next one goes on"),
+                }
+                if let Some(arrivals) = &d.arrivals {
+                    match arrivals.round(c.as_ref()) {
+                        Ok(r) if r != Default::default() => tracing::info!(?r, "arrivals"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "the arrivals round stopped; the next one goes on"),
+                    }
+                }
+            })
+            .await;
+            tokio::time::sleep(MOVES_PERIOD).await;
+        }
+    })))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn start_moves(
+    opts: &ServeOptions,
+    _: &Arc<Driver>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+    match opts.moves {
+        true => Err("--moves needs the cargo feature `kubernetes`".into()),
+        false => Ok(None),
+    }
+}
+
 /// Most peer requests served at once on one connection.
 const PEER_STREAMS_PER_CONNECTION: u32 = 16;
 
@@ -291,6 +364,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         _ => None,
     };
     let node_loss = start_node_loss(&opts).await?;
+    let moves = start_moves(&opts, &driver).await?;
     let router = csi_router(driver.clone(), metrics);
     tracing::info!(endpoint = ?opts.endpoint, node_id = %opts.node_id, driver = %opts.driver_name,
         backend = driver.backend_kind(), "serving CSI");
@@ -314,7 +388,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             serve_until_stopped(router, TcpListenerStream::new(listener)).await
         }
     };
-    for task in [peer_server, node_loss].into_iter().flatten() {
+    for task in [peer_server, node_loss, moves].into_iter().flatten() {
         task.abort();
     }
     // Let queued removals of deleted volumes finish before exiting.

@@ -78,6 +78,12 @@ pub struct ServeOptions {
     /// operations.md, "A node lost for good"). Needs the Kubernetes API (in a pod).
     #[arg(long)]
     pub node_loss: bool,
+    /// Move volumes between nodes as their claims ask (`strata.csi.dev/move-to: NODE`):
+    /// pre-copy while in use, final copy once unused, commit by the PV's node affinity
+    /// (Kubernetes' MutablePVNodeAffinity gate; docs/operations.md, "Moving a volume").
+    /// Needs the Kubernetes API; pulling volumes here needs the peer service too.
+    #[arg(long)]
+    pub moves: bool,
     #[command(flatten)]
     pub peer: PeerOptions,
     /// Test-only crash point (environment STRATA_CRASH_AT).
