@@ -432,3 +432,61 @@ async fn a_run_that_fails_part_way_leaves_nothing_behind() {
         assert!(left.is_empty(), "{kind} left: {left:?}");
     }
 }
+
+/// `bench move` against a server's peer service on loopback (the bench holds the peer
+/// certificates): the final copy carries only what changed, the copy matches the source,
+/// and nothing of the move or the volume is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_move_measures_a_final_copy_of_only_what_changed_and_keeps_nothing() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = peer_certs(certs.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let tls = tls.display().to_string();
+    let env = TestEnv::start_with_args(
+        &[
+            "--node-id",
+            "node-a",
+            "--peer-listen",
+            &address,
+            "--peer-tls-dir",
+            &tls,
+        ],
+        None,
+    )
+    .await;
+    let peer = format!("node-a={address}");
+    let r = bench(
+        &env,
+        &[
+            "move",
+            "--size",
+            "64Mi",
+            "--data",
+            "16Mi",
+            "--changed-percent",
+            "2",
+            "--peer",
+            &peer,
+            "--peer-tls-dir",
+            &tls,
+        ],
+    );
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["precopy_bytes"], 16 << 20, "{r}");
+    let (changed, sent) = (
+        r["changed_bytes"].as_u64().unwrap(),
+        r["final_bytes"].as_u64().unwrap(),
+    );
+    assert!(changed > 0 && sent >= changed && sent < 4 * changed, "{r}");
+    assert!(env.pool_entries().is_empty(), "{:?}", env.pool_entries());
+    // A node without --peer pulls nothing, so it has only the source's half.
+    let left: Vec<_> = std::fs::read_dir(env.pool().join("moves").join("out"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "moves/out: {left:?}");
+}

@@ -202,49 +202,9 @@ async fn two_nodes_find_each_other_through_the_peer_services_endpoint_slices() {
         .await
         .unwrap();
     let certs = tempfile::tempdir().unwrap();
-    let tls = certs.path().join("tls");
-    let made = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["peer-certs", "--out-dir"])
-        .arg(&tls)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let tls = peer_certs(certs.path());
     let ip = |of: usize, from: usize| net.ip(of, from);
-    let mut nodes = vec![];
-    for (i, node) in [(1, "node-a"), (2, "node-b")] {
-        // The address each node is known by: the one on its link with the other node.
-        let other = 3 - i;
-        let kubeconfig =
-            api.install_strata_once(&format!("https://{}:{}", ip(0, i), api.port), node);
-        api.apply(&endpoint_slice(
-            &format!("strata-peer-{node}"),
-            node,
-            &ip(i, other),
-            PEER,
-            true,
-        ));
-        let (tls, listen) = (tls.display().to_string(), format!("0.0.0.0:{PEER}"));
-        nodes.push(
-            TestEnv::start_with_env(
-                Some(&net.names[i]),
-                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-                &[
-                    "--node-id",
-                    node,
-                    "--peer-listen",
-                    &listen,
-                    "--peer-tls-dir",
-                    &tls,
-                    "--peer-service",
-                    "strata-peer",
-                    "--peer-namespace",
-                    "strata-system",
-                ],
-                None,
-            )
-            .await,
-        );
-    }
+    let mut nodes = start_peer_nodes(&api, &net, &tls, PEER, &[]).await;
     let (a, b) = nodes.split_at_mut(1);
     let (a, b) = (&mut a[0], &mut b[0]);
     let vol = a.create("src", 64 << 20, ext4()).await;

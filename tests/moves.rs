@@ -16,7 +16,6 @@ mod netns;
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use apiserver::*;
@@ -50,48 +49,8 @@ impl Cluster {
         .await
         .unwrap();
         let tls = tempfile::tempdir().unwrap();
-        let dir = tls.path().join("tls");
-        let made = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args(["peer-certs", "--out-dir"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let mut nodes = vec![];
-        for (i, node) in [(1, NODES[0]), (2, NODES[1])] {
-            let other = 3 - i;
-            let kubeconfig =
-                api.install_strata_once(&format!("https://{}:{}", net.ip(0, i), api.port), node);
-            api.apply(&endpoint_slice(
-                &format!("strata-peer-{node}"),
-                node,
-                &net.ip(i, other),
-                PEER,
-                true,
-            ));
-            let (dir, listen) = (dir.display().to_string(), format!("0.0.0.0:{PEER}"));
-            nodes.push(
-                TestEnv::start_with_env(
-                    Some(&net.names[i]),
-                    &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-                    &[
-                        "--node-id",
-                        node,
-                        "--peer-listen",
-                        &listen,
-                        "--peer-tls-dir",
-                        &dir,
-                        "--peer-service",
-                        "strata-peer",
-                        "--peer-namespace",
-                        "strata-system",
-                        "--moves",
-                    ],
-                    None,
-                )
-                .await,
-            );
-        }
+        let dir = peer_certs(tls.path());
+        let nodes = start_peer_nodes(&api, &net, &dir, PEER, &["--moves"]).await;
         let moves =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/moves.yaml");
         api.kubectl(&["apply", "-f", moves.to_str().unwrap()]);
@@ -202,11 +161,7 @@ impl Cluster {
         .await;
         assert!(self.status().starts_with("Moved"), "{}", self.status());
         let image = Path::new("volumes").join(volume_id);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.node(source).pool().join(&image).exists() {
-            assert!(Instant::now() < deadline, "the source kept its copy");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        wait_gone(&self.node(source).pool().join(&image)).await;
         assert!(self.node(target).pool().join(&image).exists());
         for node in NODES {
             let left = leftovers(&self.node(node).pool());
@@ -215,15 +170,27 @@ impl Cluster {
     }
 }
 
+/// Waits up to a minute for the source's copy at `path` to be retired.
+async fn wait_gone(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the source kept {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// What a pool holds of moves in flight.
 fn leftovers(pool: &Path) -> Vec<String> {
     let mut left = vec![];
     for side in ["in", "out"] {
-        if let Ok(entries) = fs::read_dir(pool.join("moves").join(side)) {
-            left.extend(
-                entries.map(|e| format!("{side}/{}", e.unwrap().file_name().to_string_lossy())),
-            );
-        }
+        let entries = fs::read_dir(pool.join("moves").join(side)).unwrap();
+        left.extend(
+            entries.map(|e| format!("{side}/{}", e.unwrap().file_name().to_string_lossy())),
+        );
     }
     left
 }
@@ -450,11 +417,7 @@ async fn an_evacuated_node_moves_every_volume_to_a_node_with_room() {
     })
     .await;
     for (name, id) in &ids {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while c.node("node-a").pool().join("volumes").join(id).exists() {
-            assert!(Instant::now() < deadline, "node-a kept {name}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        wait_gone(&c.node("node-a").pool().join("volumes").join(id)).await;
         write_and_check(&mut c, "node-b", id, "moved", std::slice::from_ref(name)).await;
     }
     drop(c);

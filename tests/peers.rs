@@ -26,17 +26,6 @@ use tonic::Code;
 
 const PEER_PORT: u16 = 9820;
 
-fn peer_certs(dir: &Path) -> PathBuf {
-    let out = dir.join(format!("tls-{}", fs::read_dir(dir).unwrap().count()));
-    let status = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["peer-certs", "--out-dir"])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    out
-}
-
 /// Nodes `node-0`..`node-N` in their own network namespaces.
 struct Cluster {
     nodes: Vec<TestEnv>,

@@ -344,3 +344,54 @@ pub async fn client_as(kubeconfig: &Path) -> kube::Client {
     .unwrap();
     kube::Client::try_from(config).unwrap()
 }
+
+/// node-a and node-b, in namespaces 1 and 2 of `net` (the API server in 0), each with its
+/// own kubeconfig as the strata-node service account, its EndpointSlice in the peer
+/// Service, and the peer service on `port` with the certificates in `tls`; `extra` are
+/// more arguments of both.
+pub async fn start_peer_nodes(
+    api: &ApiServer,
+    net: &crate::netns::Net,
+    tls: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Vec<crate::common::TestEnv> {
+    let mut nodes = vec![];
+    for (i, node) in [(1, "node-a"), (2, "node-b")] {
+        // The address each node is known by: the one on its link with the other node.
+        let other = 3 - i;
+        let kubeconfig =
+            api.install_strata_once(&format!("https://{}:{}", net.ip(0, i), api.port), node);
+        api.apply(&endpoint_slice(
+            &format!("strata-peer-{node}"),
+            node,
+            &net.ip(i, other),
+            port,
+            true,
+        ));
+        let (tls, listen) = (tls.display().to_string(), format!("0.0.0.0:{port}"));
+        let mut args = vec![
+            "--node-id",
+            node,
+            "--peer-listen",
+            &listen,
+            "--peer-tls-dir",
+            &tls,
+            "--peer-service",
+            "strata-peer",
+            "--peer-namespace",
+            "strata-system",
+        ];
+        args.extend_from_slice(extra);
+        nodes.push(
+            crate::common::TestEnv::start_with_env(
+                Some(&net.names[i]),
+                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+                &args,
+                None,
+            )
+            .await,
+        );
+    }
+    nodes
+}

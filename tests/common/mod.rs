@@ -808,3 +808,16 @@ pub async fn plugin_services(csi: &mut Csi) -> Vec<i32> {
         })
         .collect()
 }
+
+/// Fresh peer certificates (`strata peer-certs`) in a new folder under `dir`; its path.
+pub fn peer_certs(dir: &Path) -> PathBuf {
+    let out = dir.join(format!("tls-{}", fs::read_dir(dir).unwrap().count()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["peer-certs", "--out-dir"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    out
+}

@@ -20,6 +20,7 @@
 pub mod arrivals;
 pub mod departures;
 pub mod evacuation;
+mod halves;
 
 pub use arrivals::{Arrivals, ArrivalsRound, MoveFigures};
 pub use departures::Departures;
@@ -220,6 +221,19 @@ impl FakeMoveCluster {
     }
 }
 
+/// The fake claim `namespace/claim`, or NOT_FOUND.
+#[cfg(any(test, feature = "fake"))]
+fn claim_mut<'a>(
+    claims: &'a mut BTreeMap<String, FakeClaim>,
+    namespace: &str,
+    claim: &str,
+) -> Result<&'a mut FakeClaim> {
+    claims
+        .values_mut()
+        .find(|c| c.namespace == namespace && c.claim == claim)
+        .ok_or_else(|| Error::NotFound(format!("claim {claim} does not exist")))
+}
+
 #[cfg(any(test, feature = "fake"))]
 impl MoveCluster for FakeMoveCluster {
     fn evacuating(&self, node: &str) -> Result<bool> {
@@ -252,10 +266,7 @@ impl MoveCluster for FakeMoveCluster {
 
     fn ask_move(&self, namespace: &str, claim: &str, target: &str) -> Result<()> {
         let mut claims = self.lock()?;
-        let c = claims
-            .values_mut()
-            .find(|c| c.namespace == namespace && c.claim == claim)
-            .ok_or_else(|| Error::NotFound(format!("claim {claim} does not exist")))?;
+        let c = claim_mut(&mut claims, namespace, claim)?;
         c.move_to = Some(target.to_owned());
         Ok(())
     }
@@ -336,10 +347,7 @@ impl MoveCluster for FakeMoveCluster {
             return Ok(());
         }
         let mut claims = self.lock()?;
-        let c = claims
-            .values_mut()
-            .find(|c| c.namespace == namespace && c.claim == claim)
-            .ok_or_else(|| Error::NotFound(format!("claim {claim} does not exist")))?;
+        let c = claim_mut(&mut claims, namespace, claim)?;
         c.status = Some(status.to_owned());
         if done {
             c.move_to = None;

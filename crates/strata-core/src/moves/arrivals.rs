@@ -9,16 +9,15 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::halves::{Half, Halves};
 use super::{MoveCluster, MoveIntent, new_move_id};
 use crate::backend::Backend;
-use crate::durable::{sync_dir, write_atomic};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::FaultPoints;
 use crate::model::{ContentSource, VolumeRecord};
@@ -36,6 +35,17 @@ enum Phase {
     Precopied,
     /// The final copy is complete: the data is the volume's, only the commit is left.
     Complete,
+}
+
+impl Half for Arrival {
+    const KIND: &'static str = "an arrival";
+    const VERSION: u32 = VERSION;
+    fn volume_id(&self) -> &str {
+        &self.volume_id
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
 }
 
 /// An arrival as recorded.
@@ -72,7 +82,7 @@ pub struct Arrivals {
     remote: Arc<RemoteCopies>,
     volumes: Arc<Volumes>,
     backend: Arc<dyn Backend>,
-    dir: PathBuf,
+    halves: Halves,
     state: Mutex<BTreeMap<String, Arrival>>,
     figures: MoveFigures,
     crash: FaultPoints,
@@ -97,32 +107,12 @@ impl Arrivals {
         backend: Arc<dyn Backend>,
         crash: FaultPoints,
     ) -> Result<Self> {
-        let dir = pool.join(super::DIR).join("in");
-        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-        let mut state = BTreeMap::new();
-        let mut data = vec![];
-        for entry in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))? {
-            let entry = entry.ctx(|| format!("list {}", dir.display()))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json") {
-                let bytes = fs::read(entry.path()).ctx(|| format!("read {name}"))?;
-                match serde_json::from_slice::<Arrival>(&bytes) {
-                    Ok(a) if a.volume_id == id && a.version <= VERSION => {
-                        state.insert(id.to_owned(), a);
-                    }
-                    _ => {
-                        tracing::warn!(file = %name, "removing an arrival record that does not parse");
-                        fs::remove_file(entry.path()).ctx(|| format!("remove {name}"))?;
-                    }
-                }
-            } else if !name.starts_with('.') {
-                data.push(name);
-            }
-        }
-        for name in data {
-            if !state.contains_key(&name) {
+        let halves = Halves::open(pool, "in")?;
+        let found = halves.load::<Arrival>()?;
+        for name in found.others {
+            if !found.records.contains_key(&name) {
                 tracing::info!(copy = %name, "removing a move's copy cut short by a previous run");
-                remove_object_dir(&dir.join(&name), backend.as_ref())?;
+                remove_object_dir(&halves.dir().join(&name), backend.as_ref())?;
             }
         }
         Ok(Arrivals {
@@ -131,8 +121,8 @@ impl Arrivals {
             remote,
             volumes,
             backend,
-            dir,
-            state: Mutex::new(state),
+            halves,
+            state: Mutex::new(found.records),
             figures: MoveFigures::default(),
             crash,
         })
@@ -152,16 +142,11 @@ impl Arrivals {
     }
 
     fn data_dir(&self, volume_id: &str) -> PathBuf {
-        self.dir.join(volume_id)
+        self.halves.dir().join(volume_id)
     }
 
     fn record(&self, a: &Arrival) -> Result<()> {
-        write_atomic(
-            &self.dir,
-            &format!("{}.json", a.volume_id),
-            &serde_json::to_vec_pretty(a)
-                .map_err(|e| Error::Internal(format!("encode an arrival: {e}")))?,
-        )?;
+        self.halves.write(a)?;
         self.lock().insert(a.volume_id.clone(), a.clone());
         Ok(())
     }
@@ -169,12 +154,7 @@ impl Arrivals {
     /// Drops an arrival: its record first (so a crash leaves data startup removes), then
     /// its data. Idempotent.
     fn drop_arrival(&self, volume_id: &str) -> Result<()> {
-        let json = self.dir.join(format!("{volume_id}.json"));
-        match fs::remove_file(&json) {
-            Ok(()) => sync_dir(&self.dir)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", json.display()), e)),
-        }
+        self.halves.remove(volume_id)?;
         self.lock().remove(volume_id);
         remove_object_dir(&self.data_dir(volume_id), self.backend.as_ref())
     }

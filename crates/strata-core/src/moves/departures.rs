@@ -8,15 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::halves::{Half, Halves};
 use super::{MoveCluster, VolumePlacement};
 use crate::backend::Backend;
-use crate::durable::{sync_dir, write_atomic};
+use crate::durable::sync_dir;
 use crate::error::{Error, IoContext, Result};
 use crate::fault::FaultPoints;
 use crate::freezer::Freezer;
@@ -46,6 +46,17 @@ struct Departure {
     shared: bool,
 }
 
+impl Half for Departure {
+    const KIND: &'static str = "a departure";
+    const VERSION: u32 = VERSION;
+    fn volume_id(&self) -> &str {
+        &self.volume_id
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 /// What a round of [`Departures::reconcile`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DeparturesRound {
@@ -61,7 +72,7 @@ pub struct Departures {
     volumes: Arc<Volumes>,
     backend: Arc<dyn Backend>,
     freezer: Arc<Freezer>,
-    dir: PathBuf,
+    halves: Halves,
     /// One step at a time per volume.
     steps: Arc<InFlight>,
     state: Mutex<BTreeMap<String, Departure>>,
@@ -78,34 +89,15 @@ impl Departures {
         freezer: Arc<Freezer>,
         crash: FaultPoints,
     ) -> Result<Self> {
-        let dir = pool.join(super::DIR).join("out");
-        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-        let mut state = BTreeMap::new();
-        let mut copies = vec![];
-        for entry in fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))? {
-            let entry = entry.ctx(|| format!("list {}", dir.display()))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".json") {
-                let bytes = fs::read(entry.path()).ctx(|| format!("read {name}"))?;
-                match serde_json::from_slice::<Departure>(&bytes) {
-                    Ok(d) if d.volume_id == id && d.version <= VERSION => {
-                        state.insert(id.to_owned(), d);
-                    }
-                    _ => {
-                        tracing::warn!(file = %name, "removing a departure record that does not parse");
-                        fs::remove_file(entry.path()).ctx(|| format!("remove {name}"))?;
-                    }
-                }
-            } else if !name.starts_with('.') || name.starts_with(PARTIAL) {
-                copies.push(name);
-            }
-        }
-        for name in copies {
-            if name.starts_with(PARTIAL) || !state.contains_key(&name) {
+        let halves = Halves::open(pool, "out")?;
+        let found = halves.load::<Departure>()?;
+        for name in &found.others {
+            if name.starts_with(PARTIAL) || !found.records.contains_key(name) {
                 tracing::info!(copy = %name, "removing the copy of a move a previous run left");
-                remove_object_dir(&dir.join(&name), backend.as_ref())?;
+                remove_object_dir(&halves.dir().join(name), backend.as_ref())?;
             }
         }
+        let state = found.records;
         // A sealed volume whose record is gone (deleted) needs no departure either.
         let gone: Vec<String> = state
             .keys()
@@ -117,7 +109,7 @@ impl Departures {
             volumes,
             backend,
             freezer,
-            dir,
+            halves,
             steps: InFlight::new(),
             state: Mutex::new(state),
             crash,
@@ -149,16 +141,15 @@ impl Departures {
     }
 
     fn copy_dir(&self, volume_id: &str) -> PathBuf {
-        self.dir.join(volume_id)
+        self.halves.dir().join(volume_id)
+    }
+
+    fn partial_dir(&self, volume_id: &str) -> PathBuf {
+        self.halves.dir().join(format!("{PARTIAL}{volume_id}"))
     }
 
     fn record(&self, d: &Departure) -> Result<()> {
-        write_atomic(
-            &self.dir,
-            &format!("{}.json", d.volume_id),
-            &serde_json::to_vec_pretty(d)
-                .map_err(|e| Error::Internal(format!("encode a departure: {e}")))?,
-        )?;
+        self.halves.write(d)?;
         self.lock().insert(d.volume_id.clone(), d.clone());
         Ok(())
     }
@@ -166,16 +157,8 @@ impl Departures {
     /// Drops a departure: its copy, then its record. Idempotent.
     fn drop_departure(&self, volume_id: &str) -> Result<()> {
         remove_object_dir(&self.copy_dir(volume_id), self.backend.as_ref())?;
-        remove_object_dir(
-            &self.dir.join(format!("{PARTIAL}{volume_id}")),
-            self.backend.as_ref(),
-        )?;
-        let json = self.dir.join(format!("{volume_id}.json"));
-        match fs::remove_file(&json) {
-            Ok(()) => sync_dir(&self.dir)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", json.display()), e)),
-        }
+        remove_object_dir(&self.partial_dir(volume_id), self.backend.as_ref())?;
+        self.halves.remove(volume_id)?;
         self.lock().remove(volume_id);
         Ok(())
     }
@@ -219,7 +202,7 @@ impl Departures {
             shared: false,
         };
         self.record(&departure)?;
-        let partial = self.dir.join(format!("{PARTIAL}{volume_id}"));
+        let partial = self.partial_dir(volume_id);
         fs::create_dir(&partial).ctx(|| format!("create {}", partial.display()))?;
         let made = {
             let _guard = self.volumes.guard_shared(volume_id)?;
@@ -245,7 +228,7 @@ impl Departures {
         self.record(&departure)?;
         let copy = self.copy_dir(volume_id);
         fs::rename(&partial, &copy).ctx(|| format!("commit {}", copy.display()))?;
-        sync_dir(&self.dir)?;
+        sync_dir(self.halves.dir())?;
         self.crash.reach("move:after-base");
         tracing::info!(
             volume_id,

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::model::{AccessMode, MIB};
 use crate::node::StageVolume;
-use crate::peer::tests::{Pair, cluster, contents, create, image};
+use crate::peer::tests::{Pair, cluster, contents, create, image, write_scattered};
 use crate::testing::{Fixture, mount};
 
 fn stage(f: &Fixture, id: &str) -> Result<()> {
@@ -36,13 +36,7 @@ fn setup_in_use() -> Move {
     let c = cluster();
     let vol = create(&c.a, "src", 64 * MIB, None).unwrap();
     stage(&c.a, &vol.id).unwrap();
-    let img = image(&c.a, &vol.id);
-    for (i, at) in [0u64, 7, 31, 63].into_iter().enumerate() {
-        let len = if i == 1 { 3 * MIB / 2 } else { MIB / 2 };
-        img.write_all_at(&vec![i as u8 + 1; len as usize], at * MIB)
-            .unwrap();
-    }
-    img.sync_all().unwrap();
+    write_scattered(&image(&c.a, &vol.id));
     let kube = FakeMoveCluster::default();
     kube.add(&vol.id, "data", "node-a");
     Move {
@@ -288,38 +282,8 @@ fn either_side_restarted_at_any_step_resumes_from_its_records() {
     m.kube.ask(&m.id, Some("node-b"));
     m.round_b();
     // Both sides restart: their halves are read back from their pools.
-    let b = &m.c.b.driver;
-    let reopened_b = Arrivals::open(
-        "node-b",
-        m.c.b.driver.config.pool.as_path(),
-        m.c.peers.clone(),
-        b.remote.clone().unwrap(),
-        b.volumes.clone(),
-        b.backend.clone(),
-        Default::default(),
-    )
-    .unwrap();
-    assert_eq!(reopened_b.arriving(), vec![m.id.clone()]);
-    let a = &m.c.a.driver;
-    let reopened_a = Departures::open(
-        "node-a",
-        a.config.pool.as_path(),
-        a.volumes.clone(),
-        a.backend.clone(),
-        a.freezer.clone(),
-        Default::default(),
-    )
-    .unwrap();
-    assert_eq!(
-        reopened_a.departing(),
-        vec![(m.id.clone(), "node-b".to_owned())]
-    );
-    // A pre-copy cut short on either side (data without a record) is dropped at startup.
-    let pool_b = b.config.pool.join(DIR).join("in");
-    std::fs::create_dir(pool_b.join("vol-cut-short")).unwrap();
-    let pool_a = a.config.pool.join(DIR).join("out");
-    std::fs::create_dir(pool_a.join(".partial-vol-cut-short")).unwrap();
-    drop(
+    let (a, b) = (&m.c.a.driver, &m.c.b.driver);
+    let reopen_b = || {
         Arrivals::open(
             "node-b",
             b.config.pool.as_path(),
@@ -329,9 +293,9 @@ fn either_side_restarted_at_any_step_resumes_from_its_records() {
             b.backend.clone(),
             Default::default(),
         )
-        .unwrap(),
-    );
-    drop(
+        .unwrap()
+    };
+    let reopen_a = || {
         Departures::open(
             "node-a",
             a.config.pool.as_path(),
@@ -340,8 +304,20 @@ fn either_side_restarted_at_any_step_resumes_from_its_records() {
             a.freezer.clone(),
             Default::default(),
         )
-        .unwrap(),
+        .unwrap()
+    };
+    let reopened_b = reopen_b();
+    assert_eq!(reopened_b.arriving(), vec![m.id.clone()]);
+    assert_eq!(
+        reopen_a().departing(),
+        vec![(m.id.clone(), "node-b".to_owned())]
     );
+    // A pre-copy cut short on either side (data without a record) is dropped at startup.
+    let pool_b = b.config.pool.join(DIR).join("in");
+    std::fs::create_dir(pool_b.join("vol-cut-short")).unwrap();
+    let pool_a = a.config.pool.join(DIR).join("out");
+    std::fs::create_dir(pool_a.join(".partial-vol-cut-short")).unwrap();
+    drop((reopen_b(), reopen_a()));
     assert!(!pool_b.join("vol-cut-short").exists());
     assert!(!pool_a.join(".partial-vol-cut-short").exists());
     // The reopened target finishes the move.

@@ -231,14 +231,18 @@ pub(crate) fn contents(file: &File) -> Vec<u8> {
 /// A 64 MiB volume on A with 3 MiB of data at scattered offsets.
 pub(crate) fn volume_with_data(c: &Pair) -> VolumeRecord {
     let vol = create(&c.a, "src", 64 * MIB, None).unwrap();
-    let img = image(&c.a, &vol.id);
+    write_scattered(&image(&c.a, &vol.id));
+    vol
+}
+
+/// 3 MiB of data at scattered offsets of a 64 MiB image.
+pub(crate) fn write_scattered(img: &File) {
     for (i, at) in [0u64, 7, 31, 63].into_iter().enumerate() {
         let len = if i == 1 { 3 * MIB / 2 } else { MIB / 2 };
         img.write_all_at(&vec![i as u8 + 1; len as usize], at * MIB)
             .unwrap();
     }
     img.sync_all().unwrap();
-    vol
 }
 
 fn no_staging_left(f: &Fixture) {

@@ -16,7 +16,6 @@ use serde::Serialize;
 use super::{
     Outcome, Run, blocking, bring_up, create_snapshot, delete_snapshot, offer, peak_kib, tear_down,
 };
-use crate::client::shared::{CapabilityArgs, ModeArg};
 use crate::client::snapshot::each_metadata_page;
 use crate::client::{Csi, status_error};
 use crate::units::{human_bytes, parse_size};
@@ -297,11 +296,7 @@ pub async fn cbt(mut csi: Csi, run: &Run, args: CbtArgs) -> Result<Outcome, Stri
     }
     std::fs::create_dir_all(&args.workdir)
         .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
-    let cap = CapabilityArgs {
-        block: true,
-        ..CapabilityArgs::ext4(ModeArg::SingleNodeWriter)
-    }
-    .to_csi();
+    let cap = super::raw_block();
     let name = format!("cbtbench-{}", std::process::id());
     const MIB: u64 = 1 << 20;
 

@@ -134,13 +134,7 @@ async fn measure(
     }
     std::fs::create_dir_all(&args.workdir)
         .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
-    let cap = crate::client::shared::CapabilityArgs {
-        block: true,
-        fs_type: String::new(),
-        mount_flags: vec![],
-        mode: crate::client::shared::ModeArg::SingleNodeWriter,
-    }
-    .to_csi();
+    let cap = super::raw_block();
     let name = format!("crossnode-{}", std::process::id());
     let src = bring_up(
         &mut from,

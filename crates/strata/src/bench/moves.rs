@@ -121,13 +121,7 @@ async fn measure(csi: &mut Csi, run: &Run, args: &MoveArgs) -> Result<Outcome, S
     ));
     std::fs::create_dir_all(&args.workdir)
         .map_err(|e| format!("create {}: {e}", args.workdir.display()))?;
-    let cap = crate::client::shared::CapabilityArgs {
-        block: true,
-        fs_type: String::new(),
-        mount_flags: vec![],
-        mode: crate::client::shared::ModeArg::SingleNodeWriter,
-    }
-    .to_csi();
+    let cap = super::raw_block();
     let name = format!("move-{}", std::process::id());
     let src = bring_up(
         csi,
@@ -145,7 +139,13 @@ async fn measure(csi: &mut Csi, run: &Run, args: &MoveArgs) -> Result<Outcome, S
         super::blocking("write", move || write_pattern(&device, data, 11)).await?;
     }
     let copy_path = args.workdir.join(format!("{name}.copy"));
-    let copy = File::create(&copy_path).map_err(|e| format!("create the copy: {e}"))?;
+    let copy = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&copy_path)
+        .map_err(|e| format!("create the copy: {e}"))?;
     copy.set_len(args.size)
         .map_err(|e| format!("size the copy: {e}"))?;
     let writer = |file: &File| {

@@ -388,3 +388,15 @@ pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
 pub(crate) fn peak_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM")
 }
+
+/// A raw block, single-node-writer capability: what the scenarios that move bytes between
+/// nodes or compare extents use (no filesystem between them and the data).
+pub(crate) fn raw_block() -> csi::VolumeCapability {
+    crate::client::shared::CapabilityArgs {
+        block: true,
+        ..crate::client::shared::CapabilityArgs::ext4(
+            crate::client::shared::ModeArg::SingleNodeWriter,
+        )
+    }
+    .to_csi()
+}

@@ -95,13 +95,26 @@ pub fn csi_router(driver: Arc<Driver>, metrics: Arc<Metrics>) -> CsiRouter {
         .add_service(NodeServer::new(NodeService(services)))
 }
 
+/// The topology key of this node's volumes.
+#[cfg(feature = "kubernetes")]
+fn topology_key(opts: &ServeOptions) -> String {
+    opts.topology_key
+        .clone()
+        .unwrap_or_else(|| strata_core::driver::Config::default_topology_key(&opts.driver_name))
+}
+
+/// A client of the API server (the pod's service account, or KUBECONFIG), for `flag`.
+#[cfg(feature = "kubernetes")]
+async fn kube_client(flag: &str) -> Result<kube::Client, String> {
+    kube::Client::try_default()
+        .await
+        .map_err(|e| format!("{flag}: cannot reach the Kubernetes API server: {e}"))
+}
+
 /// The other nodes as Kubernetes lists them.
 #[cfg(feature = "kubernetes")]
 async fn cluster_directory(opts: &ServeOptions, service: &str) -> Result<Directory, String> {
-    let topology_key = opts
-        .topology_key
-        .clone()
-        .unwrap_or_else(|| strata_core::driver::Config::default_topology_key(&opts.driver_name));
+    let topology_key = topology_key(opts);
     let cluster = crate::kube_cluster::KubeCluster::connect(
         &opts.peer.peer_namespace,
         service,
@@ -132,13 +145,8 @@ async fn start_node_loss(
     if !opts.node_loss {
         return Ok(None);
     }
-    let topology_key = opts
-        .topology_key
-        .clone()
-        .unwrap_or_else(|| strata_core::driver::Config::default_topology_key(&opts.driver_name));
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("--node-loss: cannot reach the Kubernetes API server: {e}"))?;
+    let topology_key = topology_key(opts);
+    let client = kube_client("--node-loss").await?;
     let cluster = Arc::new(crate::kube_node_loss::KubeNodeLoss::new(
         client,
         &opts.peer.peer_namespace,
@@ -203,13 +211,8 @@ async fn start_moves(
     if !opts.moves {
         return Ok(None);
     }
-    let topology_key = opts
-        .topology_key
-        .clone()
-        .unwrap_or_else(|| strata_core::driver::Config::default_topology_key(&opts.driver_name));
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("--moves: cannot reach the Kubernetes API server: {e}"))?;
+    let topology_key = topology_key(opts);
+    let client = kube_client("--moves").await?;
     let cluster = Arc::new(crate::kube_moves::KubeMoves::new(
         client,
         &opts.driver_name,
