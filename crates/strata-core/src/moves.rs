@@ -100,6 +100,8 @@ pub trait MoveCluster: Send + Sync {
     fn check_repin(&self, pv: &str, node: &str) -> Result<()>;
     /// Pins PV `pv` to `node`, if it is still at `resource_version` (ABORTED otherwise).
     fn repin(&self, pv: &str, resource_version: &str, node: &str) -> Result<()>;
+    /// Writes a long step's progress into the claim's [`MOVE_STATUS`] (no event).
+    fn progress(&self, namespace: &str, claim: &str, status: &str) -> Result<()>;
     /// Writes `status` into the claim's [`MOVE_STATUS`] and records it as an event
     /// (a warning when `warning`); `done` also removes [`MOVE_TO`].
     fn report(
@@ -262,6 +264,12 @@ impl MoveCluster for FakeMoveCluster {
         let mut room = self.room.lock().unwrap().clone();
         room.retain(|n, _| !evacuating.contains(n));
         Ok(room)
+    }
+
+    fn progress(&self, namespace: &str, claim: &str, status: &str) -> Result<()> {
+        let mut claims = self.lock()?;
+        claim_mut(&mut claims, namespace, claim)?.status = Some(status.to_owned());
+        Ok(())
     }
 
     fn ask_move(&self, namespace: &str, claim: &str, target: &str) -> Result<()> {

@@ -249,12 +249,12 @@ impl KubeMoves {
         }
     }
 
-    async fn write_report(
+    /// Writes `status` into the claim (and, when `done`, removes its intent).
+    async fn write_status(
         &self,
         namespace: &str,
         claim: &str,
         status: &str,
-        warning: bool,
         done: bool,
     ) -> Result<(), Error> {
         let mut annotations = serde_json::Map::new();
@@ -268,7 +268,19 @@ impl KubeMoves {
             "annotate PersistentVolumeClaim",
             api.patch(claim, &PatchParams::default(), &Patch::Merge(&patch)),
         )
-        .await?;
+        .await
+        .map(drop)
+    }
+
+    async fn write_report(
+        &self,
+        namespace: &str,
+        claim: &str,
+        status: &str,
+        warning: bool,
+        done: bool,
+    ) -> Result<(), Error> {
+        self.write_status(namespace, claim, status, done).await?;
         let reason = match (done, status.split([':', ' ']).next()) {
             (true, _) => "VolumeMoved".to_owned(),
             (false, Some(word)) if !word.is_empty() => format!("Move{word}"),
@@ -320,6 +332,11 @@ impl MoveCluster for KubeMoves {
     ) -> Result<(), Error> {
         self.runtime
             .block_on(self.write_report(namespace, claim, status, warning, done))
+    }
+
+    fn progress(&self, namespace: &str, claim: &str, status: &str) -> Result<(), Error> {
+        self.runtime
+            .block_on(self.write_status(namespace, claim, status, false))
     }
 
     fn evacuating(&self, node: &str) -> Result<bool, Error> {

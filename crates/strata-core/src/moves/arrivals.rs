@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +23,7 @@ use crate::backend::Backend;
 use crate::error::{Error, IoContext, Result};
 use crate::fault::FaultPoints;
 use crate::model::{ContentSource, VolumeRecord};
+use crate::os::extents::allocated_bytes;
 use crate::peer::{MoveStep, Peers, RemoteCopies};
 use crate::store::remove_object_dir;
 use crate::volumes::Volumes;
@@ -75,6 +78,19 @@ pub struct ArrivalsRound {
     pub failed: Vec<(String, String)>,
 }
 
+impl ArrivalsRound {
+    fn merge(&mut self, other: ArrivalsRound) {
+        self.precopied.extend(other.precopied);
+        self.waiting.extend(other.waiting);
+        self.moved.extend(other.moved);
+        self.cancelled.extend(other.cancelled);
+        self.failed.extend(other.failed);
+    }
+}
+
+/// Moves to one node that run at once.
+pub const PARALLEL: usize = 2;
+
 /// Volumes moving to this node.
 pub struct Arrivals {
     node_id: String,
@@ -85,6 +101,8 @@ pub struct Arrivals {
     halves: Halves,
     state: Mutex<BTreeMap<String, Arrival>>,
     figures: MoveFigures,
+    /// How often a pre-copy's progress is shown, in milliseconds.
+    progress_millis: AtomicU64,
     crash: FaultPoints,
 }
 
@@ -124,6 +142,7 @@ impl Arrivals {
             halves,
             state: Mutex::new(found.records),
             figures: MoveFigures::default(),
+            progress_millis: AtomicU64::new(10_000),
             crash,
         })
     }
@@ -184,21 +203,37 @@ impl Arrivals {
                 round.cancelled.push(a.volume_id.clone());
             }
         }
-        for intent in intents {
-            let id = intent.volume_id.clone();
-            match self.advance(&intent, cluster, &mut round) {
-                Ok(()) => {}
-                Err(e) => {
-                    let why = e.to_string();
-                    tracing::warn!(volume_id = %id, claim = %intent.claim, error = %why, "move failed; retried next round");
-                    let status = format!("Failed: {why}");
-                    self.report(cluster, &intent, &status, true, false);
-                    self.figures.failed.fetch_add(1, Ordering::Relaxed);
-                    round.failed.push((id, why));
-                }
+        // A few moves at once, each on its own thread (a pre-copy may take minutes).
+        for batch in intents.chunks(PARALLEL) {
+            let rounds: Vec<ArrivalsRound> = std::thread::scope(|scope| {
+                let running: Vec<_> = batch
+                    .iter()
+                    .map(|intent| scope.spawn(move || self.advance_reported(intent, cluster)))
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|t| t.join().unwrap_or_default())
+                    .collect()
+            });
+            for r in rounds {
+                round.merge(r);
             }
         }
         Ok(round)
+    }
+
+    /// Advances one move; a failure is reported on its claim.
+    fn advance_reported(&self, intent: &MoveIntent, cluster: &dyn MoveCluster) -> ArrivalsRound {
+        let mut round = ArrivalsRound::default();
+        if let Err(e) = self.advance(intent, cluster, &mut round) {
+            let why = e.to_string();
+            tracing::warn!(volume_id = %intent.volume_id, claim = %intent.claim, error = %why, "move failed; retried next round");
+            let status = format!("Failed: {why}");
+            self.report(cluster, intent, &status, true, false);
+            self.figures.failed.fetch_add(1, Ordering::Relaxed);
+            round.failed.push((intent.volume_id.clone(), why));
+        }
+        round
     }
 
     /// Reports on the claim when the status changed (a failed report is only logged: the
@@ -265,7 +300,7 @@ impl Arrivals {
                 let status =
                     format!("Copying from node {source} (pre-copy, the volume stays in use)");
                 self.report(cluster, intent, &status, false, false);
-                let a = self.precopy(intent, &source)?;
+                let a = self.precopy(intent, &source, cluster)?;
                 round.precopied.push(id.clone());
                 a
             }
@@ -299,7 +334,12 @@ impl Arrivals {
     }
 
     /// Pulls the pre-copy into fresh data here and records it.
-    fn precopy(&self, intent: &MoveIntent, source: &str) -> Result<Arrival> {
+    fn precopy(
+        &self,
+        intent: &MoveIntent,
+        source: &str,
+        cluster: &dyn MoveCluster,
+    ) -> Result<Arrival> {
         let id = &intent.volume_id;
         let move_id = new_move_id();
         let dir = self.data_dir(id);
@@ -324,9 +364,20 @@ impl Arrivals {
         }
         fs::create_dir(&dir).ctx(|| format!("create {}", dir.display()))?;
         let what = ContentSource::Volume(id.clone());
+        let total = read.allocated_bytes;
         let pulled = self.backend.import(&dir, capacity).and_then(|file| {
-            self.remote
-                .pull_opened(source, &what, Ok(read), &file, capacity)
+            let watched = file.try_clone().ctx(|| "open the copy for its progress")?;
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    self.show_progress(cluster, intent, source, &watched, total, finished)
+                });
+                let pulled = self
+                    .remote
+                    .pull_opened(source, &what, Ok(read), &file, capacity);
+                drop(done);
+                pulled
+            })
         });
         if let Err(e) = pulled {
             let _ = remove_object_dir(&dir, self.backend.as_ref());
@@ -347,6 +398,37 @@ impl Arrivals {
         tracing::info!(volume_id = %id, from_node = source, move_id = %arrival.move_id, "pre-copy of a move pulled");
         self.crash.reach("move:after-precopy");
         Ok(arrival)
+    }
+
+    /// Writes the pre-copy's progress into the claim every progress period (the bytes
+    /// allocated in the copy so far, of the source's), until `finished` says it is over.
+    fn show_progress(
+        &self,
+        cluster: &dyn MoveCluster,
+        intent: &MoveIntent,
+        source: &str,
+        copy: &std::fs::File,
+        total: u64,
+        finished: std::sync::mpsc::Receiver<()>,
+    ) {
+        let period = Duration::from_millis(self.progress_millis.load(Ordering::Relaxed));
+        while let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(period) {
+            let copied = allocated_bytes(copy).unwrap_or(0).min(total);
+            let status = format!(
+                "Copying from node {source} (pre-copy, the volume stays in use): {} of {} MiB",
+                copied >> 20,
+                total.div_ceil(1 << 20)
+            );
+            if let Err(e) = cluster.progress(&intent.namespace, &intent.claim, &status) {
+                tracing::warn!(claim = %intent.claim, error = %e, "could not show a move's progress");
+            }
+        }
+    }
+
+    /// How often a pre-copy's progress is written into its claim (10 s by default).
+    pub fn set_progress_period(&self, period: Duration) {
+        self.progress_millis
+            .store(period.as_millis().max(1) as u64, Ordering::Relaxed);
     }
 
     /// Pulls what changed since the pre-copy, once the source has sealed the volume.

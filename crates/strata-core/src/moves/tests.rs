@@ -9,7 +9,10 @@ use super::*;
 use crate::model::{AccessMode, MIB};
 use crate::node::StageVolume;
 use crate::peer::tests::{Pair, cluster, contents, create, image, write_scattered};
-use crate::testing::{Fixture, mount};
+use std::sync::Arc;
+
+use crate::fault::FaultPoints;
+use crate::testing::{Fixture, mount, node_fixture};
 
 fn stage(f: &Fixture, id: &str) -> Result<()> {
     f.driver.node.stage_volume(StageVolume {
@@ -417,4 +420,122 @@ fn an_evacuated_node_moves_its_volumes_a_few_at_a_time_and_reports_what_fits_now
         .filter(|e| e.0 == "big")
         .count();
     assert_eq!(reports, 1);
+}
+
+#[test]
+fn a_long_pre_copy_shows_its_progress_in_the_claim_without_events() {
+    // Node B takes 20 ms per chunk it writes; its progress is shown every 10 ms.
+    let peers = Arc::new(crate::peer::tests::LocalPeers::default());
+    let slow = FaultPoints::default().with_delay(Some("copy:after-chunk=20".into()));
+    let a = node_fixture("node-a", FaultPoints::default(), Some(peers.clone()));
+    let b = node_fixture("node-b", slow, Some(peers.clone()));
+    peers.add("node-a", a.driver.exports.clone());
+    peers.add("node-b", b.driver.exports.clone());
+    let c = Pair { peers, a, b };
+    let vol = create(&c.a, "src", 64 * MIB, None).unwrap();
+    write_scattered(&image(&c.a, &vol.id));
+    let kube = Arc::new(FakeMoveCluster::default());
+    kube.add(&vol.id, "data", "node-a");
+    kube.ask(&vol.id, Some("node-b"));
+    let arrivals = c.b.driver.arrivals.clone().unwrap();
+    arrivals.set_progress_period(std::time::Duration::from_millis(10));
+    let seen = std::thread::scope(|scope| {
+        let round = scope.spawn(|| arrivals.round(kube.as_ref()).unwrap());
+        let mut seen = vec![];
+        while !round.is_finished() {
+            if let Some(s) = kube.claim(&vol.id).status
+                && !seen.contains(&s)
+            {
+                seen.push(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(round.join().unwrap().moved, vec![vol.id.clone()]);
+        seen
+    });
+    let progress: Vec<_> = seen.iter().filter(|s| s.contains(" MiB")).collect();
+    assert!(!progress.is_empty(), "{seen:?}");
+    assert!(
+        progress.iter().all(|s| s.ends_with(" of 3 MiB")),
+        "{progress:?}"
+    );
+    // Events only for the steps, never for progress.
+    let events = kube.events.lock().unwrap();
+    assert!(events.iter().all(|e| !e.1.contains(" MiB")), "{events:?}");
+}
+
+#[test]
+fn a_volume_grown_after_its_pre_copy_arrives_at_its_new_size() {
+    let m = setup_in_use();
+    m.kube.ask(&m.id, Some("node-b"));
+    assert_eq!(m.round_b().waiting, vec![m.id.clone()]);
+    let grown = 96 * MIB;
+    m.c.a
+        .driver
+        .controller
+        .expand_volume(
+            &m.id,
+            crate::model::CapacityRange {
+                required: grown,
+                limit: 0,
+            },
+        )
+        .unwrap();
+    image(&m.c.a, &m.id)
+        .write_all_at(&[7u8; 4096], grown - 4096)
+        .unwrap();
+    unstage(&m.c.a, &m.id);
+    assert_eq!(m.round_b().moved, vec![m.id.clone()]);
+    let moved = m.c.b.driver.volumes.store.get(&m.id).unwrap();
+    assert_eq!(moved.capacity_bytes, grown);
+    assert_eq!(
+        contents(&image(&m.c.b, &m.id)),
+        contents(&image(&m.c.a, &m.id))
+    );
+}
+
+#[test]
+fn a_volume_deleted_on_its_node_mid_move_leaves_nothing_on_either() {
+    let m = setup_in_use();
+    m.kube.ask(&m.id, Some("node-b"));
+    assert_eq!(m.round_b().waiting, vec![m.id.clone()]);
+    unstage(&m.c.a, &m.id);
+    // The claim is deleted: its provisioner deletes the volume on its node.
+    m.c.a.driver.controller.delete_volume(&m.id).unwrap();
+    let r = m.round_b();
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert!(
+        m.pool_leftovers(&m.c.b).is_empty(),
+        "{:?}",
+        m.pool_leftovers(&m.c.b)
+    );
+    m.kube.claims.lock().unwrap().remove(&m.id);
+    assert_eq!(m.round_a().cancelled, vec![m.id.clone()]);
+    assert!(
+        m.pool_leftovers(&m.c.a).is_empty(),
+        "{:?}",
+        m.pool_leftovers(&m.c.a)
+    );
+    assert!(m.c.b.driver.volumes.store.get(&m.id).is_none());
+}
+
+#[test]
+fn an_encrypted_volume_moves_with_its_wrapped_key() {
+    let c = cluster();
+    let key =
+        crate::testing::secrets(&[(crate::encryption::SECRET_KEY, "a passphrase for the move")]);
+    let id =
+        crate::testing::create_volume(&c.a.driver, "enc", &[("encrypted", "true")], key).unwrap();
+    let kube = FakeMoveCluster::default();
+    kube.add(&id, "enc", "node-a");
+    kube.ask(&id, Some("node-b"));
+    let r = c.b.driver.arrivals.as_ref().unwrap().round(&kube).unwrap();
+    assert_eq!(r.moved, vec![id.clone()]);
+    let (source, moved) = (
+        c.a.driver.volumes.store.get(&id).unwrap(),
+        c.b.driver.volumes.store.get(&id).unwrap(),
+    );
+    assert!(moved.encryption.is_some());
+    assert_eq!(moved.encryption, source.encryption);
+    assert_eq!(moved.version, source.version);
 }

@@ -201,15 +201,16 @@ async fn start_node_loss(
 #[cfg(feature = "kubernetes")]
 const MOVES_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// With --moves: a round of this node's departures and arrivals every [`MOVES_PERIOD`].
-/// A round runs until it is done (a pre-copy may take minutes); the next waits for it.
+/// With --moves: rounds of this node's evacuation and departures, and of its arrivals,
+/// every [`MOVES_PERIOD`]. A round runs until it is done (a pre-copy may take minutes);
+/// the next of its loop waits for it.
 #[cfg(feature = "kubernetes")]
 async fn start_moves(
     opts: &ServeOptions,
     driver: &Arc<Driver>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
     if !opts.moves {
-        return Ok(None);
+        return Ok(vec![]);
     }
     let topology_key = topology_key(opts);
     let client = kube_client("--moves").await?;
@@ -223,45 +224,65 @@ async fn start_moves(
             "--moves without the peer service: volumes move away from this node, none move to it"
         );
     }
-    let driver = driver.clone();
-    Ok(Some(tokio::spawn(async move {
+    // This node's volumes leaving it, and volumes arriving: two loops, so that a long
+    // pre-copy here never holds up a retirement or an evacuation.
+    let leaving = repeat(driver, &cluster, |d, c| {
+        match d.evacuation.round(c) {
+            Ok(r) if !r.asked.is_empty() || !r.no_room.is_empty() => {
+                tracing::info!(?r, "evacuating this node")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the evacuation round stopped; the next one goes on")
+            }
+        }
+        match d.departures.reconcile(c) {
+            Ok(r) if r != Default::default() => tracing::info!(?r, "departures"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the departures round stopped; the next one goes on")
+            }
+        }
+    });
+    let arriving = repeat(driver, &cluster, |d, c| {
+        if let Some(arrivals) = &d.arrivals {
+            match arrivals.round(c) {
+                Ok(r) if r != Default::default() => tracing::info!(?r, "arrivals"),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the arrivals round stopped; the next one goes on")
+                }
+            }
+        }
+    });
+    Ok(vec![leaving, arriving])
+}
+
+/// Runs `round` off the runtime every [`MOVES_PERIOD`] after the previous one ends.
+#[cfg(feature = "kubernetes")]
+fn repeat(
+    driver: &Arc<Driver>,
+    cluster: &Arc<crate::kube_moves::KubeMoves>,
+    round: fn(&Driver, &dyn strata_core::moves::MoveCluster),
+) -> tokio::task::JoinHandle<()> {
+    let (driver, cluster) = (driver.clone(), cluster.clone());
+    tokio::spawn(async move {
         loop {
             let (d, c) = (driver.clone(), cluster.clone());
-            let _ = tokio::task::spawn_blocking(move || {
-                match d.evacuation.round(c.as_ref()) {
-                    Ok(r) if !r.asked.is_empty() || !r.no_room.is_empty() => {
-                        tracing::info!(?r, "evacuating this node")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "the evacuation round stopped; the next one goes on"),
-                }
-                match d.departures.reconcile(c.as_ref()) {
-                    Ok(r) if r != Default::default() => tracing::info!(?r, "departures"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "the departures round stopped; the next one goes on"),
-                }
-                if let Some(arrivals) = &d.arrivals {
-                    match arrivals.round(c.as_ref()) {
-                        Ok(r) if r != Default::default() => tracing::info!(?r, "arrivals"),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "the arrivals round stopped; the next one goes on"),
-                    }
-                }
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || round(&d, c.as_ref())).await;
             tokio::time::sleep(MOVES_PERIOD).await;
         }
-    })))
+    })
 }
 
 #[cfg(not(feature = "kubernetes"))]
 async fn start_moves(
     opts: &ServeOptions,
     _: &Arc<Driver>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
     match opts.moves {
         true => Err("--moves needs the cargo feature `kubernetes`".into()),
-        false => Ok(None),
+        false => Ok(vec![]),
     }
 }
 
@@ -391,7 +412,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             serve_until_stopped(router, TcpListenerStream::new(listener)).await
         }
     };
-    for task in [peer_server, node_loss, moves].into_iter().flatten() {
+    for task in [peer_server, node_loss].into_iter().flatten().chain(moves) {
         task.abort();
     }
     // Let queued removals of deleted volumes finish before exiting.
