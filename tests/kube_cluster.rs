@@ -11,9 +11,11 @@ mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use apiserver::*;
 use common::*;
@@ -69,6 +71,47 @@ async fn the_cluster_client_reads_what_it_needs_as_its_service_account_and_nothi
         vec![("node-a".to_owned(), "192.0.2.10:9820".to_owned())],
         "only ready endpoints of the peer Service"
     );
+    // The watch: the same after its list, then each change as it comes (a node ready, a
+    // node gone), with no list in between.
+    let watch = cluster.watch_endpoints();
+    let watched = |want: &[(&str, &str)]| {
+        let want: BTreeMap<String, String> = want
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if cluster.watched_endpoints().as_ref() == Some(&want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the watch shows {:?}, not {want:?}",
+                cluster.watched_endpoints()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    tokio::task::block_in_place(|| watched(&[("node-a", "192.0.2.10:9820")]));
+    api.apply(&endpoint_slice(
+        "strata-peer-b",
+        "node-b",
+        "192.0.2.11",
+        9820,
+        true,
+    ));
+    tokio::task::block_in_place(|| {
+        watched(&[("node-a", "192.0.2.10:9820"), ("node-b", "192.0.2.11:9820")])
+    });
+    api.kubectl(&[
+        "-n",
+        "strata-system",
+        "delete",
+        "endpointslice",
+        "strata-peer-b",
+    ]);
+    tokio::task::block_in_place(|| watched(&[("node-a", "192.0.2.10:9820")]));
+    watch.abort();
     assert_eq!(
         cluster
             .pv_node("vol-0123456789abcdef01234567")
@@ -252,6 +295,8 @@ async fn two_nodes_find_each_other_through_the_peer_services_endpoint_slices() {
         PEER,
         false,
     ));
+    // B's EndpointSlice watch sees it within milliseconds; a second is plenty.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut again = create_req("again", 64 << 20, ext4());
     again.volume_content_source = Some(csi::VolumeContentSource {
         r#type: Some(csi::volume_content_source::Type::Volume(

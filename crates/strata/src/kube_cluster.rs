@@ -1,11 +1,13 @@
 //! The cluster as Kubernetes records it (kube-rs): the peer Service's EndpointSlices (node
 //! name and address of every ready Strata), PersistentVolumes (the node a volume is pinned
 //! to), VolumeSnapshotContents (the node that took a snapshot) and Nodes (which exist).
-//! Every answer is read
-//! from the API server when asked, nothing is kept. Reads only; deploy/ grants exactly
-//! these (get and list on the three kinds, EndpointSlices in Strata's namespace only).
+//! Every answer is read from the API server when asked, except the EndpointSlices, which a
+//! watch keeps in step (a list, then its changes; a read lists while the watch is not in
+//! step). Reads only; deploy/ grants exactly these (get and list on the three kinds; get,
+//! list and watch on EndpointSlices in Strata's namespace only).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
@@ -36,7 +38,33 @@ pub struct KubeCluster {
     driver: String,
     topology_key: String,
     runtime: Handle,
+    /// The peer Service's EndpointSlices as a watch keeps them, while it is in step with
+    /// the API server ([`KubeCluster::watch_endpoints`]); otherwise each read lists them.
+    slices: Arc<SliceView>,
 }
+
+/// The EndpointSlices a watch has seen, by name; `None` while it is not in step (not
+/// started, or relisting after an error), when reads go to the API server.
+#[derive(Default)]
+struct SliceView {
+    slices: Mutex<Option<BTreeMap<String, EndpointSlice>>>,
+}
+
+impl SliceView {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<BTreeMap<String, EndpointSlice>>> {
+        self.slices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The endpoints, when in step.
+    fn endpoints(&self) -> Option<BTreeMap<String, String>> {
+        let slices = self.lock();
+        let slices: Vec<EndpointSlice> = slices.as_ref()?.values().cloned().collect();
+        Some(peer_addresses(&slices))
+    }
+}
+
+/// How long a watch request lasts before it is made again (the API server ends it by then).
+const WATCH_SECONDS: u32 = 290;
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
     let said: String = e.to_string().chars().take(300).collect();
@@ -79,7 +107,31 @@ impl KubeCluster {
             driver: driver.to_owned(),
             topology_key: topology_key.to_owned(),
             runtime: Handle::current(),
+            slices: Arc::default(),
         }
+    }
+
+    /// Keeps the peer Service's EndpointSlices by a watch (a list, then the changes from
+    /// its resourceVersion), so that finding a node's address reads no list; an error drops
+    /// the view (reads list again) until the next list succeeds, a second later.
+    pub fn watch_endpoints(&self) -> tokio::task::JoinHandle<()> {
+        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
+        let selector = format!("kubernetes.io/service-name={}", self.service);
+        let view = self.slices.clone();
+        self.runtime.spawn(async move {
+            loop {
+                if let Err(e) = follow(&api, &selector, &view).await {
+                    tracing::warn!(error = %e, "the EndpointSlice watch stopped; reads list until it is back");
+                }
+                *view.lock() = None;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    }
+
+    /// The endpoints as the watch has them; `None` while it is not in step.
+    pub fn watched_endpoints(&self) -> Option<BTreeMap<String, String>> {
+        self.slices.endpoints()
     }
 
     /// Every object of `api` matching `params`, page by page.
@@ -106,8 +158,12 @@ impl KubeCluster {
         }
     }
 
-    /// The endpoints of the peer Service, as `node → HOST:PORT`.
+    /// The endpoints of the peer Service, as `node → HOST:PORT`: from the watch when it is
+    /// in step, else listed.
     pub async fn endpoints(&self) -> Result<BTreeMap<String, String>, Error> {
+        if let Some(endpoints) = self.slices.endpoints() {
+            return Ok(endpoints);
+        }
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
         let selector = format!("kubernetes.io/service-name={}", self.service);
         let slices = Self::list_all(
@@ -177,6 +233,54 @@ impl KubeCluster {
                     && c.data["status"]["snapshotHandle"].as_str() == Some(snapshot_id)
             })
             .and_then(|c| c.metadata.labels.as_ref()?.get(MANAGED_BY_LABEL).cloned()))
+    }
+}
+
+/// Lists the slices into `view`, then applies the watch's changes until the watch fails
+/// (a resourceVersion too old included: the caller lists again).
+async fn follow(api: &Api<EndpointSlice>, selector: &str, view: &SliceView) -> Result<(), String> {
+    use kube::api::{WatchEvent, WatchParams};
+    use tokio_stream::StreamExt;
+    let list = tokio::time::timeout(
+        READ_TIMEOUT,
+        api.list(&ListParams::default().labels(selector)),
+    )
+    .await
+    .map_err(|_| "list EndpointSlices: timed out".to_owned())?
+    .map_err(|e| format!("list EndpointSlices: {e}"))?;
+    let mut version = list.metadata.resource_version.unwrap_or_default();
+    let name = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
+    *view.lock() = Some(list.items.into_iter().map(|s| (name(&s), s)).collect());
+    loop {
+        let params = WatchParams::default()
+            .labels(selector)
+            .timeout(WATCH_SECONDS);
+        let stream = api
+            .watch(&params, &version)
+            .await
+            .map_err(|e| format!("watch EndpointSlices: {e}"))?;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let event = event.map_err(|e| format!("watch EndpointSlices: {e}"))?;
+            let mut slices = view.lock();
+            let slices = slices.as_mut().ok_or("the view was dropped")?;
+            let changed = match event {
+                WatchEvent::Added(s) | WatchEvent::Modified(s) => {
+                    let v = s.metadata.resource_version.clone();
+                    slices.insert(name(&s), s);
+                    v
+                }
+                WatchEvent::Deleted(s) => {
+                    slices.remove(&name(&s));
+                    s.metadata.resource_version
+                }
+                WatchEvent::Bookmark(b) => Some(b.metadata.resource_version),
+                WatchEvent::Error(e) => return Err(format!("watch EndpointSlices: {}", e.message)),
+            };
+            if let Some(v) = changed {
+                version = v;
+            }
+        }
     }
 }
 

@@ -122,6 +122,8 @@ async fn cluster_directory(opts: &ServeOptions, service: &str) -> Result<Directo
         &topology_key,
     )
     .await?;
+    // Runs as long as the server: reads of addresses then list nothing.
+    drop(cluster.watch_endpoints());
     tracing::info!(service, namespace = %opts.peer.peer_namespace, "peers from Kubernetes");
     Ok(Directory::Cluster(Arc::new(cluster)))
 }
