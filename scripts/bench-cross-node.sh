@@ -1,7 +1,8 @@
 #!/bin/bash
 # `strata bench cross-node` between two servers in network namespaces joined by one veth
 # pair (private addresses only), with the TCP baseline over the same link. As root:
-#   scripts/bench-cross-node.sh [STRATA_BINARY]    (SIZE, DATA, COPIES, POOL_IMAGE: env)
+#   scripts/bench-cross-node.sh [STRATA_BINARY]    (SIZE, DATA, COPIES, POOL_IMAGE, and
+#   POOL_PARENT: a folder for both pools, e.g. on tmpfs to take the disk out: env)
 # Everything it makes (namespaces, pools, pool images, loop devices) is removed at exit.
 set -euo pipefail
 bin=${1:-target/release/strata}
@@ -21,6 +22,7 @@ cleanup() {
     ip netns del "$b" 2>/dev/null || true
     [ -n "${KEEP_LOGS:-}" ] && cp "$work"/*.log "$KEEP_LOGS"/ 2>/dev/null
     rm -rf "$work"
+    if [ -n "${POOL_PARENT:-}" ]; then rm -rf "$POOL_PARENT/a" "$POOL_PARENT/b"; fi
 }
 trap cleanup EXIT
 ip netns add "$a"
@@ -38,7 +40,7 @@ pool_args=()
 [ -n "${POOL_IMAGE:-}" ] && pool_args=(--pool-image "$POOL_IMAGE")
 serve() { # namespace side self-address other-node other-address
     nsenter --net="/run/netns/$1" "$bin" serve --endpoint "unix://$work/$2.sock" \
-        --node-id "node-$2" --pool "$work/$2" --peer-listen "$3:9820" \
+        --node-id "node-$2" --pool "${POOL_PARENT:-$work}/$2" --peer-listen "$3:9820" \
         --peer-tls-dir "$work/tls" --peer "$4=$5:9820" "${pool_args[@]}" \
         > "$work/$2.log" 2>&1 &
     echo $! > "$work/$2.pid"
@@ -51,7 +53,7 @@ for _ in $(seq 100); do [ -S "$work/a.sock" ] && [ -S "$work/b.sock" ] && break;
 nsenter --net="/run/netns/$a" "$bin" bench cross-node \
     --from "unix://$work/a.sock" --to "unix://$work/b.sock" \
     --size "${SIZE:-4Gi}" --data "${DATA:-1Gi}" --copies "${COPIES:-1}" \
-    --baseline 10.233.0.2:9999 --from-pid "$(cat "$work/a.pid")" --to-pid "$(cat "$work/b.pid")" \
+    --baseline 10.233.0.2:9999 --disk-baseline --from-pid "$(cat "$work/a.pid")" --to-pid "$(cat "$work/b.pid")" \
     --workdir "$work/bench" &
 bench=$!
 if [ -n "${PERF:-}" ]; then sleep "${PERF_DELAY:-3}"; perf record -g -o "$PERF" -p "$(cat "$work/$PERF_SIDE.pid")" -- sleep "${PERF_SECONDS:-2}" >/dev/null 2>&1; fi

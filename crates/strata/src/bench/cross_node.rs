@@ -37,6 +37,11 @@ pub struct CrossNodeArgs {
     /// plain TCP, as the baseline.
     #[arg(long)]
     pub baseline: Option<SocketAddr>,
+    /// Also write the same bytes into a file in the workdir and flush them (on the
+    /// destination's disk when the workdir is), as the disk's baseline: a copy cannot
+    /// outrun the disk it lands on.
+    #[arg(long)]
+    pub disk_baseline: bool,
     /// The source and destination servers' process ids, for their memory growth.
     #[arg(long)]
     pub from_pid: Option<u32>,
@@ -51,6 +56,7 @@ struct CrossNodeReport {
     seconds: f64,
     mib_per_second: f64,
     baseline_mib_per_second: Option<f64>,
+    disk_mib_per_second: Option<f64>,
     verified: bool,
     source_rss_growth_kib: Option<u64>,
     destination_rss_growth_kib: Option<u64>,
@@ -75,6 +81,20 @@ fn tcp_baseline(addr: SocketAddr, bytes: u64) -> std::io::Result<f64> {
         return Err(std::io::Error::other("the sink counted other bytes"));
     }
     Ok(bytes as f64 / (1 << 20) as f64 / seconds)
+}
+
+/// Writes `bytes` into a new file at `path`, flushes it, removes it: MiB/s.
+fn disk_baseline(path: PathBuf, bytes: u64) -> std::io::Result<f64> {
+    let start = Instant::now();
+    let written = write_pattern(&path, bytes, 3).and_then(|_| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .sync_all()
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    written.map(|()| bytes as f64 / (1 << 20) as f64 / seconds)
 }
 
 /// `strata bench tcp-sink`: counts what each connection sends and answers the count.
@@ -201,6 +221,13 @@ async fn measure(
         }),
         None => None,
     };
+    let disk = match args.disk_baseline {
+        true => Some({
+            let (path, data) = (args.workdir.join(format!("{name}.disk")), args.data);
+            blocking("disk baseline", move || disk_baseline(path, data)).await?
+        }),
+        false => None,
+    };
     // The first copy holds the data.
     let first = restored.first().cloned().ok_or("no restore ran")?;
     let dst = mount_existing(&mut to, run_b, &offer_b, &cap, first, &args.workdir).await?;
@@ -221,6 +248,7 @@ async fn measure(
         seconds,
         mib_per_second: total as f64 / (1 << 20) as f64 / seconds,
         baseline_mib_per_second: baseline,
+        disk_mib_per_second: disk,
         verified: copied == sum,
         source_rss_growth_kib: source_growth,
         destination_rss_growth_kib: destination_growth,
@@ -240,6 +268,13 @@ async fn measure(
             100.0 * report.mib_per_second / b
         ));
         figures.push(("plain TCP MiB/s".to_owned(), b));
+    }
+    if let Some(d) = disk {
+        table.push_str(&format!(
+            "the same bytes written and flushed to the workdir's disk: {d:.1} MiB/s; the copy reaches {:.0}% of the slower of the link and the disk\n",
+            100.0 * report.mib_per_second / baseline.map_or(d, |b| b.min(d))
+        ));
+        figures.push(("disk write+flush MiB/s".to_owned(), d));
     }
     for (who, g) in [
         ("source", source_growth),
