@@ -62,6 +62,14 @@ impl Cluster {
         }
     }
 
+    /// [`Cluster::start`], with a 64 MiB ext4 volume on node-a and its claim default/data.
+    async fn with_volume(release: Release) -> (Cluster, String) {
+        let mut c = Cluster::start(release).await;
+        let vol = c.node("node-a").create("data", 64 << 20, ext4()).await;
+        c.claim(&vol.volume_id, "node-a");
+        (c, vol.volume_id)
+    }
+
     fn node(&mut self, name: &str) -> &mut TestEnv {
         let i = NODES.iter().position(|n| *n == name).unwrap();
         &mut self.nodes[i]
@@ -223,10 +231,7 @@ async fn write_and_check(c: &mut Cluster, node: &str, id: &str, name: &str, earl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_in_use_moves_to_another_node_with_its_data() {
-    let mut c = Cluster::start(GATED).await;
-    let vol = c.node("node-a").create("data", 64 << 20, ext4()).await;
-    let id = vol.volume_id.clone();
-    c.claim(&id, "node-a");
+    let (mut c, id) = Cluster::with_volume(GATED).await;
     // In use on node-a while the move starts.
     let target = c.node("node-a").mount(&id, "data", ext4()).await;
     fs::write(Path::new(&target).join("before"), "before written").unwrap();
@@ -305,9 +310,7 @@ async fn a_volume_in_use_moves_to_another_node_with_its_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_gate_a_move_is_refused_at_once_and_nothing_is_copied() {
-    let mut c = Cluster::start(Release::default()).await;
-    let vol = c.node("node-a").create("data", 64 << 20, ext4()).await;
-    c.claim(&vol.volume_id, "node-a");
+    let (mut c, _) = Cluster::with_volume(Release::default()).await;
     c.ask("node-b");
     c.wait("the refusal", Duration::from_secs(30), |c| {
         c.status().starts_with("Refused")
@@ -336,10 +339,7 @@ async fn without_the_gate_a_move_is_refused_at_once_and_nothing_is_copied() {
 /// nothing left of the move in either pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_killed_at_any_step_on_either_side_ends_with_one_serving_copy() {
-    let mut c = Cluster::start(GATED).await;
-    let vol = c.node("node-a").create("data", 64 << 20, ext4()).await;
-    let id = vol.volume_id.clone();
-    c.claim(&id, "node-a");
+    let (mut c, id) = Cluster::with_volume(GATED).await;
     let mut files: Vec<String> = vec![];
     let mut holder = "node-a";
     // (the side killed, its fault point)
