@@ -18,6 +18,8 @@ use strata_core::Error;
 use strata_core::peer::Cluster;
 use tokio::runtime::Handle;
 
+use crate::kube_api::call;
+
 /// The label the snapshot-controller puts on a VolumeSnapshotContent in distributed
 /// snapshotting: the node whose snapshotter takes it.
 pub const MANAGED_BY_LABEL: &str = "snapshot.storage.kubernetes.io/managed-by";
@@ -27,9 +29,6 @@ pub const PEER_PORT_NAME: &str = "peer";
 
 /// Objects listed per page.
 const PAGE: u32 = 250;
-
-/// How long one read of the API server may take.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct KubeCluster {
     client: Client,
@@ -57,21 +56,12 @@ impl SliceView {
 
     /// The endpoints, when in step.
     fn endpoints(&self) -> Option<BTreeMap<String, String>> {
-        let slices = self.lock();
-        let slices: Vec<EndpointSlice> = slices.as_ref()?.values().cloned().collect();
-        Some(peer_addresses(&slices))
+        Some(peer_addresses(self.lock().as_ref()?.values()))
     }
 }
 
 /// How long a watch request lasts before it is made again (the API server ends it by then).
 const WATCH_SECONDS: u32 = 290;
-
-fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
-    let said: String = e.to_string().chars().take(300).collect();
-    Error::Unavailable(format!(
-        "the Kubernetes API server did not answer ({what}): {said}"
-    ))
-}
 
 impl KubeCluster {
     /// A client from the pod's service account (or KUBECONFIG outside a cluster).
@@ -146,10 +136,7 @@ impl KubeCluster {
         let mut all = vec![];
         let mut params = params.limit(PAGE);
         loop {
-            let page: ObjectList<K> = tokio::time::timeout(READ_TIMEOUT, api.list(&params))
-                .await
-                .map_err(|_| unavailable(what, "timed out"))?
-                .map_err(|e| unavailable(what, e))?;
+            let page: ObjectList<K> = call(what, api.list(&params)).await?;
             all.extend(page.items);
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params = params.continue_token(&token),
@@ -175,17 +162,17 @@ impl KubeCluster {
         Ok(peer_addresses(&slices))
     }
 
+    /// The volume handle of `pv`, if it is this driver's.
+    fn handle<'a>(&self, pv: &'a PersistentVolume) -> Option<&'a str> {
+        driver_handle(pv, &self.driver)
+    }
+
     pub async fn pv_node(&self, volume_id: &str) -> Result<Option<String>, Error> {
         let api: Api<PersistentVolume> = Api::all(self.client.clone());
         let pvs = Self::list_all(&api, ListParams::default(), "list PersistentVolumes").await?;
         Ok(pvs
             .iter()
-            .find(|pv| {
-                pv.spec
-                    .as_ref()
-                    .and_then(|s| s.csi.as_ref())
-                    .is_some_and(|csi| csi.driver == self.driver && csi.volume_handle == volume_id)
-            })
+            .find(|pv| self.handle(pv) == Some(volume_id))
             .and_then(|pv| pinned_node(pv, &self.topology_key)))
     }
 
@@ -196,16 +183,10 @@ impl KubeCluster {
         volume_id: &str,
     ) -> Result<Option<String>, Error> {
         let api: Api<PersistentVolume> = Api::all(self.client.clone());
-        let pv = tokio::time::timeout(READ_TIMEOUT, api.get_opt(pv_name))
-            .await
-            .map_err(|_| unavailable("get PersistentVolume", "timed out"))?
-            .map_err(|e| unavailable("get PersistentVolume", e))?;
-        let ours = pv.as_ref().is_some_and(|pv| {
-            pv.spec
-                .as_ref()
-                .and_then(|s| s.csi.as_ref())
-                .is_some_and(|csi| csi.driver == self.driver && csi.volume_handle == volume_id)
-        });
+        let pv = call("get PersistentVolume", api.get_opt(pv_name)).await?;
+        let ours = pv
+            .as_ref()
+            .is_some_and(|pv| self.handle(pv) == Some(volume_id));
         match pv {
             Some(pv) if ours => Ok(pinned_node(&pv, &self.topology_key)),
             // Not this volume's PV (renamed, or the parameter is wrong): by handle.
@@ -241,13 +222,12 @@ impl KubeCluster {
 async fn follow(api: &Api<EndpointSlice>, selector: &str, view: &SliceView) -> Result<(), String> {
     use kube::api::{WatchEvent, WatchParams};
     use tokio_stream::StreamExt;
-    let list = tokio::time::timeout(
-        READ_TIMEOUT,
+    let list = call(
+        "list EndpointSlices",
         api.list(&ListParams::default().labels(selector)),
     )
     .await
-    .map_err(|_| "list EndpointSlices: timed out".to_owned())?
-    .map_err(|e| format!("list EndpointSlices: {e}"))?;
+    .map_err(|e| e.to_string())?;
     let mut version = list.metadata.resource_version.unwrap_or_default();
     let name = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
     *view.lock() = Some(list.items.into_iter().map(|s| (name(&s), s)).collect());
@@ -284,8 +264,16 @@ async fn follow(api: &Api<EndpointSlice>, selector: &str, view: &SliceView) -> R
     }
 }
 
+/// The volume handle of `pv`, if it is a PV of `driver`.
+pub fn driver_handle<'a>(pv: &'a PersistentVolume, driver: &str) -> Option<&'a str> {
+    let csi = pv.spec.as_ref()?.csi.as_ref()?;
+    (csi.driver == driver).then_some(csi.volume_handle.as_str())
+}
+
 /// The ready endpoints of the peer port, by node (the first address of each).
-pub fn peer_addresses(slices: &[EndpointSlice]) -> BTreeMap<String, String> {
+pub fn peer_addresses<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for slice in slices {
         let port = slice.ports.iter().flatten().find_map(|p| {

@@ -18,7 +18,7 @@ use strata_core::moves::{
 use tokio::runtime::Handle;
 
 use crate::kube_api::{EventText, call, claim_reference, create_event, failed};
-use crate::kube_cluster::{KubeCluster, pinned_node};
+use crate::kube_cluster::{KubeCluster, driver_handle, pinned_node};
 
 pub struct KubeMoves {
     client: Client,
@@ -44,8 +44,7 @@ impl KubeMoves {
 
     /// The volume handle of a PV of this driver.
     fn handle(&self, pv: &PersistentVolume) -> Option<String> {
-        let csi = pv.spec.as_ref()?.csi.as_ref()?;
-        (csi.driver == self.driver).then(|| csi.volume_handle.clone())
+        driver_handle(pv, &self.driver).map(str::to_owned)
     }
 
     async fn list_intents(&self, target: &str) -> Result<Vec<MoveIntent>, Error> {

@@ -24,7 +24,7 @@ use strata_core::node_loss::{
 use tokio::runtime::Handle;
 
 use crate::kube_api::{EventText, call, claim_reference, create_event, failed, not_found};
-use crate::kube_cluster::{MANAGED_BY_LABEL, pinned_node};
+use crate::kube_cluster::{MANAGED_BY_LABEL, driver_handle, pinned_node};
 
 pub struct KubeNodeLoss {
     client: Client,
@@ -137,11 +137,7 @@ impl KubeNodeLoss {
         let mut policies: BTreeMap<String, OnNodeLoss> = BTreeMap::new();
         let mut out = vec![];
         for pv in pvs.items {
-            let ours = pv
-                .spec
-                .as_ref()
-                .and_then(|s| s.csi.as_ref())
-                .is_some_and(|c| c.driver == self.driver);
+            let ours = driver_handle(&pv, &self.driver).is_some();
             if !ours || pinned_node(&pv, &self.topology_key).as_deref() != Some(node) {
                 continue;
             }

@@ -115,9 +115,21 @@ impl Evacuation {
 fn best_fit(room: &BTreeMap<String, u64>, bytes: u64) -> Option<String> {
     room.iter()
         .filter(|(_, free)| **free >= bytes)
-        .fold(None::<(&String, u64)>, |best, (node, free)| match best {
-            Some((_, b)) if b >= *free => best,
-            _ => Some((node, *free)),
-        })
+        .max_by(|(a, free_a), (b, free_b)| free_a.cmp(free_b).then_with(|| b.cmp(a)))
         .map(|(node, _)| node.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::best_fit;
+
+    #[test]
+    fn the_node_with_most_room_that_fits_wins_the_first_by_name_among_equals() {
+        let room = [("b", 50u64), ("a", 80), ("c", 80), ("d", 10)]
+            .map(|(n, r)| (n.to_owned(), r))
+            .into();
+        assert_eq!(best_fit(&room, 20).as_deref(), Some("a"));
+        assert_eq!(best_fit(&room, 80).as_deref(), Some("a"));
+        assert_eq!(best_fit(&room, 81), None);
+    }
 }
