@@ -1,8 +1,8 @@
 #!/bin/bash
 # `strata bench cross-node` between two servers in network namespaces joined by one veth
 # pair (private addresses only), with the TCP baseline over the same link. As root:
-#   scripts/bench-cross-node.sh [STRATA_BINARY]    (SIZE, DATA, COPIES, POOL_IMAGE, and
-#   POOL_PARENT: a folder for both pools, e.g. on tmpfs to take the disk out: env)
+#   scripts/bench-cross-node.sh [STRATA_BINARY]    (SIZE, DATA, COPIES, POOL_IMAGE,
+#   POOL_PARENT: a folder for both pools, e.g. on tmpfs to take the disk out, and PERF: env)
 # Everything it makes (namespaces, pools, pool images, loop devices) is removed at exit.
 set -euo pipefail
 bin=${1:-target/release/strata}
@@ -56,5 +56,11 @@ nsenter --net="/run/netns/$a" "$bin" bench cross-node \
     --baseline 10.233.0.2:9999 --disk-baseline --from-pid "$(cat "$work/a.pid")" --to-pid "$(cat "$work/b.pid")" \
     --workdir "$work/bench" &
 bench=$!
-if [ -n "${PERF:-}" ]; then sleep "${PERF_DELAY:-3}"; perf record -g -o "$PERF" -p "$(cat "$work/$PERF_SIDE.pid")" -- sleep "${PERF_SECONDS:-2}" >/dev/null 2>&1; fi
+if [ -n "${PERF:-}" ]; then # PERF=FILE: a profile of PERF_SIDE (a, b, or all: the machine)
+    target=(-a)
+    [ "${PERF_SIDE:-all}" != all ] && target=(-p "$(cat "$work/$PERF_SIDE.pid")")
+    sleep "${PERF_DELAY:-3}"
+    # cpu-clock: virtual machines often have no hardware counters.
+    perf record -e cpu-clock -g -o "$PERF" "${target[@]}" -- sleep "${PERF_SECONDS:-2}" >/dev/null 2>&1
+fi
 wait $bench

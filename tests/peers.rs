@@ -55,6 +55,24 @@ fn node_args(net: &Net, i: usize, n: usize, tls: &Path, extra: &[&str]) -> Vec<S
 }
 
 impl Cluster {
+    /// `n` servers of `backend`, each on a pool of its own `fs_type` filesystem.
+    async fn start_on_fs(n: usize, fs_type: &str, backend: &str) -> Cluster {
+        let net = Net::new(n);
+        let certs = tempfile::tempdir().unwrap();
+        let tls = peer_certs(certs.path());
+        let mut nodes = vec![];
+        for i in 0..n {
+            let args = node_args(&net, i, n, &tls, &["--backend", backend]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            nodes.push(TestEnv::start_on_fs_in(Some(&net.names[i]), fs_type, 1 << 30, &args).await);
+        }
+        Cluster {
+            nodes,
+            net,
+            _certs: certs,
+        }
+    }
+
     async fn start(n: usize, extra: &[&[&str]]) -> Cluster {
         Self::start_with_certs(n, extra, peer_certs).await
     }
@@ -1003,4 +1021,197 @@ async fn the_helm_charts_generated_certificates_carry_a_restore_across_nodes() {
         &image(b, "volumes", &restored.volume_id)
     ));
     unpublish_all(a, &vol, &staging, &target).await;
+}
+
+/// Paths, kinds, modes, owners, sizes and contents (or targets) under `root`, in order.
+fn tree_listing(root: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            if rel == "lost+found" {
+                continue;
+            }
+            let m = fs::symlink_metadata(&path).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!("-> {}", fs::read_link(&path).unwrap().display())
+            } else if m.is_dir() {
+                stack.push(path.clone());
+                "dir".into()
+            } else {
+                let data = fs::read(&path).unwrap();
+                format!("{} bytes {:08x}", data.len(), crc32fast::hash(&data))
+            };
+            out.push(format!(
+                "{rel} {what} {:o} {}:{}",
+                m.mode(),
+                m.uid(),
+                m.gid()
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What a workload leaves in a directory volume: nested folders, a sparse file, owners,
+/// a symlink out of the volume.
+fn write_tree(root: &Path) {
+    use std::os::unix::fs::FileExt;
+    fs::create_dir_all(root.join("db/wal")).unwrap();
+    let sparse = fs::File::create(root.join("db/table")).unwrap();
+    sparse.set_len(64 << 20).unwrap();
+    let data: Vec<u8> = (0u64..3 << 20).map(|i| (i * 7919 % 251) as u8).collect();
+    sparse.write_all_at(&data, 40 << 20).unwrap();
+    fs::write(root.join("db/wal/0001"), b"begin;commit;").unwrap();
+    std::os::unix::fs::chown(root.join("db/wal/0001"), Some(999), Some(999)).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", root.join("db/escape")).unwrap();
+    let sync = Command::new("sync").arg("-f").arg(root).status().unwrap();
+    assert!(sync.success());
+}
+
+fn mount_any() -> csi::VolumeCapability {
+    mount_cap(
+        "",
+        csi::volume_capability::access_mode::Mode::SingleNodeWriter,
+    )
+}
+
+async fn directory_volumes_restore_and_clone_across_nodes(fs_type: &str, backend: &str) {
+    let mut c = Cluster::start_on_fs(2, fs_type, backend).await;
+    let (a, b) = c.nodes.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    let vol = a.create("src", 256 << 20, mount_any()).await.volume_id;
+    let (staging, target) = (a.path("src-staging"), a.path("src-target"));
+    fs::create_dir_all(&staging).unwrap();
+    a.stage(&vol, &staging, mount_any()).await.unwrap();
+    a.publish(&vol, &staging, &target, mount_any(), false)
+        .await
+        .unwrap();
+    write_tree(Path::new(&target));
+    let snap = a.snapshot("snap", &vol).await.unwrap();
+
+    // A restore on node 1 of node 0's snapshot, and a clone of the volume node 0 has
+    // mounted: the same tree, holes kept, the symlink made as it is.
+    let mut req = from_snapshot("restored", 256 << 20, &snap.snapshot_id);
+    req.volume_capabilities = vec![mount_any()];
+    let restored = create(b, req).await.unwrap();
+    let mut req = from_volume("clone", 256 << 20, &vol);
+    req.volume_capabilities = vec![mount_any()];
+    let clone = create(b, req).await.unwrap();
+    let expected = tree_listing(Path::new(&target));
+    assert!(expected.len() >= 5, "{expected:?}");
+    for (name, id) in [("r", &restored.volume_id), ("c", &clone.volume_id)] {
+        let (s, t) = (
+            b.path(&format!("{name}-staging")),
+            b.path(&format!("{name}-target")),
+        );
+        fs::create_dir_all(&s).unwrap();
+        b.stage(id, &s, mount_any()).await.unwrap();
+        b.publish(id, &s, &t, mount_any(), false).await.unwrap();
+        assert_eq!(tree_listing(Path::new(&t)), expected, "{backend}: {name}");
+        let table = fs::metadata(Path::new(&t).join("db/table")).unwrap();
+        assert!(
+            table.blocks() * 512 < 8 << 20,
+            "sparse: {} blocks",
+            table.blocks()
+        );
+        unpublish_all(b, id, &s, &t).await;
+    }
+    let log = b.server_log();
+    assert!(log.contains("copied from another node"), "{log}");
+    no_creation_left(a);
+    no_creation_left(b);
+    // Both copies delete; the source and its snapshot are untouched and delete too.
+    b.delete(&restored.volume_id).await.unwrap();
+    b.delete(&clone.volume_id).await.unwrap();
+    unpublish_all(a, &vol, &staging, &target).await;
+    a.delete_snapshot(&snap.snapshot_id).await.unwrap();
+    a.delete(&vol).await.unwrap();
+    drop(c.net);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dir_volumes_restore_and_clone_across_nodes() {
+    directory_volumes_restore_and_clone_across_nodes("ext4", "dir").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_volumes_restore_and_clone_across_nodes() {
+    directory_volumes_restore_and_clone_across_nodes("btrfs", "btrfs").await;
+}
+
+/// A volume on `env` holding the tree [`write_tree`] makes (published for the writing, then
+/// not in use); returns its id and the tree's listing.
+async fn volume_with_tree(env: &mut TestEnv, name: &str) -> (String, Vec<String>) {
+    let vol = env.create(name, 256 << 20, mount_any()).await.volume_id;
+    let (staging, target) = (
+        env.path(&format!("{name}-staging")),
+        env.path(&format!("{name}-target")),
+    );
+    fs::create_dir_all(&staging).unwrap();
+    env.stage(&vol, &staging, mount_any()).await.unwrap();
+    env.publish(&vol, &staging, &target, mount_any(), false)
+        .await
+        .unwrap();
+    write_tree(Path::new(&target));
+    let listing = tree_listing(Path::new(&target));
+    unpublish_all(env, &vol, &staging, &target).await;
+    (vol, listing)
+}
+
+/// The btrfs subvolumes under `env`'s pool, by path.
+fn subvolumes(env: &TestEnv) -> Vec<String> {
+    let out = Command::new("btrfs")
+        .args(["subvolume", "list", "-o"])
+        .arg(env.pool())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(" path ").nth(1).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_copies_killed_on_either_side_leave_no_subvolume_behind() {
+    let mut c = Cluster::start_on_fs(2, "btrfs", "btrfs").await;
+    let (vol, expected) = volume_with_tree(&mut c.nodes[0], "src").await;
+    let before = subvolumes(&c.nodes[0]);
+    // Node 1 dies after the first chunk of the tree it applies.
+    c.nodes[1].restart(Some("copy:after-chunk")).await;
+    let mut req = from_volume("clone", 256 << 20, &vol);
+    req.volume_capabilities = vec![mount_any()];
+    assert!(create(&mut c.nodes[1], req.clone()).await.is_err());
+    c.nodes[1].wait_for_exit();
+    c.nodes[1].restart(None).await;
+    // Its half-made subvolume is gone; the provisioner's retry makes the whole tree.
+    assert!(volume_names(&mut c.nodes[1]).await.is_empty());
+    assert_eq!(subvolumes(&c.nodes[1]), Vec::<String>::new());
+    no_creation_left(&c.nodes[1]);
+    let clone = create(&mut c.nodes[1], req).await.unwrap();
+    let (s, t) = (c.nodes[1].path("c-staging"), c.nodes[1].path("c-target"));
+    fs::create_dir_all(&s).unwrap();
+    let b = &mut c.nodes[1];
+    b.stage(&clone.volume_id, &s, mount_any()).await.unwrap();
+    b.publish(&clone.volume_id, &s, &t, mount_any(), false)
+        .await
+        .unwrap();
+    assert_eq!(tree_listing(Path::new(&t)), expected);
+    unpublish_all(b, &clone.volume_id, &s, &t).await;
+    // Node 0 still holds the copy it made for the dead reader's read (a snapshot
+    // subvolume) until that read idles out; killed now, its restart removes it.
+    assert!(
+        subvolumes(&c.nodes[0]).len() > before.len(),
+        "{:?}",
+        subvolumes(&c.nodes[0])
+    );
+    c.nodes[0].kill();
+    c.nodes[0].restart(None).await;
+    assert_eq!(subvolumes(&c.nodes[0]), before);
+    no_creation_left(&c.nodes[0]);
+    drop(c.net);
 }

@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .build_transport(false)
+        // A chunk's data is a slice of the received buffer, not a copy of it.
+        .bytes(".strata.peer.v1.Data.bytes")
         .compile_fds(fds)?;
     Ok(())
 }

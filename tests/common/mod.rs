@@ -178,6 +178,17 @@ impl TestEnv {
 
     /// Like [`start_pool`](Self::start_pool) on a fresh `fs_type` filesystem of `bytes`.
     pub async fn start_on_fs_sized(fs_type: &str, bytes: u64, args: &[&str]) -> Self {
+        Self::start_on_fs_in(None, fs_type, bytes, args).await
+    }
+
+    /// [`start_on_fs_sized`](Self::start_on_fs_sized), the server in the network namespace
+    /// `netns`.
+    pub async fn start_on_fs_in(
+        netns: Option<&str>,
+        fs_type: &str,
+        bytes: u64,
+        args: &[&str],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("strata-test-")
             .tempdir_in("/tmp")
@@ -212,14 +223,14 @@ impl TestEnv {
         // Auto-clearing: the device goes with the pool's unmount.
         drop(attached);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let mut child = spawn(dir.path(), &args, None);
+        let mut child = spawn_in(netns, &[], dir.path(), &args, None);
         let csi = wait_for(&dir.path().join("csi.sock"), &mut child).await;
         TestEnv {
             dir,
             child: Some(child),
             csi,
             args,
-            netns: None,
+            netns: netns.map(str::to_owned),
             envs: vec![],
         }
     }

@@ -19,7 +19,7 @@ use crate::model::{
     AccessType, Capability, CapacityRange, ContentSource, FormatState, MIB, Topology, VolumeRecord,
     volume_record_version,
 };
-use crate::peer::{Forwarding, RemoteCopies};
+use crate::peer::{CopyInto, Forwarding, RemoteCopies};
 use crate::reaper::Reaper;
 use crate::snapshot::Snapshots;
 use crate::validate;
@@ -292,11 +292,16 @@ impl Controller {
                 })?;
                 tracing::info!(volume_id = %id, source = %crate::peer::Named(source), from_node = %node,
                     "copying the source from another node");
-                self.backend.import(&staging, size).and_then(|file| {
-                    let read = remote.pull(node, source, &file, size)?;
-                    format = read.format;
-                    Ok(())
-                })
+                let filled =
+                    match self.backend.block_layout() {
+                        true => self.backend.import(&staging, size).and_then(|file| {
+                            remote.pull(node, source, CopyInto::Blocks(&file), size)
+                        }),
+                        false => self.backend.import_tree(&staging, size).and_then(|root| {
+                            remote.pull(node, source, CopyInto::Tree(&root), size)
+                        }),
+                    };
+                filled.map(|read| format = read.format)
             }
         };
         let created = filled.and_then(|()| {
@@ -384,6 +389,15 @@ impl Controller {
             return local;
         };
         match remote.locate(source)? {
+            Some((node, info)) if info.is_tree() == self.backend.block_layout() => {
+                Err(Error::InvalidArgument(format!(
+                    "{} is held by node {node}'s {} backend, whose data cannot become a volume of this node's {} backend: restore or clone it on a node with the {} backend",
+                    crate::peer::Named(source),
+                    info.backend,
+                    self.backend.kind(),
+                    info.backend
+                )))
+            }
             Some((node, info)) => Ok(Origin::Remote {
                 node,
                 info,

@@ -36,6 +36,7 @@ pub mod snapshot_metadata;
 pub mod store;
 #[cfg(test)]
 mod testing;
+pub mod tree_stream;
 pub mod validate;
 pub mod volumes;
 

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::backend::dir::dir_backend;
 use crate::backend::image::ImageBackend;
 use crate::driver::{Config, Driver};
 use crate::fault::FaultPoints;
@@ -31,6 +32,16 @@ pub(crate) fn node_fixture(
     faults: FaultPoints,
     peers: Option<Arc<dyn crate::peer::Peers>>,
 ) -> Fixture {
+    node_fixture_of(node_id, faults, peers, false)
+}
+
+/// [`node_fixture`] with the image backend, or the dir backend when `dir`.
+pub(crate) fn node_fixture_of(
+    node_id: &str,
+    faults: FaultPoints,
+    peers: Option<Arc<dyn crate::peer::Peers>>,
+    dir: bool,
+) -> Fixture {
     let pool = tempfile::tempdir().unwrap();
     let fake = FakeHost::new();
     let host = fake.host();
@@ -45,7 +56,24 @@ pub(crate) fn node_fixture(
         freeze_limit: std::time::Duration::from_secs(10),
         export_limits: Default::default(),
     };
-    let backend = Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone()));
+    if dir {
+        // The pool's filesystem, where a directory volume's bind source is located.
+        fake.lock().mounts.push(crate::os::mountinfo::MountEntry {
+            mount_id: 1,
+            major: 0,
+            minor: 42,
+            root: "/".into(),
+            mount_point: pool.path().to_owned(),
+            options: vec!["rw".into()],
+            fs_type: "tmpfs".into(),
+            source: "tmpfs".into(),
+            super_options: vec!["rw".into()],
+        });
+    }
+    let backend: Arc<dyn crate::backend::Backend> = match dir {
+        false => Arc::new(ImageBackend::new(pool.path().to_owned(), host.clone())),
+        true => Arc::new(dir_backend(pool.path().to_owned(), host.clone())),
+    };
     let (driver, _) = Driver::open(config, host, backend, faults, peers).unwrap();
     Fixture {
         _pool: pool,

@@ -124,6 +124,16 @@ impl<K: DirectoryKind> Backend for DirectoryBackend<K> {
         self.kind.resize(&data_dir(dir), size)
     }
 
+    fn open_tree(&self, dir: &Path) -> Result<std::fs::File> {
+        open_data_dir(&data_dir(dir))
+    }
+
+    fn import_tree(&self, dir: &Path, size: u64) -> Result<std::fs::File> {
+        let data = data_dir(dir);
+        self.kind.create(&data, size)?;
+        open_data_dir(&data)
+    }
+
     fn destroy(&self, dir: &Path) -> Result<()> {
         let data = data_dir(dir);
         if !data.exists() {
@@ -198,6 +208,16 @@ fn condition(dir: &Path) -> Option<String> {
             path.display()
         )),
     }
+}
+
+/// A data directory opened as itself (a symlink in its place is refused, not followed).
+fn open_data_dir(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+        .ctx(|| format!("open {}", path.display()))
 }
 
 /// Bytes allocated under `path` (like `du`).

@@ -150,10 +150,21 @@ pub trait Backend: Send + Sync {
     fn reopen_import(&self, _dir: &Path, _size: u64) -> Result<std::fs::File> {
         Err(self.no_node_copies())
     }
+    /// The data of a volume or snapshot whose data is a directory tree (not
+    /// [`block_layout`](Self::block_layout)), opened as a directory, for a copy to another
+    /// node (the tree travels as a `tree_stream`).
+    fn open_tree(&self, _dir: &Path) -> Result<std::fs::File> {
+        Err(self.no_node_copies())
+    }
+    /// Creates the empty data directory of a new volume of `size` bytes in the empty
+    /// directory `dir` and returns it opened: a tree from another node fills it.
+    fn import_tree(&self, _dir: &Path, _size: u64) -> Result<std::fs::File> {
+        Err(self.no_node_copies())
+    }
     /// Why this backend's volumes cannot be copied between nodes.
     fn no_node_copies(&self) -> crate::error::Error {
         crate::error::Error::FailedPrecondition(format!(
-            "the {} backend's volumes and snapshots cannot be copied between nodes (only image volumes can): restore or clone on the node that holds the source",
+            "the {} backend's data cannot be copied between nodes in this way: restore or clone on the node that holds the source",
             self.kind()
         ))
     }

@@ -24,7 +24,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault::FaultPoints;
 use crate::model::{ContentSource, VolumeRecord};
 use crate::os::extents::allocated_bytes;
-use crate::peer::{MoveStep, Peers, RemoteCopies};
+use crate::peer::{CopyInto, MoveStep, Peers, RemoteCopies};
 use crate::store::remove_object_dir;
 use crate::volumes::Volumes;
 
@@ -372,9 +372,13 @@ impl Arrivals {
                 scope.spawn(|| {
                     self.show_progress(cluster, intent, source, &watched, total, finished)
                 });
-                let pulled = self
-                    .remote
-                    .pull_opened(source, &what, Ok(read), &file, capacity);
+                let pulled = self.remote.pull_opened(
+                    source,
+                    &what,
+                    Ok(read),
+                    CopyInto::Blocks(&file),
+                    capacity,
+                );
                 drop(done);
                 pulled
             })
@@ -449,7 +453,7 @@ impl Arrivals {
             .reopen_import(&self.data_dir(&id), capacity)
             .and_then(|file| {
                 self.remote
-                    .pull_opened(&source, &what, Ok(read), &file, capacity)
+                    .pull_opened(&source, &what, Ok(read), CopyInto::Blocks(&file), capacity)
             })?;
         arrival.phase = Phase::Complete;
         arrival.record = record;

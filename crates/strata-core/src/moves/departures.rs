@@ -175,6 +175,14 @@ impl Departures {
     /// The pre-copy: the volume's copy (made now unless this move has it already), opened.
     fn precopy(&self, volume_id: &str, move_id: &str, target: &str) -> Result<DepartureRead> {
         let record = self.volumes.get(volume_id)?;
+        if !self.backend.block_layout() {
+            // The final copy sends what changed since the pre-copy, which only a block
+            // layout tells.
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is on the {} backend, whose volumes do not move between nodes (only image volumes do): snapshot it and restore the snapshot on node {target}",
+                self.backend.kind()
+            )));
+        }
         let existing = self.lock().get(volume_id).cloned();
         let sealed = match &existing {
             Some(d) if d.move_id == move_id && self.copy_dir(volume_id).exists() => {

@@ -12,6 +12,8 @@ pub mod linux;
 pub mod mountinfo;
 pub mod nodepath;
 pub mod tree;
+pub mod tree_export;
+pub mod tree_import;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

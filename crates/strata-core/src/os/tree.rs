@@ -17,7 +17,12 @@ use crate::model::CopyMethod;
 /// Deeper trees are refused rather than risk the thread's stack.
 const MAX_DEPTH: usize = 1024;
 
-fn open_at(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::c_uint) -> io::Result<File> {
+pub(crate) fn open_at(
+    dir: RawFd,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::c_uint,
+) -> io::Result<File> {
     // SAFETY: name is NUL-terminated; the descriptor is owned by the File.
     let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {
@@ -27,7 +32,7 @@ fn open_at(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::c_uint) -> i
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-fn fstat(file: &File) -> io::Result<libc::stat> {
+pub(crate) fn fstat(file: &File) -> io::Result<libc::stat> {
     // SAFETY: fstat writes into the zeroed struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } < 0 {
@@ -48,7 +53,7 @@ fn keep_attributes(file: &File, st: &libc::stat) -> io::Result<()> {
 }
 
 /// The names in the directory `dir` (without `.` and `..`).
-fn entries(dir: &File) -> io::Result<Vec<CString>> {
+pub(crate) fn entries(dir: &File) -> io::Result<Vec<CString>> {
     // SAFETY: fdopendir takes ownership of the duplicate, closedir releases it.
     let dup = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
@@ -60,6 +65,10 @@ fn entries(dir: &File) -> io::Result<Vec<CString>> {
         unsafe { libc::close(dup) };
         return Err(e);
     }
+    // The duplicate shares the descriptor's position: a directory listed before (by
+    // another walk of the same descriptor) is listed again from its start.
+    // SAFETY: stream is open.
+    unsafe { libc::rewinddir(stream) };
     let mut names = vec![];
     loop {
         // SAFETY: readdir on an open stream; the entry is valid until the next call.
@@ -186,7 +195,7 @@ impl Copier {
 /// Opens the object behind an `O_PATH` descriptor for reading, without following anything:
 /// through `/proc/self/fd`, which reaches exactly that inode. `None` if it became something
 /// that cannot be opened that way (a symlink swapped in is not what was found).
-fn reopen(found: &File, flags: libc::c_int) -> io::Result<Option<File>> {
+pub(crate) fn reopen(found: &File, flags: libc::c_int) -> io::Result<Option<File>> {
     let path =
         CString::new(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(io::Error::other)?;
     match open_at(libc::AT_FDCWD, &path, flags | libc::O_NONBLOCK, 0) {
@@ -203,7 +212,7 @@ fn reopen(found: &File, flags: libc::c_int) -> io::Result<Option<File>> {
     }
 }
 
-fn cstring(path: &Path) -> Result<CString> {
+pub(crate) fn cstring(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| HostError::Path(format!("path {} contains NUL", path.display())))
 }

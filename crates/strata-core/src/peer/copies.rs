@@ -13,10 +13,22 @@ use crate::error::{Error, IoContext, Result};
 use crate::fault::FaultPoints;
 use crate::ids::NodeHint;
 use crate::model::ContentSource;
+use crate::os::tree_import::{ImportError, TreeImport};
 
 /// How often a broken stream is resumed before the copy fails (UNAVAILABLE, retried by the
 /// caller with a new read).
 const RESUMES: u32 = 3;
+
+/// Where a copy from another node goes.
+#[derive(Clone, Copy)]
+pub enum CopyInto<'a> {
+    /// A new volume's data file, all holes (the image backend): each chunk is written at
+    /// its offset.
+    Blocks(&'a File),
+    /// A new volume's empty data directory (btrfs, dir): the tree stream is applied
+    /// under it.
+    Tree(&'a File),
+}
 
 /// Counters of cross-node copies, for the metrics endpoint.
 #[derive(Debug, Default)]
@@ -71,14 +83,14 @@ impl RemoteCopies {
         super::locate(self.peers.as_ref(), &self.node_id, &self.hint, source)
     }
 
-    /// Pulls `source` from `node` into `into` (a new volume's data, `capacity` bytes, all
-    /// holes): only allocated extents travel, each chunk checked against its CRC-32, a
-    /// broken stream resumed where it stopped. Returns what the read was a copy of.
+    /// Pulls `source` from `node` into `into` (a new volume's data, `capacity` bytes): only
+    /// allocated extents travel, each chunk checked against its CRC-32, a broken stream
+    /// resumed where it stopped. Returns what the read was a copy of.
     pub fn pull(
         &self,
         node: &str,
         source: &ContentSource,
-        into: &File,
+        into: CopyInto<'_>,
         capacity: u64,
     ) -> Result<SourceInfo> {
         let read = self.peers.open_read(node, source);
@@ -92,7 +104,7 @@ impl RemoteCopies {
         node: &str,
         source: &ContentSource,
         read: Result<RemoteRead>,
-        into: &File,
+        into: CopyInto<'_>,
         capacity: u64,
     ) -> Result<SourceInfo> {
         let started = Instant::now();
@@ -134,7 +146,7 @@ impl RemoteCopies {
         node: &str,
         source: &ContentSource,
         read: &RemoteRead,
-        into: &File,
+        into: CopyInto<'_>,
         capacity: u64,
     ) -> Result<u64> {
         let size = read.source.size_bytes;
@@ -144,6 +156,14 @@ impl RemoteCopies {
                 Named(source)
             )));
         }
+        let mut tree = match into {
+            CopyInto::Blocks(_) => None,
+            CopyInto::Tree(root) => Some(TreeImport::new(
+                root.try_clone()
+                    .ctx(|| format!("hold the copy of {}", Named(source)))?,
+                capacity,
+            )),
+        };
         let mut next = 0u64;
         let mut written = 0u64;
         let mut resumes = 0;
@@ -152,8 +172,17 @@ impl RemoteCopies {
             let from = next;
             let mut sink = |c: Chunk<'_>| -> Result<()> {
                 let len = c.bytes.len() as u64;
-                let end = c.offset.checked_add(len).filter(|e| *e <= size);
-                let Some(end) = end.filter(|_| c.offset >= next) else {
+                // Blocks: anywhere ahead, inside the volume. A tree: exactly the next bytes.
+                let fits = match &tree {
+                    None => c
+                        .offset
+                        .checked_add(len)
+                        .filter(|e| *e <= size && c.offset >= next),
+                    Some(import) => {
+                        (c.offset == import.position()).then(|| c.offset.saturating_add(len))
+                    }
+                };
+                let Some(end) = fits else {
                     return Err(Error::Internal(format!(
                         "node {node} sent {len} bytes at offset {} of {}, outside what is left to copy (from {next} to {size}): run the same Strata version on every node",
                         c.offset,
@@ -167,8 +196,14 @@ impl RemoteCopies {
                         c.offset
                     )));
                 }
-                into.write_all_at(c.bytes, c.offset)
-                    .ctx(|| format!("write the copy of {} at {}", Named(source), c.offset))?;
+                match (&mut tree, into) {
+                    (Some(import), _) => import
+                        .feed(c.bytes)
+                        .map_err(|e| import_error(e, node, source))?,
+                    (None, CopyInto::Blocks(file) | CopyInto::Tree(file)) => file
+                        .write_all_at(c.bytes, c.offset)
+                        .ctx(|| format!("write the copy of {} at {}", Named(source), c.offset))?,
+                }
                 next = end;
                 bytes += len;
                 chunks += 1;
@@ -206,8 +241,39 @@ impl RemoteCopies {
                 Err(e) => return Err(e),
             }
         }
-        into.sync_all()
-            .ctx(|| format!("flush the copy of {}", Named(source)))?;
+        match (&tree, into) {
+            (Some(import), _) => {
+                if !import.finished() {
+                    return Err(Error::Internal(format!(
+                        "node {node} ended the tree of {} before its end: run the same Strata version on every node",
+                        Named(source)
+                    )));
+                }
+                import
+                    .sync()
+                    .ctx(|| format!("flush the copy of {}", Named(source)))?;
+            }
+            (None, CopyInto::Blocks(file) | CopyInto::Tree(file)) => file
+                .sync_all()
+                .ctx(|| format!("flush the copy of {}", Named(source)))?,
+        }
         Ok(written)
+    }
+}
+
+/// What a failed tree import means for the copy.
+fn import_error(e: ImportError, node: &str, source: &ContentSource) -> Error {
+    match e {
+        ImportError::Malformed(m) => Error::Internal(format!(
+            "node {node} sent a tree of {} this version cannot read ({m}): run the same Strata version on every node",
+            Named(source)
+        )),
+        ImportError::TooLarge { limit } => Error::ResourceExhausted(format!(
+            "{} on node {node} holds more than the new volume's {limit} bytes: ask for a larger volume",
+            Named(source)
+        )),
+        ImportError::Io(what, e) => {
+            Error::io(format!("{what} in the copy of {}", Named(source)), e)
+        }
     }
 }

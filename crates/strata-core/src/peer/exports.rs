@@ -17,9 +17,11 @@ use crate::block_ranges::{BlockRange, HeldRanges, PageSink, RangeQuery};
 use crate::error::{Error, IoContext, Result};
 use crate::freezer::Freezer;
 use crate::ids::{is_snapshot_id, is_volume_id};
+use crate::inflight::Guard;
 use crate::io_limits::{IoLimiter, LimitChange};
 use crate::model::ContentSource;
 use crate::os::extents::{allocated_bytes, next_data};
+use crate::os::tree_export::{self, Stopped};
 use crate::snapshot::Snapshots;
 use crate::store::remove_object_dir;
 use crate::volumes::Volumes;
@@ -66,9 +68,7 @@ pub struct OpenedRead {
 /// An open read: the data held open (a snapshot's image, or the instant copy of a volume,
 /// whose name is already gone), so nothing that happens to the source changes it.
 struct Read {
-    file: File,
-    /// The ranges to send (a move's final copy); `None`: every allocated extent.
-    ranges: Option<Vec<BlockRange>>,
+    data: ReadData,
     source: SourceInfo,
     what: String,
     reader: String,
@@ -83,6 +83,40 @@ impl Read {
 
     fn idle_for(&self, now: Instant) -> Duration {
         now.saturating_duration_since(*self.last_used.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// What a read streams.
+pub enum ReadData {
+    /// One file laid out as the volume (the image backend): its allocated extents, or only
+    /// `ranges` (a move's final copy).
+    Blocks {
+        file: File,
+        ranges: Option<Vec<BlockRange>>,
+    },
+    /// A directory tree (btrfs, dir), as a `tree_stream`. A directory's entries cannot
+    /// outlive their names, as an open file's data does: a volume's tree is a copy held in
+    /// the scratch directory, a snapshot stays pinned (DeleteSnapshot is ABORTED, and
+    /// retried), for as long as the read is open.
+    Tree {
+        root: File,
+        _copy: Option<HeldCopy>,
+        _pin: Option<Guard>,
+    },
+}
+
+/// A copy made for a read, removed when the read goes.
+pub struct HeldCopy {
+    dir: PathBuf,
+    backend: Arc<dyn Backend>,
+}
+
+impl Drop for HeldCopy {
+    fn drop(&mut self) {
+        if let Err(e) = remove_object_dir(&self.dir, self.backend.as_ref()) {
+            // Removed at the next start otherwise.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the copy of a closed read");
+        }
     }
 }
 
@@ -240,11 +274,11 @@ impl Exports {
     /// instant copy (frozen only while the copy is made if it is mounted here).
     pub fn open(&self, source: &ContentSource, reader: &str) -> Result<OpenedRead> {
         self.check_room(reader)?;
-        let (file, info) = match source {
+        let (data, info) = match source {
             ContentSource::Snapshot(id) => self.open_snapshot(id)?,
             ContentSource::Volume(id) => self.open_volume(id)?,
         };
-        self.register(file, info, None, Named(source).to_string(), reader)
+        self.register(data, info, Named(source).to_string(), reader)
     }
 
     /// A step of moving volume `volume_id` to node `reader`: the read of its pre-copy or of
@@ -268,7 +302,11 @@ impl Exports {
             .departures
             .open_departure(step, volume_id, move_id, reader)?;
         let what = format!("the move of volume {volume_id} ({step:?})");
-        let read = self.register(opened.file, opened.source, opened.ranges, what, reader)?;
+        let data = ReadData::Blocks {
+            file: opened.file,
+            ranges: opened.ranges,
+        };
+        let read = self.register(data, opened.source, what, reader)?;
         Ok(MoveOut {
             read: Some(RemoteRead {
                 read_id: read.read_id,
@@ -296,23 +334,29 @@ impl Exports {
         Ok(())
     }
 
-    /// Opens a read of `file`, sending `ranges` (or every allocated extent).
+    /// Opens a read of `data`.
     fn register(
         &self,
-        file: File,
+        data: ReadData,
         info: SourceInfo,
-        ranges: Option<Vec<BlockRange>>,
         what: String,
         reader: &str,
     ) -> Result<OpenedRead> {
-        let allocated = match &ranges {
-            Some(ranges) => ranges.iter().map(|r| r.length).sum(),
-            None => allocated_bytes(&file).ctx(|| format!("stat {what}"))?,
+        let allocated = match &data {
+            ReadData::Blocks {
+                ranges: Some(ranges),
+                ..
+            } => ranges.iter().map(|r| r.length).sum(),
+            ReadData::Blocks { file, ranges: None } => {
+                allocated_bytes(file).ctx(|| format!("stat {what}"))?
+            }
+            ReadData::Tree { root, .. } => {
+                tree_export::allocated(root).ctx(|| format!("measure {what}"))?
+            }
         };
         let read_id = format!("read-{}", crate::ids::random_hex(12));
         let read = Arc::new(Read {
-            file,
-            ranges,
+            data,
             source: info.clone(),
             what,
             reader: reader.to_owned(),
@@ -329,13 +373,25 @@ impl Exports {
         })
     }
 
-    fn open_snapshot(&self, id: &str) -> Result<(File, SourceInfo)> {
+    fn open_snapshot(&self, id: &str) -> Result<(ReadData, SourceInfo)> {
         self.snapshots.get(id)?;
-        // Pinned only while it is opened: the open file is the read, whatever happens next.
-        let (snap, _pin) = self.snapshots.pin(id)?;
-        let file = self.backend.open_data(&self.snapshots.dir(&snap.id))?;
+        // Blocks: pinned only while opened, as the open file is the read whatever happens
+        // next. A tree: pinned while the read is open.
+        let (snap, pin) = self.snapshots.pin(id)?;
+        let dir = self.snapshots.dir(&snap.id);
+        let data = match self.backend.block_layout() {
+            true => ReadData::Blocks {
+                file: self.backend.open_data(&dir)?,
+                ranges: None,
+            },
+            false => ReadData::Tree {
+                root: self.backend.open_tree(&dir)?,
+                _copy: None,
+                _pin: Some(pin),
+            },
+        };
         Ok((
-            file,
+            data,
             SourceInfo {
                 size_bytes: snap.size_bytes,
                 format: snap.format,
@@ -345,18 +401,26 @@ impl Exports {
         ))
     }
 
-    fn open_volume(&self, id: &str) -> Result<(File, SourceInfo)> {
+    fn open_volume(&self, id: &str) -> Result<(ReadData, SourceInfo)> {
         let vol = self.volumes.get(id)?;
         let _guard = self.volumes.guard_shared(&vol.id)?;
         let vol = self.volumes.get(id)?;
         let dir = self.volumes.dir(&vol.id);
+        let blocks = self.backend.block_layout();
         // Refused before anything is copied where the data could not travel anyway.
-        drop(self.backend.open_data(&dir)?);
+        match blocks {
+            true => drop(self.backend.open_data(&dir)?),
+            false => drop(self.backend.open_tree(&dir)?),
+        }
         let copy = self
             .scratch
             .join(format!(".read-{}", crate::ids::random_hex(12)));
         fs::create_dir(&copy).ctx(|| format!("create {}", copy.display()))?;
-        let opened = self
+        let held = HeldCopy {
+            dir: copy.clone(),
+            backend: self.backend.clone(),
+        };
+        let copied = self
             .freezer
             .freeze_if_mounted(&vol.id, &dir)
             .and_then(|frozen| {
@@ -365,15 +429,23 @@ impl Exports {
                     .copy_from(&dir, &copy, vol.capacity_bytes, true);
                 drop(frozen);
                 copied
-            })
-            .and_then(|_| self.backend.open_data(&copy));
-        // The open file keeps the copy's data; its name goes now, so a crash or a reader
-        // that never comes back leaves nothing in the pool.
-        let removed = remove_object_dir(&copy, self.backend.as_ref());
-        let file = opened?;
-        removed?;
+            });
+        let data = match blocks {
+            // The open file keeps the copy's data; its name goes now (`held` dropped), so
+            // a crash or a reader that never comes back leaves nothing in the pool.
+            true => ReadData::Blocks {
+                file: copied.and_then(|_| self.backend.open_data(&copy))?,
+                ranges: None,
+            },
+            // A crash leaves it for the next start to remove.
+            false => ReadData::Tree {
+                root: copied.and_then(|_| self.backend.open_tree(&copy))?,
+                _copy: Some(held),
+                _pin: None,
+            },
+        };
         Ok((
-            file,
+            data,
             SourceInfo {
                 size_bytes: vol.capacity_bytes,
                 format: vol.format,
@@ -405,8 +477,11 @@ impl Exports {
         let read = self.get(read_id)?;
         let _streaming = self.start_stream(&read)?;
         let size = read.source.size_bytes;
-        let len = read
-            .file
+        let (file, ranges) = match &read.data {
+            ReadData::Blocks { file, ranges } => (file, ranges),
+            ReadData::Tree { root, .. } => return self.read_tree(&read, root, from, send),
+        };
+        let len = file
             .metadata()
             .ctx(|| format!("stat the data of {}", read.what))?
             .len()
@@ -417,7 +492,7 @@ impl Exports {
         };
         let mut buf = vec![0u8; self.limits.chunk_bytes];
         let mut at = from;
-        let mut listed = read.ranges.as_deref().map(|r| r.iter());
+        let mut listed = ranges.as_deref().map(|r| r.iter());
         loop {
             // The next span to send: the next listed range, or the next allocated extent.
             let (start, stop) = match listed.as_mut() {
@@ -426,18 +501,17 @@ impl Exports {
                     None => break,
                 },
                 None if at >= len => break,
-                None => match next_data(&read.file, at)
-                    .ctx(|| format!("find the data of {}", read.what))?
-                {
-                    Some((start, stop)) => (start, stop.min(len)),
-                    None => break,
-                },
+                None => {
+                    match next_data(file, at).ctx(|| format!("find the data of {}", read.what))? {
+                        Some((start, stop)) => (start, stop.min(len)),
+                        None => break,
+                    }
+                }
             };
             let mut offset = start;
             while offset < stop {
                 let n = ((stop - offset) as usize).min(buf.len());
-                read.file
-                    .read_exact_at(&mut buf[..n], offset)
+                file.read_exact_at(&mut buf[..n], offset)
                     .ctx(|| format!("read {} at {offset}", read.what))?;
                 let bytes = &buf[..n];
                 let chunk = Chunk {
@@ -461,6 +535,37 @@ impl Exports {
         Ok(end)
     }
 
+    /// Streams a tree read from stream offset `from` on.
+    fn read_tree(
+        &self,
+        read: &Read,
+        root: &File,
+        from: u64,
+        send: &mut dyn FnMut(Chunk<'_>) -> bool,
+    ) -> Result<ReadEnd> {
+        let walked = tree_export::export(root, from, self.limits.chunk_bytes, &mut |c| {
+            let sent = send(Chunk {
+                offset: c.offset,
+                bytes: c.bytes,
+                crc32: crc32fast::hash(c.bytes),
+            });
+            read.touch();
+            sent
+        });
+        match walked {
+            Ok(sent) => Ok(ReadEnd {
+                data_bytes: sent.bytes,
+                chunks: sent.chunks,
+                size_bytes: read.source.size_bytes,
+            }),
+            Err(Stopped::Receiver) => Err(Error::Aborted(format!(
+                "node {} stopped reading {}",
+                read.reader, read.what
+            ))),
+            Err(Stopped::Io(e)) => Err(Error::io(format!("read the tree of {}", read.what), e)),
+        }
+    }
+
     fn start_stream(&self, read: &Arc<Read>) -> Result<Streaming<'_>> {
         let mut streams = self.lock_streams();
         let n = streams.entry(read.reader.clone()).or_default();
@@ -480,7 +585,9 @@ impl Exports {
 
     /// Ends a read; its data is freed when the last stream of it ends. Idempotent.
     pub fn release(&self, read_id: &str) {
-        if let Some(read) = self.lock_reads().remove(read_id) {
+        // Dropped outside the lock: a held copy is removed then.
+        let removed = self.lock_reads().remove(read_id);
+        if let Some(read) = removed {
             tracing::info!(read_id, reader = %read.reader, source = %read.what, "peer read released");
         }
     }
@@ -488,13 +595,16 @@ impl Exports {
     /// Closes reads idle past the limit (not while a stream of them runs).
     pub fn expire(&self) {
         let now = Instant::now();
-        self.lock_reads().retain(|id, read| {
-            let keep = read.streams.load(Ordering::SeqCst) > 0 || read.idle_for(now) < self.limits.idle;
-            if !keep {
-                tracing::info!(read_id = %id, reader = %read.reader, source = %read.what, "peer read closed: idle");
-            }
-            keep
-        });
+        // Dropped outside the lock: a held copy is removed then.
+        let closed: Vec<(String, Arc<Read>)> = self
+            .lock_reads()
+            .extract_if(|_, read| {
+                read.streams.load(Ordering::SeqCst) == 0 && read.idle_for(now) >= self.limits.idle
+            })
+            .collect();
+        for (id, read) in closed {
+            tracing::info!(read_id = %id, reader = %read.reader, source = %read.what, "peer read closed: idle");
+        }
     }
 
     /// Reads open now.

@@ -10,7 +10,7 @@ pub mod exports;
 pub mod forward;
 
 pub use cluster::Cluster;
-pub use copies::{CopyFigures, RemoteCopies};
+pub use copies::{CopyFigures, CopyInto, RemoteCopies};
 pub use exports::{ExportLimits, ExportSources, Exports, OpenedRead};
 pub use forward::Forwarding;
 
@@ -31,6 +31,14 @@ pub struct SourceInfo {
     pub backend: String,
     /// Its wrapped key when it is encrypted: a copy keeps it.
     pub encryption: Option<crate::encryption::WrappedKey>,
+}
+
+impl SourceInfo {
+    /// Whether the data travels as a directory tree (the btrfs and dir backends), not as
+    /// the blocks of one file (image).
+    pub fn is_tree(&self) -> bool {
+        matches!(self.backend.as_str(), "btrfs" | "dir")
+    }
 }
 
 /// A read opened on another node.

@@ -11,7 +11,7 @@ use super::*;
 use crate::controller::CreateVolume;
 use crate::fault::FaultPoints;
 use crate::model::{AccessMode, CapacityRange, MIB, VolumeRecord};
-use crate::testing::{Fixture, mount, node_fixture};
+use crate::testing::{Fixture, mount, mount_fs, node_fixture, node_fixture_of};
 
 /// Other nodes, in this process.
 #[derive(Default)]
@@ -822,4 +822,180 @@ fn a_source_made_on_a_node_the_cluster_no_longer_has_is_gone_not_unavailable() {
         matches!(err, Error::NotFound(ref m) if m.contains("no longer has")),
         "{err}"
     );
+}
+
+/// Two nodes with the dir backend (a volume's data is a directory tree).
+fn dir_cluster() -> Pair {
+    let peers = Arc::new(LocalPeers::default());
+    let a = node_fixture_of("node-a", FaultPoints::default(), Some(peers.clone()), true);
+    let b = node_fixture_of("node-b", FaultPoints::default(), Some(peers.clone()), true);
+    peers.add("node-a", a.driver.exports.clone());
+    peers.add("node-b", b.driver.exports.clone());
+    Pair { peers, a, b }
+}
+
+fn create_dir_volume(
+    f: &Fixture,
+    name: &str,
+    source: Option<ContentSource>,
+) -> Result<VolumeRecord> {
+    f.driver.controller.create_volume(CreateVolume {
+        name: name.into(),
+        capacity: CapacityRange {
+            required: 64 * MIB,
+            limit: 0,
+        },
+        capabilities: vec![mount_fs("", AccessMode::SingleNodeWriter)],
+        content_source: source,
+        ..Default::default()
+    })
+}
+
+fn tree_of(f: &Fixture, id: &str) -> std::path::PathBuf {
+    f.driver
+        .volumes
+        .dir(id)
+        .join(crate::backend::directory::DATA_DIR)
+}
+
+/// A tree with a sparse 2 MiB file (several chunks), a nested directory and a symlink.
+fn write_tree(root: &std::path::Path) {
+    std::fs::create_dir_all(root.join("app/logs")).unwrap();
+    let big = File::create(root.join("app/data.bin")).unwrap();
+    big.set_len(8 * MIB).unwrap();
+    let pattern: Vec<u8> = (0..2 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+    big.write_all_at(&pattern, 3 * MIB).unwrap();
+    std::fs::write(root.join("app/logs/today"), b"line\n").unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", root.join("app/escape")).unwrap();
+}
+
+/// Paths, kinds, modes, sizes and contents under `root`, in order.
+fn tree_listing(root: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&path).unwrap().display())
+            } else if m.is_dir() {
+                stack.push(path.clone());
+                "dir".into()
+            } else {
+                format!("{:08x}", crc32fast::hash(&std::fs::read(&path).unwrap()))
+            };
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            out.push(format!("{rel} {what} {:o} {}", m.mode(), m.len()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_dir_snapshot_restores_on_another_node_as_the_same_tree() {
+    let c = dir_cluster();
+    let vol = create_dir_volume(&c.a, "src", None).unwrap();
+    write_tree(&tree_of(&c.a, &vol.id));
+    let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
+    c.peers.break_after.store(3, Ordering::SeqCst);
+    let restored = create_dir_volume(
+        &c.b,
+        "restored",
+        Some(ContentSource::Snapshot(snap.id.clone())),
+    )
+    .unwrap();
+    assert_eq!(
+        c.peers.breaks.load(Ordering::SeqCst),
+        1,
+        "the stream broke once"
+    );
+    let (src, dst) = (tree_of(&c.a, &vol.id), tree_of(&c.b, &restored.id));
+    assert_eq!(tree_listing(&dst), tree_listing(&src));
+    // Holes stay holes; the symlink was made, not followed.
+    let big = std::fs::metadata(dst.join("app/data.bin")).unwrap();
+    assert!(big.blocks() * 512 < 3 * MIB, "{} blocks", big.blocks());
+    assert_eq!(
+        std::fs::read_link(dst.join("app/escape")).unwrap(),
+        std::path::Path::new("/etc/shadow")
+    );
+    assert_eq!(c.a.driver.exports.open_reads(), 0, "the read was released");
+    no_staging_left(&c.b);
+}
+
+#[test]
+fn a_dir_volume_clones_on_another_node_and_its_copy_goes_with_the_read() {
+    let c = dir_cluster();
+    let vol = create_dir_volume(&c.a, "src", None).unwrap();
+    write_tree(&tree_of(&c.a, &vol.id));
+    c.peers.corrupt.store(1, Ordering::SeqCst);
+    let clone =
+        create_dir_volume(&c.b, "clone", Some(ContentSource::Volume(vol.id.clone()))).unwrap();
+    assert_eq!(
+        tree_listing(&tree_of(&c.b, &clone.id)),
+        tree_listing(&tree_of(&c.a, &vol.id))
+    );
+    // The copy made for the read is gone with it.
+    let scratch = c.a._pool.path().join(exports::READS_DIR);
+    assert_eq!(std::fs::read_dir(scratch).unwrap().count(), 0);
+}
+
+#[test]
+fn a_snapshot_under_a_tree_read_is_not_deleted_until_the_read_ends() {
+    let c = dir_cluster();
+    let vol = create_dir_volume(&c.a, "src", None).unwrap();
+    write_tree(&tree_of(&c.a, &vol.id));
+    let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
+    let exports = &c.a.driver.exports;
+    let read = exports
+        .open(&ContentSource::Snapshot(snap.id.clone()), "node-b")
+        .unwrap();
+    assert!(read.allocated_bytes >= 2 * MIB, "{}", read.allocated_bytes);
+    let err = c.a.driver.snapshots.delete_snapshot(&snap.id).unwrap_err();
+    assert!(matches!(err, Error::Aborted(_)), "{err}");
+    exports.release(&read.read_id);
+    c.a.driver.snapshots.delete_snapshot(&snap.id).unwrap();
+}
+
+#[test]
+fn a_tree_cannot_become_an_image_volume_nor_an_image_a_tree() {
+    let peers = Arc::new(LocalPeers::default());
+    let a = node_fixture_of("node-a", FaultPoints::default(), Some(peers.clone()), true);
+    let b = node_fixture("node-b", FaultPoints::default(), Some(peers.clone()));
+    peers.add("node-a", a.driver.exports.clone());
+    peers.add("node-b", b.driver.exports.clone());
+    let tree = create_dir_volume(&a, "tree", None).unwrap();
+    let err = create(&b, "img", 64 * MIB, Some(ContentSource::Volume(tree.id))).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument(ref m) if m.contains("dir backend")),
+        "{err}"
+    );
+    let img = create(&b, "img2", 64 * MIB, None).unwrap();
+    let err = create_dir_volume(&a, "tree2", Some(ContentSource::Volume(img.id))).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument(ref m) if m.contains("image backend")),
+        "{err}"
+    );
+    assert_eq!(b.driver.volumes.store.len(), 1);
+    assert_eq!(
+        a.driver.exports.open_reads() + b.driver.exports.open_reads(),
+        0
+    );
+}
+
+#[test]
+fn a_dir_volume_is_not_moved_and_says_what_to_do_instead() {
+    let c = dir_cluster();
+    let vol = create_dir_volume(&c.a, "src", None).unwrap();
+    let err =
+        c.a.driver
+            .exports
+            .move_out(MoveStep::Precopy, &vol.id, "move-1", "node-b")
+            .unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("restore the snapshot on node node-b")),
+        "{err}"
+    );
+    assert_eq!(c.a.driver.exports.open_reads(), 0);
 }

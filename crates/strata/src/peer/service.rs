@@ -113,7 +113,7 @@ impl proto::peer_server::Peer for PeerService {
             let read = exports.read(&req.read_id, req.from_offset, &mut |chunk| {
                 let data = proto::Data {
                     offset: chunk.offset,
-                    bytes: chunk.bytes.to_vec(),
+                    bytes: chunk.bytes.to_vec().into(),
                     crc32: chunk.crc32,
                 };
                 tx.blocking_send(Ok(proto::ExtentChunk {
