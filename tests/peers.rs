@@ -55,13 +55,15 @@ fn node_args(net: &Net, i: usize, n: usize, tls: &Path, extra: &[&str]) -> Vec<S
 }
 
 impl Cluster {
-    /// `n` servers of `backend`, each on a pool of its own `fs_type` filesystem.
-    async fn start_on_fs(n: usize, fs_type: &str, backend: &str) -> Cluster {
+    /// A server per `(fs_type, backend)`, each on a pool of its own `fs_type` filesystem.
+    async fn start_on_fs(pools: &[(&str, &str)]) -> Cluster {
+        let n = pools.len();
         let net = Net::new(n);
         let certs = tempfile::tempdir().unwrap();
         let tls = peer_certs(certs.path());
         let mut nodes = vec![];
         for i in 0..n {
+            let (fs_type, backend) = pools[i];
             let args = node_args(&net, i, n, &tls, &["--backend", backend]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             nodes.push(TestEnv::start_on_fs_in(Some(&net.names[i]), fs_type, 1 << 30, &args).await);
@@ -1080,7 +1082,7 @@ fn mount_any() -> csi::VolumeCapability {
 }
 
 async fn directory_volumes_restore_and_clone_across_nodes(fs_type: &str, backend: &str) {
-    let mut c = Cluster::start_on_fs(2, fs_type, backend).await;
+    let mut c = Cluster::start_on_fs(&[(fs_type, backend), (fs_type, backend)]).await;
     let (a, b) = c.nodes.split_at_mut(1);
     let (a, b) = (&mut a[0], &mut b[0]);
     let vol = a.create("src", 256 << 20, mount_any()).await.volume_id;
@@ -1178,7 +1180,7 @@ fn subvolumes(env: &TestEnv) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn btrfs_copies_killed_on_either_side_leave_no_subvolume_behind() {
-    let mut c = Cluster::start_on_fs(2, "btrfs", "btrfs").await;
+    let mut c = Cluster::start_on_fs(&[("btrfs", "btrfs"), ("btrfs", "btrfs")]).await;
     let (vol, expected) = volume_with_tree(&mut c.nodes[0], "src").await;
     let before = subvolumes(&c.nodes[0]);
     // Node 1 dies after the first chunk of the tree it applies.
@@ -1212,6 +1214,39 @@ async fn btrfs_copies_killed_on_either_side_leave_no_subvolume_behind() {
     c.nodes[0].kill();
     c.nodes[0].restart(None).await;
     assert_eq!(subvolumes(&c.nodes[0]), before);
+    no_creation_left(&c.nodes[0]);
+    drop(c.net);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dir_snapshot_restores_as_a_btrfs_volume_and_never_as_an_image() {
+    let mut c =
+        Cluster::start_on_fs(&[("ext4", "dir"), ("btrfs", "btrfs"), ("ext4", "image")]).await;
+    let (vol, expected) = volume_with_tree(&mut c.nodes[0], "src").await;
+    let snap = c.nodes[0].snapshot("snap", &vol).await.unwrap();
+    let mut req = from_snapshot("restored", 256 << 20, &snap.snapshot_id);
+    req.volume_capabilities = vec![mount_any()];
+    let restored = create(&mut c.nodes[1], req).await.unwrap();
+    let b = &mut c.nodes[1];
+    let (s, t) = (b.path("r-staging"), b.path("r-target"));
+    fs::create_dir_all(&s).unwrap();
+    b.stage(&restored.volume_id, &s, mount_any()).await.unwrap();
+    b.publish(&restored.volume_id, &s, &t, mount_any(), false)
+        .await
+        .unwrap();
+    assert_eq!(tree_listing(Path::new(&t)), expected);
+    unpublish_all(b, &restored.volume_id, &s, &t).await;
+    // The image node refuses at once, naming both backends; nothing is made there.
+    let err = create(
+        &mut c.nodes[2],
+        from_snapshot("as-image", 256 << 20, &snap.snapshot_id),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("dir backend"), "{err:?}");
+    assert!(volume_names(&mut c.nodes[2]).await.is_empty());
+    no_creation_left(&c.nodes[2]);
     no_creation_left(&c.nodes[0]);
     drop(c.net);
 }
