@@ -49,11 +49,15 @@ serve "$a" a 10.233.0.1 node-b 10.233.0.2
 serve "$b" b 10.233.0.2 node-a 10.233.0.1
 nsenter --net="/run/netns/$b" "$bin" bench tcp-sink --listen 10.233.0.2:9999 2>/dev/null &
 echo $! > "$work/sink.pid"
+nsenter --net="/run/netns/$b" "$bin" bench tcp-sink --listen 10.233.0.2:9998 \
+    --tls-dir "$work/tls" 2>/dev/null &
+echo $! > "$work/tls-sink.pid"
 for _ in $(seq 100); do [ -S "$work/a.sock" ] && [ -S "$work/b.sock" ] && break; sleep 0.1; done
 nsenter --net="/run/netns/$a" "$bin" bench cross-node \
     --from "unix://$work/a.sock" --to "unix://$work/b.sock" \
     --size "${SIZE:-4Gi}" --data "${DATA:-1Gi}" --copies "${COPIES:-1}" \
-    --baseline 10.233.0.2:9999 --disk-baseline --from-pid "$(cat "$work/a.pid")" --to-pid "$(cat "$work/b.pid")" \
+    --baseline 10.233.0.2:9999 --tls-baseline 10.233.0.2:9998 --peer-tls-dir "$work/tls" \
+    --disk-baseline --from-pid "$(cat "$work/a.pid")" --to-pid "$(cat "$work/b.pid")" \
     --workdir "$work/bench" &
 bench=$!
 if [ -n "${PERF:-}" ]; then # PERF=FILE: a profile of PERF_SIDE (a, b, or all: the machine)

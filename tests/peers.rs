@@ -62,8 +62,7 @@ impl Cluster {
         let certs = tempfile::tempdir().unwrap();
         let tls = peer_certs(certs.path());
         let mut nodes = vec![];
-        for i in 0..n {
-            let (fs_type, backend) = pools[i];
+        for (i, (fs_type, backend)) in pools.iter().enumerate() {
             let args = node_args(&net, i, n, &tls, &["--backend", backend]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             nodes.push(TestEnv::start_on_fs_in(Some(&net.names[i]), fs_type, 1 << 30, &args).await);
@@ -1249,4 +1248,186 @@ async fn a_dir_snapshot_restores_as_a_btrfs_volume_and_never_as_an_image() {
     no_creation_left(&c.nodes[2]);
     no_creation_left(&c.nodes[0]);
     drop(c.net);
+}
+
+/// A gRPC client of the peer service at `address`, presenting the certificates in `dir`.
+async fn peer_client(
+    address: &str,
+    dir: &Path,
+) -> strata_peer_proto::peer_client::PeerClient<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let (ca, cert, key) = tls_files(dir);
+    let tls = ClientTlsConfig::new()
+        .domain_name("strata-peer")
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key));
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    strata_peer_proto::peer_client::PeerClient::new(channel)
+}
+
+/// A bulk read as a node makes it, with the certificates in `dir`: the chunks' bytes
+/// by offset, or what stopped it.
+fn bulk_read(
+    dir: &Path,
+    address: &str,
+    read_id: &str,
+    from: u64,
+) -> Result<(Vec<(u64, usize)>, strata_core::peer::ReadEnd), String> {
+    let tls = strata::peer::tls::PeerTls::load(dir).unwrap();
+    let config = tls.rustls_client(&[strata::peer::bulk::ALPN]).unwrap();
+    let request = strata::peer::bulk::Request {
+        read_id: read_id.into(),
+        from,
+    };
+    let mut chunks = vec![];
+    let read = strata::peer::bulk::read(
+        &config,
+        "node-a",
+        address,
+        &request,
+        Duration::from_secs(5),
+        Duration::from_secs(3),
+        &mut |c| {
+            assert_eq!(crc32fast::hash(c.bytes), c.crc32);
+            chunks.push((c.offset, c.bytes.len()));
+            Ok(())
+        },
+    );
+    match read {
+        Ok(end) => Ok((chunks, end)),
+        Err(strata::peer::bulk::Failed::NotConnected(why)) => Err(format!("not connected: {why}")),
+        Err(strata::peer::bulk::Failed::Read(e)) => Err(format!("read: {e}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_reads_take_the_same_handshake_refuse_bad_requests_and_match_read_extents() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (peer_certs(certs.path()), peer_certs(certs.path()));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let address = format!("127.0.0.1:{port}");
+    let tls_dir = ours.display().to_string();
+    let mut a = TestEnv::start_with_args(
+        &[
+            "--node-id",
+            "node-a",
+            "--peer-listen",
+            &address,
+            "--peer-tls-dir",
+            &tls_dir,
+        ],
+        None,
+    )
+    .await;
+    let (vol, staging, target) = published_with_data(&mut a, "src", 2).await;
+    let snap = a.snapshot("snap", &vol).await.unwrap();
+    unpublish_all(&mut a, &vol, &staging, &target).await;
+    let mut client = peer_client(&address, &ours).await;
+    let opened = client
+        .open_read(strata_peer_proto::OpenReadRequest {
+            kind: strata_peer_proto::SourceKind::Snapshot as i32,
+            id: snap.snapshot_id.clone(),
+            reader_node: "node-b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A certificate of another CA is refused in the handshake, as for gRPC.
+    let other = tokio::task::spawn_blocking({
+        let (theirs, address, id) = (theirs.clone(), address.clone(), opened.read_id.clone());
+        move || bulk_read(&theirs, &address, &id, 0)
+    })
+    .await
+    .unwrap();
+    assert!(other.unwrap_err().starts_with("not connected"));
+    // Bytes that are not a request, from a caller with a good certificate: the connection
+    // is closed, nothing is sent, and the listener goes on.
+    let garbage = tokio::task::spawn_blocking({
+        let (ours, address) = (ours.clone(), address.clone());
+        move || {
+            use std::io::{Read, Write};
+            let tls = strata::peer::tls::PeerTls::load(&ours).unwrap();
+            let config = tls.rustls_client(&[strata::peer::bulk::ALPN]).unwrap();
+            let name = rustls::pki_types::ServerName::try_from("strata-peer").unwrap();
+            let conn = rustls::ClientConnection::new(config, name).unwrap();
+            let tcp = std::net::TcpStream::connect(&address).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n\xff\xff\xff\xff")
+                .unwrap();
+            s.flush().unwrap();
+            let mut got = vec![];
+            let _ = s.read_to_end(&mut got);
+            got
+        }
+    })
+    .await
+    .unwrap();
+    assert!(garbage.is_empty(), "{} bytes answered", garbage.len());
+    // An unknown read is NOT_FOUND, as from ReadExtents.
+    let unknown = tokio::task::spawn_blocking({
+        let (ours, address) = (ours.clone(), address.clone());
+        move || bulk_read(&ours, &address, "read-000000000000000000000000", 0)
+    })
+    .await
+    .unwrap();
+    let err = unknown.unwrap_err();
+    assert!(err.contains("is not open on node node-a"), "{err}");
+
+    // The read itself: the allocated bytes once, and what ReadExtents sends the same.
+    let (chunks, end) = tokio::task::spawn_blocking({
+        let (ours, address, id) = (ours.clone(), address.clone(), opened.read_id.clone());
+        move || bulk_read(&ours, &address, &id, 0)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let total: usize = chunks.iter().map(|c| c.1).sum();
+    assert_eq!(
+        (total as u64, chunks.len() as u64),
+        (end.data_bytes, end.chunks)
+    );
+    // The snapshot's data (its 2 MiB file and the filesystem's own), no more than it takes.
+    assert!(end.data_bytes >= 2 << 20 && end.data_bytes <= opened.allocated_bytes);
+    let mut stream = client
+        .read_extents(strata_peer_proto::ReadExtentsRequest {
+            read_id: opened.read_id.clone(),
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut grpc = vec![];
+    while let Some(m) = stream.message().await.unwrap() {
+        match m.kind.unwrap() {
+            strata_peer_proto::extent_chunk::Kind::Data(d) => grpc.push((d.offset, d.bytes.len())),
+            strata_peer_proto::extent_chunk::Kind::End(e) => {
+                assert_eq!(e.data_bytes, end.data_bytes);
+                break;
+            }
+        }
+    }
+    assert_eq!(grpc, chunks);
+    // Resumed from the middle: only the rest.
+    let middle = chunks[chunks.len() / 2].0;
+    let (rest, _) = tokio::task::spawn_blocking({
+        let (ours, address, id) = (ours.clone(), address.clone(), opened.read_id.clone());
+        move || bulk_read(&ours, &address, &id, middle)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(rest[..], chunks[chunks.len() / 2..]);
+    let log = a.server_log();
+    assert!(log.contains("peer stream sent"), "{log}");
 }

@@ -4,6 +4,7 @@
 //! holds). The transport (gRPC over mutual TLS) lives in the server; this module sees other
 //! nodes only through [`Peers`].
 
+pub mod bulk_wire;
 pub mod cluster;
 pub mod copies;
 pub mod exports;

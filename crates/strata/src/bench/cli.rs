@@ -156,6 +156,9 @@ pub enum BenchCommand {
         /// Connections served before exiting.
         #[arg(long, default_value_t = 1)]
         connections: usize,
+        /// Serve TLS with these peer certificates (the other end of `--tls-baseline`).
+        #[arg(long)]
+        tls_dir: Option<std::path::PathBuf>,
     },
     /// Create N volumes, list them all, delete them (unless --keep).
     Scale {
@@ -220,9 +223,20 @@ impl BenchCommand {
                 BenchCommand::TcpSink {
                     listen,
                     connections,
-                } => tokio::task::spawn_blocking(move || cross_node::tcp_sink(listen, connections))
+                    tls_dir,
+                } => {
+                    let tls = match tls_dir {
+                        Some(dir) => {
+                            Some(crate::peer::tls::PeerTls::load(&dir)?.rustls_server(&[])?)
+                        }
+                        None => None,
+                    };
+                    tokio::task::spawn_blocking(move || {
+                        cross_node::tcp_sink(listen, connections, tls)
+                    })
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| e.to_string())?
+                }
                 _ => Ok(()),
             };
         };

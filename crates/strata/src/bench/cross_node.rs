@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -37,6 +38,13 @@ pub struct CrossNodeArgs {
     /// plain TCP, as the baseline.
     #[arg(long)]
     pub baseline: Option<SocketAddr>,
+    /// A `strata bench tcp-sink --tls-dir` reached over the same link: the same bytes sent
+    /// there over TLS with the peer certificates (needs --peer-tls-dir).
+    #[arg(long, requires = "peer_tls_dir")]
+    pub tls_baseline: Option<SocketAddr>,
+    /// The peer certificates, for --tls-baseline.
+    #[arg(long)]
+    pub peer_tls_dir: Option<PathBuf>,
     /// Also write the same bytes into a file in the workdir and flush them (on the
     /// destination's disk when the workdir is), as the disk's baseline: a copy cannot
     /// outrun the disk it lands on.
@@ -56,15 +64,20 @@ struct CrossNodeReport {
     seconds: f64,
     mib_per_second: f64,
     baseline_mib_per_second: Option<f64>,
+    tls_mib_per_second: Option<f64>,
     disk_mib_per_second: Option<f64>,
     verified: bool,
     source_rss_growth_kib: Option<u64>,
     destination_rss_growth_kib: Option<u64>,
 }
 
-/// Sends `bytes` to a tcp-sink at `addr` and waits for its count: MiB/s.
-fn tcp_baseline(addr: SocketAddr, bytes: u64) -> std::io::Result<f64> {
-    let mut stream = TcpStream::connect(addr)?;
+/// Sends `bytes` on `stream`, ends the sending with `end`, and waits for the sink's count:
+/// MiB/s.
+fn send_counted<S: Read + Write>(
+    stream: &mut S,
+    bytes: u64,
+    end: impl FnOnce(&mut S) -> std::io::Result<()>,
+) -> std::io::Result<f64> {
     let chunk = vec![0x5au8; 1 << 20];
     let start = Instant::now();
     let mut sent = 0u64;
@@ -73,7 +86,7 @@ fn tcp_baseline(addr: SocketAddr, bytes: u64) -> std::io::Result<f64> {
         stream.write_all(&chunk[..n])?;
         sent += n as u64;
     }
-    stream.shutdown(std::net::Shutdown::Write)?;
+    end(stream)?;
     let mut count = [0u8; 8];
     stream.read_exact(&mut count)?;
     let seconds = start.elapsed().as_secs_f64();
@@ -81,6 +94,31 @@ fn tcp_baseline(addr: SocketAddr, bytes: u64) -> std::io::Result<f64> {
         return Err(std::io::Error::other("the sink counted other bytes"));
     }
     Ok(bytes as f64 / (1 << 20) as f64 / seconds)
+}
+
+/// Sends `bytes` to a tcp-sink at `addr` and waits for its count: MiB/s.
+fn tcp_baseline(addr: SocketAddr, bytes: u64) -> std::io::Result<f64> {
+    let mut stream = TcpStream::connect(addr)?;
+    send_counted(&mut stream, bytes, |s| {
+        s.shutdown(std::net::Shutdown::Write)
+    })
+}
+
+/// Sends `bytes` over TLS, as one node's peer certificate to another's, to a tcp-sink with
+/// `--tls-dir` at `addr`: MiB/s. What the encryption alone leaves of the link.
+fn tls_baseline(
+    addr: SocketAddr,
+    bytes: u64,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<f64> {
+    let name = rustls::pki_types::ServerName::try_from(crate::peer::tls::SERVER_NAME)
+        .map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(conn, TcpStream::connect(addr)?);
+    send_counted(&mut stream, bytes, |s| {
+        s.conn.send_close_notify();
+        s.flush()
+    })
 }
 
 /// Writes `bytes` into a new file at `path`, flushes it, removes it: MiB/s.
@@ -97,24 +135,42 @@ fn disk_baseline(path: PathBuf, bytes: u64) -> std::io::Result<f64> {
     written.map(|()| bytes as f64 / (1 << 20) as f64 / seconds)
 }
 
-/// `strata bench tcp-sink`: counts what each connection sends and answers the count.
-pub fn tcp_sink(listen: SocketAddr, connections: usize) -> Result<(), String> {
+/// Reads `stream` to its end and answers the count.
+fn count<S: Read + Write>(stream: &mut S) -> Result<(), String> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    stream
+        .write_all(&total.to_le_bytes())
+        .and_then(|()| stream.flush())
+        .map_err(|e| e.to_string())
+}
+
+/// `strata bench tcp-sink`: counts what each connection sends and answers the count; over
+/// TLS with the peer certificates when `tls` is given.
+pub fn tcp_sink(
+    listen: SocketAddr,
+    connections: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<(), String> {
     let listener = TcpListener::bind(listen).map_err(|e| format!("listen on {listen}: {e}"))?;
     eprintln!("tcp-sink listening on {listen}");
     for _ in 0..connections.max(1) {
-        let (mut stream, _) = listener.accept().map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => total += n as u64,
-                Err(e) => return Err(e.to_string()),
+        let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+        match &tls {
+            None => count(&mut { stream })?,
+            Some(config) => {
+                let conn =
+                    rustls::ServerConnection::new(config.clone()).map_err(|e| e.to_string())?;
+                count(&mut rustls::StreamOwned::new(conn, stream))?
             }
         }
-        stream
-            .write_all(&total.to_le_bytes())
-            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -221,6 +277,14 @@ async fn measure(
         }),
         None => None,
     };
+    let tls = match (args.tls_baseline, &args.peer_tls_dir) {
+        (Some(addr), Some(dir)) => Some({
+            let config = crate::peer::tls::PeerTls::load(dir)?.rustls_client(&[])?;
+            let data = args.data;
+            blocking("tls baseline", move || tls_baseline(addr, data, config)).await?
+        }),
+        _ => None,
+    };
     let disk = match args.disk_baseline {
         true => Some({
             let (path, data) = (args.workdir.join(format!("{name}.disk")), args.data);
@@ -248,6 +312,7 @@ async fn measure(
         seconds,
         mib_per_second: total as f64 / (1 << 20) as f64 / seconds,
         baseline_mib_per_second: baseline,
+        tls_mib_per_second: tls,
         disk_mib_per_second: disk,
         verified: copied == sum,
         source_rss_growth_kib: source_growth,
@@ -268,6 +333,14 @@ async fn measure(
             100.0 * report.mib_per_second / b
         ));
         figures.push(("plain TCP MiB/s".to_owned(), b));
+    }
+    if let Some(t) = tls {
+        table.push_str(&format!(
+            "TLS with the peer certificates over the same link: {t:.1} MiB/s; the copy reaches {:.0}% of it{}\n",
+            100.0 * report.mib_per_second / t,
+            baseline.map_or(String::new(), |b| format!(" (TLS alone: {:.0}% of plain TCP)", 100.0 * t / b))
+        ));
+        figures.push(("TLS MiB/s".to_owned(), t));
     }
     if let Some(d) = disk {
         table.push_str(&format!(

@@ -68,6 +68,8 @@ pub struct GrpcPeers {
     this_node: String,
     directory: Directory,
     tls: PeerTls,
+    /// The TLS of bulk reads (`None`: they go over `ReadExtents`).
+    bulk: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
     runtime: Handle,
     channels: Mutex<HashMap<String, Channel>>,
@@ -81,10 +83,18 @@ impl GrpcPeers {
         timeout: Duration,
         runtime: Handle,
     ) -> Self {
+        let bulk = match tls.rustls_client(&[super::bulk::ALPN]) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                tracing::warn!(error = %e, "bulk reads are off; copies use ReadExtents");
+                None
+            }
+        };
         GrpcPeers {
             this_node: this_node.to_owned(),
             directory,
             tls,
+            bulk,
             timeout,
             runtime,
             channels: Mutex::new(HashMap::new()),
@@ -235,6 +245,29 @@ impl Peers for GrpcPeers {
         from: u64,
         sink: &mut dyn FnMut(Chunk<'_>) -> Result<(), Error>,
     ) -> Result<ReadEnd, Error> {
+        if let Some(config) = &self.bulk {
+            let request = super::bulk::Request {
+                read_id: read_id.to_owned(),
+                from,
+            };
+            let address = self.address(node)?;
+            match super::bulk::read(
+                config,
+                node,
+                &address,
+                &request,
+                self.timeout,
+                CONNECT_TIMEOUT,
+                sink,
+            ) {
+                Ok(end) => return Ok(end),
+                Err(super::bulk::Failed::Read(e)) => return Err(e),
+                // An older node, or none there: ReadExtents says which.
+                Err(super::bulk::Failed::NotConnected(why)) => {
+                    tracing::debug!(node, why, "no bulk read; streaming with ReadExtents");
+                }
+            }
+        }
         let mut client = self.client(node)?;
         let timeout = self.timeout;
         self.runtime.block_on(async {

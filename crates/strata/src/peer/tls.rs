@@ -4,7 +4,11 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
@@ -18,7 +22,7 @@ pub const CERT_FILE: &str = "tls.crt";
 pub const KEY_FILE: &str = "tls.key";
 
 /// A TLS handshake not done within this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The largest file read from the TLS directory.
 const MAX_PEM_BYTES: u64 = 64 * 1024;
@@ -28,6 +32,31 @@ const MAX_PEM_BYTES: u64 = 64 * 1024;
 pub struct PeerTls {
     ca: Certificate,
     identity: Identity,
+    /// The same files, for configurations made with rustls itself.
+    pem: Arc<Pem>,
+}
+
+/// What both rustls configurations are made of: the provider, the CA, this node's chain
+/// and key.
+type RustlsParts = (
+    Arc<rustls::crypto::CryptoProvider>,
+    Arc<rustls::RootCertStore>,
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+);
+
+struct Pem {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl Drop for Pem {
+    fn drop(&mut self) {
+        // The key does not outlive its use in memory.
+        self.key.iter_mut().for_each(|b| *b = 0);
+        std::hint::black_box(&self.key);
+    }
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -80,8 +109,9 @@ impl PeerTls {
         let cert = read_pem(dir, CERT_FILE, "CERTIFICATE")?;
         let key = read_pem(dir, KEY_FILE, "PRIVATE KEY")?;
         let tls = PeerTls {
-            ca: Certificate::from_pem(ca),
-            identity: Identity::from_pem(cert, key),
+            ca: Certificate::from_pem(&ca),
+            identity: Identity::from_pem(&cert, &key),
+            pem: Arc::new(Pem { ca, cert, key }),
         };
         // Parsed now, so a bad file stops the server before it touches the pool.
         tonic::transport::Server::builder()
@@ -121,5 +151,56 @@ impl PeerTls {
             .ca_certificate(self.ca.clone())
             .identity(self.identity.clone())
             .timeout(HANDSHAKE_TIMEOUT)
+    }
+
+    fn rustls_parts(&self) -> Result<RustlsParts, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.pem.ca) {
+            let ca = ca.map_err(|_| "the peer CA is not PEM".to_owned())?;
+            roots
+                .add(ca)
+                .map_err(|e| format!("the peer CA is unusable: {e}"))?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&self.pem.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "the peer certificate is not PEM".to_owned())?;
+        let key = PrivateKeyDer::from_pem_slice(&self.pem.key)
+            .map_err(|_| "the peer key is not PEM".to_owned())?;
+        Ok((provider, Arc::new(roots), chain, key))
+    }
+
+    /// The listener's side as a rustls configuration: as [`server`](Self::server) does, a
+    /// client certificate from the CA is required; `alpn` names the protocols it speaks.
+    pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, String> {
+        let (provider, roots, chain, key) = self.rustls_parts()?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| format!("the peer CA cannot verify clients: {e}"))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("the peer certificate is unusable: {e}"))?;
+        let mut config = config;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// The caller's side as a rustls configuration, as [`client`](Self::client), asking
+    /// for the protocols in `alpn`.
+    pub fn rustls_client(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, String> {
+        let (provider, roots, chain, key) = self.rustls_parts()?;
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("the peer certificate is unusable: {e}"))?;
+        let mut config = config;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
     }
 }

@@ -302,9 +302,11 @@ fn serve_peers(
         .local_addr()
         .map_err(|e| format!("--peer-listen: {e}"))?;
     let listener = TcpListener::from_std(listener).map_err(|e| format!("--peer-listen: {e}"))?;
+    // TLS is the listener's: each connection is handshaken there, then handed to tonic or
+    // served as a bulk read.
+    let (incoming, accepting) =
+        crate::peer::listener::accept(listener, tls, driver.exports.clone())?;
     let router = Server::builder()
-        .tls_config(tls.server())
-        .map_err(|e| format!("--peer-tls-dir: {e}"))?
         .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
@@ -324,10 +326,9 @@ fn serve_peers(
         }
     });
     Ok(tokio::spawn(async move {
-        // No Nagle delay on the small frames (window updates, ends of streams).
-        let incoming = TcpListenerStream::new(listener)
-            .map(|s| s.and_then(|s| s.set_nodelay(true).map(|()| s)));
-        if let Err(e) = router.serve_with_incoming(incoming).await {
+        let served = router.serve_with_incoming(incoming).await;
+        accepting.abort();
+        if let Err(e) = served {
             tracing::error!(error = %e, "the peer service stopped");
         }
     }))
