@@ -524,23 +524,16 @@ async fn peer_call(
         .map_err(|s| format!("{s:?}"))
 }
 
-fn tls_files(dir: &Path) -> (String, String, String) {
-    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
-    (read("ca.crt"), read("tls.crt"), read("tls.key"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callers_without_a_certificate_of_the_peer_ca_are_refused_before_any_handler() {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let certs = tempfile::tempdir().unwrap();
-    let (ours, theirs) = (peer_certs(certs.path()), peer_certs(certs.path()));
+/// Node `node-a` serving its peer service on a free loopback port with the certificates in
+/// `tls`, and that port's address.
+async fn listening_node(tls: &Path) -> (TestEnv, String) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let address = format!("127.0.0.1:{port}");
-    let tls_dir = ours.display().to_string();
-    let mut a = TestEnv::start_with_args(
+    let tls_dir = tls.display().to_string();
+    let env = TestEnv::start_with_args(
         &[
             "--node-id",
             "node-a",
@@ -552,6 +545,20 @@ async fn callers_without_a_certificate_of_the_peer_ca_are_refused_before_any_han
         None,
     )
     .await;
+    (env, address)
+}
+
+fn tls_files(dir: &Path) -> (String, String, String) {
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap();
+    (read("ca.crt"), read("tls.crt"), read("tls.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_without_a_certificate_of_the_peer_ca_are_refused_before_any_handler() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let certs = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (peer_certs(certs.path()), peer_certs(certs.path()));
+    let (mut a, address) = listening_node(&ours).await;
     let vol = a.create("src", 64 << 20, ext4()).await;
     let (ca, cert, key) = tls_files(&ours);
     let (other_ca, other_cert, other_key) = tls_files(&theirs);
@@ -1310,24 +1317,7 @@ fn bulk_read(
 async fn bulk_reads_take_the_same_handshake_refuse_bad_requests_and_match_read_extents() {
     let certs = tempfile::tempdir().unwrap();
     let (ours, theirs) = (peer_certs(certs.path()), peer_certs(certs.path()));
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let address = format!("127.0.0.1:{port}");
-    let tls_dir = ours.display().to_string();
-    let mut a = TestEnv::start_with_args(
-        &[
-            "--node-id",
-            "node-a",
-            "--peer-listen",
-            &address,
-            "--peer-tls-dir",
-            &tls_dir,
-        ],
-        None,
-    )
-    .await;
+    let (mut a, address) = listening_node(&ours).await;
     let (vol, staging, target) = published_with_data(&mut a, "src", 2).await;
     let snap = a.snapshot("snap", &vol).await.unwrap();
     unpublish_all(&mut a, &vol, &staging, &target).await;

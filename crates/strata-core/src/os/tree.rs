@@ -52,6 +52,20 @@ fn keep_attributes(file: &File, st: &libc::stat) -> io::Result<()> {
     Ok(())
 }
 
+/// Whatever is named `name` in `dir` now, opened as itself (`O_PATH|O_NOFOLLOW`: a symlink
+/// is the link, never its target) with its type and attributes read from that very
+/// descriptor; `None` when it was removed since it was listed.
+pub(crate) fn found_at(dir: &File, name: &CStr) -> io::Result<Option<(File, libc::stat)>> {
+    match open_at(dir.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
+        Ok(found) => {
+            let st = fstat(&found)?;
+            Ok(Some((found, st)))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The names in the directory `dir` (without `.` and `..`).
 pub(crate) fn entries(dir: &File) -> io::Result<Vec<CString>> {
     // SAFETY: fdopendir takes ownership of the duplicate, closedir releases it.
@@ -103,15 +117,9 @@ impl Copier {
     }
 
     fn entry(&mut self, src: &File, dst: &File, name: &CStr, depth: usize) -> io::Result<()> {
-        // O_PATH|O_NOFOLLOW opens whatever is there now, a symlink as itself; its type is
-        // then read from this very descriptor.
-        let found = match open_at(src.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
-            Ok(f) => f,
-            // Removed since it was listed.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some((found, st)) = found_at(src, name)? else {
+            return Ok(());
         };
-        let st = fstat(&found)?;
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 let Some(from) = reopen(&found, libc::O_RDONLY | libc::O_DIRECTORY)? else {
@@ -296,12 +304,9 @@ impl Grouper {
             )));
         }
         for name in entries(dir)? {
-            let found = match open_at(dir.as_raw_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
-                Ok(f) => f,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                Err(e) => return Err(e),
+            let Some((found, st)) = found_at(dir, &name)? else {
+                continue;
             };
-            let st = fstat(&found)?;
             self.apply(&found, &st)?;
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR
                 && let Some(sub) = reopen(&found, libc::O_RDONLY | libc::O_DIRECTORY)?

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use super::extents::next_data;
-use super::tree::{entries, fstat, open_at, reopen};
+use super::tree::{entries, found_at, fstat, reopen};
 use crate::tree_stream::{self as ts, Attrs, MAX_DEPTH, MAX_TARGET};
 
 /// A chunk of the stream, at its byte offset in it.
@@ -150,12 +150,9 @@ impl Walk<'_, '_> {
         if !ts::valid_name(bytes) {
             return Ok(());
         }
-        let found = match open_at(dir.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let Some((found, st)) = found_at(dir, name)? else {
+            return Ok(());
         };
-        let st = fstat(&found)?;
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 let Some(sub) = reopen(&found, libc::O_RDONLY | libc::O_DIRECTORY)? else {
@@ -275,12 +272,9 @@ pub fn allocated(root: &File) -> io::Result<u64> {
         }
         let mut total = 0;
         for name in entries(dir)? {
-            let found = match open_at(dir.as_raw_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
-                Ok(f) => f,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                Err(e) => return Err(e),
+            let Some((found, st)) = found_at(dir, &name)? else {
+                continue;
             };
-            let st = fstat(&found)?;
             total += st.st_blocks.max(0) as u64 * 512;
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR
                 && let Some(sub) = reopen(&found, libc::O_RDONLY | libc::O_DIRECTORY)?

@@ -38,6 +38,15 @@ fn sample_tree(root: &Path) {
     fs::set_permissions(root, fs::Permissions::from_mode(0o751)).unwrap();
 }
 
+/// A temporary directory holding [`sample_tree`] in `src`.
+fn sample_source() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    sample_tree(&src);
+    (t, src)
+}
+
 fn stream_of(root: &Path, from: u64, chunk: usize) -> (Vec<u8>, u64) {
     let mut all = vec![];
     let mut next = from;
@@ -111,10 +120,8 @@ fn import_into(
 
 #[test]
 fn a_tree_travels_whole_sparse_and_with_its_attributes() {
-    let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-    fs::create_dir(&src).unwrap();
-    sample_tree(&src);
+    let (t, src) = sample_source();
+    let dst = t.path().join("dst");
     let (stream, chunks) = stream_of(&src, 0, 64 * 1024);
     assert!(chunks > 1);
     let import = import_into(&stream, 10_000, &dst, u64::MAX).unwrap();
@@ -142,10 +149,7 @@ fn a_tree_travels_whole_sparse_and_with_its_attributes() {
 
 #[test]
 fn a_resumed_walk_sends_exactly_the_rest_of_the_stream() {
-    let t = tempfile::tempdir().unwrap();
-    let src = t.path().join("src");
-    fs::create_dir(&src).unwrap();
-    sample_tree(&src);
+    let (_t, src) = sample_source();
     let (whole, _) = stream_of(&src, 0, 4096);
     for from in [
         1,
@@ -171,10 +175,8 @@ fn a_resumed_walk_sends_exactly_the_rest_of_the_stream() {
 
 #[test]
 fn more_data_than_the_volume_holds_is_refused() {
-    let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-    fs::create_dir(&src).unwrap();
-    sample_tree(&src);
+    let (t, src) = sample_source();
+    let dst = t.path().join("dst");
     let (stream, _) = stream_of(&src, 0, 1 << 20);
     let err = import_into(&stream, 1 << 20, &dst, 100_000).err().unwrap();
     assert!(

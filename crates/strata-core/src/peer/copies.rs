@@ -156,9 +156,9 @@ impl RemoteCopies {
                 Named(source)
             )));
         }
-        let mut tree = match into {
-            CopyInto::Blocks(_) => None,
-            CopyInto::Tree(root) => Some(TreeImport::new(
+        let mut target = match into {
+            CopyInto::Blocks(file) => Target::Blocks(file),
+            CopyInto::Tree(root) => Target::Tree(TreeImport::new(
                 root.try_clone()
                     .ctx(|| format!("hold the copy of {}", Named(source)))?,
                 capacity,
@@ -173,12 +173,12 @@ impl RemoteCopies {
             let mut sink = |c: Chunk<'_>| -> Result<()> {
                 let len = c.bytes.len() as u64;
                 // Blocks: anywhere ahead, inside the volume. A tree: exactly the next bytes.
-                let fits = match &tree {
-                    None => c
+                let fits = match &target {
+                    Target::Blocks(_) => c
                         .offset
                         .checked_add(len)
                         .filter(|e| *e <= size && c.offset >= next),
-                    Some(import) => {
+                    Target::Tree(import) => {
                         (c.offset == import.position()).then(|| c.offset.saturating_add(len))
                     }
                 };
@@ -196,11 +196,11 @@ impl RemoteCopies {
                         c.offset
                     )));
                 }
-                match (&mut tree, into) {
-                    (Some(import), _) => import
+                match &mut target {
+                    Target::Tree(import) => import
                         .feed(c.bytes)
                         .map_err(|e| import_error(e, node, source))?,
-                    (None, CopyInto::Blocks(file) | CopyInto::Tree(file)) => file
+                    Target::Blocks(file) => file
                         .write_all_at(c.bytes, c.offset)
                         .ctx(|| format!("write the copy of {} at {}", Named(source), c.offset))?,
                 }
@@ -241,8 +241,8 @@ impl RemoteCopies {
                 Err(e) => return Err(e),
             }
         }
-        match (&tree, into) {
-            (Some(import), _) => {
+        match &target {
+            Target::Tree(import) => {
                 if !import.finished() {
                     return Err(Error::Internal(format!(
                         "node {node} ended the tree of {} before its end: run the same Strata version on every node",
@@ -253,12 +253,18 @@ impl RemoteCopies {
                     .sync()
                     .ctx(|| format!("flush the copy of {}", Named(source)))?;
             }
-            (None, CopyInto::Blocks(file) | CopyInto::Tree(file)) => file
+            Target::Blocks(file) => file
                 .sync_all()
                 .ctx(|| format!("flush the copy of {}", Named(source)))?,
         }
         Ok(written)
     }
+}
+
+/// A copy's destination while it runs: the data file, or the import applying the tree.
+enum Target<'a> {
+    Blocks(&'a File),
+    Tree(TreeImport),
 }
 
 /// What a failed tree import means for the copy.

@@ -834,6 +834,14 @@ fn dir_cluster() -> Pair {
     Pair { peers, a, b }
 }
 
+/// [`dir_cluster`] with a volume on A holding the tree [`write_tree`] makes.
+fn dir_cluster_with_tree() -> (Pair, VolumeRecord) {
+    let c = dir_cluster();
+    let vol = create_dir_volume(&c.a, "src", None).unwrap();
+    write_tree(&tree_of(&c.a, &vol.id));
+    (c, vol)
+}
+
 fn create_dir_volume(
     f: &Fixture,
     name: &str,
@@ -895,9 +903,7 @@ fn tree_listing(root: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn a_dir_snapshot_restores_on_another_node_as_the_same_tree() {
-    let c = dir_cluster();
-    let vol = create_dir_volume(&c.a, "src", None).unwrap();
-    write_tree(&tree_of(&c.a, &vol.id));
+    let (c, vol) = dir_cluster_with_tree();
     let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
     c.peers.break_after.store(3, Ordering::SeqCst);
     let restored = create_dir_volume(
@@ -926,9 +932,7 @@ fn a_dir_snapshot_restores_on_another_node_as_the_same_tree() {
 
 #[test]
 fn a_dir_volume_clones_on_another_node_and_its_copy_goes_with_the_read() {
-    let c = dir_cluster();
-    let vol = create_dir_volume(&c.a, "src", None).unwrap();
-    write_tree(&tree_of(&c.a, &vol.id));
+    let (c, vol) = dir_cluster_with_tree();
     c.peers.corrupt.store(1, Ordering::SeqCst);
     let clone =
         create_dir_volume(&c.b, "clone", Some(ContentSource::Volume(vol.id.clone()))).unwrap();
@@ -943,9 +947,7 @@ fn a_dir_volume_clones_on_another_node_and_its_copy_goes_with_the_read() {
 
 #[test]
 fn a_snapshot_under_a_tree_read_is_not_deleted_until_the_read_ends() {
-    let c = dir_cluster();
-    let vol = create_dir_volume(&c.a, "src", None).unwrap();
-    write_tree(&tree_of(&c.a, &vol.id));
+    let (c, vol) = dir_cluster_with_tree();
     let snap = c.a.driver.snapshots.create_snapshot("s", &vol.id).unwrap();
     let exports = &c.a.driver.exports;
     let read = exports

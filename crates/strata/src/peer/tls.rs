@@ -10,7 +10,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The name in every peer certificate, checked by the client instead of a host name
 /// (nodes are reached by address).
@@ -113,15 +113,14 @@ impl PeerTls {
             identity: Identity::from_pem(&cert, &key),
             pem: Arc::new(Pem { ca, cert, key }),
         };
-        // Parsed now, so a bad file stops the server before it touches the pool.
-        tonic::transport::Server::builder()
-            .tls_config(tls.server())
-            .map_err(|e| {
-                format!(
-                    "--peer-tls-dir {}: unusable certificates: {e}",
-                    dir.display()
-                )
-            })?;
+        // Parsed now, so a bad file stops the server before it touches the pool: as the
+        // listener takes them, and as the gRPC client does.
+        tls.rustls_server(&[]).map_err(|e| {
+            format!(
+                "--peer-tls-dir {}: unusable certificates: {e}",
+                dir.display()
+            )
+        })?;
         tonic::transport::Endpoint::from_static("https://127.0.0.1:1")
             .tls_config(tls.client())
             .map_err(|e| {
@@ -131,16 +130,6 @@ impl PeerTls {
                 )
             })?;
         Ok(tls)
-    }
-
-    /// The listener's side: this node's certificate, and a client certificate from the CA
-    /// required of every caller.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity.clone())
-            .client_ca_root(self.ca.clone())
-            .client_auth_optional(false)
-            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     /// The caller's side: only a server with a certificate from the CA for
@@ -170,21 +159,21 @@ impl PeerTls {
         Ok((provider, Arc::new(roots), chain, key))
     }
 
-    /// The listener's side as a rustls configuration: as [`server`](Self::server) does, a
-    /// client certificate from the CA is required; `alpn` names the protocols it speaks.
+    /// The listener's side as a rustls configuration: this node's certificate, and a client
+    /// certificate from the CA required of every caller; `alpn` names the protocols it
+    /// speaks.
     pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, String> {
         let (provider, roots, chain, key) = self.rustls_parts()?;
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|e| format!("the peer CA cannot verify clients: {e}"))?;
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| format!("the peer certificate is unusable: {e}"))?;
-        let mut config = config;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
@@ -193,13 +182,12 @@ impl PeerTls {
     /// for the protocols in `alpn`.
     pub fn rustls_client(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, String> {
         let (provider, roots, chain, key) = self.rustls_parts()?;
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| format!("the peer certificate is unusable: {e}"))?;
-        let mut config = config;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
