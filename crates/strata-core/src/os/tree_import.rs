@@ -19,7 +19,8 @@ use crate::tree_stream::{Attrs, Decoder, Event, Malformed};
 pub enum ImportError {
     /// The stream is not one this build writes (the sender's fault).
     Malformed(Malformed),
-    /// More data than the volume may hold.
+    /// More than the volume may hold: file data, and [`ENTRY_BYTES`] and the name for each
+    /// entry (so a stream of endless empty files stops too).
     TooLarge { limit: u64 },
     /// The filesystem refused (what, and its error).
     Io(String, io::Error),
@@ -78,6 +79,10 @@ fn finish(file: &File, a: &Attrs) -> io::Result<()> {
     set_times(file.as_raw_fd(), None, a)
 }
 
+/// What each entry (directory, file, symlink) counts against the limit besides its name
+/// and a symlink's target: about an inode's size.
+pub const ENTRY_BYTES: u64 = 256;
+
 /// An import under way: fed the stream in order, across resumed streams.
 pub struct TreeImport {
     decoder: Decoder,
@@ -86,13 +91,16 @@ pub struct TreeImport {
     root: File,
     /// The file being written and its attributes.
     file: Option<(File, Attrs)>,
-    /// File data written, against `limit`.
+    /// File data written.
     data_bytes: u64,
+    /// File data and entries' charges, against `limit`.
+    charged: u64,
     limit: u64,
 }
 
 impl TreeImport {
-    /// An import into the empty directory `root`, taking at most `limit` bytes of file data.
+    /// An import into the empty directory `root`, taking at most `limit` bytes of file data
+    /// and entries.
     pub fn new(root: File, limit: u64) -> Self {
         TreeImport {
             decoder: Decoder::new(),
@@ -100,6 +108,7 @@ impl TreeImport {
             root,
             file: None,
             data_bytes: 0,
+            charged: 0,
             limit,
         }
     }
@@ -127,10 +136,25 @@ impl TreeImport {
             root,
             file,
             data_bytes,
+            charged,
             limit,
         } = self;
         decoder.feed(bytes, &mut |event| {
-            apply(event, root, dirs, file, data_bytes, *limit)
+            let charge = match &event {
+                Event::Dir { name, .. } | Event::File { name, .. } => {
+                    ENTRY_BYTES + name.len() as u64
+                }
+                Event::Symlink { name, target, .. } => {
+                    ENTRY_BYTES + (name.len() + target.len()) as u64
+                }
+                Event::Data { bytes, .. } => bytes.len() as u64,
+                Event::Root(_) | Event::EndDir | Event::EndFile => 0,
+            };
+            *charged += charge;
+            if *charged > *limit {
+                return Err(ImportError::TooLarge { limit: *limit });
+            }
+            apply(event, root, dirs, file, data_bytes)
         })
     }
 
@@ -150,7 +174,6 @@ fn apply(
     dirs: &mut Vec<(File, Attrs)>,
     file: &mut Option<(File, Attrs)>,
     data_bytes: &mut u64,
-    limit: u64,
 ) -> Result<(), ImportError> {
     let parent = |dirs: &Vec<(File, Attrs)>| dirs.last().map(|(d, _)| d.as_raw_fd());
     match event {
@@ -200,9 +223,6 @@ fn apply(
                 return Ok(());
             }
             *data_bytes += bytes.len() as u64;
-            if *data_bytes > limit {
-                return Err(ImportError::TooLarge { limit });
-            }
             if let Some((f, _)) = file.as_ref() {
                 f.write_all_at(bytes, offset)
                     .map_err(|e| ImportError::Io(format!("write file data at {offset}"), e))?;

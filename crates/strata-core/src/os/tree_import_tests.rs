@@ -236,3 +236,33 @@ fn names_in_a_stream_never_reach_through_its_symlinks() {
     assert!(matches!(err, ImportError::Malformed(_)), "{err:?}");
     assert_eq!(fs::read_dir(&dst).unwrap().count(), 0);
 }
+
+#[test]
+fn endless_empty_entries_are_refused_like_data() {
+    let t = tempfile::tempdir().unwrap();
+    let attrs = ts::Attrs {
+        mode: 0o644,
+        ..Default::default()
+    };
+    let mut s = vec![];
+    ts::start(&mut s, &attrs);
+    for i in 0..100 {
+        ts::file(&mut s, &attrs, format!("f{i:03}").as_bytes(), 0);
+        ts::end_file(&mut s);
+    }
+    // Each entry counts ENTRY_BYTES and its name: 50 fit, not 100.
+    let limit = 50 * (ENTRY_BYTES + 4);
+    let dst = t.path().join("dst");
+    let err = import_into(&s, 4096, &dst, limit).err().unwrap();
+    assert!(
+        matches!(err, ImportError::TooLarge { limit: l } if l == limit),
+        "{err:?}"
+    );
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 50);
+    // The same tree within a limit that holds it arrives whole.
+    let dst = t.path().join("dst-whole");
+    import_into(&s, 4096, &dst, 100 * (ENTRY_BYTES + 4))
+        .map_err(|e| format!("{e:?}"))
+        .unwrap();
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 100);
+}

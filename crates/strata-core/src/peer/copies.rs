@@ -275,8 +275,9 @@ fn import_error(e: ImportError, node: &str, source: &ContentSource) -> Error {
             Named(source)
         )),
         ImportError::TooLarge { limit } => Error::ResourceExhausted(format!(
-            "{} on node {node} holds more than the new volume's {limit} bytes: ask for a larger volume",
-            Named(source)
+            "{} on node {node} holds more than the new volume's {limit} bytes (its file data, and {} bytes and the name of each entry): ask for a larger volume",
+            Named(source),
+            crate::os::tree_import::ENTRY_BYTES
         )),
         ImportError::Io(what, e) => {
             Error::io(format!("{what} in the copy of {}", Named(source)), e)

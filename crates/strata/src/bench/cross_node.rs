@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::cpu::Floor;
 use super::snapshot::{checksum, data_path, write_pattern};
 use super::{
     Outcome, Run, blocking, bring_up, create_snapshot, delete_snapshot, delete_volume,
@@ -69,6 +70,67 @@ struct CrossNodeReport {
     verified: bool,
     source_rss_growth_kib: Option<u64>,
     destination_rss_growth_kib: Option<u64>,
+    /// The machine's busy CPU seconds per GiB moved, in each measurement.
+    cpu: CpuReport,
+}
+
+/// What moving one GiB cost the machine (all its cores, both servers and the link), and
+/// what that leaves for TLS on these cores.
+#[derive(Serialize)]
+struct CpuReport {
+    cores: usize,
+    copy_core_seconds_per_gib: Option<f64>,
+    tcp_core_seconds_per_gib: Option<f64>,
+    tls_core_seconds_per_gib: Option<f64>,
+    /// What no copy over TLS can skip, per GiB on one core.
+    floor: Floor,
+}
+
+impl CpuReport {
+    /// The lines of the report, and whether a copy over TLS could reach `share` of plain
+    /// TCP's speed here at all (when the figures say): at that speed the machine has
+    /// cores / speed core-seconds for each GiB, in which plain TCP's own cost and the
+    /// floor must fit, even if the work spread perfectly over every core.
+    fn lines(&self, tcp_mib_per_second: Option<f64>, share: f64) -> (String, Option<bool>) {
+        let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        let mut out = format!(
+            "machine CPU per GiB moved ({} cores, shared by both servers, the link and the bench): copy {}, plain TCP {}, TLS {} core-s\n",
+            self.cores,
+            fmt(self.copy_core_seconds_per_gib),
+            fmt(self.tcp_core_seconds_per_gib),
+            fmt(self.tls_core_seconds_per_gib),
+        );
+        let f = &self.floor;
+        out.push_str(&format!(
+            "what no copy over TLS can skip, per GiB on one core: AES-256-GCM sealing and opening {:.2}, reading and writing the data {:.2}, CRC-32 on both sides {:.2}: {:.2} core-s\n",
+            f.aead, f.copies, f.crc, f.total()
+        ));
+        let (Some(tcp), Some(tcp_cost)) = (tcp_mib_per_second, self.tcp_core_seconds_per_gib)
+        else {
+            return (out, None);
+        };
+        let budget = self.cores as f64 / (share * tcp / 1024.0);
+        let least = tcp_cost + f.total();
+        let reachable = least <= budget;
+        out.push_str(&format!(
+            "{:.0}% of plain TCP's speed leaves {budget:.2} core-s per GiB on these cores; plain TCP and that work need at least {least:.2}: {}\n",
+            share * 100.0,
+            if reachable {
+                "a copy could reach it"
+            } else {
+                "no copy over TLS can reach it on this machine"
+            }
+        ));
+        (out, Some(reachable))
+    }
+}
+
+/// The share of plain TCP's speed a copy is meant to reach.
+const GOAL: f64 = 0.8;
+
+/// Core-seconds per GiB, from busy seconds over `bytes`.
+fn per_gib(busy: Option<f64>, bytes: u64) -> Option<f64> {
+    busy.map(|b| b * (1u64 << 30) as f64 / bytes.max(1) as f64)
 }
 
 /// Sends `bytes` on `stream`, ends the sending with `end`, and waits for the sink's count:
@@ -233,6 +295,7 @@ async fn measure(
         args.from_pid.and_then(rss_kib),
         args.to_pid.and_then(rss_kib),
     );
+    let busy_before = super::cpu::busy_seconds();
     let start = Instant::now();
     let mut tasks = vec![];
     for i in 0..args.copies.max(1) {
@@ -258,6 +321,9 @@ async fn measure(
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    let copy_busy = busy_before
+        .zip(super::cpu::busy_seconds())
+        .map(|(b, a)| a - b);
     if let Some(e) = failed {
         return Err(e);
     }
@@ -270,20 +336,38 @@ async fn measure(
         growth(args.from_pid, before.0),
         growth(args.to_pid, before.1),
     );
-    let baseline = match args.baseline {
-        Some(addr) => Some({
+    let (baseline, tcp_busy) = match args.baseline {
+        Some(addr) => {
             let data = args.data;
-            blocking("tcp baseline", move || tcp_baseline(addr, data)).await?
-        }),
-        None => None,
+            let (speed, busy) = blocking("tcp baseline", move || {
+                let (speed, busy) = super::cpu::measured(|| tcp_baseline(addr, data));
+                speed.map(|s| (s, busy))
+            })
+            .await?;
+            (Some(speed), busy)
+        }
+        None => (None, None),
     };
-    let tls = match (args.tls_baseline, &args.peer_tls_dir) {
-        (Some(addr), Some(dir)) => Some({
+    let (tls, tls_busy) = match (args.tls_baseline, &args.peer_tls_dir) {
+        (Some(addr), Some(dir)) => {
             let config = crate::peer::tls::PeerTls::load(dir)?.rustls_client(&[])?;
             let data = args.data;
-            blocking("tls baseline", move || tls_baseline(addr, data, config)).await?
-        }),
-        _ => None,
+            let (speed, busy) = blocking("tls baseline", move || {
+                let (speed, busy) = super::cpu::measured(|| tls_baseline(addr, data, config));
+                speed.map(|s| (s, busy))
+            })
+            .await?;
+            (Some(speed), busy)
+        }
+        _ => (None, None),
+    };
+    let floor = blocking("floor", || Ok(Floor::measure(256 << 20))).await?;
+    let cpu = CpuReport {
+        cores: super::cpu::cores(),
+        copy_core_seconds_per_gib: per_gib(copy_busy, total_bytes(args)),
+        tcp_core_seconds_per_gib: per_gib(tcp_busy, args.data),
+        tls_core_seconds_per_gib: per_gib(tls_busy, args.data),
+        floor,
     };
     let disk = match args.disk_baseline {
         true => Some({
@@ -305,7 +389,7 @@ async fn measure(
     }
     delete_snapshot(&mut from, run_a, snap.snapshot_id).await?;
 
-    let total = args.data * args.copies.max(1) as u64;
+    let total = total_bytes(args);
     let report = CrossNodeReport {
         data_bytes: args.data,
         copies: args.copies.max(1),
@@ -317,6 +401,7 @@ async fn measure(
         verified: copied == sum,
         source_rss_growth_kib: source_growth,
         destination_rss_growth_kib: destination_growth,
+        cpu,
     };
     let mut table = format!(
         "cross-node restore: {} of data in a {} volume, {} at once: {:.2} s, {:.1} MiB/s\n",
@@ -361,10 +446,27 @@ async fn measure(
             figures.push((format!("{who} RSS growth MiB"), kib as f64 / 1024.0));
         }
     }
+    let (cpu_lines, _) = report.cpu.lines(baseline, GOAL);
+    table.push_str(&cpu_lines);
+    for (what, v) in [
+        ("copy core-s/GiB", report.cpu.copy_core_seconds_per_gib),
+        ("plain TCP core-s/GiB", report.cpu.tcp_core_seconds_per_gib),
+        ("TLS core-s/GiB", report.cpu.tls_core_seconds_per_gib),
+        ("floor core-s/GiB", Some(report.cpu.floor.total())),
+    ] {
+        if let Some(v) = v {
+            figures.push((what.to_owned(), v));
+        }
+    }
     table.push_str(&format!("restored data verified: {}\n", report.verified));
     let failure =
         (!report.verified).then(|| "the restored volume did not hold the data".to_owned());
     Ok(Outcome::measured(&report, table, figures).failed(failure))
+}
+
+/// The bytes all copies move.
+fn total_bytes(args: &CrossNodeArgs) -> u64 {
+    args.data * args.copies.max(1) as u64
 }
 
 /// Runs the futures at once and returns their answers in order.
@@ -380,4 +482,37 @@ where
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_lines_say_whether_tls_can_reach_the_goal() {
+        let mut cpu = CpuReport {
+            cores: 2,
+            copy_core_seconds_per_gib: Some(2.0),
+            tcp_core_seconds_per_gib: Some(0.7),
+            tls_core_seconds_per_gib: Some(1.4),
+            floor: Floor {
+                aead: 0.25,
+                copies: 0.2,
+                crc: 0.1,
+            },
+        };
+        // 2200 MiB/s: 80% leaves 2 / 1.72 = 1.16 core-s per GiB; 0.7 + 0.55 does not fit.
+        let (text, reachable) = cpu.lines(Some(2200.0), GOAL);
+        assert_eq!(reachable, Some(false), "{text}");
+        assert!(text.contains("1.16") && text.contains("1.25"), "{text}");
+        assert!(text.contains(": 0.55 core-s"), "{text}");
+        // On a slower link the same costs fit.
+        assert_eq!(cpu.lines(Some(1000.0), GOAL).1, Some(true));
+        // Without a baseline or its cost nothing is concluded.
+        assert_eq!(cpu.lines(None, GOAL).1, None);
+        cpu.tcp_core_seconds_per_gib = None;
+        let (text, reachable) = cpu.lines(Some(2200.0), GOAL);
+        assert_eq!(reachable, None);
+        assert!(text.contains("plain TCP -"), "{text}");
+    }
 }

@@ -7,6 +7,7 @@ mod cbt;
 mod churn;
 mod cli;
 mod compare;
+mod cpu;
 mod cross_node;
 mod fsgroup;
 mod group;
