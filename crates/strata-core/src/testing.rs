@@ -128,3 +128,13 @@ pub(crate) fn create_volume(
         })
         .map(|r| r.id)
 }
+
+/// Every range of data in `file` (SEEK_DATA/SEEK_HOLE), in order.
+pub(crate) fn data_ranges(file: &std::fs::File) -> Vec<(u64, u64)> {
+    let (mut out, mut at) = (vec![], 0);
+    while let Some((start, end)) = crate::os::extents::next_data(file, at).unwrap() {
+        out.push((start, end));
+        at = end;
+    }
+    out
+}

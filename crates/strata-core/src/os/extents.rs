@@ -211,12 +211,7 @@ mod tests {
         file.set_len(8 << 20).unwrap();
         file.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
         file.write_all_at(&[9u8; 4096], 5 << 20).unwrap();
-        let mut ranges = vec![];
-        let mut at = 0;
-        while let Some((start, end)) = next_data(&file, at).unwrap() {
-            ranges.push((start, end));
-            at = end;
-        }
+        let ranges = crate::testing::data_ranges(&file);
         // Filesystems may round ranges out to their blocks, never in.
         assert_eq!(ranges.len(), 2, "{ranges:?}");
         assert!(ranges[0].0 <= 1 << 20 && ranges[0].1 >= (1 << 20) + 4096);

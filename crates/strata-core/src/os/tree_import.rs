@@ -140,17 +140,7 @@ impl TreeImport {
             limit,
         } = self;
         decoder.feed(bytes, &mut |event| {
-            let charge = match &event {
-                Event::Dir { name, .. } | Event::File { name, .. } => {
-                    ENTRY_BYTES + name.len() as u64
-                }
-                Event::Symlink { name, target, .. } => {
-                    ENTRY_BYTES + (name.len() + target.len()) as u64
-                }
-                Event::Data { bytes, .. } => bytes.len() as u64,
-                Event::Root(_) | Event::EndDir | Event::EndFile => 0,
-            };
-            *charged += charge;
+            *charged += charge(&event);
             if *charged > *limit {
                 return Err(ImportError::TooLarge { limit: *limit });
             }
@@ -165,6 +155,16 @@ impl TreeImport {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+/// What `event` counts against the limit.
+fn charge(event: &Event<'_>) -> u64 {
+    match event {
+        Event::Dir { name, .. } | Event::File { name, .. } => ENTRY_BYTES + name.len() as u64,
+        Event::Symlink { name, target, .. } => ENTRY_BYTES + (name.len() + target.len()) as u64,
+        Event::Data { bytes, .. } => bytes.len() as u64,
+        Event::Root(_) | Event::EndDir | Event::EndFile => 0,
     }
 }
 

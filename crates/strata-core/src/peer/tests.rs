@@ -11,7 +11,7 @@ use super::*;
 use crate::controller::CreateVolume;
 use crate::fault::FaultPoints;
 use crate::model::{AccessMode, CapacityRange, MIB, VolumeRecord};
-use crate::testing::{Fixture, mount, mount_fs, node_fixture, node_fixture_of};
+use crate::testing::{Fixture, data_ranges, mount, mount_fs, node_fixture, node_fixture_of};
 
 /// Other nodes, in this process.
 #[derive(Default)]
@@ -282,14 +282,6 @@ fn a_snapshot_on_one_node_restores_on_another_byte_identical_and_sparse() {
     // Only allocated extents travel: the copy holds data where the source does, and only
     // there (compared as data ranges: st_blocks also counts the filesystem's own extent
     // blocks, which differ with how the writes were laid out).
-    let data_ranges = |f: &File| {
-        let (mut out, mut at) = (vec![], 0);
-        while let Some((start, end)) = crate::os::extents::next_data(f, at).unwrap() {
-            out.push((start, end));
-            at = end;
-        }
-        out
-    };
     assert_eq!(data_ranges(&dst), data_ranges(&src));
     let figures = c.b.driver.remote.as_ref().unwrap().figures();
     assert_eq!(figures.bytes_pulled.load(Ordering::SeqCst), 3 * MIB);

@@ -9,37 +9,57 @@ use std::time::Instant;
 
 use ring::aead;
 
-/// Busy CPU seconds of the whole machine since boot (user, nice, system, irq, softirq and
-/// steal; not idle or iowait), or None where `/proc/stat` cannot be read.
-pub fn busy_seconds() -> Option<f64> {
+/// The machine's CPU time since boot from `/proc/stat`, in clock ticks: (busy, all). Busy
+/// is user, nice, system, irq, softirq and steal; not idle or iowait. None where it cannot
+/// be read.
+pub fn ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    busy_of(stat.lines().next()?)
+    ticks_of(stat.lines().next()?)
 }
 
-/// The busy seconds of the aggregate `cpu` line of `/proc/stat`.
-fn busy_of(line: &str) -> Option<f64> {
+/// (busy, all) ticks of the aggregate `cpu` line of `/proc/stat`.
+fn ticks_of(line: &str) -> Option<(u64, u64)> {
     let mut fields = line.split_whitespace();
     if fields.next()? != "cpu" {
         return None;
     }
-    let ticks: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
     // user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
     // already in user.
-    let busy: u64 = [0, 1, 2, 5, 6, 7]
-        .iter()
-        .map(|&i| ticks.get(i).copied().unwrap_or(0))
-        .sum();
+    let v: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let all: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((all - idle, all))
+}
+
+/// Clock ticks per second.
+pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| busy as f64 / hz as f64)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
+/// The machine's busy CPU seconds from when it was started.
+pub struct BusyClock(Option<u64>);
+
+impl BusyClock {
+    pub fn start() -> Self {
+        BusyClock(ticks().map(|(busy, _)| busy))
+    }
+
+    /// Busy seconds since the start, or None where `/proc/stat` could not be read.
+    pub fn spent(&self) -> Option<f64> {
+        let (now, _) = ticks()?;
+        Some(now.saturating_sub(self.0?) as f64 / ticks_per_second())
+    }
 }
 
 /// The machine's busy seconds over `work`, with its result.
 pub fn measured<T>(work: impl FnOnce() -> T) -> (T, Option<f64>) {
-    let before = busy_seconds();
+    let clock = BusyClock::start();
     let out = work();
-    let spent = before.zip(busy_seconds()).map(|(b, a)| (a - b).max(0.0));
-    (out, spent)
+    (out, clock.spent())
 }
 
 /// The cores the machine has.
@@ -74,8 +94,8 @@ impl Floor {
     }
 }
 
-/// Seconds to one GiB from seconds over `bytes`.
-fn scaled(seconds: f64, bytes: usize) -> f64 {
+/// Seconds per GiB from seconds over `bytes`.
+pub fn per_gib(seconds: f64, bytes: u64) -> f64 {
     seconds * (1u64 << 30) as f64 / bytes.max(1) as f64
 }
 
@@ -96,7 +116,7 @@ pub fn memcpy_seconds_per_gib(bytes: usize) -> f64 {
         done += SPAN;
     }
     std::hint::black_box(&to);
-    scaled(start.elapsed().as_secs_f64(), done)
+    per_gib(start.elapsed().as_secs_f64(), done as u64)
 }
 
 /// Seconds one core takes to compute the CRC-32 of one GiB held in memory.
@@ -110,7 +130,7 @@ pub fn crc_seconds_per_gib(bytes: usize) -> f64 {
         done += SPAN;
     }
     std::hint::black_box(sum);
-    scaled(start.elapsed().as_secs_f64(), done)
+    per_gib(start.elapsed().as_secs_f64(), done as u64)
 }
 
 /// TLS 1.3 records' largest payload.
@@ -151,7 +171,7 @@ pub fn aead_seconds_per_gib(bytes: usize) -> f64 {
             Err(_) => return f64::NAN,
         }
     }
-    scaled(start.elapsed().as_secs_f64(), records * RECORD)
+    per_gib(start.elapsed().as_secs_f64(), (records * RECORD) as u64)
 }
 
 #[cfg(test)]
@@ -160,14 +180,13 @@ mod tests {
 
     #[test]
     fn busy_time_is_the_non_idle_ticks() {
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let busy = busy_of("cpu  100 5 50 1000 20 3 2 1 0 0").unwrap();
-        assert!((busy - 161.0 / hz).abs() < 1e-9);
-        assert!(busy_of("cpu0 1 2 3").is_none());
-        assert!(busy_of("cpu 1 x 3").is_none());
-        assert!(busy_of("").is_none());
-        assert!(busy_seconds().is_some());
+        let (busy, all) = ticks_of("cpu  100 5 50 1000 20 3 2 1 0 0").unwrap();
+        assert_eq!((busy, all), (161, 1181));
+        assert!(ticks_of("cpu0 1 2 3").is_none());
+        assert!(ticks_of("cpu 1 x 3").is_none());
+        assert!(ticks_of("").is_none());
+        assert!(ticks().is_some());
+        assert!(BusyClock::start().spent().is_some_and(|s| s >= 0.0));
     }
 
     #[test]

@@ -128,9 +128,16 @@ impl CpuReport {
 /// The share of plain TCP's speed a copy is meant to reach.
 const GOAL: f64 = 0.8;
 
-/// Core-seconds per GiB, from busy seconds over `bytes`.
-fn per_gib(busy: Option<f64>, bytes: u64) -> Option<f64> {
-    busy.map(|b| b * (1u64 << 30) as f64 / bytes.max(1) as f64)
+/// A baseline's speed (MiB/s) and the machine's busy seconds while it ran.
+async fn measured_baseline(
+    what: &str,
+    run: impl FnOnce() -> std::io::Result<f64> + Send + 'static,
+) -> Result<(f64, Option<f64>), String> {
+    blocking(what, move || {
+        let (speed, busy) = super::cpu::measured(run);
+        speed.map(|s| (s, busy))
+    })
+    .await
 }
 
 /// Sends `bytes` on `stream`, ends the sending with `end`, and waits for the sink's count:
@@ -295,7 +302,7 @@ async fn measure(
         args.from_pid.and_then(rss_kib),
         args.to_pid.and_then(rss_kib),
     );
-    let busy_before = super::cpu::busy_seconds();
+    let clock = super::cpu::BusyClock::start();
     let start = Instant::now();
     let mut tasks = vec![];
     for i in 0..args.copies.max(1) {
@@ -321,9 +328,7 @@ async fn measure(
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    let copy_busy = busy_before
-        .zip(super::cpu::busy_seconds())
-        .map(|(b, a)| a - b);
+    let copy_busy = clock.spent();
     if let Some(e) = failed {
         return Err(e);
     }
@@ -336,14 +341,11 @@ async fn measure(
         growth(args.from_pid, before.0),
         growth(args.to_pid, before.1),
     );
+    let data = args.data;
     let (baseline, tcp_busy) = match args.baseline {
         Some(addr) => {
-            let data = args.data;
-            let (speed, busy) = blocking("tcp baseline", move || {
-                let (speed, busy) = super::cpu::measured(|| tcp_baseline(addr, data));
-                speed.map(|s| (s, busy))
-            })
-            .await?;
+            let (speed, busy) =
+                measured_baseline("tcp baseline", move || tcp_baseline(addr, data)).await?;
             (Some(speed), busy)
         }
         None => (None, None),
@@ -351,16 +353,13 @@ async fn measure(
     let (tls, tls_busy) = match (args.tls_baseline, &args.peer_tls_dir) {
         (Some(addr), Some(dir)) => {
             let config = crate::peer::tls::PeerTls::load(dir)?.rustls_client(&[])?;
-            let data = args.data;
-            let (speed, busy) = blocking("tls baseline", move || {
-                let (speed, busy) = super::cpu::measured(|| tls_baseline(addr, data, config));
-                speed.map(|s| (s, busy))
-            })
-            .await?;
+            let (speed, busy) =
+                measured_baseline("tls baseline", move || tls_baseline(addr, data, config)).await?;
             (Some(speed), busy)
         }
         _ => (None, None),
     };
+    let per_gib = |busy: Option<f64>, bytes| busy.map(|b| super::cpu::per_gib(b, bytes));
     let floor = blocking("floor", || Ok(Floor::measure(256 << 20))).await?;
     let cpu = CpuReport {
         cores: super::cpu::cores(),

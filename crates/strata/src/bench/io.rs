@@ -100,26 +100,10 @@ struct Figures {
     cpu_us_per_io: f64,
 }
 
-/// The machine's CPU time from /proc/stat, in clock ticks: (busy, all).
-fn cpu_ticks() -> Option<(u64, u64)> {
-    let stat = fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let all: u64 = v.iter().sum();
-    let idle = v.get(3)? + v.get(4)?;
-    Some((all - idle, all))
-}
-
 /// Adds the CPU figures of a job that ran `seconds` between the readings `before` and now.
 fn with_cpu(mut f: Figures, before: Option<(u64, u64)>, seconds: f64) -> Figures {
-    // SAFETY: sysconf has no memory effects.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    if let (Some((busy0, all0)), Some((busy1, all1))) = (before, cpu_ticks()) {
+    let ticks_per_second = super::cpu::ticks_per_second();
+    if let (Some((busy0, all0)), Some((busy1, all1))) = (before, super::cpu::ticks()) {
         let (busy, all) = (busy1.saturating_sub(busy0), all1.saturating_sub(all0));
         f.cpu_busy_percent = 100.0 * busy as f64 / all.max(1) as f64;
         let ios = f.iops * seconds;
@@ -229,7 +213,7 @@ fn run_job(
     index: usize,
 ) -> Result<Figures, String> {
     let (name, job) = JOBS[index];
-    let (before, start) = (cpu_ticks(), std::time::Instant::now());
+    let (before, start) = (super::cpu::ticks(), std::time::Instant::now());
     let f = if fio {
         with_fio(path, size, name, job, seconds)?
     } else {
